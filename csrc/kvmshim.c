@@ -1,0 +1,110 @@
+#include "kvmshim.h"
+
+#include <errno.h>
+#include <signal.h>
+#include <string.h>
+#include <sys/ioctl.h>
+
+long kvmshim_ioctl(int fd, unsigned long request, void *arg)
+{
+	long ret = ioctl(fd, request, arg);
+	return ret < 0 ? -errno : ret;
+}
+
+long kvmshim_ioctl_value(int fd, unsigned long request, unsigned long value)
+{
+	long ret = ioctl(fd, request, value);
+	return ret < 0 ? -errno : ret;
+}
+
+static uint64_t load_le(const uint8_t *p, unsigned int n)
+{
+	uint64_t v = 0;
+
+	if (n > 8)
+		n = 8;
+	while (n--)
+		v = (v << 8) | p[n];
+	return v;
+}
+
+static int decode_exit(struct kvm_run *run, struct kvmshim_exit *out)
+{
+	uint32_t n;
+
+	out->reason = run->exit_reason;
+	switch (run->exit_reason) {
+	case KVM_EXIT_IO:
+		out->io_direction = run->io.direction;
+		out->io_size = run->io.size;
+		out->io_port = run->io.port;
+		out->io_count = run->io.count;
+		out->data_offset = (uint32_t)run->io.data_offset;
+		out->value = load_le((uint8_t *)run + run->io.data_offset, run->io.size);
+		if (run->io.count != 1)
+			return KVMSHIM_EXIT_PORT_STRING;
+		return run->io.direction == KVM_EXIT_IO_OUT ? KVMSHIM_EXIT_PORT_OUT
+							    : KVMSHIM_EXIT_PORT_IN;
+	case KVM_EXIT_MMIO:
+		out->mmio_addr = run->mmio.phys_addr;
+		out->mmio_len = run->mmio.len;
+		out->mmio_is_write = run->mmio.is_write;
+		out->data_offset = (uint32_t)((uint8_t *)run->mmio.data - (uint8_t *)run);
+		out->value = load_le(run->mmio.data, run->mmio.len);
+		break;
+	case KVM_EXIT_INTERNAL_ERROR:
+		out->suberror = run->internal.suberror;
+		n = run->internal.ndata;
+		out->ndata = n > 16 ? 16 : n;
+		memcpy(out->data, run->internal.data, sizeof(out->data));
+		break;
+	case KVM_EXIT_SYSTEM_EVENT:
+		out->suberror = run->system_event.type;
+		n = run->system_event.ndata;
+		out->ndata = n > 16 ? 16 : n;
+		memcpy(out->data, run->system_event.data, sizeof(out->data));
+		break;
+	case KVM_EXIT_FAIL_ENTRY:
+		out->hardware_reason = run->fail_entry.hardware_entry_failure_reason;
+		out->cpu = run->fail_entry.cpu;
+		break;
+	case KVM_EXIT_UNKNOWN:
+		out->hardware_reason = run->hw.hardware_exit_reason;
+		break;
+	case KVM_EXIT_DEBUG:
+		out->debug_exception = run->debug.arch.exception;
+		out->debug_pc = run->debug.arch.pc;
+		out->debug_dr6 = run->debug.arch.dr6;
+		out->debug_dr7 = run->debug.arch.dr7;
+		break;
+	}
+	return (int)run->exit_reason;
+}
+
+int kvmshim_run(struct kvmshim_vcpu *vcpu)
+{
+	if (ioctl(vcpu->fd, KVM_RUN, 0) < 0)
+		return -errno;
+	return decode_exit(vcpu->run, &vcpu->exit);
+}
+
+void kvmshim_set_immediate_exit(void *run, int value)
+{
+	__atomic_store_n(&((struct kvm_run *)run)->immediate_exit, (uint8_t)value,
+			 __ATOMIC_SEQ_CST);
+}
+
+static void kick_handler(int signo)
+{
+	(void)signo;
+}
+
+int kvmshim_install_kick_handler(int signo)
+{
+	struct sigaction sa;
+
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = kick_handler;
+	sigemptyset(&sa.sa_mask);
+	return sigaction(signo, &sa, NULL) < 0 ? -errno : 0;
+}

@@ -1,0 +1,89 @@
+/*
+ * kvmshim: the thin C layer under kvmpy.
+ *
+ * It makes ioctls (returning -errno instead of touching errno, so Python can
+ * raise a precise KvmError) and decodes each KVM_RUN exit into one flat
+ * struct, so the Python run loop reads plain integers instead of walking the
+ * kvm_run union.  Everything else lives in Python.
+ */
+#ifndef KVMSHIM_H
+#define KVMSHIM_H
+
+#include <stdint.h>
+#include <linux/kvm.h>
+
+/* One vCPU exit, decoded.  Only the fields for `reason` are meaningful. */
+struct kvmshim_exit {
+	uint32_t reason;		/* KVM_EXIT_* */
+
+	/* KVM_EXIT_IO */
+	uint8_t io_direction;		/* KVM_EXIT_IO_IN or KVM_EXIT_IO_OUT */
+	uint8_t io_size;		/* 1, 2 or 4 */
+	uint16_t io_port;
+	uint32_t io_count;		/* > 1 for string I/O (rep ins/outs) */
+
+	/* KVM_EXIT_MMIO */
+	uint8_t mmio_is_write;
+	uint32_t mmio_len;		/* 1..8 */
+	uint64_t mmio_addr;
+
+	/* The first I/O item or the MMIO data, as a little-endian integer. */
+	uint64_t value;
+	/* Where in the kvm_run page that data lives (for reads and string I/O). */
+	uint32_t data_offset;
+
+	/* KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_SYSTEM_EVENT */
+	uint32_t suberror;		/* internal.suberror or system_event.type */
+	uint32_t ndata;
+	uint64_t data[16];
+
+	/* KVM_EXIT_FAIL_ENTRY, KVM_EXIT_UNKNOWN */
+	uint64_t hardware_reason;
+	uint32_t cpu;
+
+	/* KVM_EXIT_DEBUG */
+	uint32_t debug_exception;
+	uint64_t debug_pc;
+	uint64_t debug_dr6;
+	uint64_t debug_dr7;
+};
+
+/* ioctl(fd, request, arg) for pointer arguments: result, or -errno. */
+long kvmshim_ioctl(int fd, unsigned long request, void *arg);
+/* ioctl(fd, request, value) for integer arguments: result, or -errno. */
+long kvmshim_ioctl_value(int fd, unsigned long request, unsigned long value);
+
+/*
+ * What kvmshim_run returns for port I/O, split three ways so the Python loop
+ * can branch once: a single OUT, a single IN, or string I/O (rep outs/ins).
+ * They sit above every KVM_EXIT_* value.
+ */
+#define KVMSHIM_EXIT_PORT_OUT 0x10000
+#define KVMSHIM_EXIT_PORT_IN 0x10001
+#define KVMSHIM_EXIT_PORT_STRING 0x10002
+
+/* What kvmshim_run needs, in one struct so Python passes a single pointer. */
+struct kvmshim_vcpu {
+	int fd;			/* the vCPU file descriptor */
+	void *run;		/* its mmap'ed struct kvm_run */
+	struct kvmshim_exit exit;	/* the last exit, decoded */
+};
+
+/*
+ * KVM_RUN on vcpu->fd, then decode vcpu->run into vcpu->exit.  Returns the
+ * exit reason (KVM_EXIT_*, or KVMSHIM_EXIT_PORT_* for port I/O), or -errno
+ * (-EINTR when kicked).  Called without the GIL.
+ */
+int kvmshim_run(struct kvmshim_vcpu *vcpu);
+
+/* Set kvm_run.immediate_exit; safe from any thread. */
+void kvmshim_set_immediate_exit(void *run, int value);
+
+/*
+ * Install a do-nothing handler for signo (without SA_RESTART), so that
+ * sending it to a vCPU thread makes a blocking KVM_RUN return -EINTR.
+ * Returns 0 or -errno.
+ */
+int kvmshim_install_kick_handler(int signo);
+
+#endif

@@ -1,0 +1,159 @@
+"""cffi API-mode build of the C shim (run by setuptools through ``cffi_modules``).
+
+Struct layouts and every constant, ioctl numbers included, come from
+``<linux/kvm.h>`` through the C compiler: the ``...`` placeholders below ask
+cffi to take sizes, offsets and values from the real header.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cffi import FFI
+
+ROOT = Path(__file__).resolve().parent.parent
+CSRC = ROOT / "csrc"
+
+IOCTLS = """
+    KVM_GET_API_VERSION KVM_CREATE_VM KVM_CHECK_EXTENSION KVM_GET_VCPU_MMAP_SIZE
+    KVM_GET_SUPPORTED_CPUID KVM_GET_MSR_INDEX_LIST
+    KVM_SET_USER_MEMORY_REGION KVM_CREATE_VCPU KVM_SET_TSS_ADDR
+    KVM_SET_IDENTITY_MAP_ADDR KVM_CREATE_IRQCHIP KVM_IRQ_LINE KVM_CREATE_PIT2
+    KVM_GET_REGS KVM_SET_REGS KVM_GET_SREGS KVM_SET_SREGS KVM_GET_FPU KVM_SET_FPU
+    KVM_GET_MSRS KVM_SET_MSRS KVM_SET_CPUID2 KVM_TRANSLATE
+    KVM_GET_MP_STATE KVM_SET_MP_STATE KVM_SET_GUEST_DEBUG
+""".split()
+
+EXIT_REASONS = """
+    UNKNOWN EXCEPTION IO HYPERCALL DEBUG HLT MMIO IRQ_WINDOW_OPEN SHUTDOWN
+    FAIL_ENTRY INTR SET_TPR TPR_ACCESS NMI INTERNAL_ERROR WATCHDOG SYSTEM_EVENT
+    IOAPIC_EOI HYPERV X86_RDMSR X86_WRMSR DIRTY_RING_FULL AP_RESET_HOLD
+    X86_BUS_LOCK XEN NOTIFY
+""".split()
+
+OTHER_CONSTANTS = """
+    KVM_API_VERSION KVM_EXIT_IO_IN KVM_EXIT_IO_OUT
+    KVM_INTERNAL_ERROR_EMULATION KVM_INTERNAL_ERROR_SIMUL_EX
+    KVM_INTERNAL_ERROR_DELIVERY_EV KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON
+    KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
+    KVM_SYSTEM_EVENT_SHUTDOWN KVM_SYSTEM_EVENT_RESET KVM_SYSTEM_EVENT_CRASH
+    KVM_MP_STATE_RUNNABLE KVM_MP_STATE_UNINITIALIZED KVM_MP_STATE_INIT_RECEIVED
+    KVM_MP_STATE_HALTED KVM_MP_STATE_SIPI_RECEIVED
+    KVM_GUESTDBG_ENABLE KVM_GUESTDBG_SINGLESTEP KVM_GUESTDBG_USE_SW_BP
+    KVM_GUESTDBG_USE_HW_BP
+    KVM_MEM_LOG_DIRTY_PAGES KVM_MEM_READONLY
+""".split()
+
+CAPABILITIES = """
+    IRQCHIP HLT USER_MEMORY SET_TSS_ADDR EXT_CPUID NR_VCPUS MAX_VCPUS
+    NR_MEMSLOTS PIT2 IMMEDIATE_EXIT SET_GUEST_DEBUG SET_IDENTITY_MAP_ADDR
+    MP_STATE XSAVE XCRS DEBUGREGS TSC_DEADLINE_TIMER INTERNAL_ERROR_DATA
+    ADJUST_CLOCK SYNC_MMU X86_ROBUST_SINGLESTEP IRQ_ROUTING KVMCLOCK_CTRL
+    READONLY_MEM
+""".split()
+
+TYPES = """
+typedef int... __u8;
+typedef int... __u16;
+typedef int... __u32;
+typedef int... __u64;
+typedef int... __s32;
+
+struct kvm_regs {
+    __u64 rax, rbx, rcx, rdx, rsi, rdi, rsp, rbp;
+    __u64 r8, r9, r10, r11, r12, r13, r14, r15;
+    __u64 rip, rflags;
+    ...;
+};
+struct kvm_segment {
+    __u64 base; __u32 limit; __u16 selector; __u8 type;
+    __u8 present, dpl, db, s, l, g, avl; __u8 unusable;
+    ...;
+};
+struct kvm_dtable { __u64 base; __u16 limit; ...; };
+struct kvm_sregs {
+    struct kvm_segment cs, ds, es, fs, gs, ss, tr, ldt;
+    struct kvm_dtable gdt, idt;
+    __u64 cr0, cr2, cr3, cr4, cr8, efer, apic_base;
+    __u64 interrupt_bitmap[...];
+    ...;
+};
+struct kvm_fpu {
+    __u8 fpr[8][16]; __u16 fcw; __u16 fsw; __u8 ftwx; __u16 last_opcode;
+    __u64 last_ip; __u64 last_dp; __u8 xmm[16][16]; __u32 mxcsr;
+    ...;
+};
+struct kvm_msr_entry { __u32 index; __u64 data; ...; };
+struct kvm_msrs { __u32 nmsrs; ...; };
+struct kvm_msr_list { __u32 nmsrs; ...; };
+struct kvm_cpuid_entry2 {
+    __u32 function, index, flags, eax, ebx, ecx, edx;
+    ...;
+};
+struct kvm_cpuid2 { __u32 nent; ...; };
+struct kvm_userspace_memory_region {
+    __u32 slot; __u32 flags; __u64 guest_phys_addr; __u64 memory_size;
+    __u64 userspace_addr;
+    ...;
+};
+struct kvm_irq_level { __u32 irq; __u32 level; ...; };
+struct kvm_pit_config { __u32 flags; ...; };
+struct kvm_translation {
+    __u64 linear_address; __u64 physical_address;
+    __u8 valid; __u8 writeable; __u8 usermode;
+    ...;
+};
+struct kvm_mp_state { __u32 mp_state; ...; };
+struct kvm_guest_debug_arch { __u64 debugreg[8]; ...; };
+struct kvm_guest_debug {
+    __u32 control; struct kvm_guest_debug_arch arch;
+    ...;
+};
+"""
+
+SHIM_API = """
+struct kvmshim_exit {
+    uint32_t reason;
+    uint8_t io_direction; uint8_t io_size; uint16_t io_port; uint32_t io_count;
+    uint8_t mmio_is_write; uint32_t mmio_len; uint64_t mmio_addr;
+    uint64_t value; uint32_t data_offset;
+    uint32_t suberror; uint32_t ndata; uint64_t data[16];
+    uint64_t hardware_reason; uint32_t cpu;
+    uint32_t debug_exception; uint64_t debug_pc; uint64_t debug_dr6;
+    uint64_t debug_dr7;
+};
+long kvmshim_ioctl(int fd, unsigned long request, void *arg);
+long kvmshim_ioctl_value(int fd, unsigned long request, unsigned long value);
+#define KVMSHIM_EXIT_PORT_OUT ...
+#define KVMSHIM_EXIT_PORT_IN ...
+#define KVMSHIM_EXIT_PORT_STRING ...
+struct kvmshim_vcpu { int fd; void *run; struct kvmshim_exit exit; };
+int kvmshim_run(struct kvmshim_vcpu *vcpu);
+void kvmshim_set_immediate_exit(void *run, int value);
+int kvmshim_install_kick_handler(int signo);
+"""
+
+
+def _defines(names: list[str]) -> str:
+    return "".join(f"#define {name} ...\n" for name in names)
+
+
+ffibuilder = FFI()
+ffibuilder.cdef(
+    TYPES
+    + SHIM_API
+    + _defines(IOCTLS)
+    + _defines([f"KVM_EXIT_{reason}" for reason in EXIT_REASONS])
+    + _defines(OTHER_CONSTANTS)
+    + _defines([f"KVM_CAP_{cap}" for cap in CAPABILITIES])
+)
+ffibuilder.set_source(
+    "kvmpy._kvm",
+    '#include "kvmshim.h"',
+    sources=[str((CSRC / "kvmshim.c").relative_to(ROOT))],
+    include_dirs=[str(CSRC.relative_to(ROOT))],
+    extra_compile_args=["-O2", "-Wall", "-Wextra"],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

@@ -1,0 +1,413 @@
+"""The ioctl layer: ``Kvm`` (/dev/kvm), ``Vm`` and ``Vcpu``.
+
+Each KVM ioctl is issued from exactly one method here (KVM_RUN from the C
+shim, called through ``Vcpu.run``).  Failures raise ``KvmError``, an OSError
+that names the ioctl.  File descriptors and mmaps are released by ``close()``
+or by using the objects as context managers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import mmap
+import os
+import signal
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+from kvmpy._kvm import ffi, lib
+from kvmpy.x86.cpuid import CpuidEntry
+from kvmpy.x86.registers import (
+    CONTROL_NAMES,
+    DTABLE_NAMES,
+    GPR_NAMES,
+    SEGMENT_FIELDS,
+    SEGMENT_NAMES,
+    DTable,
+    Regs,
+    Segment,
+    Sregs,
+)
+
+KVM_PATH = "/dev/kvm"
+EXPECTED_API_VERSION = 12
+# Room for KVM_GET_SUPPORTED_CPUID; the kernel's own limit is 256 entries.
+MAX_CPUID_ENTRIES = 256
+# The signal that kicks a vCPU thread out of KVM_RUN (see Vcpu.kick).
+KICK_SIGNAL = signal.SIGRTMIN
+
+_REGS_FIELDS = (*GPR_NAMES, "rip", "rflags")
+
+
+class KvmError(OSError):
+    """A KVM ioctl (or opening /dev/kvm) failed."""
+
+    def __init__(self, ioctl: str, err: int, hint: str = "") -> None:
+        message = f"{ioctl} failed: {os.strerror(err)} ({errno.errorcode.get(err, err)})"
+        if hint:
+            message += f"; {hint}"
+        super().__init__(err, message)
+        self.ioctl = ioctl
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def _check(ioctl: str, ret: int) -> int:
+    if ret < 0:
+        raise KvmError(ioctl, -ret)
+    return ret
+
+
+def _open_kvm(path: str) -> int:
+    try:
+        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        hint = (
+            f"{path} does not exist: load the KVM module (modprobe kvm_intel or kvm_amd) "
+            "and check that virtualization is enabled"
+        )
+        raise KvmError(f"open {path}", errno.ENOENT, hint) from None
+    except PermissionError as exc:
+        hint = (
+            f"check `ls -l {path}` and add yourself to its group "
+            "(usually: sudo usermod -aG kvm $USER, then log in again)"
+        )
+        raise KvmError(f"open {path}", exc.errno or errno.EACCES, hint) from None
+    except OSError as exc:
+        raise KvmError(f"open {path}", exc.errno or errno.EIO) from None
+
+
+def _to_struct(obj: Any, cdata: Any, names: Iterable[str]) -> None:
+    for name in names:
+        setattr(cdata, name, getattr(obj, name))
+
+
+def _segment_from(c: Any) -> Segment:
+    return Segment(**{name: getattr(c, name) for name in SEGMENT_FIELDS})
+
+
+class _Fd:
+    """An owned file descriptor, closed once."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> Any:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Kvm(_Fd):
+    """The KVM subsystem (/dev/kvm)."""
+
+    def __init__(self, path: str = KVM_PATH) -> None:
+        super().__init__(_open_kvm(path))
+        self.path = path
+        try:
+            version = self.api_version()
+            if version != EXPECTED_API_VERSION:
+                raise KvmError(
+                    "KVM_GET_API_VERSION",
+                    errno.EPROTO,
+                    f"kernel reports API version {version}, kvmpy needs {EXPECTED_API_VERSION}",
+                )
+        except BaseException:
+            self.close()
+            raise
+
+    def api_version(self) -> int:
+        return _check(
+            "KVM_GET_API_VERSION", lib.kvmshim_ioctl_value(self.fd, lib.KVM_GET_API_VERSION, 0)
+        )
+
+    def check_extension(self, capability: int) -> int:
+        """KVM_CHECK_EXTENSION: 0 if unsupported, else a capability-specific value."""
+        ret = lib.kvmshim_ioctl_value(self.fd, lib.KVM_CHECK_EXTENSION, capability)
+        return _check("KVM_CHECK_EXTENSION", ret)
+
+    def vcpu_mmap_size(self) -> int:
+        ret = lib.kvmshim_ioctl_value(self.fd, lib.KVM_GET_VCPU_MMAP_SIZE, 0)
+        return _check("KVM_GET_VCPU_MMAP_SIZE", ret)
+
+    def supported_cpuid(self) -> list[CpuidEntry]:
+        entry_size = ffi.sizeof("struct kvm_cpuid_entry2")
+        buf = ffi.new("char[]", ffi.sizeof("struct kvm_cpuid2") + MAX_CPUID_ENTRIES * entry_size)
+        header = ffi.cast("struct kvm_cpuid2 *", buf)
+        header.nent = MAX_CPUID_ENTRIES
+        _check(
+            "KVM_GET_SUPPORTED_CPUID",
+            lib.kvmshim_ioctl(self.fd, lib.KVM_GET_SUPPORTED_CPUID, buf),
+        )
+        entries = ffi.cast("struct kvm_cpuid_entry2 *", buf + ffi.sizeof("struct kvm_cpuid2"))
+        names = [f.name for f in dataclasses.fields(CpuidEntry)]
+        return [
+            CpuidEntry(**{name: getattr(entries[i], name) for name in names})
+            for i in range(header.nent)
+        ]
+
+    def msr_index_list(self) -> list[int]:
+        """KVM_GET_MSR_INDEX_LIST: the MSRs KVM saves and restores."""
+        count = 1024
+        buf = ffi.new("char[]", ffi.sizeof("struct kvm_msr_list") + 4 * count)
+        header = ffi.cast("struct kvm_msr_list *", buf)
+        header.nmsrs = count
+        _check(
+            "KVM_GET_MSR_INDEX_LIST", lib.kvmshim_ioctl(self.fd, lib.KVM_GET_MSR_INDEX_LIST, buf)
+        )
+        indices = ffi.cast("__u32 *", buf + ffi.sizeof("struct kvm_msr_list"))
+        return [indices[i] for i in range(header.nmsrs)]
+
+    def create_vm(self) -> Vm:
+        ret = lib.kvmshim_ioctl_value(self.fd, lib.KVM_CREATE_VM, 0)
+        if ret == -errno.EBUSY:
+            raise KvmError(
+                "KVM_CREATE_VM",
+                errno.EBUSY,
+                "another hypervisor may hold the virtualization hardware",
+            )
+        return Vm(self, _check("KVM_CREATE_VM", ret))
+
+
+class Vm(_Fd):
+    """A virtual machine: memory slots, vCPUs and the in-kernel irqchip."""
+
+    def __init__(self, kvm: Kvm, fd: int) -> None:
+        super().__init__(fd)
+        self.kvm = kvm
+
+    def set_user_memory_region(
+        self, slot: int, guest_phys_addr: int, backing: mmap.mmap, flags: int = 0
+    ) -> None:
+        """Map all of ``backing`` (which must outlive the VM) at ``guest_phys_addr``."""
+        pointer = ffi.from_buffer(backing)
+        region = ffi.new("struct kvm_userspace_memory_region *")
+        region.slot = slot
+        region.flags = flags
+        region.guest_phys_addr = guest_phys_addr
+        region.memory_size = len(backing)
+        region.userspace_addr = int(ffi.cast("uintptr_t", pointer))
+        ffi.release(pointer)
+        ret = lib.kvmshim_ioctl(self.fd, lib.KVM_SET_USER_MEMORY_REGION, region)
+        _check("KVM_SET_USER_MEMORY_REGION", ret)
+
+    def set_tss_addr(self, addr: int) -> None:
+        """Three pages KVM needs for real-mode emulation on Intel (below 4 GiB, not RAM)."""
+        _check("KVM_SET_TSS_ADDR", lib.kvmshim_ioctl_value(self.fd, lib.KVM_SET_TSS_ADDR, addr))
+
+    def set_identity_map_addr(self, addr: int) -> None:
+        """One page for the EPT identity map KVM uses for unpaged guests on Intel."""
+        value = ffi.new("__u64 *", addr)
+        ret = lib.kvmshim_ioctl(self.fd, lib.KVM_SET_IDENTITY_MAP_ADDR, value)
+        _check("KVM_SET_IDENTITY_MAP_ADDR", ret)
+
+    def create_irqchip(self) -> None:
+        """In-kernel PIC, IOAPIC and a LAPIC per vCPU; call before creating vCPUs."""
+        _check("KVM_CREATE_IRQCHIP", lib.kvmshim_ioctl_value(self.fd, lib.KVM_CREATE_IRQCHIP, 0))
+
+    def create_pit2(self) -> None:
+        config = ffi.new("struct kvm_pit_config *")
+        _check("KVM_CREATE_PIT2", lib.kvmshim_ioctl(self.fd, lib.KVM_CREATE_PIT2, config))
+
+    def irq_line(self, irq: int, level: bool) -> None:
+        line = ffi.new("struct kvm_irq_level *")
+        line.irq = irq
+        line.level = int(level)
+        _check("KVM_IRQ_LINE", lib.kvmshim_ioctl(self.fd, lib.KVM_IRQ_LINE, line))
+
+    def create_vcpu(self, index: int) -> Vcpu:
+        fd = _check("KVM_CREATE_VCPU", lib.kvmshim_ioctl_value(self.fd, lib.KVM_CREATE_VCPU, index))
+        try:
+            return Vcpu(fd, index, self.kvm.vcpu_mmap_size())
+        except BaseException:
+            os.close(fd)
+            raise
+
+
+@dataclass(frozen=True)
+class Translation:
+    """The result of KVM_TRANSLATE for one linear address."""
+
+    physical_address: int
+    writeable: bool
+    usermode: bool
+
+
+@dataclass
+class Fpu:
+    """x87/SSE state from ``struct kvm_fpu``."""
+
+    fcw: int = 0x37F
+    fsw: int = 0
+    ftwx: int = 0
+    last_opcode: int = 0
+    last_ip: int = 0
+    last_dp: int = 0
+    mxcsr: int = 0x1F80
+    fpr: bytes = bytes(128)
+    xmm: bytes = bytes(256)
+
+
+_FPU_SCALARS = ("fcw", "fsw", "ftwx", "last_opcode", "last_ip", "last_dp", "mxcsr")
+
+
+class Vcpu(_Fd):
+    """A virtual CPU and its shared ``kvm_run`` page."""
+
+    def __init__(self, fd: int, index: int, mmap_size: int) -> None:
+        super().__init__(fd)
+        self.index = index
+        self.run_page = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        self._run_ptr = ffi.from_buffer(self.run_page)
+        self._shim = ffi.new("struct kvmshim_vcpu *")
+        self._shim.fd = fd
+        self._shim.run = self._run_ptr
+        # Decoded by the shim after every KVM_RUN; the run loop reads its fields.
+        self.exit = ffi.addressof(self._shim[0], "exit")
+        # KVM_RUN: returns the exit reason or -errno (-EINTR when kicked).  A
+        # partial of the C function, so the hot loop pays for no Python frame.
+        self.run = partial(lib.kvmshim_run, self._shim)
+        self.thread_ident: int | None = None
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            ffi.release(self._run_ptr)
+            self.run_page.close()
+        super().close()
+
+    # -- stopping a running vCPU -------------------------------------------------
+
+    def kick(self) -> None:
+        """Make KVM_RUN return -EINTR now (if running) or on its next call.
+
+        Safe from any thread.  immediate_exit covers the window where the vCPU
+        thread is about to enter KVM_RUN; the signal interrupts one in progress.
+        """
+        lib.kvmshim_set_immediate_exit(self._run_ptr, 1)
+        ident = self.thread_ident
+        if ident is not None and ident != threading.get_ident():
+            with contextlib.suppress(ProcessLookupError):  # the thread has just finished
+                signal.pthread_kill(ident, KICK_SIGNAL)
+
+    def clear_kick(self) -> None:
+        lib.kvmshim_set_immediate_exit(self._run_ptr, 0)
+
+    # -- register state ------------------------------------------------------------
+
+    def get_regs(self) -> Regs:
+        c = ffi.new("struct kvm_regs *")
+        _check("KVM_GET_REGS", lib.kvmshim_ioctl(self.fd, lib.KVM_GET_REGS, c))
+        return Regs(**{name: getattr(c, name) for name in _REGS_FIELDS})
+
+    def set_regs(self, regs: Regs) -> None:
+        c = ffi.new("struct kvm_regs *")
+        _to_struct(regs, c, _REGS_FIELDS)
+        _check("KVM_SET_REGS", lib.kvmshim_ioctl(self.fd, lib.KVM_SET_REGS, c))
+
+    def get_sregs(self) -> Sregs:
+        c = ffi.new("struct kvm_sregs *")
+        _check("KVM_GET_SREGS", lib.kvmshim_ioctl(self.fd, lib.KVM_GET_SREGS, c))
+        fields: dict[str, Any] = {name: getattr(c, name) for name in CONTROL_NAMES}
+        for name in SEGMENT_NAMES:
+            fields[name] = _segment_from(getattr(c, name))
+        for name in DTABLE_NAMES:
+            fields[name] = DTable(getattr(c, name).base, getattr(c, name).limit)
+        return Sregs(**fields, interrupt_bitmap=tuple(c.interrupt_bitmap))
+
+    def set_sregs(self, sregs: Sregs) -> None:
+        c = ffi.new("struct kvm_sregs *")
+        for name in SEGMENT_NAMES:
+            _to_struct(getattr(sregs, name), getattr(c, name), SEGMENT_FIELDS)
+        for name in DTABLE_NAMES:
+            _to_struct(getattr(sregs, name), getattr(c, name), ("base", "limit"))
+        _to_struct(sregs, c, CONTROL_NAMES)
+        for i, word in enumerate(sregs.interrupt_bitmap):
+            c.interrupt_bitmap[i] = word
+        _check("KVM_SET_SREGS", lib.kvmshim_ioctl(self.fd, lib.KVM_SET_SREGS, c))
+
+    def get_fpu(self) -> Fpu:
+        c = ffi.new("struct kvm_fpu *")
+        _check("KVM_GET_FPU", lib.kvmshim_ioctl(self.fd, lib.KVM_GET_FPU, c))
+        return Fpu(
+            **{name: getattr(c, name) for name in _FPU_SCALARS},
+            fpr=bytes(ffi.buffer(c.fpr)),
+            xmm=bytes(ffi.buffer(c.xmm)),
+        )
+
+    def set_fpu(self, fpu: Fpu) -> None:
+        c = ffi.new("struct kvm_fpu *")
+        _to_struct(fpu, c, _FPU_SCALARS)
+        ffi.buffer(c.fpr)[:] = fpu.fpr
+        ffi.buffer(c.xmm)[:] = fpu.xmm
+        _check("KVM_SET_FPU", lib.kvmshim_ioctl(self.fd, lib.KVM_SET_FPU, c))
+
+    def _msr_buffer(self, items: list[tuple[int, int]]) -> tuple[Any, Any]:
+        buf = ffi.new(
+            "char[]",
+            ffi.sizeof("struct kvm_msrs") + len(items) * ffi.sizeof("struct kvm_msr_entry"),
+        )
+        ffi.cast("struct kvm_msrs *", buf).nmsrs = len(items)
+        entries = ffi.cast("struct kvm_msr_entry *", buf + ffi.sizeof("struct kvm_msrs"))
+        for i, (index, data) in enumerate(items):
+            entries[i].index = index
+            entries[i].data = data
+        return buf, entries
+
+    def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
+        """Read MSRs; the result holds those KVM returned (it stops at the first it cannot read)."""
+        wanted = list(indices)
+        buf, entries = self._msr_buffer([(index, 0) for index in wanted])
+        count = _check("KVM_GET_MSRS", lib.kvmshim_ioctl(self.fd, lib.KVM_GET_MSRS, buf))
+        return {entries[i].index: entries[i].data for i in range(count)}
+
+    def set_msrs(self, values: dict[int, int]) -> None:
+        buf, entries = self._msr_buffer(list(values.items()))
+        count = _check("KVM_SET_MSRS", lib.kvmshim_ioctl(self.fd, lib.KVM_SET_MSRS, buf))
+        if count != len(values):
+            bad = entries[count].index
+            raise KvmError("KVM_SET_MSRS", errno.EINVAL, f"MSR {bad:#x} was rejected")
+
+    def set_cpuid(self, table: list[CpuidEntry]) -> None:
+        entry_size = ffi.sizeof("struct kvm_cpuid_entry2")
+        buf = ffi.new("char[]", ffi.sizeof("struct kvm_cpuid2") + len(table) * entry_size)
+        ffi.cast("struct kvm_cpuid2 *", buf).nent = len(table)
+        entries = ffi.cast("struct kvm_cpuid_entry2 *", buf + ffi.sizeof("struct kvm_cpuid2"))
+        for i, entry in enumerate(table):
+            _to_struct(entry, entries[i], [f.name for f in dataclasses.fields(CpuidEntry)])
+        _check("KVM_SET_CPUID2", lib.kvmshim_ioctl(self.fd, lib.KVM_SET_CPUID2, buf))
+
+    def translate(self, linear_address: int) -> Translation | None:
+        """KVM_TRANSLATE through the guest's current paging; None if unmapped."""
+        c = ffi.new("struct kvm_translation *")
+        c.linear_address = linear_address
+        _check("KVM_TRANSLATE", lib.kvmshim_ioctl(self.fd, lib.KVM_TRANSLATE, c))
+        if not c.valid:
+            return None
+        return Translation(c.physical_address, bool(c.writeable), bool(c.usermode))
+
+    def get_mp_state(self) -> int:
+        c = ffi.new("struct kvm_mp_state *")
+        _check("KVM_GET_MP_STATE", lib.kvmshim_ioctl(self.fd, lib.KVM_GET_MP_STATE, c))
+        return int(c.mp_state)
+
+    def set_mp_state(self, state: int) -> None:
+        c = ffi.new("struct kvm_mp_state *")
+        c.mp_state = state
+        _check("KVM_SET_MP_STATE", lib.kvmshim_ioctl(self.fd, lib.KVM_SET_MP_STATE, c))
+
+
+def install_kick_handler() -> None:
+    """Let KICK_SIGNAL interrupt KVM_RUN instead of killing the process."""
+    _check("sigaction", lib.kvmshim_install_kick_handler(KICK_SIGNAL))

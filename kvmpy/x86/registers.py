@@ -1,0 +1,134 @@
+"""x86 register state as plain dataclasses (no KVM, no cffi).
+
+Field names follow ``struct kvm_regs`` / ``struct kvm_sregs`` so the ioctl
+layer can convert by name, and so code here reads like the Intel SDM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+GPR_NAMES = (
+    "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
+    "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15",
+)  # fmt: skip
+
+# RFLAGS bit 1 is reserved and always reads as 1.
+RFLAGS_RESERVED = 1 << 1
+RFLAGS_IF = 1 << 9
+RFLAGS_TF = 1 << 8
+
+CR0_PE = 1 << 0
+CR0_MP = 1 << 1
+CR0_EM = 1 << 2
+CR0_TS = 1 << 3
+CR0_ET = 1 << 4
+CR0_NE = 1 << 5
+CR0_WP = 1 << 16
+CR0_AM = 1 << 18
+CR0_NW = 1 << 29
+CR0_CD = 1 << 30
+CR0_PG = 1 << 31
+
+CR4_PSE = 1 << 4
+CR4_PAE = 1 << 5
+CR4_PGE = 1 << 7
+CR4_OSFXSR = 1 << 9
+CR4_OSXMMEXCPT = 1 << 10
+
+EFER_SCE = 1 << 0
+EFER_LME = 1 << 8
+EFER_LMA = 1 << 10
+EFER_NXE = 1 << 11
+
+
+@dataclass
+class Regs:
+    """General-purpose registers, RIP and RFLAGS."""
+
+    rax: int = 0
+    rbx: int = 0
+    rcx: int = 0
+    rdx: int = 0
+    rsi: int = 0
+    rdi: int = 0
+    rsp: int = 0
+    rbp: int = 0
+    r8: int = 0
+    r9: int = 0
+    r10: int = 0
+    r11: int = 0
+    r12: int = 0
+    r13: int = 0
+    r14: int = 0
+    r15: int = 0
+    rip: int = 0
+    rflags: int = RFLAGS_RESERVED
+
+
+@dataclass
+class Segment:
+    """A segment register with its hidden descriptor cache."""
+
+    base: int = 0
+    limit: int = 0xFFFF
+    selector: int = 0
+    type: int = 0
+    present: int = 1
+    dpl: int = 0
+    db: int = 0
+    s: int = 1
+    l: int = 0  # noqa: E741 - the field's name in the SDM and in kvm.h
+    g: int = 0
+    avl: int = 0
+    unusable: int = 0
+
+
+@dataclass
+class DTable:
+    """GDTR or IDTR."""
+
+    base: int = 0
+    limit: int = 0xFFFF
+
+
+@dataclass
+class Sregs:
+    """Segment, control and descriptor-table registers."""
+
+    cs: Segment = field(default_factory=Segment)
+    ds: Segment = field(default_factory=Segment)
+    es: Segment = field(default_factory=Segment)
+    fs: Segment = field(default_factory=Segment)
+    gs: Segment = field(default_factory=Segment)
+    ss: Segment = field(default_factory=Segment)
+    tr: Segment = field(default_factory=Segment)
+    ldt: Segment = field(default_factory=Segment)
+    gdt: DTable = field(default_factory=DTable)
+    idt: DTable = field(default_factory=DTable)
+    cr0: int = 0
+    cr2: int = 0
+    cr3: int = 0
+    cr4: int = 0
+    cr8: int = 0
+    efer: int = 0
+    apic_base: int = 0
+    interrupt_bitmap: tuple[int, ...] = (0, 0, 0, 0)
+
+
+SEGMENT_NAMES = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
+DTABLE_NAMES = ("gdt", "idt")
+CONTROL_NAMES = ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")
+SEGMENT_FIELDS = tuple(f.name for f in dataclasses.fields(Segment))
+
+
+def cpu_mode(sregs: Sregs) -> str:
+    """Name the mode the CPU is in: real, protected, paged32, pae32, long, compat."""
+    if not sregs.cr0 & CR0_PE:
+        return "real"
+    if sregs.efer & EFER_LMA:
+        return "long" if sregs.cs.l else "compat"
+    if sregs.cr0 & CR0_PG:
+        return "pae32" if sregs.cr4 & CR4_PAE else "paged32"
+    return "protected"
