@@ -1,0 +1,56 @@
+"""Image loaders: parse and validate an image, return a ``LoadPlan``.
+
+A loader never touches guest memory or vCPUs; the machine applies the plan
+after ``check_plan`` has confirmed that it fits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kvmpy.memory import GuestMemory
+
+
+class LoaderError(ValueError):
+    """A malformed or unloadable image; the message names the file and the field."""
+
+
+@dataclass(frozen=True)
+class LoadSegment:
+    """Bytes to place at ``gpa``, followed by zeros up to ``memsz``."""
+
+    gpa: int
+    data: bytes
+    memsz: int
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.memsz
+
+
+@dataclass
+class LoadPlan:
+    """What to place where, and where to start."""
+
+    source: str
+    entry: int
+    segments: list[LoadSegment] = field(default_factory=list)
+    mode: str | None = None  # the CPU mode the image needs, if the format says
+
+
+def check_plan(plan: LoadPlan, memory: GuestMemory, reserved: list[tuple[int, int]]) -> None:
+    """Raise LoaderError unless every segment lies in RAM and clear of ``reserved``."""
+    for seg in plan.segments:
+        if seg.memsz < len(seg.data):
+            raise LoaderError(f"{plan.source}: segment at {seg.gpa:#x} has memsz < filesz")
+        if not memory.contains(seg.gpa, max(seg.memsz, 1)):
+            raise LoaderError(
+                f"{plan.source}: segment {seg.gpa:#x}-{seg.end - 1:#x} does not fit in guest RAM "
+                f"({memory.size >> 20} MiB)"
+            )
+        for start, end in reserved:
+            if seg.gpa < end and start < seg.end:
+                raise LoaderError(
+                    f"{plan.source}: segment {seg.gpa:#x}-{seg.end - 1:#x} overlaps the boot "
+                    f"structures at {start:#x}-{end - 1:#x}"
+                )

@@ -1,0 +1,176 @@
+"""Guest physical memory: RAM regions backed by anonymous mmaps.
+
+Every access is bounds-checked against the regions, because addresses often
+come from the guest, which is untrusted: an out-of-range access raises
+``GuestMemoryError`` and never touches host memory outside a region.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+import platform
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+# Where the PCI/MMIO hole below 4 GiB starts: RAM beyond this goes above 4 GiB.
+LOW_RAM_END = 0xC000_0000
+HIGH_RAM_START = 0x1_0000_0000
+PAGE_SIZE = 0x1000
+
+_SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+# mmap.MAP_NORESERVE only exists from Python 3.13; Linux on x86 and arm64 uses 0x4000.
+_LINUX_MAP_NORESERVE = 0x4000 if sys.platform == "linux" and platform.machine() in (
+    "x86_64", "i686", "aarch64") else 0  # fmt: skip
+MAP_NORESERVE: int = getattr(mmap, "MAP_NORESERVE", _LINUX_MAP_NORESERVE)
+
+
+class GuestMemoryError(ValueError):
+    """A guest-physical access outside RAM."""
+
+
+def parse_size(text: str) -> int:
+    """Parse "128M", "1G", "64K" or a plain byte count (decimal or 0x hex)."""
+    value = text.strip().upper()
+    try:
+        # A plain byte count first, so that "0x1B" is 27 and not 0x1 with a "B" suffix.
+        amount, suffix = int(value, 0), ""
+    except ValueError:
+        value = value.removesuffix("B")
+        if value[-2:] in ("KI", "MI", "GI"):
+            value = value[:-1]
+        suffix = value[-1:] if value[-1:] in _SIZE_SUFFIXES else ""
+        number = value[: len(value) - len(suffix)]
+        try:
+            amount = int(number, 0)
+        except ValueError:
+            raise ValueError(f"not a size: {text!r} (try 128M or 1G)") from None
+    if amount <= 0:
+        raise ValueError(f"size must be positive: {text!r}")
+    return amount * _SIZE_SUFFIXES[suffix]
+
+
+@dataclass
+class MemoryRegion:
+    """A contiguous range of guest RAM and the host mapping behind it."""
+
+    gpa: int
+    size: int
+    mapping: mmap.mmap = field(repr=False)
+    view: memoryview = field(repr=False)
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+
+class GuestMemory:
+    """Guest RAM as a set of non-overlapping regions."""
+
+    def __init__(self) -> None:
+        self.regions: list[MemoryRegion] = []
+
+    @classmethod
+    def with_ram(cls, size: int) -> GuestMemory:
+        """RAM of ``size`` bytes in the standard PC layout (split around the MMIO hole)."""
+        if size <= 0 or size % PAGE_SIZE:
+            raise GuestMemoryError(f"RAM size must be a positive multiple of 4 KiB, not {size:#x}")
+        memory = cls()
+        low = min(size, LOW_RAM_END)
+        memory.add_region(0, low)
+        if size > low:
+            memory.add_region(HIGH_RAM_START, size - low)
+        return memory
+
+    @property
+    def size(self) -> int:
+        return sum(region.size for region in self.regions)
+
+    def add_region(self, gpa: int, size: int) -> MemoryRegion:
+        if gpa < 0:
+            raise GuestMemoryError(f"region {gpa:#x}+{size:#x} has a negative address")
+        if gpa % PAGE_SIZE or size <= 0 or size % PAGE_SIZE:
+            raise GuestMemoryError(f"region {gpa:#x}+{size:#x} is not page-aligned")
+        for other in self.regions:
+            if gpa < other.end and other.gpa < gpa + size:
+                raise GuestMemoryError(f"region {gpa:#x}+{size:#x} overlaps {other.gpa:#x}")
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE
+        mapping = mmap.mmap(-1, size, flags=flags)
+        region = MemoryRegion(gpa, size, mapping, memoryview(mapping))
+        self.regions.append(region)
+        self.regions.sort(key=lambda r: r.gpa)
+        return region
+
+    def __iter__(self) -> Iterator[MemoryRegion]:
+        return iter(self.regions)
+
+    def close(self) -> None:
+        regions = list(self.regions)
+        self.regions.clear()
+        for region in regions:
+            region.view.release()
+            # A view from view() that the caller still holds keeps the mapping
+            # alive; it is unmapped when the last such view goes.
+            with contextlib.suppress(BufferError):
+                region.mapping.close()
+
+    def __enter__(self) -> GuestMemory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- bounds-checked access -------------------------------------------------------
+
+    def contains(self, gpa: int, length: int = 1) -> bool:
+        if length < 0:
+            return False
+        return any(r.gpa <= gpa and gpa + length <= r.end for r in self.regions)
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        """A writable view of ``length`` bytes at ``gpa``, which must lie in one region."""
+        if length < 0 or gpa < 0:
+            raise GuestMemoryError(f"bad guest access {gpa:#x}+{length:#x}")
+        for region in self.regions:
+            if region.gpa <= gpa and gpa + length <= region.end:
+                start = gpa - region.gpa
+                return region.view[start : start + length]
+        raise GuestMemoryError(f"guest physical range {gpa:#x}+{length:#x} is not in RAM")
+
+    def read(self, gpa: int, length: int) -> bytes:
+        return bytes(self.view(gpa, length))
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        self.view(gpa, len(data))[:] = data
+
+    def read_int(self, gpa: int, size: int) -> int:
+        return int.from_bytes(self.view(gpa, size), "little")
+
+    def write_int(self, gpa: int, size: int, value: int) -> None:
+        self.view(gpa, size)[:] = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+
+    def read_u8(self, gpa: int) -> int:
+        return self.read_int(gpa, 1)
+
+    def read_u16(self, gpa: int) -> int:
+        return self.read_int(gpa, 2)
+
+    def read_u32(self, gpa: int) -> int:
+        return self.read_int(gpa, 4)
+
+    def read_u64(self, gpa: int) -> int:
+        return self.read_int(gpa, 8)
+
+    def write_u8(self, gpa: int, value: int) -> None:
+        self.write_int(gpa, 1, value)
+
+    def write_u16(self, gpa: int, value: int) -> None:
+        self.write_int(gpa, 2, value)
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        self.write_int(gpa, 4, value)
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        self.write_int(gpa, 8, value)
