@@ -1,0 +1,62 @@
+# kvmpy: set up, build the guests, test, benchmark.
+#   make demo   venv + shim + guests, then run the default guest
+#   make test   the same set-up, then ruff, mypy and pytest
+#   make bench  the benchmarks in bench/
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+AS ?= as
+LD ?= ld
+
+OUT := guests/out
+REAL_GUESTS := real_hello pio_loop
+LONG_GUESTS := long_hello triple_fault
+GUESTS := $(REAL_GUESTS:%=$(OUT)/%.bin) $(LONG_GUESTS:%=$(OUT)/%.bin)
+
+.PHONY: all setup guests demo test lint unit bench clean
+.DELETE_ON_ERROR:
+
+all: setup guests
+
+setup: $(VENV)/.installed
+
+# Reinstall (and so rebuild the cffi shim) whenever the packaging or C changes.
+$(VENV)/.installed: pyproject.toml setup.py kvmpy/_build.py $(wildcard csrc/*.c csrc/*.h)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+guests: $(GUESTS)
+
+$(REAL_GUESTS:%=$(OUT)/%.bin): $(OUT)/%.bin: guests/%.S guests/real.ld
+	@mkdir -p $(OUT)
+	$(AS) --32 -o $(OUT)/$*.o $<
+	$(LD) -m elf_i386 -T guests/real.ld -o $@ $(OUT)/$*.o
+
+$(LONG_GUESTS:%=$(OUT)/%.bin): $(OUT)/%.bin: guests/%.S guests/long.ld
+	@mkdir -p $(OUT)
+	$(AS) --64 -o $(OUT)/$*.o $<
+	$(LD) -m elf_x86_64 -T guests/long.ld -o $@ $(OUT)/$*.o
+
+# The guest reports success with debug-exit code 0, which QEMU's convention
+# turns into process status 1.
+demo: all
+	$(BIN)/kvmpy run $(OUT)/real_hello.bin; status=$$?; \
+	echo "kvmpy exited with status $$status"; test $$status -eq 1
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
+unit: all
+	$(BIN)/pytest
+
+test: lint unit
+
+bench: all
+	$(BIN)/python bench/exit_roundtrip.py
+
+clean:
+	rm -rf $(OUT) build *.egg-info kvmpy/*.so kvmpy/_kvm.c

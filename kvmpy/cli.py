@@ -1,0 +1,193 @@
+"""The ``kvmpy`` command line.
+
+    kvmpy run IMAGE [--mode real|protected|paged32|long] [--mem SIZE]
+                    [--load-addr ADDR] [--entry ADDR] [--timeout S] [--strict] [-v]
+    kvmpy info
+
+``run`` streams the guest's serial output to stdout, feeds stdin to the guest's
+serial port, and exits with the guest's status: ``(code << 1) | 1`` for a
+debug-exit write (as QEMU), 0 when the guest halts or powers off, 4 when it
+crashes (with a report on stderr), 6 on a guest reset, 124 on timeout, 130 on
+Ctrl-C and 2 for bad input or an unusable /dev/kvm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+import termios
+import threading
+import time
+from collections.abc import Iterator, Sequence
+
+from kvmpy.bus import BusError
+from kvmpy.devices.serial import Serial16550
+from kvmpy.hostinfo import format_info, gather
+from kvmpy.kvm import KVM_PATH, Kvm, KvmError
+from kvmpy.loaders import LoaderError
+from kvmpy.loaders.flat import load_flat
+from kvmpy.machine import DEFAULT_MEM_SIZE, Machine
+from kvmpy.memory import GuestMemoryError, parse_size
+from kvmpy.runloop import STATUS_ERROR
+from kvmpy.x86.modes import MODES, default_load_addr
+
+
+def _address(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an address: {text!r} (try 0x7c00)") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"address must not be negative: {text!r}")
+    return value
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"timeout must be positive: {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvmpy", description="A KVM micro-hypervisor in Python.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run a guest image", description="Run a guest image.")
+    run.add_argument("image", help="the guest image (a flat binary)")
+    run.add_argument(
+        "--mode", choices=MODES, default="real", help="CPU mode at entry (default: real)"
+    )
+    run.add_argument(
+        "--mem",
+        type=_size,
+        default=DEFAULT_MEM_SIZE,
+        metavar="SIZE",
+        help="guest RAM (default: 128M)",
+    )
+    run.add_argument(
+        "--load-addr",
+        type=_address,
+        metavar="ADDR",
+        help="where to load the image (default: 0x7c00 in real mode, else 0x100000)",
+    )
+    run.add_argument(
+        "--entry", type=_address, metavar="ADDR", help="entry point (default: the load address)"
+    )
+    run.add_argument("--timeout", type=_seconds, metavar="S", help="stop the guest after S seconds")
+    run.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop with an error on I/O to a port or address nobody handles",
+    )
+    run.add_argument("-v", "--verbose", action="store_true", help="say how the guest ended, always")
+    run.add_argument("--kvm", default=KVM_PATH, metavar="PATH", help=argparse.SUPPRESS)
+
+    info = commands.add_parser(
+        "info", help="describe the host's KVM", description="Describe the host's KVM."
+    )
+    info.add_argument("--kvm", default=KVM_PATH, metavar="PATH", help=argparse.SUPPRESS)
+    return parser
+
+
+def _write_stdout(data: bytes) -> None:
+    os.write(sys.stdout.fileno(), data)
+
+
+@contextlib.contextmanager
+def _terminal_input() -> Iterator[None]:
+    """Turn off line buffering and echo on a terminal stdin (Ctrl-C still stops kvmpy)."""
+    if not sys.stdin.isatty():
+        yield
+        return
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd)
+    raw = termios.tcgetattr(fd)
+    raw[3] &= ~(termios.ICANON | termios.ECHO)
+    raw[6][termios.VMIN] = 1
+    raw[6][termios.VTIME] = 0
+    termios.tcsetattr(fd, termios.TCSANOW, raw)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def _pump_stdin(serial: Serial16550) -> None:
+    """Feed stdin to the UART until EOF, waiting while its queue is full."""
+    try:
+        fd = sys.stdin.fileno()
+    except (OSError, ValueError):
+        return
+    while True:
+        try:
+            data = os.read(fd, 4096)
+        except OSError:
+            return
+        if not data:
+            return
+        while data:
+            accepted = serial.feed(data)
+            data = data[accepted:]
+            if data:
+                time.sleep(0.01)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    load_addr = default_load_addr(args.mode) if args.load_addr is None else args.load_addr
+    plan = load_flat(args.image, load_addr, args.entry)
+    with Machine(
+        mem_size=args.mem, strict=args.strict, serial_output=_write_stdout, kvm_path=args.kvm
+    ) as m:
+        m.load(plan, mode=args.mode)
+        if sys.stdin is not None and not sys.stdin.closed:
+            threading.Thread(
+                target=_pump_stdin, args=(m.serial,), name="kvmpy-stdin", daemon=True
+            ).start()
+        with _terminal_input():
+            outcome = m.run(timeout=args.timeout)
+        if outcome.report is not None:
+            print(f"kvmpy: {outcome.report.format()}", file=sys.stderr)
+        elif outcome.reason != "exit" or args.verbose:
+            print(f"kvmpy: {outcome.message}", file=sys.stderr)
+        if args.verbose:
+            for bus in (m.ports, m.mmio):
+                for (kind, address), count in sorted(bus.unhandled.items()):
+                    print(
+                        f"kvmpy: unhandled {bus.name} {kind} at {address:#x}: {count}x",
+                        file=sys.stderr,
+                    )
+        return outcome.status
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    with Kvm(args.kvm) as kvm:
+        print(format_info(gather(kvm)))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return cmd_run(args)
+        return cmd_info(args)
+    except (KvmError, LoaderError, GuestMemoryError, BusError, ValueError) as exc:
+        print(f"kvmpy: error: {exc}", file=sys.stderr)
+        return STATUS_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

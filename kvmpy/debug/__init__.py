@@ -1,0 +1,1 @@
+"""Seeing inside the guest: disassembly and crash reports."""

@@ -1,0 +1,62 @@
+"""Reading guest code and data through the vCPU's current address translation."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import capstone
+
+from kvmpy.memory import PAGE_SIZE, GuestMemory, GuestMemoryError
+from kvmpy.x86.registers import CR0_PG, Sregs, cpu_mode
+
+if TYPE_CHECKING:
+    from kvmpy.kvm import Vcpu
+
+
+def code_address(sregs: Sregs, rip: int) -> int:
+    """The linear address of CS:RIP (segment bases are ignored in 64-bit mode)."""
+    if cpu_mode(sregs) == "long":
+        return rip
+    return (sregs.cs.base + rip) & 0xFFFFFFFF
+
+
+def translate(vcpu: Vcpu, sregs: Sregs, linear: int) -> int | None:
+    """Guest-physical address of ``linear``, or None if it is not mapped."""
+    if not sregs.cr0 & CR0_PG:
+        return linear
+    result = vcpu.translate(linear)
+    return None if result is None else result.physical_address
+
+
+def read_linear(vcpu: Vcpu, memory: GuestMemory, sregs: Sregs, linear: int, length: int) -> bytes:
+    """Up to ``length`` bytes at ``linear``; stops early at an unmapped page or outside RAM."""
+    out = bytearray()
+    while len(out) < length:
+        address = linear + len(out)
+        chunk = min(length - len(out), PAGE_SIZE - (address % PAGE_SIZE))
+        gpa = translate(vcpu, sregs, address)
+        if gpa is None:
+            break
+        try:
+            out += memory.read(gpa, chunk)
+        except GuestMemoryError:
+            break
+    return bytes(out)
+
+
+def capstone_mode(sregs: Sregs) -> int:
+    mode = cpu_mode(sregs)
+    if mode == "long":
+        return int(capstone.CS_MODE_64)
+    if mode != "real" and sregs.cs.db:
+        return int(capstone.CS_MODE_32)
+    return int(capstone.CS_MODE_16)
+
+
+def disassemble(code: bytes, address: int, mode: int, count: int = 0) -> list[tuple[int, int, str]]:
+    """(address, length, "mnemonic operands") for each instruction capstone decodes."""
+    decoder = capstone.Cs(capstone.CS_ARCH_X86, mode)
+    return [
+        (insn.address, insn.size, f"{insn.mnemonic} {insn.op_str}".strip())
+        for insn in decoder.disasm(code, address, count)
+    ]

@@ -1,0 +1,185 @@
+"""A Machine ties the layers together: VM, guest RAM, buses, devices, vCPUs.
+
+with Machine(mem_size=16 << 20) as m:
+    m.load(load_flat("guests/out/real_hello.bin", 0x7C00), mode="real")
+    outcome = m.run(timeout=5)
+    print(m.console.decode(), outcome.status)
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from contextlib import ExitStack
+
+from kvmpy._kvm import lib
+from kvmpy.bus import Bus
+from kvmpy.debug.crash import crash_report
+from kvmpy.devices.base import IrqCallback, no_irq
+from kvmpy.devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_PORTS, DebugExit, exit_status
+from kvmpy.devices.post import POST_PORT, PostCode
+from kvmpy.devices.serial import Serial16550
+from kvmpy.kvm import KVM_PATH, Kvm, Vcpu, install_kick_handler
+from kvmpy.loaders import LoadPlan, check_plan
+from kvmpy.memory import GuestMemory
+from kvmpy.runloop import STATUS_INTERRUPTED, STATUS_TIMEOUT, Outcome, run_vcpu
+from kvmpy.x86.cpuid import vcpu_cpuid
+from kvmpy.x86.modes import CpuSetup, setup_mode
+
+DEFAULT_MEM_SIZE = 128 << 20  # like QEMU
+MIN_MEM_SIZE = 1 << 20
+COM1_PORT = 0x3F8
+COM1_IRQ = 4
+# Three pages for Intel's real-mode TSS and one for its identity map, just
+# below the BIOS area at the top of 4 GiB, where QEMU and kvmtool put them.
+TSS_ADDR = 0xFFFB_D000
+IDENTITY_MAP_ADDR = 0xFFFB_C000
+MMIO_ADDRESS_LIMIT = 1 << 52
+
+
+class Machine:
+    """One VM with a 16550A on COM1, QEMU's debug-exit port at 0xf4 and a port 0x80 sink.
+
+    Serial output is kept in ``console`` and also passed to ``serial_output``.
+    """
+
+    def __init__(
+        self,
+        *,
+        mem_size: int = DEFAULT_MEM_SIZE,
+        irqchip: bool = False,
+        strict: bool = False,
+        serial_output: Callable[[bytes], None] | None = None,
+        kvm_path: str = KVM_PATH,
+    ) -> None:
+        if mem_size < MIN_MEM_SIZE:
+            raise ValueError(f"guest RAM must be at least 1 MiB, not {mem_size} bytes")
+        self.console = bytearray()
+        self.serial_output = serial_output
+        self.has_irqchip = irqchip
+        self._stopping = threading.Event()
+        self._lock = threading.Lock()
+        self._outcome: Outcome | None = None
+        self._thread_error: BaseException | None = None
+
+        with ExitStack() as stack:
+            self.kvm = stack.enter_context(Kvm(kvm_path))
+            self.vm = stack.enter_context(self.kvm.create_vm())
+            self.vm.set_tss_addr(TSS_ADDR)
+            if self.kvm.check_extension(lib.KVM_CAP_SET_IDENTITY_MAP_ADDR):
+                self.vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
+            if irqchip:
+                self.vm.create_irqchip()
+            self.memory = stack.enter_context(GuestMemory.with_ram(mem_size))
+            for slot, region in enumerate(self.memory):
+                self.vm.set_user_memory_region(slot, region.gpa, region.mapping)
+            self.vcpu: Vcpu = stack.enter_context(self.vm.create_vcpu(0))
+            self.vcpu.set_cpuid(vcpu_cpuid(self.kvm.supported_cpuid(), apic_id=0))
+            self._closer = stack.pop_all()
+
+        self.ports = Bus("port", 0x10000, strict=strict)
+        self.mmio = Bus("mmio", MMIO_ADDRESS_LIMIT, strict=strict)
+        self.serial = Serial16550(output=self._serial_out, irq=self.irq_line(COM1_IRQ))
+        self.ports.register(COM1_PORT, 8, self.serial, "COM1")
+        self.debug_exit = DebugExit(self._guest_exit)
+        self.ports.register(DEBUG_EXIT_PORT, DEBUG_EXIT_PORTS, self.debug_exit, "debug-exit")
+        self.post = PostCode()
+        self.ports.register(POST_PORT, 1, self.post, "POST")
+
+    def close(self) -> None:
+        self._closer.close()
+
+    def __enter__(self) -> Machine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def irq_line(self, irq: int) -> IrqCallback:
+        """An interrupt callback for a device wired to ``irq`` (a no-op without irqchip)."""
+        if not self.has_irqchip:
+            return no_irq
+        vm = self.vm
+        return lambda level: vm.irq_line(irq, level)
+
+    # -- loading -------------------------------------------------------------------------
+
+    def load(self, plan: LoadPlan, mode: str | None = None) -> CpuSetup:
+        """Place ``plan`` in RAM and point vCPU 0 at its entry in ``mode``."""
+        setup = setup_mode(mode or plan.mode or "real", self.vcpu.get_sregs(), plan.entry)
+        check_plan(plan, self.memory, setup.reserved())
+        for gpa, data in setup.memory:
+            self.memory.write(gpa, data)
+        for segment in plan.segments:
+            self.memory.write(segment.gpa, segment.data)
+            self.memory.write(
+                segment.gpa + len(segment.data), bytes(segment.memsz - len(segment.data))
+            )
+        self.vcpu.set_sregs(setup.sregs)
+        self.vcpu.set_regs(setup.regs)
+        return setup
+
+    # -- running ---------------------------------------------------------------------------
+
+    def run(self, timeout: float | None = None) -> Outcome:
+        """Run until the guest stops, ``timeout`` seconds pass, or Ctrl-C."""
+        install_kick_handler()
+        self._stopping.clear()
+        self._outcome = None
+        self._thread_error = None
+        self.vcpu.clear_kick()
+        thread = threading.Thread(target=self._vcpu_thread, name="kvmpy-vcpu0", daemon=True)
+        thread.start()
+        try:
+            if not self._stopping.wait(timeout):
+                self.stop(
+                    Outcome("timeout", STATUS_TIMEOUT, f"timeout: no guest exit after {timeout} s")
+                )
+        except KeyboardInterrupt:
+            self.stop(Outcome("interrupted", STATUS_INTERRUPTED, "interrupted"))
+        finally:
+            thread.join()
+        if self._thread_error is not None:
+            raise self._thread_error
+        outcome = self._outcome
+        assert outcome is not None
+        if outcome.reason in ("timeout", "interrupted"):
+            report = crash_report(self.vcpu, self.memory, outcome.reason)
+            outcome = Outcome(outcome.reason, outcome.status, outcome.message, report=report)
+        return outcome
+
+    def stop(self, outcome: Outcome) -> None:
+        """End the run with ``outcome`` (the first stop wins).  Safe from any thread."""
+        with self._lock:
+            if self._outcome is None:
+                self._outcome = outcome
+            self._stopping.set()
+        self.vcpu.kick()
+
+    def _vcpu_thread(self) -> None:
+        vcpu = self.vcpu
+        vcpu.thread_ident = threading.get_ident()
+        try:
+            outcome = run_vcpu(
+                vcpu, self.memory, self.ports, self.mmio, self._stopping, self.has_irqchip
+            )
+            if outcome is not None:
+                self.stop(outcome)
+        except BaseException as exc:  # handed to the main thread by run()
+            self._thread_error = exc
+            self.stop(Outcome("crash", 2, f"vCPU thread failed: {exc}"))
+        finally:
+            vcpu.thread_ident = None
+
+    def _guest_exit(self, value: int) -> None:
+        status = exit_status(value)
+        self.stop(
+            Outcome(
+                "exit", status, f"guest exit code {value:#x} (status {status})", exit_code=value
+            )
+        )
+
+    def _serial_out(self, data: bytes) -> None:
+        self.console += data
+        if self.serial_output is not None:
+            self.serial_output(data)
