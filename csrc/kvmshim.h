@@ -10,6 +10,7 @@
 #define KVMSHIM_H
 
 #include <stdint.h>
+#include <sys/mman.h>
 #include <linux/kvm.h>
 
 /* One vCPU exit, decoded.  Only the fields for `reason` are meaningful. */

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import mmap
-import platform
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+
+from kvmpy._kvm import lib
 
 # Where the PCI/MMIO hole below 4 GiB starts: RAM beyond this goes above 4 GiB.
 LOW_RAM_END = 0xC000_0000
@@ -21,10 +21,9 @@ PAGE_SIZE = 0x1000
 
 _SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
-# mmap.MAP_NORESERVE only exists from Python 3.13; Linux on x86 and arm64 uses 0x4000.
-_LINUX_MAP_NORESERVE = 0x4000 if sys.platform == "linux" and platform.machine() in (
-    "x86_64", "i686", "aarch64") else 0  # fmt: skip
-MAP_NORESERVE: int = getattr(mmap, "MAP_NORESERVE", _LINUX_MAP_NORESERVE)
+# mmap.MAP_NORESERVE only exists from Python 3.13, so take it from <sys/mman.h>
+# through the shim: guest RAM is sparse, and must not reserve swap for all of it.
+_MAP_NORESERVE: int = lib.MAP_NORESERVE
 
 
 class GuestMemoryError(ValueError):
@@ -96,7 +95,7 @@ class GuestMemory:
         for other in self.regions:
             if gpa < other.end and other.gpa < gpa + size:
                 raise GuestMemoryError(f"region {gpa:#x}+{size:#x} overlaps {other.gpa:#x}")
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
         mapping = mmap.mmap(-1, size, flags=flags)
         region = MemoryRegion(gpa, size, mapping, memoryview(mapping))
         self.regions.append(region)

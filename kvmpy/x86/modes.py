@@ -215,7 +215,7 @@ def long_mode_page_tables(root: int = PAGE_TABLE_ADDR) -> bytes:
 
     Laid out as consecutive 4 KiB pages starting at ``root``.
     """
-    pml4_addr, pdpt_addr, pd_addr = root, root + 0x1000, root + 0x2000
+    pdpt_addr, pd_addr = root + 0x1000, root + 0x2000
     directories = IDENTITY_MAP_SIZE // ONE_GIB
     pml4 = struct.pack("<Q", pdpt_addr | PTE_PRESENT | PTE_WRITABLE).ljust(0x1000, b"\0")
     pdpt = struct.pack(
@@ -227,7 +227,7 @@ def long_mode_page_tables(root: int = PAGE_TABLE_ADDR) -> bytes:
         *(i * TWO_MIB | PTE_PRESENT | PTE_WRITABLE | PTE_HUGE for i in range(directories * 512)),
     )
     tables = pml4 + pdpt + pds
-    assert pml4_addr + len(tables) <= PAGE_TABLE_END
+    assert len(tables) <= PAGE_TABLE_END - PAGE_TABLE_ADDR  # fits the slot long_mode() uses
     return tables
 
 
