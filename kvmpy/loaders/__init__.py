@@ -36,6 +36,12 @@ class LoadPlan:
     entry: int
     segments: list[LoadSegment] = field(default_factory=list)
     mode: str | None = None  # the CPU mode the image needs, if the format says
+    # Initial general-purpose register values the image's boot protocol demands,
+    # e.g. {"rax": 0x2BADB002, "rbx": mbi} for Multiboot.
+    registers: dict[str, int] = field(default_factory=dict)
+    # (start, end) ranges of segments holding loader-built boot data (e.g. the
+    # Multiboot information); nothing else the machine places may overlap them.
+    reserved: list[tuple[int, int]] = field(default_factory=list)
 
 
 def check_plan(plan: LoadPlan, memory: GuestMemory, reserved: list[tuple[int, int]]) -> None:
