@@ -11,8 +11,11 @@ LD ?= ld
 
 OUT := guests/out
 REAL_GUESTS := real_hello pio_loop
+PROTECTED_GUESTS := protected_hello paged32_hello
 LONG_GUESTS := long_hello triple_fault
-GUESTS := $(REAL_GUESTS:%=$(OUT)/%.bin) $(LONG_GUESTS:%=$(OUT)/%.bin)
+MULTIBOOT_GUESTS := multiboot_hello
+GUESTS := $(REAL_GUESTS:%=$(OUT)/%.bin) $(PROTECTED_GUESTS:%=$(OUT)/%.bin) \
+	$(LONG_GUESTS:%=$(OUT)/%.bin) $(MULTIBOOT_GUESTS:%=$(OUT)/%.elf)
 
 .PHONY: all setup guests demo test lint unit bench clean
 .DELETE_ON_ERROR:
@@ -35,10 +38,20 @@ $(REAL_GUESTS:%=$(OUT)/%.bin): $(OUT)/%.bin: guests/%.S guests/real.ld
 	$(AS) --32 -o $(OUT)/$*.o $<
 	$(LD) -m elf_i386 -T guests/real.ld -o $@ $(OUT)/$*.o
 
+$(PROTECTED_GUESTS:%=$(OUT)/%.bin): $(OUT)/%.bin: guests/%.S guests/protected.ld
+	@mkdir -p $(OUT)
+	$(AS) --32 -o $(OUT)/$*.o $<
+	$(LD) -m elf_i386 -T guests/protected.ld -o $@ $(OUT)/$*.o
+
 $(LONG_GUESTS:%=$(OUT)/%.bin): $(OUT)/%.bin: guests/%.S guests/long.ld
 	@mkdir -p $(OUT)
 	$(AS) --64 -o $(OUT)/$*.o $<
 	$(LD) -m elf_x86_64 -T guests/long.ld -o $@ $(OUT)/$*.o
+
+$(MULTIBOOT_GUESTS:%=$(OUT)/%.elf): $(OUT)/%.elf: guests/%.S guests/multiboot.ld
+	@mkdir -p $(OUT)
+	$(AS) --32 -o $(OUT)/$*.o $<
+	$(LD) -m elf_i386 --no-warn-rwx-segments -T guests/multiboot.ld -o $@ $(OUT)/$*.o
 
 # The guest reports success with debug-exit code 0, which QEMU's convention
 # turns into process status 1.

@@ -27,10 +27,10 @@ from kvmpy.devices.serial import Serial16550
 from kvmpy.hostinfo import format_info, gather
 from kvmpy.kvm import KVM_PATH, Kvm, KvmError
 from kvmpy.loaders import LoaderError
-from kvmpy.loaders.flat import load_flat
+from kvmpy.loaders.detect import FORMATS, load_image
 from kvmpy.machine import DEFAULT_MEM_SIZE, Machine
 from kvmpy.memory import GuestMemoryError, parse_size
-from kvmpy.runloop import STATUS_ERROR
+from kvmpy.runloop import STATUS_ERROR, Outcome
 from kvmpy.x86.modes import MODES, default_load_addr
 
 
@@ -51,6 +51,16 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a count: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -66,9 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="run a guest image", description="Run a guest image.")
-    run.add_argument("image", help="the guest image (a flat binary)")
+    run.add_argument("image", help="a multiboot kernel, an ELF executable or a flat binary")
     run.add_argument(
-        "--mode", choices=MODES, default="real", help="CPU mode at entry (default: real)"
+        "--format", choices=FORMATS, help="the image format (default: detect multiboot, ELF, flat)"
+    )
+    run.add_argument(
+        "--mode",
+        choices=MODES,
+        help="CPU mode at entry (default: what the format needs; real for flat images)",
     )
     run.add_argument(
         "--mem",
@@ -77,16 +92,32 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SIZE",
         help="guest RAM (default: 128M)",
     )
+    run.add_argument("--cpus", type=_count, default=1, metavar="N", help="vCPUs (default: 1)")
+    run.add_argument("--append", default="", metavar="ARGS", help="the kernel command line")
+    run.add_argument(
+        "--module",
+        action="append",
+        default=[],
+        metavar="FILE[,ARGS]",
+        help="a multiboot boot module (repeatable)",
+    )
     run.add_argument(
         "--load-addr",
         type=_address,
         metavar="ADDR",
-        help="where to load the image (default: 0x7c00 in real mode, else 0x100000)",
+        help="where to load a flat image (default: 0x7c00 in real mode, else 0x100000)",
     )
     run.add_argument(
-        "--entry", type=_address, metavar="ADDR", help="entry point (default: the load address)"
+        "--entry", type=_address, metavar="ADDR", help="flat image entry (default: load address)"
     )
     run.add_argument("--timeout", type=_seconds, metavar="S", help="stop the guest after S seconds")
+    run.add_argument("--reboot", action="store_true", help="restart the guest when it resets")
+    run.add_argument(
+        "--no-irqchip",
+        dest="irqchip",
+        action="store_false",
+        help="no in-kernel LAPIC/IOAPIC/PIC/PIT: HLT exits to kvmpy and ends the run",
+    )
     run.add_argument(
         "--strict",
         action="store_true",
@@ -125,51 +156,92 @@ def _terminal_input() -> Iterator[None]:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
-def _pump_stdin(serial: Serial16550) -> None:
-    """Feed stdin to the UART until EOF, waiting while its queue is full."""
-    try:
-        fd = sys.stdin.fileno()
-    except (OSError, ValueError):
-        return
-    while True:
+class _StdinPump:
+    """Feeds stdin to the current machine's UART until EOF (survives reboots)."""
+
+    def __init__(self) -> None:
+        self.serial: Serial16550 | None = None
+
+    def start(self) -> None:
+        if sys.stdin is not None and not sys.stdin.closed:
+            threading.Thread(target=self._pump, name="kvmpy-stdin", daemon=True).start()
+
+    def _pump(self) -> None:
         try:
-            data = os.read(fd, 4096)
-        except OSError:
+            fd = sys.stdin.fileno()
+        except (OSError, ValueError):
             return
-        if not data:
-            return
-        while data:
-            accepted = serial.feed(data)
-            data = data[accepted:]
-            if data:
-                time.sleep(0.01)
+        while True:
+            try:
+                data = os.read(fd, 4096)
+            except OSError:
+                return
+            if not data:
+                return
+            while data:
+                serial = self.serial
+                accepted = serial.feed(data) if serial is not None else 0
+                data = data[accepted:]
+                if data:
+                    time.sleep(0.01)  # the UART's queue is full: let the guest read
+
+
+def _module(text: str) -> tuple[str, str]:
+    path, _, args = text.partition(",")
+    return path, args
+
+
+def _report(outcome: Outcome, machine: Machine, verbose: bool) -> None:
+    if outcome.report is not None:
+        print(f"kvmpy: {outcome.report.format()}", file=sys.stderr)
+    elif outcome.reason != "exit" or verbose:
+        print(f"kvmpy: {outcome.message}", file=sys.stderr)
+    if verbose:
+        for bus in (machine.ports, machine.mmio):
+            for (kind, address), count in sorted(bus.unhandled.items()):
+                print(
+                    f"kvmpy: unhandled {bus.name} {kind} at {address:#x}: {count}x", file=sys.stderr
+                )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    load_addr = default_load_addr(args.mode) if args.load_addr is None else args.load_addr
-    plan = load_flat(args.image, load_addr, args.entry)
-    with Machine(
-        mem_size=args.mem, strict=args.strict, serial_output=_write_stdout, kvm_path=args.kvm
-    ) as m:
-        m.load(plan, mode=args.mode)
-        if sys.stdin is not None and not sys.stdin.closed:
-            threading.Thread(
-                target=_pump_stdin, args=(m.serial,), name="kvmpy-stdin", daemon=True
-            ).start()
-        with _terminal_input():
-            outcome = m.run(timeout=args.timeout)
-        if outcome.report is not None:
-            print(f"kvmpy: {outcome.report.format()}", file=sys.stderr)
-        elif outcome.reason != "exit" or args.verbose:
-            print(f"kvmpy: {outcome.message}", file=sys.stderr)
-        if args.verbose:
-            for bus in (m.ports, m.mmio):
-                for (kind, address), count in sorted(bus.unhandled.items()):
-                    print(
-                        f"kvmpy: unhandled {bus.name} {kind} at {address:#x}: {count}x",
-                        file=sys.stderr,
-                    )
-        return outcome.status
+    modules = [_module(text) for text in args.module]
+    load_addr = args.load_addr
+    if load_addr is None:
+        load_addr = default_load_addr(args.mode or "real")
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    stdin = _StdinPump()
+    with _terminal_input():
+        while True:
+            with Machine(
+                mem_size=args.mem,
+                cpus=args.cpus,
+                irqchip=args.irqchip,
+                strict=args.strict,
+                serial_output=_write_stdout,
+                cmdline=args.append,
+                kvm_path=args.kvm,
+            ) as m:
+                plan = load_image(
+                    args.image,
+                    ram=[(region.gpa, region.size) for region in m.memory],
+                    image_format=args.format,
+                    load_addr=load_addr,
+                    entry=args.entry,
+                    cmdline=args.append,
+                    modules=modules,
+                )
+                m.load(plan, mode=args.mode)
+                if stdin.serial is None:
+                    stdin.start()
+                stdin.serial = m.serial
+                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                outcome = m.run(timeout=timeout)
+                rebooting = args.reboot and outcome.reason in ("reset", "triple-fault")
+                if not rebooting:
+                    _report(outcome, m, args.verbose)
+                    return outcome.status
+            print("kvmpy: guest reset: restarting", file=sys.stderr)
 
 
 def cmd_info(args: argparse.Namespace) -> int:

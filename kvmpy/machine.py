@@ -8,6 +8,8 @@ with Machine(mem_size=16 << 20) as m:
 
 from __future__ import annotations
 
+import dataclasses
+import errno
 import threading
 from collections.abc import Callable
 from contextlib import ExitStack
@@ -19,12 +21,14 @@ from kvmpy.devices.base import IrqCallback, no_irq
 from kvmpy.devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_PORTS, DebugExit, exit_status
 from kvmpy.devices.post import POST_PORT, PostCode
 from kvmpy.devices.serial import Serial16550
-from kvmpy.kvm import KVM_PATH, Kvm, Vcpu, install_kick_handler
+from kvmpy.hostinfo import kvm_modules
+from kvmpy.kvm import KVM_PATH, Kvm, KvmError, Vcpu, install_kick_handler
 from kvmpy.loaders import LoadPlan, check_plan
 from kvmpy.memory import GuestMemory
-from kvmpy.runloop import STATUS_INTERRUPTED, STATUS_TIMEOUT, Outcome, run_vcpu
+from kvmpy.runloop import STATUS_INTERRUPTED, STATUS_RESET, STATUS_TIMEOUT, Outcome, run_vcpu
 from kvmpy.x86.cpuid import vcpu_cpuid
 from kvmpy.x86.modes import CpuSetup, setup_mode
+from kvmpy.x86.registers import CR0_PG
 
 DEFAULT_MEM_SIZE = 128 << 20  # like QEMU
 MIN_MEM_SIZE = 1 << 20
@@ -38,7 +42,13 @@ MMIO_ADDRESS_LIMIT = 1 << 52
 
 
 class Machine:
-    """One VM with a 16550A on COM1, QEMU's debug-exit port at 0xf4 and a port 0x80 sink.
+    """A PC-like VM: RAM, vCPUs, the in-kernel irqchip and PIT, and devices.
+
+    Devices: a 16550A on COM1 (IRQ 4), QEMU's debug-exit port at 0xf4 and a
+    port-0x80 sink.  With ``irqchip`` (the default, and required for more than
+    one vCPU) KVM emulates the LAPICs, IOAPIC, PIC and PIT; vCPUs 1..n-1 then
+    wait in the kernel for INIT/SIPI from the guest.  Without it, HLT exits to
+    kvmpy, which ends the run.
 
     Serial output is kept in ``console`` and also passed to ``serial_output``.
     """
@@ -47,15 +57,22 @@ class Machine:
         self,
         *,
         mem_size: int = DEFAULT_MEM_SIZE,
-        irqchip: bool = False,
+        cpus: int = 1,
+        irqchip: bool = True,
         strict: bool = False,
         serial_output: Callable[[bytes], None] | None = None,
+        cmdline: str = "",
         kvm_path: str = KVM_PATH,
     ) -> None:
         if mem_size < MIN_MEM_SIZE:
             raise ValueError(f"guest RAM must be at least 1 MiB, not {mem_size} bytes")
+        if cpus < 1:
+            raise ValueError(f"need at least one vCPU, not {cpus}")
+        if cpus > 1 and not irqchip:
+            raise ValueError("more than one vCPU needs the in-kernel irqchip")
         self.console = bytearray()
         self.serial_output = serial_output
+        self.cmdline = cmdline
         self.has_irqchip = irqchip
         self._stopping = threading.Event()
         self._lock = threading.Lock()
@@ -64,18 +81,30 @@ class Machine:
 
         with ExitStack() as stack:
             self.kvm = stack.enter_context(Kvm(kvm_path))
+            max_cpus = self.kvm.check_extension(lib.KVM_CAP_MAX_VCPUS)
+            if cpus > max_cpus:
+                raise ValueError(f"{cpus} vCPUs asked for, but this host's KVM allows {max_cpus}")
             self.vm = stack.enter_context(self.kvm.create_vm())
             self.vm.set_tss_addr(TSS_ADDR)
             if self.kvm.check_extension(lib.KVM_CAP_SET_IDENTITY_MAP_ADDR):
                 self.vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
             if irqchip:
                 self.vm.create_irqchip()
+                self.vm.create_pit2()
             self.memory = stack.enter_context(GuestMemory.with_ram(mem_size))
             for slot, region in enumerate(self.memory):
                 self.vm.set_user_memory_region(slot, region.gpa, region.mapping)
-            self.vcpu: Vcpu = stack.enter_context(self.vm.create_vcpu(0))
-            self.vcpu.set_cpuid(vcpu_cpuid(self.kvm.supported_cpuid(), apic_id=0))
+            supported_cpuid = self.kvm.supported_cpuid()
+            self.vcpus: list[Vcpu] = []
+            for index in range(cpus):
+                vcpu = stack.enter_context(self.vm.create_vcpu(index))
+                vcpu.set_cpuid(vcpu_cpuid(supported_cpuid, apic_id=index))
+                if index and irqchip:
+                    # Application processors sleep in the LAPIC until INIT/SIPI.
+                    vcpu.set_mp_state(lib.KVM_MP_STATE_UNINITIALIZED)
+                self.vcpus.append(vcpu)
             self._closer = stack.pop_all()
+        self.vcpu = self.vcpus[0]  # the bootstrap processor
 
         self.ports = Bus("port", 0x10000, strict=strict)
         self.mmio = Bus("mmio", MMIO_ADDRESS_LIMIT, strict=strict)
@@ -105,7 +134,7 @@ class Machine:
     # -- loading -------------------------------------------------------------------------
 
     def load(self, plan: LoadPlan, mode: str | None = None) -> CpuSetup:
-        """Place ``plan`` in RAM and point vCPU 0 at its entry in ``mode``."""
+        """Place ``plan`` in RAM and point the bootstrap vCPU at its entry in ``mode``."""
         setup = setup_mode(mode or plan.mode or "real", self.vcpu.get_sregs(), plan.entry)
         check_plan(plan, self.memory, setup.reserved())
         for gpa, data in setup.memory:
@@ -116,20 +145,33 @@ class Machine:
                 segment.gpa + len(segment.data), bytes(segment.memsz - len(segment.data))
             )
         self.vcpu.set_sregs(setup.sregs)
-        self.vcpu.set_regs(setup.regs)
+        if setup.sregs.cr0 & CR0_PG and not self.vcpu.get_sregs().cr0 & CR0_PG:
+            # PVM accepts KVM_SET_SREGS but drops CR0.PG outside long mode.
+            raise KvmError(
+                "KVM_SET_SREGS",
+                errno.EOPNOTSUPP,
+                f"this host's KVM ({', '.join(kvm_modules()) or 'unknown'}) ignored CR0.PG: "
+                f"it cannot run guests in {setup.mode} mode",
+            )
+        self.vcpu.set_regs(dataclasses.replace(setup.regs, **plan.registers))
         return setup
 
     # -- running ---------------------------------------------------------------------------
 
     def run(self, timeout: float | None = None) -> Outcome:
-        """Run until the guest stops, ``timeout`` seconds pass, or Ctrl-C."""
+        """Run every vCPU until the guest stops, ``timeout`` seconds pass, or Ctrl-C."""
         install_kick_handler()
         self._stopping.clear()
         self._outcome = None
         self._thread_error = None
-        self.vcpu.clear_kick()
-        thread = threading.Thread(target=self._vcpu_thread, name="kvmpy-vcpu0", daemon=True)
-        thread.start()
+        threads = []
+        for vcpu in self.vcpus:
+            vcpu.clear_kick()
+            thread = threading.Thread(
+                target=self._vcpu_thread, args=(vcpu,), name=f"kvmpy-vcpu{vcpu.index}", daemon=True
+            )
+            thread.start()
+            threads.append(thread)
         try:
             if not self._stopping.wait(timeout):
                 self.stop(
@@ -138,14 +180,15 @@ class Machine:
         except KeyboardInterrupt:
             self.stop(Outcome("interrupted", STATUS_INTERRUPTED, "interrupted"))
         finally:
-            thread.join()
+            for thread in threads:
+                thread.join()
         if self._thread_error is not None:
             raise self._thread_error
         outcome = self._outcome
         assert outcome is not None
         if outcome.reason in ("timeout", "interrupted"):
             report = crash_report(self.vcpu, self.memory, outcome.reason)
-            outcome = Outcome(outcome.reason, outcome.status, outcome.message, report=report)
+            outcome = dataclasses.replace(outcome, report=report)
         return outcome
 
     def stop(self, outcome: Outcome) -> None:
@@ -154,10 +197,14 @@ class Machine:
             if self._outcome is None:
                 self._outcome = outcome
             self._stopping.set()
-        self.vcpu.kick()
+        for vcpu in self.vcpus:
+            vcpu.kick()
 
-    def _vcpu_thread(self) -> None:
-        vcpu = self.vcpu
+    def request_reset(self) -> None:
+        """A device asked for a platform reset (port 0x92, the i8042's 0xFE)."""
+        self.stop(Outcome("reset", STATUS_RESET, "guest reset"))
+
+    def _vcpu_thread(self, vcpu: Vcpu) -> None:
         vcpu.thread_ident = threading.get_ident()
         try:
             outcome = run_vcpu(
@@ -166,8 +213,9 @@ class Machine:
             if outcome is not None:
                 self.stop(outcome)
         except BaseException as exc:  # handed to the main thread by run()
-            self._thread_error = exc
-            self.stop(Outcome("crash", 2, f"vCPU thread failed: {exc}"))
+            with self._lock:
+                self._thread_error = self._thread_error or exc
+            self.stop(Outcome("crash", 2, f"vCPU {vcpu.index} thread failed: {exc}"))
         finally:
             vcpu.thread_ident = None
 

@@ -63,7 +63,7 @@ _MASK = tuple((1 << (8 * size)) - 1 for size in range(9))
 class Outcome:
     """How a VM run ended."""
 
-    reason: str  # exit, halt, shutdown, reset, crash, timeout, interrupted
+    reason: str  # exit, halt, shutdown, reset, triple-fault, crash, timeout, interrupted
     status: int  # the process exit status the CLI uses
     message: str
     exit_code: int | None = None  # the value the guest wrote to the debug-exit port
@@ -177,10 +177,15 @@ def _internal_error(vcpu: Vcpu) -> tuple[str, bytes | None]:
 
 
 def _crash(
-    vcpu: Vcpu, memory: GuestMemory, reason: str, detail: str = "", code: bytes | None = None
+    vcpu: Vcpu,
+    memory: GuestMemory,
+    reason: str,
+    detail: str = "",
+    code: bytes | None = None,
+    kind: str = "crash",
 ) -> Outcome:
     report = crash_report(vcpu, memory, reason, detail, code)
-    return Outcome("crash", STATUS_CRASH, report.summary(), report=report)
+    return Outcome(kind, STATUS_CRASH, report.summary(), report=report)
 
 
 def _other_exit(vcpu: Vcpu, memory: GuestMemory, ports: Bus, has_irqchip: bool) -> Outcome | None:
@@ -202,7 +207,8 @@ def _other_exit(vcpu: Vcpu, memory: GuestMemory, ports: Bus, has_irqchip: bool) 
             "halt", STATUS_HALT, f"vCPU {vcpu.index}: guest halted ({why}) at RIP={regs.rip:#x}"
         )
     if reason == lib.KVM_EXIT_SHUTDOWN:
-        return _crash(vcpu, memory, "triple fault (KVM_EXIT_SHUTDOWN)")
+        # A real PC resets here; kvmpy reports it (and restarts with --reboot).
+        return _crash(vcpu, memory, "triple fault (KVM_EXIT_SHUTDOWN)", kind="triple-fault")
     if reason == lib.KVM_EXIT_INTERNAL_ERROR:
         detail, code = _internal_error(vcpu)
         return _crash(vcpu, memory, "KVM internal error", detail, code)

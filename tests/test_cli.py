@@ -13,7 +13,7 @@ from kvmpy.hostinfo import HostInfo, cpuinfo_fields, format_info, kvm_modules
 def test_run_defaults() -> None:
     args = build_parser().parse_args(["run", "image.bin"])
     assert (args.mode, args.mem, args.load_addr, args.entry, args.timeout) == (
-        "real",
+        None,
         128 << 20,
         None,
         None,

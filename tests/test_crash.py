@@ -56,7 +56,7 @@ def test_code_address_and_capstone_mode_follow_the_cpu_mode() -> None:
 
 
 def test_disassemble_decodes_each_instruction() -> None:
-    code = bytes.fromhex("48c7c034120000" "0f0b")  # mov rax, 0x1234; ud2
+    code = bytes.fromhex("48c7c0341200000f0b")  # mov rax, 0x1234; ud2
     assert disassemble(code, 0x1000, capstone.CS_MODE_64) == [
         (0x1000, 7, "mov rax, 0x1234"),
         (0x1007, 2, "ud2"),
