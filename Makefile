@@ -70,6 +70,7 @@ test: lint unit
 
 bench: all
 	$(BIN)/python bench/exit_roundtrip.py
+	$(BIN)/python bench/qemu_compare.py
 
 clean:
 	rm -rf $(OUT) build *.egg-info kvmpy/*.so kvmpy/_kvm.c

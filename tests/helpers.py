@@ -41,9 +41,9 @@ def assembler(workdir: Path) -> Assembler:
     return build
 
 
-def guest(name: str) -> Path:
+def guest(name: str, suffix: str = ".bin") -> Path:
     """A guest built by `make guests`; fails (not skips) when it is missing."""
-    path = GUESTS / f"{name}.bin"
+    path = GUESTS / f"{name}{suffix}"
     if not path.exists():
         pytest.fail(f"{path} is missing: run `make guests`", pytrace=False)
     return path

@@ -1,0 +1,111 @@
+"""Kernels as QEMU's -kernel takes them: multiboot and ELF images, command lines, SMP."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from kvmpy.loaders.detect import detect_format, load_image
+from kvmpy.machine import Machine
+from tests.helpers import ROOT, guest
+
+pytestmark = pytest.mark.kvm
+
+
+def kvmpy_cli(*args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "kvmpy", "run", *args], capture_output=True, timeout=120, cwd=ROOT
+    )
+
+
+def build_elf64(tmp_path: Path, source: str, address: int = 0x200000) -> Path:
+    """A 64-bit ELF executable linked at ``address``."""
+    src, obj, elf = tmp_path / "k.S", tmp_path / "k.o", tmp_path / "k.elf"
+    src.write_text(".code64\n.globl _start\n_start:\n" + source + "\n")
+    subprocess.run(["as", "--64", "-o", str(obj), str(src)], check=True)
+    subprocess.run(
+        ["ld", "-m", "elf_x86_64", f"-Ttext={address:#x}", "-o", str(elf), str(obj)], check=True
+    )
+    return elf
+
+
+def test_multiboot_kernel_gets_its_command_line_like_under_qemu() -> None:
+    image = guest("multiboot_hello", ".elf")
+    result = kvmpy_cli(str(image.relative_to(ROOT)), "--append", "console=ttyS0 quiet")
+    assert result.stdout == (
+        b"Hello from a multiboot kernel! command line: "
+        b"guests/out/multiboot_hello.elf console=ttyS0 quiet\n"
+    )
+    assert result.returncode == 1
+
+
+def test_multiboot_entry_state() -> None:
+    image = guest("multiboot_hello", ".elf")
+    assert detect_format(image) == "multiboot"
+    with Machine(mem_size=32 << 20) as m:
+        plan = load_image(image, ram=[(r.gpa, r.size) for r in m.memory], load_addr=0)
+        m.load(plan)
+        regs, sregs = m.vcpu.get_regs(), m.vcpu.get_sregs()
+        assert regs.rax == 0x2BADB002
+        assert regs.rbx == 0x9000
+        assert regs.rip == 0x10000C
+        assert not regs.rflags & (1 << 9)  # interrupts off
+        assert sregs.cr0 & 1 and not sregs.cr0 & (1 << 31)  # protected, paging off
+        assert sregs.cs.db == 1 and sregs.cs.base == 0 and sregs.cs.limit == 0xFFFFFFFF
+        # The info structure says 32 MiB: 640 KiB low, the rest from 1 MiB.
+        assert m.memory.read_u32(0x9000 + 4) == 640
+        assert m.memory.read_u32(0x9000 + 8) == (32 << 10) - 1024
+        outcome = m.run(timeout=30)
+    assert outcome.exit_code == 0
+
+
+def test_elf64_kernel_enters_in_long_mode(tmp_path: Path) -> None:
+    # Exit with CS.L as seen from inside: 64-bit code can use a 64-bit immediate.
+    elf = build_elf64(
+        tmp_path,
+        "movabs $0x4200000000, %rax\nshr $32, %rax\nout %al, $0xf4",
+    )
+    assert detect_format(elf) == "elf"
+    result = kvmpy_cli(str(elf))
+    assert result.returncode == (0x42 << 1 | 1) & 0xFF, result.stderr
+
+
+def test_a_bad_image_is_one_error_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.elf"
+    bad.write_bytes(b"\x7fELF" + bytes(60))
+    result = kvmpy_cli(str(bad))
+    assert result.returncode == 2
+    assert result.stderr.startswith(b"kvmpy: error: ")
+    assert str(bad).encode() in result.stderr
+    assert result.stderr.count(b"\n") == 1
+
+
+def test_modules_need_a_multiboot_kernel() -> None:
+    result = kvmpy_cli(str(guest("real_hello")), "--module", str(guest("real_hello")))
+    assert result.returncode == 2
+    assert b"boot modules need a multiboot kernel" in result.stderr
+
+
+def test_smp_machine_stops_every_vcpu_thread() -> None:
+    # The APs never get a SIPI: they sit in the kernel's LAPIC until the BSP
+    # exits, and must still be stopped and joined.
+    before = {t.name for t in threading.enumerate()}
+    with Machine(mem_size=16 << 20, cpus=4) as m:
+        plan = load_image(
+            guest("real_hello"), ram=[(r.gpa, r.size) for r in m.memory], load_addr=0x7C00
+        )
+        m.load(plan)
+        outcome = m.run(timeout=30)
+        assert outcome.exit_code == 0
+        assert len(m.vcpus) == 4
+    after = {t.name for t in threading.enumerate()}
+    assert not {name for name in after - before if name.startswith("kvmpy-vcpu")}
+
+
+def test_smp_needs_the_irqchip() -> None:
+    with pytest.raises(ValueError, match="needs the in-kernel irqchip"):
+        Machine(cpus=2, irqchip=False)
