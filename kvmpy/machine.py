@@ -18,9 +18,19 @@ from kvmpy._kvm import lib
 from kvmpy.bus import Bus
 from kvmpy.debug.crash import crash_report
 from kvmpy.devices.base import IrqCallback, no_irq
+from kvmpy.devices.cmos import CMOS_PORT, CMOS_PORTS, Cmos
 from kvmpy.devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_PORTS, DebugExit, exit_status
+from kvmpy.devices.fw_cfg import FW_CFG_PORT, FW_CFG_PORTS, FwCfg
 from kvmpy.devices.post import POST_PORT, PostCode
+from kvmpy.devices.reset import (
+    I8042,
+    I8042_COMMAND_PORT,
+    I8042_DATA_PORT,
+    SYSTEM_CONTROL_PORT_A,
+    SystemControlPortA,
+)
 from kvmpy.devices.serial import Serial16550
+from kvmpy.devices.testdev import TESTDEV_BASE, TESTDEV_SIZE, TestDevice
 from kvmpy.hostinfo import kvm_modules
 from kvmpy.kvm import KVM_PATH, Kvm, KvmError, Vcpu, install_kick_handler
 from kvmpy.loaders import LoadPlan, check_plan
@@ -34,6 +44,9 @@ DEFAULT_MEM_SIZE = 128 << 20  # like QEMU
 MIN_MEM_SIZE = 1 << 20
 COM1_PORT = 0x3F8
 COM1_IRQ = 4
+KEYBOARD_IRQ = 1
+RTC_IRQ = 8
+MOUSE_IRQ = 12
 # Three pages for Intel's real-mode TSS and one for its identity map, just
 # below the BIOS area at the top of 4 GiB, where QEMU and kvmtool put them.
 TSS_ADDR = 0xFFFB_D000
@@ -44,8 +57,11 @@ MMIO_ADDRESS_LIMIT = 1 << 52
 class Machine:
     """A PC-like VM: RAM, vCPUs, the in-kernel irqchip and PIT, and devices.
 
-    Devices: a 16550A on COM1 (IRQ 4), QEMU's debug-exit port at 0xf4 and a
-    port-0x80 sink.  With ``irqchip`` (the default, and required for more than
+    Devices, as a kernel written for ``qemu-system-x86_64 -kernel`` expects
+    them: a 16550A on COM1 (IRQ 4), QEMU's debug-exit port at 0xf4, fw_cfg at
+    0x510, the CMOS/RTC at 0x70, the i8042 at 0x60/0x64 and port 0x92 (both
+    can reset the machine), a port-0x80 sink, and kvmpy's test device at
+    0xFEB00000 (MMIO).  With ``irqchip`` (the default, and required for more than
     one vCPU) KVM emulates the LAPICs, IOAPIC, PIC and PIT; vCPUs 1..n-1 then
     wait in the kernel for INIT/SIPI from the guest.  Without it, HLT exits to
     kvmpy, which ends the run.
@@ -114,6 +130,26 @@ class Machine:
         self.ports.register(DEBUG_EXIT_PORT, DEBUG_EXIT_PORTS, self.debug_exit, "debug-exit")
         self.post = PostCode()
         self.ports.register(POST_PORT, 1, self.post, "POST")
+        self.fw_cfg = FwCfg(
+            ram_size=mem_size, cpus=cpus, cmdline=cmdline.encode() if cmdline else None
+        )
+        self.ports.register(FW_CFG_PORT, FW_CFG_PORTS, self.fw_cfg, "fw_cfg")
+        low_ram = self.memory.regions[0].size
+        self.cmos = Cmos(
+            low_ram=low_ram, high_ram=mem_size - low_ram, cpus=cpus, irq=self.irq_line(RTC_IRQ)
+        )
+        self.ports.register(CMOS_PORT, CMOS_PORTS, self.cmos, "CMOS/RTC")
+        self.i8042 = I8042(
+            self.request_reset,
+            irq_kbd=self.irq_line(KEYBOARD_IRQ),
+            irq_aux=self.irq_line(MOUSE_IRQ),
+        )
+        self.ports.register(I8042_DATA_PORT, 1, self.i8042.data_port, "i8042 data")
+        self.ports.register(I8042_COMMAND_PORT, 1, self.i8042.command_port, "i8042 command")
+        self.port92 = SystemControlPortA(self.request_reset)
+        self.ports.register(SYSTEM_CONTROL_PORT_A, 1, self.port92, "port 0x92")
+        self.testdev = TestDevice()
+        self.mmio.register(TESTDEV_BASE, TESTDEV_SIZE, self.testdev, "testdev")
 
     def close(self) -> None:
         self._closer.close()
@@ -164,9 +200,12 @@ class Machine:
         self._stopping.clear()
         self._outcome = None
         self._thread_error = None
-        threads = []
+        # Clear every kick before starting any thread: a vCPU that stops the
+        # run at once kicks the others, and that kick must not be lost.
         for vcpu in self.vcpus:
             vcpu.clear_kick()
+        threads = []
+        for vcpu in self.vcpus:
             thread = threading.Thread(
                 target=self._vcpu_thread, args=(vcpu,), name=f"kvmpy-vcpu{vcpu.index}", daemon=True
             )

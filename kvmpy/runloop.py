@@ -114,7 +114,11 @@ def run_vcpu(
                     raise KvmError("KVM_RUN", -reason)
                 if stopping.is_set():
                     return None
+                # Interrupted by some other signal: clear the kick, then look
+                # again, since a stop may have come in between.
                 vcpu.clear_kick()
+                if stopping.is_set():
+                    return None
             else:
                 outcome = _other_exit(vcpu, memory, ports, has_irqchip)
                 if outcome is not None:

@@ -119,15 +119,15 @@ def test_timeout_stops_a_guest_that_never_exits(assemble: Assembler) -> None:
 
 
 def test_port_in_sizes_and_unhandled_ports_read_all_ones(assemble: Assembler) -> None:
-    # Port 0x60 has no device: 1-, 2- and 4-byte reads give all-ones.
+    # Port 0x99 has no device: 1-, 2- and 4-byte reads give all-ones.
     source = """
-        in $0x60, %al
+        in $0x99, %al
         cmp $0xff, %al
         jne 1f
-        in $0x60, %ax
+        in $0x99, %ax
         cmp $0xffff, %ax
         jne 1f
-        in $0x60, %eax
+        in $0x99, %eax
         cmp $0xffffffff, %eax
         jne 1f
         mov $0, %al
@@ -139,7 +139,7 @@ def test_port_in_sizes_and_unhandled_ports_read_all_ones(assemble: Assembler) ->
         m.load(load_flat(assemble(source), 0x7C00), mode="real")
         outcome = m.run(timeout=10)
         assert outcome.exit_code == 0
-        assert m.ports.unhandled[("read", 0x60)] == 3
+        assert m.ports.unhandled[("read", 0x99)] == 3
 
 
 def test_strict_bus_turns_unhandled_io_into_a_crash(assemble: Assembler) -> None:

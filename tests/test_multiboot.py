@@ -391,7 +391,7 @@ def test_boot_information_layout(tmp_path: Path) -> None:
     assert mbi == 0x9000
     flags, mem_lower, mem_upper, boot_device = struct.unpack("<IIII", peek(plan, mbi, 16))
     assert flags == (1 << 0) | (1 << 2) | (1 << 3) | (1 << 6) | (1 << 9) == 0x24D
-    assert mem_lower == 640
+    assert mem_lower == 639
     assert mem_upper == (128 << 10) - 1024
     assert boot_device == 0
     cmdline, mods_count, mods_addr = struct.unpack("<III", peek(plan, mbi + 16, 12))
@@ -484,7 +484,7 @@ def test_memory_map_function() -> None:
 
 def test_mem_upper_stops_at_the_first_hole(tmp_path: Path) -> None:
     plan = load(tmp_path, aout_image(), ram=[(0, 0x400000), (0x800000, 0x100000)])
-    assert u32(plan, 0x9000 + 4) == 640
+    assert u32(plan, 0x9000 + 4) == 639
     assert u32(plan, 0x9000 + 8) == (0x400000 - 0x100000) // 1024
 
 

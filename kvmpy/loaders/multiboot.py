@@ -38,7 +38,8 @@ mod_end is exclusive (start + size). A module's string is its path as given,
 followed by a space and its arguments when there are any, which is the string
 QEMU passes for ``-initrd "path args"``.
 
-The information sets flags 0 (mem_lower = KiB of RAM from 0, at most 640;
+The information sets flags 0 (mem_lower = KiB of RAM from 0 up to the EBDA,
+so 639 as under QEMU, matching the memory map;
 mem_upper = KiB of RAM contiguous from 1 MiB up to the first hole), 2
 (cmdline), 3 (mods, possibly 0 of them), 6 (mmap) and 9 (boot_loader_name).
 The memory map lists RAM below 0x9fc00 and from 1 MiB up as available (type 1),
@@ -107,7 +108,7 @@ BOOT_DATA_LIMIT = STACK_TOP - 0x10000  # 0x70000: 64 KiB left for the initial st
 BOOT_LOADER_NAME = "kvmpy"
 
 EBDA_START = 0x9FC00
-LOW_MEMORY_END = 0xA0000  # mem_lower counts at most 640 KiB
+LOW_MEMORY_END = 0xA0000
 BIOS_START = 0xF0000
 HIGH_MEMORY_START = 0x100000  # where mem_upper starts counting
 PAGE_SIZE = 0x1000
@@ -472,7 +473,7 @@ def load_multiboot(
             f"{BOOT_DATA_ADDR:#x}-{boot_end - 1:#x}"
         )
 
-    mem_lower = min(_run_end(runs, 0), LOW_MEMORY_END) // 1024
+    mem_lower = min(_run_end(runs, 0), EBDA_START) // 1024
     mem_upper = min((_run_end(runs, HIGH_MEMORY_START) - HIGH_MEMORY_START) // 1024, 0xFFFFFFFF)
     info = bytearray(MBI_SIZE)
     struct.pack_into("<III", info, 0, MBI_FLAGS, mem_lower, mem_upper)
