@@ -22,6 +22,9 @@ GUESTS := $(REAL_GUESTS:%=$(OUT)/%.bin) $(PROTECTED_GUESTS:%=$(OUT)/%.bin) \
 
 all: setup guests
 
+# The freestanding C toy kernel (multiboot, long mode, LAPIC timer, SMP).
+include guests/toykernel.mk
+
 setup: $(VENV)/.installed
 
 # Reinstall (and so rebuild the cffi shim) whenever the packaging or C changes.
@@ -31,7 +34,7 @@ $(VENV)/.installed: pyproject.toml setup.py kvmpy/_build.py $(wildcard csrc/*.c 
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $@
 
-guests: $(GUESTS)
+guests: $(GUESTS) $(TOYKERNEL_ELF)
 
 $(REAL_GUESTS:%=$(OUT)/%.bin): $(OUT)/%.bin: guests/%.S guests/real.ld
 	@mkdir -p $(OUT)
