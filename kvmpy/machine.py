@@ -17,6 +17,7 @@ from contextlib import ExitStack
 from kvmpy._kvm import lib
 from kvmpy.bus import Bus
 from kvmpy.debug.crash import crash_report
+from kvmpy.devices.acpi_pm import PM1A_CNT_PORT, PM1A_CNT_PORTS, AcpiPmControl
 from kvmpy.devices.base import IrqCallback, no_irq
 from kvmpy.devices.cmos import CMOS_PORT, CMOS_PORTS, Cmos
 from kvmpy.devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_PORTS, DebugExit, exit_status
@@ -35,7 +36,15 @@ from kvmpy.hostinfo import kvm_modules
 from kvmpy.kvm import KVM_PATH, Kvm, KvmError, Vcpu, install_kick_handler
 from kvmpy.loaders import LoadPlan, check_plan
 from kvmpy.memory import GuestMemory
-from kvmpy.runloop import STATUS_INTERRUPTED, STATUS_RESET, STATUS_TIMEOUT, Outcome, run_vcpu
+from kvmpy.runloop import (
+    STATUS_HALT,
+    STATUS_INTERRUPTED,
+    STATUS_RESET,
+    STATUS_TIMEOUT,
+    Outcome,
+    run_vcpu,
+)
+from kvmpy.x86.bios import BDA_ADDR, bios_data_area
 from kvmpy.x86.cpuid import vcpu_cpuid
 from kvmpy.x86.modes import CpuSetup, setup_mode
 from kvmpy.x86.registers import CR0_PG
@@ -60,10 +69,13 @@ class Machine:
     Devices, as a kernel written for ``qemu-system-x86_64 -kernel`` expects
     them: a 16550A on COM1 (IRQ 4), QEMU's debug-exit port at 0xf4, fw_cfg at
     0x510, the CMOS/RTC at 0x70, the i8042 at 0x60/0x64 and port 0x92 (both
-    can reset the machine), a port-0x80 sink, and kvmpy's test device at
-    0xFEB00000 (MMIO).  With ``irqchip`` (the default, and required for more than
-    one vCPU) KVM emulates the LAPICs, IOAPIC, PIC and PIT; vCPUs 1..n-1 then
-    wait in the kernel for INIT/SIPI from the guest.  Without it, HLT exits to
+    can reset the machine), QEMU's ACPI power-off register at 0x604, a
+    port-0x80 sink, and kvmpy's test device at 0xFEB00000 (MMIO).  RAM starts
+    with a BIOS Data Area, as if firmware had run.
+
+    With ``irqchip`` (the default, and required for more than one vCPU) KVM
+    emulates the LAPICs, IOAPIC, PIC and PIT; vCPUs 1..n-1 then wait in the
+    kernel for INIT/SIPI from the guest.  Without it, HLT exits to
     kvmpy, which ends the run.
 
     Serial output is kept in ``console`` and also passed to ``serial_output``.
@@ -148,6 +160,8 @@ class Machine:
         self.ports.register(I8042_COMMAND_PORT, 1, self.i8042.command_port, "i8042 command")
         self.port92 = SystemControlPortA(self.request_reset)
         self.ports.register(SYSTEM_CONTROL_PORT_A, 1, self.port92, "port 0x92")
+        self.acpi_pm = AcpiPmControl(self.request_power_off)
+        self.ports.register(PM1A_CNT_PORT, PM1A_CNT_PORTS, self.acpi_pm, "ACPI PM1a_CNT")
         self.testdev = TestDevice()
         self.mmio.register(TESTDEV_BASE, TESTDEV_SIZE, self.testdev, "testdev")
 
@@ -173,7 +187,7 @@ class Machine:
         """Place ``plan`` in RAM and point the bootstrap vCPU at its entry in ``mode``."""
         setup = setup_mode(mode or plan.mode or "real", self.vcpu.get_sregs(), plan.entry)
         check_plan(plan, self.memory, setup.reserved())
-        for gpa, data in setup.memory:
+        for gpa, data in [(BDA_ADDR, bios_data_area((COM1_PORT,))), *setup.memory]:
             self.memory.write(gpa, data)
         for segment in plan.segments:
             self.memory.write(segment.gpa, segment.data)
@@ -242,6 +256,10 @@ class Machine:
     def request_reset(self) -> None:
         """A device asked for a platform reset (port 0x92, the i8042's 0xFE)."""
         self.stop(Outcome("reset", STATUS_RESET, "guest reset"))
+
+    def request_power_off(self) -> None:
+        """The guest entered ACPI S5 (soft-off)."""
+        self.stop(Outcome("shutdown", STATUS_HALT, "guest powered off"))
 
     def _vcpu_thread(self, vcpu: Vcpu) -> None:
         vcpu.thread_ident = threading.get_ident()

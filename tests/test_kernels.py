@@ -212,3 +212,26 @@ def test_cmos_from_a_guest(assemble: Assembler) -> None:
     with Machine() as m:
         m.load(load_flat(assemble(source), 0x7C00), mode="real")
         assert m.run(timeout=30).exit_code == 0x07
+
+
+def test_acpi_power_off_like_under_qemu(assemble: Assembler) -> None:
+    image = assemble("mov $0x604, %dx\nmov $0x2000, %ax\nout %ax, %dx\n1: jmp 1b")
+    result = kvmpy_cli(str(image))
+    assert result.returncode == 0
+    assert result.stderr == b"kvmpy: guest powered off\n"
+
+
+def test_guest_finds_com1_in_the_bios_data_area(assemble: Assembler) -> None:
+    source = """
+        xor %ax, %ax
+        mov %ax, %ds
+        mov (0x400), %dx
+        mov $'!', %al
+        out %al, %dx
+        mov $0, %al
+        out %al, $0xf4
+    """
+    with Machine(mem_size=16 << 20) as m:
+        m.load(load_flat(assemble(source), 0x7C00), mode="real")
+        assert m.run(timeout=30).exit_code == 0
+        assert bytes(m.console) == b"!"

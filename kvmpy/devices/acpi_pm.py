@@ -1,0 +1,40 @@
+"""The power-off register kernels written for QEMU poke: PM1a_CNT at port 0x604.
+
+QEMU's PC machines put the ACPI PM1a control block at 0x604, and hobby
+kernels power off with ``outw(0x604, 0x2000)``: SLP_EN (bit 13) with sleep
+type 0, which QEMU's DSDT defines as S5, soft-off.  Only that is modelled;
+there are no ACPI tables, so other sleep types are recorded and ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+PM1A_CNT_PORT = 0x604
+PM1A_CNT_PORTS = 2
+
+SCI_EN = 1 << 0
+SLP_TYP_SHIFT = 10
+SLP_TYP_MASK = 0x7 << SLP_TYP_SHIFT
+SLP_EN = 1 << 13
+SLEEP_TYPE_SOFT_OFF = 0  # S5 in QEMU's DSDT
+
+
+class AcpiPmControl:
+    """PM1a_CNT: calls ``on_power_off()`` when the guest enters S5."""
+
+    def __init__(self, on_power_off: Callable[[], None]) -> None:
+        self.on_power_off = on_power_off
+        self.value = 0
+
+    def read(self, offset: int, size: int) -> int:
+        # SLP_EN is write-only and always reads as 0.
+        return ((self.value & ~SLP_EN) >> (8 * offset)) & ((1 << (8 * size)) - 1)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        shift = 8 * offset
+        mask = ((1 << (8 * size)) - 1) << shift
+        self.value = (self.value & ~mask) | ((value << shift) & mask & 0xFFFF)
+        sleep_type = (self.value & SLP_TYP_MASK) >> SLP_TYP_SHIFT
+        if self.value & SLP_EN and sleep_type == SLEEP_TYPE_SOFT_OFF:
+            self.on_power_off()
