@@ -106,6 +106,9 @@ class Machine:
         self._lock = threading.Lock()
         self._outcome: Outcome | None = None
         self._thread_error: BaseException | None = None
+        self._threads: list[threading.Thread] = []
+        # Notified whenever serial output arrives, for callers waiting on it.
+        self.console_changed = threading.Condition()
 
         with ExitStack() as stack:
             self.kvm = stack.enter_context(Kvm(kvm_path))
@@ -166,6 +169,10 @@ class Machine:
         self.mmio.register(TESTDEV_BASE, TESTDEV_SIZE, self.testdev, "testdev")
 
     def close(self) -> None:
+        """Stop a run still in progress, then release every fd and mapping."""
+        if self._threads:
+            self.stop(Outcome("interrupted", STATUS_INTERRUPTED, "machine closed"))
+            self.wait()
         self._closer.close()
 
     def __enter__(self) -> Machine:
@@ -210,6 +217,13 @@ class Machine:
 
     def run(self, timeout: float | None = None) -> Outcome:
         """Run every vCPU until the guest stops, ``timeout`` seconds pass, or Ctrl-C."""
+        self.start()
+        return self.wait(timeout)
+
+    def start(self) -> None:
+        """Start the vCPU threads and return at once; ``wait`` collects the outcome."""
+        if self._threads:
+            raise RuntimeError("the machine is already running")
         install_kick_handler()
         self._stopping.clear()
         self._outcome = None
@@ -218,13 +232,20 @@ class Machine:
         # run at once kicks the others, and that kick must not be lost.
         for vcpu in self.vcpus:
             vcpu.clear_kick()
-        threads = []
         for vcpu in self.vcpus:
             thread = threading.Thread(
                 target=self._vcpu_thread, args=(vcpu,), name=f"kvmpy-vcpu{vcpu.index}", daemon=True
             )
             thread.start()
-            threads.append(thread)
+            self._threads.append(thread)
+
+    @property
+    def stopped(self) -> bool:
+        """True once the run has ended (or is ending), whatever the reason."""
+        return self._stopping.is_set()
+
+    def wait(self, timeout: float | None = None) -> Outcome:
+        """Wait for the run started by ``start`` to end; stop it after ``timeout`` seconds."""
         try:
             if not self._stopping.wait(timeout):
                 self.stop(
@@ -233,8 +254,9 @@ class Machine:
         except KeyboardInterrupt:
             self.stop(Outcome("interrupted", STATUS_INTERRUPTED, "interrupted"))
         finally:
-            for thread in threads:
+            for thread in self._threads:
                 thread.join()
+            self._threads.clear()
         if self._thread_error is not None:
             raise self._thread_error
         outcome = self._outcome
@@ -252,6 +274,7 @@ class Machine:
             self._stopping.set()
         for vcpu in self.vcpus:
             vcpu.kick()
+        self._wake_console_waiters()
 
     def request_reset(self) -> None:
         """A device asked for a platform reset (port 0x92, the i8042's 0xFE)."""
@@ -260,6 +283,10 @@ class Machine:
     def request_power_off(self) -> None:
         """The guest entered ACPI S5 (soft-off)."""
         self.stop(Outcome("shutdown", STATUS_HALT, "guest powered off"))
+
+    def _wake_console_waiters(self) -> None:
+        with self.console_changed:
+            self.console_changed.notify_all()
 
     def _vcpu_thread(self, vcpu: Vcpu) -> None:
         vcpu.thread_ident = threading.get_ident()
@@ -285,6 +312,8 @@ class Machine:
         )
 
     def _serial_out(self, data: bytes) -> None:
-        self.console += data
+        with self.console_changed:
+            self.console += data
+            self.console_changed.notify_all()
         if self.serial_output is not None:
             self.serial_output(data)

@@ -6,6 +6,7 @@ import dataclasses
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -351,3 +352,18 @@ def test_cli_info_names_the_module_and_capabilities() -> None:
 def test_kvmpy_console_script_is_installed() -> None:
     script = Path(sys.executable).parent / "kvmpy"
     assert script.exists() and os.access(script, os.X_OK)
+
+
+def test_start_wait_and_close_while_running(assemble: Assembler) -> None:
+    # Print, then spin: the caller sees the output while the guest runs, and
+    # closing the machine stops the vCPU thread.
+    image = assemble("mov $0x3f8, %dx\nmov $'R', %al\nout %al, %dx\n1: jmp 1b")
+    m = Machine(mem_size=1 << 20)
+    m.load(load_flat(image, 0x7C00), mode="real")
+    m.start()
+    with m.console_changed:
+        assert m.console_changed.wait_for(lambda: bytes(m.console) == b"R", timeout=10)
+    assert not m.stopped
+    m.close()
+    assert m.stopped
+    assert not [t for t in threading.enumerate() if t.name.startswith("kvmpy-vcpu")]
