@@ -41,6 +41,7 @@ from kvmpy.runloop import (
     STATUS_INTERRUPTED,
     STATUS_RESET,
     STATUS_TIMEOUT,
+    ExitObserver,
     Outcome,
     run_vcpu,
 )
@@ -107,6 +108,8 @@ class Machine:
         self._outcome: Outcome | None = None
         self._thread_error: BaseException | None = None
         self._threads: list[threading.Thread] = []
+        # Set before run() to trace, time or single-step every exit (slower).
+        self.observer: ExitObserver | None = None
         # Notified whenever serial output arrives, for callers waiting on it.
         self.console_changed = threading.Condition()
 
@@ -292,7 +295,13 @@ class Machine:
         vcpu.thread_ident = threading.get_ident()
         try:
             outcome = run_vcpu(
-                vcpu, self.memory, self.ports, self.mmio, self._stopping, self.has_irqchip
+                vcpu,
+                self.memory,
+                self.ports,
+                self.mmio,
+                self._stopping,
+                self.has_irqchip,
+                self.observer,
             )
             if outcome is not None:
                 self.stop(outcome)

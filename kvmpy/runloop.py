@@ -12,8 +12,10 @@ from __future__ import annotations
 import errno
 import struct
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from kvmpy._kvm import lib
 from kvmpy.bus import Bus, UnhandledAccess
@@ -70,6 +72,24 @@ class Outcome:
     report: CrashReport | None = None
 
 
+class ExitObserver(Protocol):
+    """Sees every exit of a run: the tracer, the statistics, the single-stepper.
+
+    With no observer the run loop takes its fast path; with one, it times each
+    KVM_RUN and each handler and reports them after the exit was handled.
+    """
+
+    def on_start(self, vcpu: Vcpu) -> None:
+        """The vCPU thread is about to enter its first KVM_RUN."""
+
+    def on_exit(self, vcpu: Vcpu, reason: int, run_ns: int, handle_ns: int) -> None:
+        """An exit was handled (``vcpu.exit`` still describes it)."""
+
+    def on_debug(self, vcpu: Vcpu) -> bool:
+        """A KVM_EXIT_DEBUG: return True if handled and the guest should go on."""
+        return False
+
+
 def run_vcpu(
     vcpu: Vcpu,
     memory: GuestMemory,
@@ -77,8 +97,43 @@ def run_vcpu(
     mmio: Bus,
     stopping: threading.Event,
     has_irqchip: bool,
+    observer: ExitObserver | None = None,
 ) -> Outcome | None:
     """Run ``vcpu`` until the guest stops it (returns an Outcome) or ``stopping`` is set (None)."""
+    try:
+        if observer is not None:
+            return _run_observed(vcpu, memory, ports, mmio, stopping, has_irqchip, observer)
+        return _run_fast(vcpu, memory, ports, mmio, stopping, has_irqchip)
+    except UnhandledAccess as exc:
+        report = crash_report(vcpu, memory, "unhandled access", str(exc))
+        return Outcome("crash", STATUS_CRASH, report.summary(), report=report)
+    except GuestMemoryError as exc:
+        report = crash_report(vcpu, memory, "bad guest memory access", str(exc))
+        return Outcome("crash", STATUS_CRASH, report.summary(), report=report)
+
+
+def _interrupted(vcpu: Vcpu, reason: int, stopping: threading.Event) -> bool:
+    """KVM_RUN returned -errno: True if the run should end (it was kicked to stop)."""
+    if reason != -errno.EINTR and reason != -errno.EAGAIN:
+        raise KvmError("KVM_RUN", -reason)
+    if stopping.is_set():
+        return True
+    # Interrupted by some other signal: clear the kick, then look again, since
+    # a stop may have come in between.
+    vcpu.clear_kick()
+    return stopping.is_set()
+
+
+def _run_fast(
+    vcpu: Vcpu,
+    memory: GuestMemory,
+    ports: Bus,
+    mmio: Bus,
+    stopping: threading.Event,
+    has_irqchip: bool,
+) -> Outcome | None:
+    # Port I/O is dispatched inline, with everything bound to locals: this
+    # loop is what the exit round-trip benchmark measures.
     run = vcpu.run
     exit_ = vcpu.exit
     page = vcpu.run_page
@@ -88,47 +143,70 @@ def run_vcpu(
     exit_mmio = lib.KVM_EXIT_MMIO
     pack = _PACK
     mask = _MASK
-    try:
-        while True:
-            reason = run()
-            if reason == port_out:
-                port = exit_.io_port
-                handler = handlers.get(port)
-                if handler is not None:
-                    handler[1](port - handler[2], exit_.io_size, exit_.value)
-                else:
-                    ports.write(port, exit_.io_size, exit_.value)
-            elif reason == port_in:
-                port = exit_.io_port
-                size = exit_.io_size
-                handler = handlers.get(port)
-                if handler is not None:
-                    value = handler[0](port - handler[2], size)
-                else:
-                    value = ports.read(port, size)
-                pack[size](page, exit_.data_offset, value & mask[size])
-            elif reason == exit_mmio:
-                _mmio(vcpu, mmio)
-            elif reason < 0:
-                if reason != -errno.EINTR and reason != -errno.EAGAIN:
-                    raise KvmError("KVM_RUN", -reason)
-                if stopping.is_set():
-                    return None
-                # Interrupted by some other signal: clear the kick, then look
-                # again, since a stop may have come in between.
-                vcpu.clear_kick()
-                if stopping.is_set():
-                    return None
+    while True:
+        reason = run()
+        if reason == port_out:
+            port = exit_.io_port
+            handler = handlers.get(port)
+            if handler is not None:
+                handler[1](port - handler[2], exit_.io_size, exit_.value)
             else:
-                outcome = _other_exit(vcpu, memory, ports, has_irqchip)
-                if outcome is not None:
-                    return outcome
-    except UnhandledAccess as exc:
-        report = crash_report(vcpu, memory, "unhandled access", str(exc))
-        return Outcome("crash", STATUS_CRASH, report.summary(), report=report)
-    except GuestMemoryError as exc:
-        report = crash_report(vcpu, memory, "bad guest memory access", str(exc))
-        return Outcome("crash", STATUS_CRASH, report.summary(), report=report)
+                ports.write(port, exit_.io_size, exit_.value)
+        elif reason == port_in:
+            port = exit_.io_port
+            size = exit_.io_size
+            handler = handlers.get(port)
+            if handler is not None:
+                value = handler[0](port - handler[2], size)
+            else:
+                value = ports.read(port, size)
+            pack[size](page, exit_.data_offset, value & mask[size])
+        elif reason == exit_mmio:
+            _mmio(vcpu, mmio)
+        elif reason < 0:
+            if _interrupted(vcpu, reason, stopping):
+                return None
+        else:
+            outcome = _other_exit(vcpu, memory, ports, has_irqchip)
+            if outcome is not None:
+                return outcome
+
+
+def _run_observed(
+    vcpu: Vcpu,
+    memory: GuestMemory,
+    ports: Bus,
+    mmio: Bus,
+    stopping: threading.Event,
+    has_irqchip: bool,
+    observer: ExitObserver,
+) -> Outcome | None:
+    run = vcpu.run
+    exit_ = vcpu.exit
+    clock = time.perf_counter_ns
+    observer.on_start(vcpu)
+    while True:
+        started = clock()
+        reason = run()
+        returned = clock()
+        outcome = None
+        if reason == lib.KVMSHIM_EXIT_PORT_OUT:
+            ports.write(exit_.io_port, exit_.io_size, exit_.value)
+        elif reason == lib.KVMSHIM_EXIT_PORT_IN:
+            size = exit_.io_size
+            value = ports.read(exit_.io_port, size) & _MASK[size]
+            _PACK[size](vcpu.run_page, exit_.data_offset, value)
+        elif reason == lib.KVM_EXIT_MMIO:
+            _mmio(vcpu, mmio)
+        elif reason < 0:
+            if _interrupted(vcpu, reason, stopping):
+                return None
+            continue
+        elif not (reason == lib.KVM_EXIT_DEBUG and observer.on_debug(vcpu)):
+            outcome = _other_exit(vcpu, memory, ports, has_irqchip)
+        observer.on_exit(vcpu, reason, returned - started, clock() - returned)
+        if outcome is not None:
+            return outcome
 
 
 def _string_io(vcpu: Vcpu, ports: Bus) -> None:
