@@ -89,6 +89,9 @@ class ExitObserver(Protocol):
         """A KVM_EXIT_DEBUG: return True if handled and the guest should go on."""
         return False
 
+    def on_interrupt(self, vcpu: Vcpu) -> None:
+        """KVM_RUN was interrupted (a kick) but the run goes on: a debugger may pause here."""
+
 
 def run_vcpu(
     vcpu: Vcpu,
@@ -201,6 +204,7 @@ def _run_observed(
         elif reason < 0:
             if _interrupted(vcpu, reason, stopping):
                 return None
+            observer.on_interrupt(vcpu)
             continue
         elif not (reason == lib.KVM_EXIT_DEBUG and observer.on_debug(vcpu)):
             outcome = _other_exit(vcpu, memory, ports, has_irqchip)
