@@ -4,6 +4,7 @@
 #include <signal.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <time.h>
 
 long kvmshim_ioctl(int fd, unsigned long request, void *arg)
 {
@@ -81,9 +82,30 @@ static int decode_exit(struct kvm_run *run, struct kvmshim_exit *out)
 	return (int)run->exit_reason;
 }
 
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
 int kvmshim_run(struct kvmshim_vcpu *vcpu)
 {
-	if (ioctl(vcpu->fd, KVM_RUN, 0) < 0)
+	uint64_t entered;
+	int ret;
+
+	if (!vcpu->timing) {
+		if (ioctl(vcpu->fd, KVM_RUN, 0) < 0)
+			return -errno;
+		return decode_exit(vcpu->run, &vcpu->exit);
+	}
+	entered = now_ns();
+	vcpu->handler_ns = vcpu->returned_ns ? entered - vcpu->returned_ns : 0;
+	ret = ioctl(vcpu->fd, KVM_RUN, 0);
+	vcpu->returned_ns = now_ns();
+	vcpu->run_ns = vcpu->returned_ns - entered;
+	if (ret < 0)
 		return -errno;
 	return decode_exit(vcpu->run, &vcpu->exit);
 }

@@ -68,6 +68,17 @@ struct kvmshim_vcpu {
 	int fd;			/* the vCPU file descriptor */
 	void *run;		/* its mmap'ed struct kvm_run */
 	struct kvmshim_exit exit;	/* the last exit, decoded */
+
+	/*
+	 * Exit timing, for statistics: off unless `timing` is set, so the fast
+	 * path pays nothing.  run_ns: how long the last KVM_RUN took;
+	 * handler_ns: the time between the KVM_RUN before it returning and this
+	 * one starting, i.e. how long userspace spent on the previous exit.
+	 */
+	int timing;
+	uint64_t run_ns;
+	uint64_t handler_ns;
+	uint64_t returned_ns;
 };
 
 /*

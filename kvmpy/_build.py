@@ -21,7 +21,7 @@ IOCTLS = """
     KVM_SET_IDENTITY_MAP_ADDR KVM_CREATE_IRQCHIP KVM_IRQ_LINE KVM_CREATE_PIT2
     KVM_GET_REGS KVM_SET_REGS KVM_GET_SREGS KVM_SET_SREGS KVM_GET_FPU KVM_SET_FPU
     KVM_GET_MSRS KVM_SET_MSRS KVM_SET_CPUID2 KVM_TRANSLATE
-    KVM_GET_MP_STATE KVM_SET_MP_STATE KVM_SET_GUEST_DEBUG
+    KVM_GET_MP_STATE KVM_SET_MP_STATE KVM_SET_GUEST_DEBUG KVM_GET_DIRTY_LOG
 """.split()
 
 EXIT_REASONS = """
@@ -97,6 +97,8 @@ struct kvm_userspace_memory_region {
     __u64 userspace_addr;
     ...;
 };
+/* dirty_bitmap sits in an anonymous union in <linux/kvm.h>; C still names it directly. */
+struct kvm_dirty_log { __u32 slot; void *dirty_bitmap; ...; };
 struct kvm_irq_level { __u32 irq; __u32 level; ...; };
 struct kvm_pit_config { __u32 flags; ...; };
 struct kvm_translation {
@@ -128,7 +130,10 @@ long kvmshim_ioctl_value(int fd, unsigned long request, unsigned long value);
 #define KVMSHIM_EXIT_PORT_OUT ...
 #define KVMSHIM_EXIT_PORT_IN ...
 #define KVMSHIM_EXIT_PORT_STRING ...
-struct kvmshim_vcpu { int fd; void *run; struct kvmshim_exit exit; };
+struct kvmshim_vcpu {
+    int fd; void *run; struct kvmshim_exit exit;
+    int timing; uint64_t run_ns; uint64_t handler_ns; uint64_t returned_ns;
+};
 int kvmshim_run(struct kvmshim_vcpu *vcpu);
 void kvmshim_set_immediate_exit(void *run, int value);
 int kvmshim_install_kick_handler(int signo);

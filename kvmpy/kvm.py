@@ -273,14 +273,16 @@ class Vcpu(_Fd):
         self.index = index
         self.run_page = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._run_ptr = ffi.from_buffer(self.run_page)
-        self._shim = ffi.new("struct kvmshim_vcpu *")
-        self._shim.fd = fd
-        self._shim.run = self._run_ptr
+        # The shim's per-vCPU state: fd, kvm_run, the decoded exit and, when
+        # shim.timing is set, run_ns/handler_ns of the last exit.
+        self.shim = ffi.new("struct kvmshim_vcpu *")
+        self.shim.fd = fd
+        self.shim.run = self._run_ptr
         # Decoded by the shim after every KVM_RUN; the run loop reads its fields.
-        self.exit = ffi.addressof(self._shim[0], "exit")
+        self.exit = ffi.addressof(self.shim[0], "exit")
         # KVM_RUN: returns the exit reason or -errno (-EINTR when kicked).  A
         # partial of the C function, so the hot loop pays for no Python frame.
-        self.run = partial(lib.kvmshim_run, self._shim)
+        self.run = partial(lib.kvmshim_run, self.shim)
         self.thread_ident: int | None = None
 
     def close(self) -> None:
@@ -408,6 +410,22 @@ class Vcpu(_Fd):
         c = ffi.new("struct kvm_mp_state *")
         c.mp_state = state
         _check("KVM_SET_MP_STATE", lib.kvmshim_ioctl(self.fd, lib.KVM_SET_MP_STATE, c))
+
+    def set_guest_debug(self, control: int, debugreg: list[int] | None = None) -> None:
+        """KVM_SET_GUEST_DEBUG: ``control`` is KVM_GUESTDBG_* flags (0 turns debugging off).
+
+        ``debugreg`` (up to 8 values) fills ``arch.debugreg``: DR0-DR3 hold the
+        breakpoint addresses and [7] the DR7 enables, used with USE_HW_BP.
+        Call it from the vCPU's thread while it is outside KVM_RUN.
+        """
+        c = ffi.new("struct kvm_guest_debug *")
+        c.control = control
+        values = debugreg or []
+        if len(values) > 8:
+            raise ValueError(f"kvm_guest_debug has 8 debug registers, not {len(values)}")
+        for i, value in enumerate(values):
+            c.arch.debugreg[i] = value
+        _check("KVM_SET_GUEST_DEBUG", lib.kvmshim_ioctl(self.fd, lib.KVM_SET_GUEST_DEBUG, c))
 
 
 def install_kick_handler() -> None:

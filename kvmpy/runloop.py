@@ -15,7 +15,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 from kvmpy._kvm import lib
 from kvmpy.bus import Bus, UnhandledAccess
@@ -72,18 +71,21 @@ class Outcome:
     report: CrashReport | None = None
 
 
-class ExitObserver(Protocol):
+class ExitObserver:
     """Sees every exit of a run: the tracer, the statistics, the single-stepper.
 
     With no observer the run loop takes its fast path; with one, it times each
     KVM_RUN and each handler and reports them after the exit was handled.
+    Subclasses override what they need; the defaults do nothing.
     """
 
     def on_start(self, vcpu: Vcpu) -> None:
         """The vCPU thread is about to enter its first KVM_RUN."""
+        return None
 
     def on_exit(self, vcpu: Vcpu, reason: int, run_ns: int, handle_ns: int) -> None:
         """An exit was handled (``vcpu.exit`` still describes it)."""
+        return None
 
     def on_debug(self, vcpu: Vcpu) -> bool:
         """A KVM_EXIT_DEBUG: return True if handled and the guest should go on."""
@@ -91,6 +93,38 @@ class ExitObserver(Protocol):
 
     def on_interrupt(self, vcpu: Vcpu) -> None:
         """KVM_RUN was interrupted (a kick) but the run goes on: a debugger may pause here."""
+        return None
+
+
+class ExitCounter(ExitObserver):
+    """Counts exits and their time, per vCPU, cheaply enough to leave on.
+
+    Rows are keyed by ``reason << 40 | where`` (the port, the MMIO page, or 0)
+    and hold [count, ns in KVM_RUN, ns in kvmpy's handlers].  The times come
+    from the shim's clock, so alone a counter runs a loop that is the fast
+    one plus the tallies; next to other observers it records from on_exit.
+    """
+
+    def __init__(self) -> None:
+        self.tables: dict[int, dict[int, list[int]]] = {}
+
+    @staticmethod
+    def key(vcpu: Vcpu, reason: int) -> int:
+        e = vcpu.exit
+        if reason == lib.KVMSHIM_EXIT_PORT_OUT or reason == lib.KVMSHIM_EXIT_PORT_IN:
+            return reason << 40 | int(e.io_port)
+        if reason == lib.KVM_EXIT_MMIO:
+            return reason << 40 | int(e.mmio_addr) >> 12
+        return reason << 40
+
+    def on_start(self, vcpu: Vcpu) -> None:
+        self.tables[vcpu.index] = {}
+
+    def on_exit(self, vcpu: Vcpu, reason: int, run_ns: int, handle_ns: int) -> None:
+        row = self.tables[vcpu.index].setdefault(self.key(vcpu, reason), [0, 0, 0])
+        row[0] += 1
+        row[1] += run_ns
+        row[2] += handle_ns
 
 
 def run_vcpu(
@@ -104,6 +138,8 @@ def run_vcpu(
 ) -> Outcome | None:
     """Run ``vcpu`` until the guest stops it (returns an Outcome) or ``stopping`` is set (None)."""
     try:
+        if isinstance(observer, ExitCounter):
+            return _run_counted(vcpu, memory, ports, mmio, stopping, has_irqchip, observer)
         if observer is not None:
             return _run_observed(vcpu, memory, ports, mmio, stopping, has_irqchip, observer)
         return _run_fast(vcpu, memory, ports, mmio, stopping, has_irqchip)
@@ -173,6 +209,77 @@ def _run_fast(
             outcome = _other_exit(vcpu, memory, ports, has_irqchip)
             if outcome is not None:
                 return outcome
+
+
+def _run_counted(
+    vcpu: Vcpu,
+    memory: GuestMemory,
+    ports: Bus,
+    mmio: Bus,
+    stopping: threading.Event,
+    has_irqchip: bool,
+    counter: ExitCounter,
+) -> Outcome | None:
+    # _run_fast plus the tallies, on the shim's clock: --stats must cost
+    # little, so this stays a copy of the fast loop rather than an observer.
+    run = vcpu.run
+    exit_ = vcpu.exit
+    shim = vcpu.shim
+    page = vcpu.run_page
+    handlers = ports.handlers
+    port_out = lib.KVMSHIM_EXIT_PORT_OUT
+    port_in = lib.KVMSHIM_EXIT_PORT_IN
+    exit_mmio = lib.KVM_EXIT_MMIO
+    pack = _PACK
+    mask = _MASK
+    counter.on_start(vcpu)
+    table = counter.tables[vcpu.index]
+    shim.timing = 1
+    shim.returned_ns = 0
+    previous = [0, 0, 0]  # the row of the exit handled before this KVM_RUN
+    try:
+        while True:
+            reason = run()
+            previous[2] += shim.handler_ns
+            if reason == port_out:
+                port = exit_.io_port
+                key = reason << 40 | port
+                handler = handlers.get(port)
+                if handler is not None:
+                    handler[1](port - handler[2], exit_.io_size, exit_.value)
+                else:
+                    ports.write(port, exit_.io_size, exit_.value)
+            elif reason == port_in:
+                port = exit_.io_port
+                key = reason << 40 | port
+                size = exit_.io_size
+                handler = handlers.get(port)
+                if handler is not None:
+                    value = handler[0](port - handler[2], size)
+                else:
+                    value = ports.read(port, size)
+                pack[size](page, exit_.data_offset, value & mask[size])
+            elif reason == exit_mmio:
+                key = ExitCounter.key(vcpu, reason)
+                _mmio(vcpu, mmio)
+            elif reason < 0:
+                if _interrupted(vcpu, reason, stopping):
+                    return None
+                continue
+            else:
+                key = reason << 40
+                outcome = _other_exit(vcpu, memory, ports, has_irqchip)
+                if outcome is not None:
+                    table.setdefault(key, [0, 0, 0])[0] += 1
+                    return outcome
+            row = table.get(key)
+            if row is None:
+                row = table[key] = [0, 0, 0]
+            row[0] += 1
+            row[1] += shim.run_ns
+            previous = row
+    finally:
+        shim.timing = 0
 
 
 def _run_observed(
