@@ -21,8 +21,17 @@ import termios
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from typing import TextIO
 
 from kvmpy.bus import BusError
+from kvmpy.debug.step import SingleStepper
+from kvmpy.debug.trace import (
+    TRACE_KINDS,
+    CompositeObserver,
+    ExitStats,
+    ExitTracer,
+    parse_trace_kinds,
+)
 from kvmpy.devices.serial import Serial16550
 from kvmpy.hostinfo import format_info, gather
 from kvmpy.kvm import KVM_PATH, Kvm, KvmError
@@ -30,7 +39,7 @@ from kvmpy.loaders import LoaderError
 from kvmpy.loaders.detect import FORMATS, load_image
 from kvmpy.machine import DEFAULT_MEM_SIZE, Machine
 from kvmpy.memory import GuestMemoryError, parse_size
-from kvmpy.runloop import STATUS_ERROR, Outcome
+from kvmpy.runloop import STATUS_ERROR, ExitObserver, Outcome
 from kvmpy.x86.modes import MODES, default_load_addr
 
 
@@ -59,6 +68,13 @@ def _count(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
     return value
+
+
+def _trace_kinds(text: str) -> set[str]:
+    try:
+        return parse_trace_kinds(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _seconds(text: str) -> float:
@@ -124,6 +140,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop with an error on I/O to a port or address nobody handles",
     )
     run.add_argument("-v", "--verbose", action="store_true", help="say how the guest ended, always")
+    debug = run.add_argument_group("watching the guest")
+    debug.add_argument(
+        "--trace",
+        nargs="?",
+        const="",
+        type=_trace_kinds,
+        metavar="KINDS",
+        help=f"log every exit with its instruction (KINDS: {','.join(TRACE_KINDS)}; default all)",
+    )
+    debug.add_argument("--trace-file", metavar="FILE", help="write the trace to FILE, not stderr")
+    debug.add_argument(
+        "--stats", action="store_true", help="print exit statistics (count, time) at the end"
+    )
+    debug.add_argument(
+        "--step", action="store_true", help="single-step vCPU 0, printing every instruction"
+    )
+    debug.add_argument(
+        "--max-steps", type=_count, metavar="N", help="with --step: stop after N instructions"
+    )
     run.add_argument("--kvm", default=KVM_PATH, metavar="PATH", help=argparse.SUPPRESS)
 
     info = commands.add_parser(
@@ -204,6 +239,40 @@ def _report(outcome: Outcome, machine: Machine, verbose: bool) -> None:
                 )
 
 
+@contextlib.contextmanager
+def _trace_output(path: str | None) -> Iterator[TextIO]:
+    if path is None:
+        yield sys.stderr
+        return
+    try:
+        output = open(path, "w")  # noqa: SIM115 - closed below, after the whole run
+    except OSError as exc:
+        raise ValueError(f"cannot write the trace to {path}: {exc.strerror}") from None
+    with output:
+        yield output
+
+
+def _attach_observers(m: Machine, args: argparse.Namespace, trace: TextIO) -> ExitStats | None:
+    """Set up --trace, --stats and --step on ``m``; return the statistics, if asked for."""
+    observers: list[ExitObserver] = []
+    stats = None
+    if args.trace is not None:
+        observers.append(ExitTracer(m.memory, trace, args.trace))
+    if args.stats:
+        stats = ExitStats(m.ports, m.mmio)
+        observers.append(stats)
+    if args.step:
+        stepper = SingleStepper(
+            m.memory, trace, m.stop, max_steps=args.max_steps, has_irqchip=m.has_irqchip
+        )
+        observers.append(stepper)
+    elif args.max_steps is not None:
+        raise ValueError("--max-steps needs --step")
+    if observers:
+        m.observer = observers[0] if len(observers) == 1 else CompositeObserver(observers)
+    return stats
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     modules = [_module(text) for text in args.module]
     load_addr = args.load_addr
@@ -211,7 +280,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         load_addr = default_load_addr(args.mode or "real")
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     stdin = _StdinPump()
-    with _terminal_input():
+    with _trace_output(args.trace_file) as trace_output, _terminal_input():
         while True:
             with Machine(
                 mem_size=args.mem,
@@ -232,11 +301,14 @@ def cmd_run(args: argparse.Namespace) -> int:
                     modules=modules,
                 )
                 m.load(plan, mode=args.mode)
+                stats = _attach_observers(m, args, trace_output)
                 if stdin.serial is None:
                     stdin.start()
                 stdin.serial = m.serial
                 timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
                 outcome = m.run(timeout=timeout)
+                if stats is not None:
+                    print(stats.format(), file=sys.stderr)
                 rebooting = args.reboot and outcome.reason in ("reset", "triple-fault")
                 if not rebooting:
                     _report(outcome, m, args.verbose)

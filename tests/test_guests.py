@@ -116,7 +116,7 @@ def test_timeout_stops_a_guest_that_never_exits(assemble: Assembler) -> None:
     assert outcome.report is not None
     assert outcome.report.regs is not None
     assert outcome.report.regs.rip == 0x7C00
-    assert outcome.report.instructions[0][2].startswith("jmp")
+    assert outcome.report.faulting_instruction.startswith("jmp")
 
 
 def test_port_in_sizes_and_unhandled_ports_read_all_ones(assemble: Assembler) -> None:
@@ -223,7 +223,7 @@ def test_triple_fault_gives_a_crash_report() -> None:
     assert "triple fault" in report.reason
     assert report.regs.rax == 0x1234
     assert report.mode == "long"
-    assert report.instructions[0][2] == "ud2"
+    assert report.faulting_instruction == "ud2"
     text = report.format()
     assert "RAX=0000000000001234" in text
     assert "=> 0x100007: ud2" in text
@@ -241,7 +241,9 @@ def test_internal_error_is_reported_with_the_instruction(assemble: Assembler) ->
     assert report is not None
     assert report.reason == "KVM internal error"
     assert "suberror 1 (instruction emulation failed)" in report.detail
-    assert report.instructions[0][2] == "int3"
+    assert report.faulting_instruction == "int3"
+    assert report.code[:1] == b"\xcc"
+    assert "KVM could not run: cc (int3)" in report.format()
 
 
 def test_guest_memory_is_shared_with_the_guest(assemble: Assembler) -> None:

@@ -60,3 +60,30 @@ def disassemble(code: bytes, address: int, mode: int, count: int = 0) -> list[tu
         (insn.address, insn.size, f"{insn.mnemonic} {insn.op_str}".strip())
         for insn in decoder.disasm(code, address, count)
     ]
+
+
+def disassemble_around(
+    vcpu: Vcpu, memory: GuestMemory, sregs: Sregs, linear: int, before: int = 8, after: int = 8
+) -> list[tuple[int, int, str]]:
+    """About ``before`` instructions leading up to ``linear`` and ``after`` from it.
+
+    x86 cannot be decoded backwards, so try each start in a window before
+    ``linear`` and keep the earliest whose instruction stream lands exactly on
+    it; when none does, start at ``linear``.
+    """
+    mode = capstone_mode(sregs)
+    window = 4 * before
+    start = max(linear - window, 0)
+    try:
+        code = read_linear(vcpu, memory, sregs, start, linear - start + 15 * after)
+    except OSError:
+        return []
+    if len(code) < linear - start:  # the bytes before RIP are unreadable
+        code, start = code[linear - start :], linear
+    for offset in range(linear - start + 1):
+        decoded = disassemble(code[offset:], start + offset, mode)
+        addresses = [address for address, _, _ in decoded]
+        if linear in addresses:
+            index = addresses.index(linear)
+            return decoded[max(index - before, 0) : index + after]
+    return []

@@ -132,3 +132,41 @@ def cpu_mode(sregs: Sregs) -> str:
     if sregs.cr0 & CR0_PG:
         return "pae32" if sregs.cr4 & CR4_PAE else "paged32"
     return "protected"
+
+
+# Flag names by bit, for decoding control registers in reports.
+CR0_FLAG_NAMES = {
+    0: "PE", 1: "MP", 2: "EM", 3: "TS", 4: "ET", 5: "NE", 16: "WP", 18: "AM",
+    29: "NW", 30: "CD", 31: "PG",
+}  # fmt: skip
+CR4_FLAG_NAMES = {
+    0: "VME", 1: "PVI", 2: "TSD", 3: "DE", 4: "PSE", 5: "PAE", 6: "MCE", 7: "PGE",
+    8: "PCE", 9: "OSFXSR", 10: "OSXMMEXCPT", 11: "UMIP", 12: "LA57", 13: "VMXE",
+    14: "SMXE", 16: "FSGSBASE", 17: "PCIDE", 18: "OSXSAVE", 20: "SMEP", 21: "SMAP",
+    22: "PKE",
+}  # fmt: skip
+EFER_FLAG_NAMES = {0: "SCE", 8: "LME", 10: "LMA", 11: "NXE", 12: "SVME", 14: "FFXSR"}
+RFLAGS_FLAG_NAMES = {
+    0: "CF", 2: "PF", 4: "AF", 6: "ZF", 7: "SF", 8: "TF", 9: "IF", 10: "DF", 11: "OF",
+    14: "NT", 16: "RF", 17: "VM", 18: "AC", 19: "VIF", 20: "VIP", 21: "ID",
+}  # fmt: skip
+
+
+def flag_names(value: int, names: dict[int, str]) -> str:
+    """The set bits of ``value`` by name, e.g. "PE|ET|PG" (empty when none)."""
+    return "|".join(name for bit, name in sorted(names.items()) if value >> bit & 1)
+
+
+def segment_summary(segment: Segment) -> str:
+    """A segment register and its descriptor fields, in one line."""
+    if segment.unusable or not segment.present:
+        state = "unusable" if segment.unusable else "not present"
+        return f"{segment.selector:04x} ({state})"
+    kind = (
+        ("code" if segment.type & 0x8 else "data") if segment.s else f"system type {segment.type}"
+    )
+    size = "64-bit" if segment.l else ("32-bit" if segment.db else "16-bit")
+    return (
+        f"{segment.selector:04x} base={segment.base:#x} limit={segment.limit:#x} "
+        f"type={segment.type:#x} {kind} dpl={segment.dpl} {size}{' g' if segment.g else ''}"
+    )
