@@ -12,7 +12,7 @@ LD ?= ld
 OUT := guests/out
 REAL_GUESTS := real_hello pio_loop
 PROTECTED_GUESTS := protected_hello paged32_hello
-LONG_GUESTS := long_hello triple_fault
+LONG_GUESTS := long_hello triple_fault mmio_hello interrupts
 MULTIBOOT_GUESTS := multiboot_hello
 GUESTS := $(REAL_GUESTS:%=$(OUT)/%.bin) $(PROTECTED_GUESTS:%=$(OUT)/%.bin) \
 	$(LONG_GUESTS:%=$(OUT)/%.bin) $(MULTIBOOT_GUESTS:%=$(OUT)/%.elf)
