@@ -19,6 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from kvmpy.debug.trace import ExitStats
 from kvmpy.loaders.flat import load_flat
 from kvmpy.machine import Machine
 
@@ -43,10 +44,15 @@ def time_reference(binary: Path, exits: int) -> float:
     return float(fields["seconds"]) / int(fields["exits"])
 
 
-def time_kvmpy(exits: int) -> float:
-    """Seconds per exit for kvmpy's run loop (VM set-up not included)."""
+def time_kvmpy(exits: int, with_stats: bool = False) -> float:
+    """Seconds per exit for kvmpy's run loop (VM set-up not included).
+
+    With ``with_stats`` the vCPU runs the counting loop behind --stats.
+    """
     # No irqchip, like the C loop: the same VM, so only the run loops differ.
     with Machine(mem_size=1 << 20, irqchip=False) as machine:
+        if with_stats:
+            machine.observer = ExitStats(machine.ports, machine.mmio)
         machine.load(load_flat(GUEST, 0x7C00), mode="real")
         machine.vcpu.set_regs(dataclasses.replace(machine.vcpu.get_regs(), rcx=exits))
         start = time.perf_counter()

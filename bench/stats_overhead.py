@@ -10,32 +10,12 @@ and prints per-exit medians and their ratio (target: at most about 1.05).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import sys
-import time
-from pathlib import Path
 
-from kvmpy.debug.trace import ExitStats
-from kvmpy.loaders.flat import load_flat
-from kvmpy.machine import Machine
+from exit_roundtrip import GUEST, time_kvmpy
 
-GUEST = Path(__file__).resolve().parent.parent / "guests" / "out" / "pio_loop.bin"
 TARGET_RATIO = 1.05
-
-
-def per_exit(exits: int, with_stats: bool) -> float:
-    with Machine(mem_size=1 << 20, irqchip=False) as machine:
-        if with_stats:
-            machine.observer = ExitStats(machine.ports, machine.mmio)
-        machine.load(load_flat(GUEST, 0x7C00), mode="real")
-        machine.vcpu.set_regs(dataclasses.replace(machine.vcpu.get_regs(), rcx=exits))
-        start = time.perf_counter()
-        outcome = machine.run(timeout=600)
-        elapsed = time.perf_counter() - start
-    if outcome.exit_code != 0:
-        sys.exit(f"bench guest failed: {outcome.message}")
-    return elapsed / (exits + 1)
 
 
 def main() -> None:
@@ -47,8 +27,8 @@ def main() -> None:
         sys.exit(f"{GUEST} is missing: run `make guests` first")
     plain, stats = [], []
     for _ in range(args.rounds):
-        plain.append(per_exit(args.exits, False))
-        stats.append(per_exit(args.exits, True))
+        plain.append(time_kvmpy(args.exits))
+        stats.append(time_kvmpy(args.exits, with_stats=True))
     ratios = [s / p for s, p in zip(stats, plain, strict=True)]
     print(f"--stats overhead, {args.exits} port-I/O exits x {args.rounds} rounds (medians)")
     print(f"  fast loop       : {statistics.median(plain) * 1e6:7.3f} us/exit")

@@ -22,6 +22,9 @@ IOCTLS = """
     KVM_GET_REGS KVM_SET_REGS KVM_GET_SREGS KVM_SET_SREGS KVM_GET_FPU KVM_SET_FPU
     KVM_GET_MSRS KVM_SET_MSRS KVM_SET_CPUID2 KVM_TRANSLATE
     KVM_GET_MP_STATE KVM_SET_MP_STATE KVM_SET_GUEST_DEBUG KVM_GET_DIRTY_LOG
+    KVM_GET_XSAVE KVM_SET_XSAVE KVM_GET_XCRS KVM_SET_XCRS KVM_GET_LAPIC KVM_SET_LAPIC
+    KVM_GET_VCPU_EVENTS KVM_SET_VCPU_EVENTS KVM_GET_DEBUGREGS KVM_SET_DEBUGREGS
+    KVM_GET_IRQCHIP KVM_SET_IRQCHIP KVM_GET_PIT2 KVM_SET_PIT2 KVM_GET_CLOCK KVM_SET_CLOCK
 """.split()
 
 EXIT_REASONS = """
@@ -41,6 +44,7 @@ OTHER_CONSTANTS = """
     KVM_MP_STATE_HALTED KVM_MP_STATE_SIPI_RECEIVED
     KVM_GUESTDBG_ENABLE KVM_GUESTDBG_SINGLESTEP KVM_GUESTDBG_USE_SW_BP
     KVM_GUESTDBG_USE_HW_BP
+    KVM_IRQCHIP_PIC_MASTER KVM_IRQCHIP_PIC_SLAVE KVM_IRQCHIP_IOAPIC
     KVM_MEM_LOG_DIRTY_PAGES KVM_MEM_READONLY KVM_PIT_SPEAKER_DUMMY
     MAP_NORESERVE
 """.split()
@@ -108,6 +112,15 @@ struct kvm_translation {
 };
 struct kvm_mp_state { __u32 mp_state; ...; };
 struct kvm_guest_debug_arch { __u64 debugreg[8]; ...; };
+/* State saved and restored whole, as opaque bytes (kvmpy/snapshot.py). */
+struct kvm_xsave { ...; };
+struct kvm_xcrs { ...; };
+struct kvm_lapic_state { ...; };
+struct kvm_vcpu_events { ...; };
+struct kvm_debugregs { ...; };
+struct kvm_irqchip { __u32 chip_id; ...; };
+struct kvm_pit_state2 { ...; };
+struct kvm_clock_data { __u64 clock; __u32 flags; ...; };
 struct kvm_guest_debug {
     __u32 control; struct kvm_guest_debug_arch arch;
     ...;

@@ -21,9 +21,11 @@ import termios
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import TextIO
 
 from kvmpy.bus import BusError
+from kvmpy.debug.gdbstub import attach_gdb
 from kvmpy.debug.step import SingleStepper
 from kvmpy.debug.trace import (
     TRACE_KINDS,
@@ -33,6 +35,7 @@ from kvmpy.debug.trace import (
     parse_trace_kinds,
 )
 from kvmpy.devices.serial import Serial16550
+from kvmpy.display import DISPLAY_MODES, open_display
 from kvmpy.hostinfo import format_info, gather
 from kvmpy.kvm import KVM_PATH, Kvm, KvmError
 from kvmpy.loaders import LoaderError
@@ -40,6 +43,7 @@ from kvmpy.loaders.detect import FORMATS, load_image
 from kvmpy.machine import DEFAULT_MEM_SIZE, Machine
 from kvmpy.memory import GuestMemoryError, parse_size
 from kvmpy.runloop import STATUS_ERROR, ExitObserver, Outcome
+from kvmpy.snapshot import SnapshotError
 from kvmpy.x86.modes import MODES, default_load_addr
 
 
@@ -87,6 +91,63 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    """Options that `run` and `restore` share: how long, what to watch, what to save."""
+    parser.add_argument(
+        "--timeout", type=_seconds, metavar="S", help="stop the guest after S seconds"
+    )
+    parser.add_argument(
+        "--snapshot-at-exit",
+        metavar="DIR",
+        help="when the run ends (also by --timeout), save the machine to DIR",
+    )
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="say how the guest ended, always"
+    )
+    debug = parser.add_argument_group("watching the guest")
+    debug.add_argument(
+        "--trace",
+        nargs="?",
+        const="",
+        type=_trace_kinds,
+        metavar="KINDS",
+        help=f"log every exit with its instruction (KINDS: {','.join(TRACE_KINDS)}; default all)",
+    )
+    debug.add_argument("--trace-file", metavar="FILE", help="write the trace to FILE, not stderr")
+    debug.add_argument(
+        "--stats", action="store_true", help="print exit statistics (count, time) at the end"
+    )
+    debug.add_argument(
+        "--step", action="store_true", help="single-step vCPU 0, printing every instruction"
+    )
+    debug.add_argument(
+        "--max-steps", type=_count, metavar="N", help="with --step: stop after N instructions"
+    )
+    debug.add_argument(
+        "--gdb",
+        metavar="tcp::PORT",
+        help="let gdb connect on PORT (localhost; tcp:HOST:PORT for another address)",
+    )
+    debug.add_argument(
+        "--gdb-wait",
+        action="store_true",
+        help="with --gdb: hold the guest before its first instruction until gdb continues it",
+    )
+    screen = parser.add_argument_group("the screen")
+    screen.add_argument(
+        "--display",
+        choices=DISPLAY_MODES,
+        help="show the guest's VGA text screen live: term = in this terminal",
+    )
+    screen.add_argument(
+        "--screenshot",
+        type=Path,
+        metavar="FILE.png",
+        help="write the guest's final VGA text screen as a 720x400 PNG",
+    )
+    parser.add_argument("--kvm", default=KVM_PATH, metavar="PATH", help=argparse.SUPPRESS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvmpy", description="A KVM micro-hypervisor in Python.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -126,7 +187,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--entry", type=_address, metavar="ADDR", help="flat image entry (default: load address)"
     )
-    run.add_argument("--timeout", type=_seconds, metavar="S", help="stop the guest after S seconds")
     run.add_argument("--reboot", action="store_true", help="restart the guest when it resets")
     run.add_argument(
         "--no-irqchip",
@@ -139,27 +199,15 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="stop with an error on I/O to a port or address nobody handles",
     )
-    run.add_argument("-v", "--verbose", action="store_true", help="say how the guest ended, always")
-    debug = run.add_argument_group("watching the guest")
-    debug.add_argument(
-        "--trace",
-        nargs="?",
-        const="",
-        type=_trace_kinds,
-        metavar="KINDS",
-        help=f"log every exit with its instruction (KINDS: {','.join(TRACE_KINDS)}; default all)",
+    _add_run_options(run)
+
+    restore = commands.add_parser(
+        "restore",
+        help="resume a guest from a snapshot",
+        description="Resume a guest saved with --snapshot-at-exit (or Machine.snapshot).",
     )
-    debug.add_argument("--trace-file", metavar="FILE", help="write the trace to FILE, not stderr")
-    debug.add_argument(
-        "--stats", action="store_true", help="print exit statistics (count, time) at the end"
-    )
-    debug.add_argument(
-        "--step", action="store_true", help="single-step vCPU 0, printing every instruction"
-    )
-    debug.add_argument(
-        "--max-steps", type=_count, metavar="N", help="with --step: stop after N instructions"
-    )
-    run.add_argument("--kvm", default=KVM_PATH, metavar="PATH", help=argparse.SUPPRESS)
+    restore.add_argument("directory", help="the snapshot directory")
+    _add_run_options(restore)
 
     info = commands.add_parser(
         "info", help="describe the host's KVM", description="Describe the host's KVM."
@@ -273,14 +321,50 @@ def _attach_observers(m: Machine, args: argparse.Namespace, trace: TextIO) -> Ex
     return stats
 
 
+def _run(
+    m: Machine, args: argparse.Namespace, stdin: _StdinPump, trace: TextIO, deadline: float | None
+) -> Outcome:
+    """Run a loaded machine with the shared options: what to watch, when to stop, what to save."""
+    stats = _attach_observers(m, args, trace)
+    stub = None
+    if args.gdb is not None:
+        if args.step:
+            raise ValueError("--step and --gdb both single-step the guest: choose one")
+        stub = attach_gdb(m, args.gdb, wait=args.gdb_wait)
+    elif args.gdb_wait:
+        raise ValueError("--gdb-wait needs --gdb")
+    if stdin.serial is None:
+        stdin.start()
+    stdin.serial = m.serial
+    timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+    session = open_display(m, args.display, args.screenshot)
+    session.start()
+    try:
+        outcome = m.run(timeout=timeout)
+    finally:
+        session.finish()  # before any report, so it does not land on the live screen
+        if stub is not None:
+            stub.close()
+    if stats is not None:
+        print(stats.format(), file=sys.stderr)
+    if args.snapshot_at_exit:
+        m.snapshot(args.snapshot_at_exit)
+        print(f"kvmpy: snapshot saved to {args.snapshot_at_exit}", file=sys.stderr)
+    return outcome
+
+
+def _deadline(args: argparse.Namespace) -> float | None:
+    return None if args.timeout is None else time.monotonic() + args.timeout
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     modules = [_module(text) for text in args.module]
     load_addr = args.load_addr
     if load_addr is None:
         load_addr = default_load_addr(args.mode or "real")
-    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    deadline = _deadline(args)
     stdin = _StdinPump()
-    with _trace_output(args.trace_file) as trace_output, _terminal_input():
+    with _trace_output(args.trace_file) as trace, _terminal_input():
         while True:
             with Machine(
                 mem_size=args.mem,
@@ -301,19 +385,24 @@ def cmd_run(args: argparse.Namespace) -> int:
                     modules=modules,
                 )
                 m.load(plan, mode=args.mode)
-                stats = _attach_observers(m, args, trace_output)
-                if stdin.serial is None:
-                    stdin.start()
-                stdin.serial = m.serial
-                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-                outcome = m.run(timeout=timeout)
-                if stats is not None:
-                    print(stats.format(), file=sys.stderr)
+                outcome = _run(m, args, stdin, trace, deadline)
                 rebooting = args.reboot and outcome.reason in ("reset", "triple-fault")
                 if not rebooting:
                     _report(outcome, m, args.verbose)
                     return outcome.status
             print("kvmpy: guest reset: restarting", file=sys.stderr)
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    deadline = _deadline(args)
+    with (
+        _trace_output(args.trace_file) as trace,
+        _terminal_input(),
+        Machine.restore(args.directory, serial_output=_write_stdout, kvm_path=args.kvm) as m,
+    ):
+        outcome = _run(m, args, _StdinPump(), trace, deadline)
+        _report(outcome, m, args.verbose)
+        return outcome.status
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -327,8 +416,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "restore":
+            return cmd_restore(args)
         return cmd_info(args)
-    except (KvmError, LoaderError, GuestMemoryError, BusError, ValueError) as exc:
+    except (KvmError, LoaderError, GuestMemoryError, BusError, SnapshotError, ValueError) as exc:
         print(f"kvmpy: error: {exc}", file=sys.stderr)
         return STATUS_ERROR
 

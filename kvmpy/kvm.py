@@ -88,6 +88,26 @@ def _to_struct(obj: Any, cdata: Any, names: Iterable[str]) -> None:
         setattr(cdata, name, getattr(obj, name))
 
 
+def _get_state(fd: int, ioctl: str, ctype: str, chip_id: int | None = None) -> bytes:
+    """Run a KVM_GET_* ioctl whose struct kvmpy keeps as opaque bytes (for snapshots)."""
+    c = ffi.new(f"{ctype} *")
+    if chip_id is not None:
+        c.chip_id = chip_id
+    _check(ioctl, lib.kvmshim_ioctl(fd, getattr(lib, ioctl), c))
+    return bytes(ffi.buffer(c))
+
+
+def _set_state(fd: int, ioctl: str, ctype: str, data: bytes) -> None:
+    """The KVM_SET_* twin of _get_state: hand KVM back the bytes it gave."""
+    c = ffi.new(f"{ctype} *")
+    buffer = ffi.buffer(c)
+    if len(data) != len(buffer):
+        size = len(buffer)
+        raise KvmError(ioctl, errno.EINVAL, f"{len(data)} bytes of state, {ctype} has {size}")
+    buffer[:] = data
+    _check(ioctl, lib.kvmshim_ioctl(fd, getattr(lib, ioctl), c))
+
+
 def _segment_from(c: Any) -> Segment:
     return Segment(**{name: getattr(c, name) for name in SEGMENT_FIELDS})
 
@@ -189,19 +209,55 @@ class Vm(_Fd):
         self.kvm = kvm
 
     def set_user_memory_region(
-        self, slot: int, guest_phys_addr: int, backing: mmap.mmap, flags: int = 0
+        self,
+        slot: int,
+        guest_phys_addr: int,
+        backing: mmap.mmap,
+        flags: int = 0,
+        *,
+        offset: int = 0,
+        size: int | None = None,
     ) -> None:
-        """Map all of ``backing`` (which must outlive the VM) at ``guest_phys_addr``."""
+        """Map ``backing`` (which must outlive the VM) at ``guest_phys_addr``.
+
+        All of it by default; ``offset`` and ``size`` (page multiples) map part
+        of it, so that one host mapping can back several slots.
+        """
+        if size is None:
+            size = len(backing) - offset
+        if offset < 0 or size < 0 or offset + size > len(backing):
+            raise ValueError(f"{offset:#x}+{size:#x} is outside the {len(backing):#x}-byte backing")
         pointer = ffi.from_buffer(backing)
         region = ffi.new("struct kvm_userspace_memory_region *")
         region.slot = slot
         region.flags = flags
         region.guest_phys_addr = guest_phys_addr
-        region.memory_size = len(backing)
-        region.userspace_addr = int(ffi.cast("uintptr_t", pointer))
+        region.memory_size = size
+        region.userspace_addr = int(ffi.cast("uintptr_t", pointer)) + offset
         ffi.release(pointer)
         ret = lib.kvmshim_ioctl(self.fd, lib.KVM_SET_USER_MEMORY_REGION, region)
         _check("KVM_SET_USER_MEMORY_REGION", ret)
+
+    def get_dirty_log(self, slot: int, pages: int) -> bytes:
+        """KVM_GET_DIRTY_LOG: which pages of ``slot`` the guest wrote since the last call.
+
+        The slot must have been registered with KVM_MEM_LOG_DIRTY_PAGES, and
+        ``pages`` must be its size in pages: KVM fills a bitmap for the whole
+        slot.  The result holds page n in bit ``n % 8`` of byte ``n // 8``.
+        KVM clears the log as it hands it over.
+        """
+        if pages <= 0:
+            raise ValueError(f"need at least one page, not {pages}")
+        # KVM writes whole 64-bit words, one bit per page of the slot.
+        bitmap = ffi.new("uint64_t[]", (pages + 63) // 64)
+        log = ffi.new("struct kvm_dirty_log *")
+        log.slot = slot
+        log.dirty_bitmap = bitmap
+        _check("KVM_GET_DIRTY_LOG", lib.kvmshim_ioctl(self.fd, lib.KVM_GET_DIRTY_LOG, log))
+        data = bytearray(ffi.buffer(bitmap)[: (pages + 7) // 8])
+        if pages % 8:
+            data[-1] &= (1 << (pages % 8)) - 1
+        return bytes(data)
 
     def set_tss_addr(self, addr: int) -> None:
         """Three pages KVM needs for real-mode emulation on Intel (below 4 GiB, not RAM)."""
@@ -228,6 +284,26 @@ class Vm(_Fd):
         line.irq = irq
         line.level = int(level)
         _check("KVM_IRQ_LINE", lib.kvmshim_ioctl(self.fd, lib.KVM_IRQ_LINE, line))
+
+    # Whole-VM state for snapshots, as opaque bytes.
+
+    def get_irqchip(self, chip_id: int) -> bytes:
+        return _get_state(self.fd, "KVM_GET_IRQCHIP", "struct kvm_irqchip", chip_id)
+
+    def set_irqchip(self, state: bytes) -> None:
+        _set_state(self.fd, "KVM_SET_IRQCHIP", "struct kvm_irqchip", state)
+
+    def get_pit2(self) -> bytes:
+        return _get_state(self.fd, "KVM_GET_PIT2", "struct kvm_pit_state2")
+
+    def set_pit2(self, state: bytes) -> None:
+        _set_state(self.fd, "KVM_SET_PIT2", "struct kvm_pit_state2", state)
+
+    def get_clock(self) -> bytes:
+        return _get_state(self.fd, "KVM_GET_CLOCK", "struct kvm_clock_data")
+
+    def set_clock(self, state: bytes) -> None:
+        _set_state(self.fd, "KVM_SET_CLOCK", "struct kvm_clock_data", state)
 
     def create_vcpu(self, index: int) -> Vcpu:
         fd = _check("KVM_CREATE_VCPU", lib.kvmshim_ioctl_value(self.fd, lib.KVM_CREATE_VCPU, index))
@@ -410,6 +486,38 @@ class Vcpu(_Fd):
         c = ffi.new("struct kvm_mp_state *")
         c.mp_state = state
         _check("KVM_SET_MP_STATE", lib.kvmshim_ioctl(self.fd, lib.KVM_SET_MP_STATE, c))
+
+    # vCPU state for snapshots, as opaque bytes.
+
+    def get_xsave(self) -> bytes:
+        return _get_state(self.fd, "KVM_GET_XSAVE", "struct kvm_xsave")
+
+    def set_xsave(self, state: bytes) -> None:
+        _set_state(self.fd, "KVM_SET_XSAVE", "struct kvm_xsave", state)
+
+    def get_xcrs(self) -> bytes:
+        return _get_state(self.fd, "KVM_GET_XCRS", "struct kvm_xcrs")
+
+    def set_xcrs(self, state: bytes) -> None:
+        _set_state(self.fd, "KVM_SET_XCRS", "struct kvm_xcrs", state)
+
+    def get_lapic(self) -> bytes:
+        return _get_state(self.fd, "KVM_GET_LAPIC", "struct kvm_lapic_state")
+
+    def set_lapic(self, state: bytes) -> None:
+        _set_state(self.fd, "KVM_SET_LAPIC", "struct kvm_lapic_state", state)
+
+    def get_vcpu_events(self) -> bytes:
+        return _get_state(self.fd, "KVM_GET_VCPU_EVENTS", "struct kvm_vcpu_events")
+
+    def set_vcpu_events(self, state: bytes) -> None:
+        _set_state(self.fd, "KVM_SET_VCPU_EVENTS", "struct kvm_vcpu_events", state)
+
+    def get_debugregs(self) -> bytes:
+        return _get_state(self.fd, "KVM_GET_DEBUGREGS", "struct kvm_debugregs")
+
+    def set_debugregs(self, state: bytes) -> None:
+        _set_state(self.fd, "KVM_SET_DEBUGREGS", "struct kvm_debugregs", state)
 
     def set_guest_debug(self, control: int, debugreg: list[int] | None = None) -> None:
         """KVM_SET_GUEST_DEBUG: ``control`` is KVM_GUESTDBG_* flags (0 turns debugging off).

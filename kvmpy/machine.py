@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import itertools
 import threading
 from collections.abc import Callable
 from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
 
 from kvmpy._kvm import lib
 from kvmpy.bus import Bus
@@ -32,10 +35,11 @@ from kvmpy.devices.reset import (
 )
 from kvmpy.devices.serial import Serial16550
 from kvmpy.devices.testdev import TESTDEV_BASE, TESTDEV_SIZE, TestDevice
+from kvmpy.devices.vga import VGA_PORT_BASE, VGA_PORTS, VGA_TEXT_BASE, VGA_TEXT_WINDOW, Vga
 from kvmpy.hostinfo import kvm_modules
 from kvmpy.kvm import KVM_PATH, Kvm, KvmError, Vcpu, install_kick_handler
 from kvmpy.loaders import LoadPlan, check_plan
-from kvmpy.memory import GuestMemory
+from kvmpy.memory import PAGE_SIZE, GuestMemory
 from kvmpy.runloop import (
     STATUS_HALT,
     STATUS_INTERRUPTED,
@@ -45,6 +49,7 @@ from kvmpy.runloop import (
     Outcome,
     run_vcpu,
 )
+from kvmpy.snapshot import Snapshot, apply_snapshot, take_snapshot
 from kvmpy.x86.bios import BDA_ADDR, bios_data_area
 from kvmpy.x86.cpuid import vcpu_cpuid
 from kvmpy.x86.modes import CpuSetup, setup_mode
@@ -72,7 +77,9 @@ class Machine:
     0x510, the CMOS/RTC at 0x70, the i8042 at 0x60/0x64 and port 0x92 (both
     can reset the machine), QEMU's ACPI power-off register at 0x604, a
     port-0x80 sink, and kvmpy's test device at 0xFEB00000 (MMIO).  RAM starts
-    with a BIOS Data Area, as if firmware had run.
+    with a BIOS Data Area, as if firmware had run.  The VGA text screen is the
+    RAM at 0xB8000 with the VGA registers at 0x3C0-0x3DF (``vga``); see
+    kvmpy.display for showing it.
 
     With ``irqchip`` (the default, and required for more than one vCPU) KVM
     emulates the LAPICs, IOAPIC, PIC and PIT; vCPUs 1..n-1 then wait in the
@@ -92,6 +99,7 @@ class Machine:
         serial_output: Callable[[bytes], None] | None = None,
         cmdline: str = "",
         kvm_path: str = KVM_PATH,
+        memory_file: int | None = None,
     ) -> None:
         if mem_size < MIN_MEM_SIZE:
             raise ValueError(f"guest RAM must be at least 1 MiB, not {mem_size} bytes")
@@ -125,9 +133,8 @@ class Machine:
             if irqchip:
                 self.vm.create_irqchip()
                 self.vm.create_pit2()
-            self.memory = stack.enter_context(GuestMemory.with_ram(mem_size))
-            for slot, region in enumerate(self.memory):
-                self.vm.set_user_memory_region(slot, region.gpa, region.mapping)
+            self.memory = stack.enter_context(GuestMemory.with_ram(mem_size, memory_file))
+            self.vga_slot = self._map_ram()
             supported_cpuid = self.kvm.supported_cpuid()
             self.vcpus: list[Vcpu] = []
             for index in range(cpus):
@@ -170,6 +177,8 @@ class Machine:
         self.ports.register(PM1A_CNT_PORT, PM1A_CNT_PORTS, self.acpi_pm, "ACPI PM1a_CNT")
         self.testdev = TestDevice()
         self.mmio.register(TESTDEV_BASE, TESTDEV_SIZE, self.testdev, "testdev")
+        self.vga = Vga()
+        self.ports.register(VGA_PORT_BASE, VGA_PORTS, self.vga, "VGA")
 
     def close(self) -> None:
         """Stop a run still in progress, then release every fd and mapping."""
@@ -184,12 +193,103 @@ class Machine:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    # -- VGA text display ------------------------------------------------------------------
+
+    def _map_ram(self) -> int | None:
+        """Register RAM as KVM memory slots; return the VGA text window's slot.
+
+        The window (0xB8000-0xBFFFF) is a slot of its own, over the same host
+        mapping, that logs dirty pages, so that a display can ask KVM whether
+        the guest wrote the screen (``screen_dirty``).  None if RAM lacks it.
+        """
+        window = (VGA_TEXT_BASE, VGA_TEXT_BASE + VGA_TEXT_WINDOW)
+        vga_slot = None
+        slot = 0
+        for region in self.memory:
+            bounds = [region.gpa, region.end]
+            if region.gpa <= window[0] and window[1] <= region.end:
+                bounds[1:1] = window
+            for start, end in itertools.pairwise(bounds):
+                if start == end:
+                    continue
+                logged = (start, end) == window
+                flags = lib.KVM_MEM_LOG_DIRTY_PAGES if logged else 0
+                self.vm.set_user_memory_region(
+                    slot, start, region.mapping, flags, offset=start - region.gpa, size=end - start
+                )
+                if logged:
+                    vga_slot = slot
+                slot += 1
+        return vga_slot
+
+    def screen_dirty(self) -> bool:
+        """Whether the guest wrote to the VGA text window since the last call.
+
+        Asks KVM's dirty log, which this call also clears; True when there is
+        no logged window to ask about.
+        """
+        if self.vga_slot is None:
+            return True
+        return any(self.vm.get_dirty_log(self.vga_slot, VGA_TEXT_WINDOW // PAGE_SIZE))
+
     def irq_line(self, irq: int) -> IrqCallback:
         """An interrupt callback for a device wired to ``irq`` (a no-op without irqchip)."""
         if not self.has_irqchip:
             return no_irq
         vm = self.vm
         return lambda level: vm.irq_line(irq, level)
+
+    def devices(self) -> dict[str, object]:
+        """The device models by name: what a snapshot saves besides KVM's state."""
+        return {
+            "serial": self.serial,
+            "post": self.post,
+            "fw_cfg": self.fw_cfg,
+            "cmos": self.cmos,
+            "i8042": self.i8042,
+            "port92": self.port92,
+            "acpi_pm": self.acpi_pm,
+            "testdev": self.testdev,
+            "vga": self.vga,
+        }
+
+    @property
+    def is_running(self) -> bool:
+        return bool(self._threads)
+
+    # -- snapshots -----------------------------------------------------------------------
+
+    def snapshot(self, directory: str | Path) -> None:
+        """Save the complete state of this stopped machine to ``directory``."""
+        take_snapshot(self).save(directory)
+
+    @classmethod
+    def restore(cls, source: str | Path | Snapshot, **options: Any) -> Machine:
+        """A new machine in the state of a snapshot (a directory, or one already loaded).
+
+        Loading once and restoring the same ``Snapshot`` many times gives each
+        caller its own fresh copy.  ``options`` are further Machine arguments
+        (``serial_output``, ``strict``...); RAM, vCPUs and irqchip come from
+        the snapshot.
+        """
+        state = source if isinstance(source, Snapshot) else Snapshot.load(source)
+        config = state.config
+        with state.open_memory() as memory_file:
+            # RAM maps the snapshot's memory file copy-on-write: no copying.
+            machine = cls(
+                mem_size=config["mem_size"],
+                cpus=config["cpus"],
+                irqchip=config["irqchip"],
+                cmdline=config["cmdline"],
+                memory_file=memory_file,
+                **options,
+            )
+        try:
+            apply_snapshot(state, machine)
+        except BaseException:
+            machine.close()
+            raise
+        return machine
 
     # -- loading -------------------------------------------------------------------------
 

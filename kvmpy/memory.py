@@ -72,22 +72,30 @@ class GuestMemory:
         self.regions: list[MemoryRegion] = []
 
     @classmethod
-    def with_ram(cls, size: int) -> GuestMemory:
-        """RAM of ``size`` bytes in the standard PC layout (split around the MMIO hole)."""
+    def with_ram(cls, size: int, backing: int | None = None) -> GuestMemory:
+        """RAM of ``size`` bytes in the standard PC layout (split around the MMIO hole).
+
+        With ``backing`` (a file descriptor of a ``size``-byte file holding the
+        regions end to end, as a snapshot's memory.bin does), RAM starts as a
+        copy-on-write view of that file: nothing is copied until written.
+        """
         if size <= 0 or size % PAGE_SIZE:
             raise GuestMemoryError(f"RAM size must be a positive multiple of 4 KiB, not {size:#x}")
         memory = cls()
         low = min(size, LOW_RAM_END)
-        memory.add_region(0, low)
+        memory.add_region(0, low, backing, 0)
         if size > low:
-            memory.add_region(HIGH_RAM_START, size - low)
+            memory.add_region(HIGH_RAM_START, size - low, backing, low)
         return memory
 
     @property
     def size(self) -> int:
         return sum(region.size for region in self.regions)
 
-    def add_region(self, gpa: int, size: int) -> MemoryRegion:
+    def add_region(
+        self, gpa: int, size: int, backing: int | None = None, offset: int = 0
+    ) -> MemoryRegion:
+        """RAM at ``gpa``: anonymous, or a copy-on-write map of ``backing`` at ``offset``."""
         if gpa < 0:
             raise GuestMemoryError(f"region {gpa:#x}+{size:#x} has a negative address")
         if gpa % PAGE_SIZE or size <= 0 or size % PAGE_SIZE:
@@ -95,8 +103,17 @@ class GuestMemory:
         for other in self.regions:
             if gpa < other.end and other.gpa < gpa + size:
                 raise GuestMemoryError(f"region {gpa:#x}+{size:#x} overlaps {other.gpa:#x}")
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
-        mapping = mmap.mmap(-1, size, flags=flags)
+        if backing is None:
+            flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
+            mapping = mmap.mmap(-1, size, flags=flags)
+        else:
+            mapping = mmap.mmap(
+                backing,
+                size,
+                flags=mmap.MAP_PRIVATE | _MAP_NORESERVE,
+                prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                offset=offset,
+            )
         region = MemoryRegion(gpa, size, mapping, memoryview(mapping))
         self.regions.append(region)
         self.regions.sort(key=lambda r: r.gpa)

@@ -179,6 +179,9 @@ class I8042:
     each read so that an edge-triggered PIC sees the next byte.
     """
 
+    # Wiring to the bus, not state: what a snapshot leaves out.
+    SNAPSHOT_EXCLUDE = ("data_port", "command_port")
+
     def __init__(
         self,
         on_reset: Callable[[], None],
