@@ -10,9 +10,9 @@ AS ?= as
 LD ?= ld
 
 OUT := guests/out
-REAL_GUESTS := real_hello pio_loop
+REAL_GUESTS := real_hello pio_loop counter runner_pass runner_fail runner_skip vga_colors
 PROTECTED_GUESTS := protected_hello paged32_hello
-LONG_GUESTS := long_hello triple_fault mmio_hello interrupts
+LONG_GUESTS := long_hello triple_fault mmio_hello interrupts gdb_target
 MULTIBOOT_GUESTS := multiboot_hello
 GUESTS := $(REAL_GUESTS:%=$(OUT)/%.bin) $(PROTECTED_GUESTS:%=$(OUT)/%.bin) \
 	$(LONG_GUESTS:%=$(OUT)/%.bin) $(MULTIBOOT_GUESTS:%=$(OUT)/%.elf)
@@ -34,7 +34,7 @@ $(VENV)/.installed: pyproject.toml setup.py kvmpy/_build.py $(wildcard csrc/*.c 
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $@
 
-guests: $(GUESTS) $(TOYKERNEL_ELF)
+guests: $(GUESTS) $(TOYKERNEL_ELF) $(OUT)/gdb_target.elf
 
 $(REAL_GUESTS:%=$(OUT)/%.bin): $(OUT)/%.bin: guests/%.S guests/real.ld
 	@mkdir -p $(OUT)
@@ -55,6 +55,10 @@ $(MULTIBOOT_GUESTS:%=$(OUT)/%.elf): $(OUT)/%.elf: guests/%.S guests/multiboot.ld
 	@mkdir -p $(OUT)
 	$(AS) --32 -o $(OUT)/$*.o $<
 	$(LD) -m elf_i386 --no-warn-rwx-segments -T guests/multiboot.ld -o $@ $(OUT)/$*.o
+
+# gdb_target linked once more as an ELF, only so gdb has its symbols.
+$(OUT)/gdb_target.elf: $(OUT)/gdb_target.bin
+	$(LD) -m elf_x86_64 -Ttext=0x100000 -e _start -o $@ $(OUT)/gdb_target.o
 
 # The guest reports success with debug-exit code 0, which QEMU's convention
 # turns into process status 1.
