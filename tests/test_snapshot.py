@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from kvmpy._kvm import lib
 from kvmpy.devices.serial import Serial16550
 from kvmpy.loaders.flat import load_flat
 from kvmpy.machine import Machine
@@ -26,9 +27,9 @@ def kvmpy(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
     )  # fmt: skip
 
 
-def counted_halfway(directory: Path, lines: int = 8) -> bytes:
+def counted_halfway(directory: Path, lines: int = 8, cpus: int = 1) -> bytes:
     """Run the counter until it printed ``lines`` lines, stop it, snapshot it."""
-    with Machine() as m:
+    with Machine(cpus=cpus) as m:
         m.load(load_flat(guest("counter"), 0x7C00), mode="real")
         m.serial.feed(b"x" * lines)
         m.start()
@@ -55,11 +56,19 @@ def test_device_state_round_trip() -> None:
 
 
 @pytest.mark.kvm
-def test_snapshot_mid_run_and_restore_in_a_new_process(tmp_path: Path) -> None:
-    uninterrupted = kvmpy("run", str(guest("counter")), stdin=b"x" * 20)
+@pytest.mark.parametrize("cpus", [1, 2])
+def test_snapshot_mid_run_and_restore_in_a_new_process(tmp_path: Path, cpus: int) -> None:
+    # With 2 vCPUs the second waits for INIT/SIPI in the in-kernel LAPIC: its
+    # mp_state and LAPIC must come back too, or the restored run would differ.
+    uninterrupted = kvmpy("run", str(guest("counter")), "--cpus", str(cpus), stdin=b"x" * 20)
     assert (uninterrupted.returncode, uninterrupted.stdout) == (1, FULL_COUNT)
 
-    first = counted_halfway(tmp_path / "snap")
+    first = counted_halfway(tmp_path / "snap", cpus=cpus)
+    saved = Snapshot.load(tmp_path / "snap")
+    assert [vcpu["mp_state"] for vcpu in saved.vcpus] == [
+        lib.KVM_MP_STATE_RUNNABLE,
+        *[lib.KVM_MP_STATE_UNINITIALIZED] * (cpus - 1),
+    ]
     assert first == FULL_COUNT[: len(b"count 00\n") * 8]
     rest = kvmpy("restore", str(tmp_path / "snap"), "--timeout", "60", stdin=b"x" * 12)
     assert rest.returncode == 1, rest.stderr
