@@ -90,24 +90,64 @@ static uint64_t now_ns(void)
 	return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
 }
 
+/* The row for key: found or claimed by linear probing; the last slot is the overflow. */
+static struct kvmshim_stat *stat_row(struct kvmshim_stat *stats, uint64_t key)
+{
+	const uint32_t slots = KVMSHIM_STATS_SLOTS - 1;
+	uint32_t slot = (uint32_t)((key * 0x9e3779b97f4a7c15ull) >> 32) % slots;
+	uint32_t tries;
+
+	for (tries = 0; tries < slots; tries++) {
+		struct kvmshim_stat *row = &stats[slot];
+
+		if (row->key == key)
+			return row;
+		if (row->key == 0) {
+			row->key = key;
+			return row;
+		}
+		slot = (slot + 1) % slots;
+	}
+	stats[slots].key = KVMSHIM_STATS_OVERFLOW;
+	return &stats[slots];
+}
+
+static uint64_t stat_key(int reason, const struct kvmshim_exit *e)
+{
+	uint64_t where = 0;
+
+	if (reason == KVMSHIM_EXIT_PORT_OUT || reason == KVMSHIM_EXIT_PORT_IN)
+		where = e->io_port;
+	else if (reason == KVM_EXIT_MMIO)
+		where = e->mmio_addr >> 12;
+	return (uint64_t)reason << 40 | where;
+}
+
 int kvmshim_run(struct kvmshim_vcpu *vcpu)
 {
 	uint64_t entered;
-	int ret;
+	int reason;
 
-	if (!vcpu->timing) {
+	if (!vcpu->stats) {
 		if (ioctl(vcpu->fd, KVM_RUN, 0) < 0)
 			return -errno;
 		return decode_exit(vcpu->run, &vcpu->exit);
 	}
 	entered = now_ns();
-	vcpu->handler_ns = vcpu->returned_ns ? entered - vcpu->returned_ns : 0;
-	ret = ioctl(vcpu->fd, KVM_RUN, 0);
+	if (vcpu->last)
+		vcpu->last->handler_ns += entered - vcpu->returned_ns;
+	vcpu->last = NULL;
+	if (ioctl(vcpu->fd, KVM_RUN, 0) < 0) {
+		reason = -errno;
+		vcpu->returned_ns = now_ns();
+		return reason;
+	}
 	vcpu->returned_ns = now_ns();
-	vcpu->run_ns = vcpu->returned_ns - entered;
-	if (ret < 0)
-		return -errno;
-	return decode_exit(vcpu->run, &vcpu->exit);
+	reason = decode_exit(vcpu->run, &vcpu->exit);
+	vcpu->last = stat_row(vcpu->stats, stat_key(reason, &vcpu->exit));
+	vcpu->last->count++;
+	vcpu->last->run_ns += vcpu->returned_ns - entered;
+	return reason;
 }
 
 void kvmshim_set_immediate_exit(void *run, int value)

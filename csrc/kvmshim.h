@@ -63,22 +63,32 @@ long kvmshim_ioctl_value(int fd, unsigned long request, unsigned long value);
 #define KVMSHIM_EXIT_PORT_IN 0x10001
 #define KVMSHIM_EXIT_PORT_STRING 0x10002
 
+/*
+ * Exit statistics, kept by the shim so that counting costs the Python loop
+ * nothing: one row per exit kind, keyed by (reason << 40 | where), where is
+ * the port for port I/O, the page for MMIO and 0 otherwise.  An open-address
+ * table; when it is full, further kinds are counted in its last slot (key ~0).
+ */
+#define KVMSHIM_STATS_SLOTS 4096
+#define KVMSHIM_STATS_OVERFLOW (~(uint64_t)0)
+
+struct kvmshim_stat {
+	uint64_t key;		/* 0: unused */
+	uint64_t count;
+	uint64_t run_ns;	/* time in KVM_RUN that ended in this exit */
+	uint64_t handler_ns;	/* time userspace spent on these exits */
+};
+
 /* What kvmshim_run needs, in one struct so Python passes a single pointer. */
 struct kvmshim_vcpu {
 	int fd;			/* the vCPU file descriptor */
 	void *run;		/* its mmap'ed struct kvm_run */
 	struct kvmshim_exit exit;	/* the last exit, decoded */
 
-	/*
-	 * Exit timing, for statistics: off unless `timing` is set, so the fast
-	 * path pays nothing.  run_ns: how long the last KVM_RUN took;
-	 * handler_ns: the time between the KVM_RUN before it returning and this
-	 * one starting, i.e. how long userspace spent on the previous exit.
-	 */
-	int timing;
-	uint64_t run_ns;
-	uint64_t handler_ns;
-	uint64_t returned_ns;
+	/* KVMSHIM_STATS_SLOTS rows to count exits in, or NULL (the default). */
+	struct kvmshim_stat *stats;
+	struct kvmshim_stat *last;	/* the row of the exit being handled */
+	uint64_t returned_ns;		/* when KVM_RUN last returned */
 };
 
 /*

@@ -15,8 +15,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-from kvmpy._kvm import lib
+from kvmpy._kvm import ffi, lib
 from kvmpy.bus import Bus, UnhandledAccess
 from kvmpy.debug.crash import CrashReport, crash_report
 from kvmpy.kvm import KvmError, Vcpu
@@ -83,6 +84,10 @@ class ExitObserver:
         """The vCPU thread is about to enter its first KVM_RUN."""
         return None
 
+    def on_stop(self, vcpu: Vcpu) -> None:
+        """The vCPU thread has left its run loop."""
+        return None
+
     def on_exit(self, vcpu: Vcpu, reason: int, run_ns: int, handle_ns: int) -> None:
         """An exit was handled (``vcpu.exit`` still describes it)."""
         return None
@@ -97,34 +102,39 @@ class ExitObserver:
 
 
 class ExitCounter(ExitObserver):
-    """Counts exits and their time, per vCPU, cheaply enough to leave on.
+    """Counts exits and their time per vCPU, at almost no cost.
 
-    Rows are keyed by ``reason << 40 | where`` (the port, the MMIO page, or 0)
-    and hold [count, ns in KVM_RUN, ns in kvmpy's handlers].  The times come
-    from the shim's clock, so alone a counter runs a loop that is the fast
-    one plus the tallies; next to other observers it records from on_exit.
+    The shim keeps the tallies (``struct kvmshim_stat``): while a counter is
+    attached, each KVM_RUN is timed in C and added to the row for its exit,
+    keyed by ``reason << 40 | where`` (the port, the MMIO page, or 0), and
+    the time until the next KVM_RUN goes to that row's handler time.  So the
+    vCPU keeps the fast loop; ``tables`` is filled when the vCPU stops:
+    {vCPU index: {key: [count, ns in KVM_RUN, ns in kvmpy's handlers]}}.
     """
+
+    OVERFLOW_KEY = (1 << 64) - 1  # every exit kind beyond the table's room
 
     def __init__(self) -> None:
         self.tables: dict[int, dict[int, list[int]]] = {}
-
-    @staticmethod
-    def key(vcpu: Vcpu, reason: int) -> int:
-        e = vcpu.exit
-        if reason == lib.KVMSHIM_EXIT_PORT_OUT or reason == lib.KVMSHIM_EXIT_PORT_IN:
-            return reason << 40 | int(e.io_port)
-        if reason == lib.KVM_EXIT_MMIO:
-            return reason << 40 | int(e.mmio_addr) >> 12
-        return reason << 40
+        self._rows: dict[int, Any] = {}
 
     def on_start(self, vcpu: Vcpu) -> None:
-        self.tables[vcpu.index] = {}
+        rows = ffi.new("struct kvmshim_stat[]", lib.KVMSHIM_STATS_SLOTS)
+        self._rows[vcpu.index] = rows
+        vcpu.shim.last = ffi.NULL
+        vcpu.shim.stats = rows
 
-    def on_exit(self, vcpu: Vcpu, reason: int, run_ns: int, handle_ns: int) -> None:
-        row = self.tables[vcpu.index].setdefault(self.key(vcpu, reason), [0, 0, 0])
-        row[0] += 1
-        row[1] += run_ns
-        row[2] += handle_ns
+    def on_stop(self, vcpu: Vcpu) -> None:
+        vcpu.shim.stats = ffi.NULL
+        vcpu.shim.last = ffi.NULL
+        rows = self._rows.pop(vcpu.index)
+        table = self.tables.setdefault(vcpu.index, {})
+        for row in rows:
+            if row.key:
+                total = table.setdefault(row.key, [0, 0, 0])
+                total[0] += row.count
+                total[1] += row.run_ns
+                total[2] += row.handler_ns
 
 
 def run_vcpu(
@@ -137,18 +147,22 @@ def run_vcpu(
     observer: ExitObserver | None = None,
 ) -> Outcome | None:
     """Run ``vcpu`` until the guest stops it (returns an Outcome) or ``stopping`` is set (None)."""
+    if observer is not None:
+        observer.on_start(vcpu)
     try:
-        if isinstance(observer, ExitCounter):
-            return _run_counted(vcpu, memory, ports, mmio, stopping, has_irqchip, observer)
-        if observer is not None:
-            return _run_observed(vcpu, memory, ports, mmio, stopping, has_irqchip, observer)
-        return _run_fast(vcpu, memory, ports, mmio, stopping, has_irqchip)
+        if observer is None or isinstance(observer, ExitCounter):
+            # A counter alone leaves the fast loop as it is: the shim counts.
+            return _run_fast(vcpu, memory, ports, mmio, stopping, has_irqchip)
+        return _run_observed(vcpu, memory, ports, mmio, stopping, has_irqchip, observer)
     except UnhandledAccess as exc:
         report = crash_report(vcpu, memory, "unhandled access", str(exc))
         return Outcome("crash", STATUS_CRASH, report.summary(), report=report)
     except GuestMemoryError as exc:
         report = crash_report(vcpu, memory, "bad guest memory access", str(exc))
         return Outcome("crash", STATUS_CRASH, report.summary(), report=report)
+    finally:
+        if observer is not None:
+            observer.on_stop(vcpu)
 
 
 def _interrupted(vcpu: Vcpu, reason: int, stopping: threading.Event) -> bool:
@@ -211,77 +225,6 @@ def _run_fast(
                 return outcome
 
 
-def _run_counted(
-    vcpu: Vcpu,
-    memory: GuestMemory,
-    ports: Bus,
-    mmio: Bus,
-    stopping: threading.Event,
-    has_irqchip: bool,
-    counter: ExitCounter,
-) -> Outcome | None:
-    # _run_fast plus the tallies, on the shim's clock: --stats must cost
-    # little, so this stays a copy of the fast loop rather than an observer.
-    run = vcpu.run
-    exit_ = vcpu.exit
-    shim = vcpu.shim
-    page = vcpu.run_page
-    handlers = ports.handlers
-    port_out = lib.KVMSHIM_EXIT_PORT_OUT
-    port_in = lib.KVMSHIM_EXIT_PORT_IN
-    exit_mmio = lib.KVM_EXIT_MMIO
-    pack = _PACK
-    mask = _MASK
-    counter.on_start(vcpu)
-    table = counter.tables[vcpu.index]
-    shim.timing = 1
-    shim.returned_ns = 0
-    previous = [0, 0, 0]  # the row of the exit handled before this KVM_RUN
-    try:
-        while True:
-            reason = run()
-            previous[2] += shim.handler_ns
-            if reason == port_out:
-                port = exit_.io_port
-                key = reason << 40 | port
-                handler = handlers.get(port)
-                if handler is not None:
-                    handler[1](port - handler[2], exit_.io_size, exit_.value)
-                else:
-                    ports.write(port, exit_.io_size, exit_.value)
-            elif reason == port_in:
-                port = exit_.io_port
-                key = reason << 40 | port
-                size = exit_.io_size
-                handler = handlers.get(port)
-                if handler is not None:
-                    value = handler[0](port - handler[2], size)
-                else:
-                    value = ports.read(port, size)
-                pack[size](page, exit_.data_offset, value & mask[size])
-            elif reason == exit_mmio:
-                key = ExitCounter.key(vcpu, reason)
-                _mmio(vcpu, mmio)
-            elif reason < 0:
-                if _interrupted(vcpu, reason, stopping):
-                    return None
-                continue
-            else:
-                key = reason << 40
-                outcome = _other_exit(vcpu, memory, ports, has_irqchip)
-                if outcome is not None:
-                    table.setdefault(key, [0, 0, 0])[0] += 1
-                    return outcome
-            row = table.get(key)
-            if row is None:
-                row = table[key] = [0, 0, 0]
-            row[0] += 1
-            row[1] += shim.run_ns
-            previous = row
-    finally:
-        shim.timing = 0
-
-
 def _run_observed(
     vcpu: Vcpu,
     memory: GuestMemory,
@@ -294,7 +237,6 @@ def _run_observed(
     run = vcpu.run
     exit_ = vcpu.exit
     clock = time.perf_counter_ns
-    observer.on_start(vcpu)
     while True:
         started = clock()
         reason = run()

@@ -146,6 +146,10 @@ class CompositeObserver(ExitObserver):
         for observer in self.observers:
             observer.on_start(vcpu)
 
+    def on_stop(self, vcpu: Vcpu) -> None:
+        for observer in self.observers:
+            observer.on_stop(vcpu)
+
     def on_exit(self, vcpu: Vcpu, reason: int, run_ns: int, handle_ns: int) -> None:
         for observer in self.observers:
             observer.on_exit(vcpu, reason, run_ns, handle_ns)
