@@ -77,6 +77,9 @@ test: lint unit
 
 bench: all
 	$(BIN)/python bench/exit_roundtrip.py
+	$(BIN)/python bench/stats_overhead.py
+	$(BIN)/python bench/lifecycle.py
+	$(BIN)/python bench/snapshot_restore.py
 	$(BIN)/python bench/qemu_compare.py
 
 clean:

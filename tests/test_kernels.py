@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import threading
@@ -235,3 +236,17 @@ def test_guest_finds_com1_in_the_bios_data_area(assemble: Assembler) -> None:
         m.load(load_flat(assemble(source), 0x7C00), mode="real")
         assert m.run(timeout=30).exit_code == 0
         assert bytes(m.console) == b"!"
+
+
+def test_ctrl_c_stops_every_vcpu_and_exits_130(assemble: Assembler) -> None:
+    image = assemble("mov $0x3f8, %dx\nmov $'S', %al\nout %al, %dx\n1: jmp 1b")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "kvmpy", "run", str(image), "--cpus", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+    )  # fmt: skip
+    assert process.stdout is not None
+    assert process.stdout.read(1) == b"S"  # the guest is running
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 130
+    assert stderr.startswith(b"kvmpy: vCPU 0: interrupted")
