@@ -38,22 +38,22 @@ guests: $(GUESTS) $(TOYKERNEL_ELF) $(OUT)/gdb_target.elf
 
 $(REAL_GUESTS:%=$(OUT)/%.bin): $(OUT)/%.bin: guests/%.S guests/real.ld
 	@mkdir -p $(OUT)
-	$(AS) --32 -o $(OUT)/$*.o $<
+	$(AS) --32 -I guests -o $(OUT)/$*.o $<
 	$(LD) -m elf_i386 -T guests/real.ld -o $@ $(OUT)/$*.o
 
-$(PROTECTED_GUESTS:%=$(OUT)/%.bin): $(OUT)/%.bin: guests/%.S guests/protected.ld
+$(PROTECTED_GUESTS:%=$(OUT)/%.bin): $(OUT)/%.bin: guests/%.S guests/protected.ld guests/puts.inc
 	@mkdir -p $(OUT)
-	$(AS) --32 -o $(OUT)/$*.o $<
+	$(AS) --32 -I guests -o $(OUT)/$*.o $<
 	$(LD) -m elf_i386 -T guests/protected.ld -o $@ $(OUT)/$*.o
 
-$(LONG_GUESTS:%=$(OUT)/%.bin): $(OUT)/%.bin: guests/%.S guests/long.ld
+$(LONG_GUESTS:%=$(OUT)/%.bin): $(OUT)/%.bin: guests/%.S guests/long.ld guests/puts.inc
 	@mkdir -p $(OUT)
-	$(AS) --64 -o $(OUT)/$*.o $<
+	$(AS) --64 -I guests -o $(OUT)/$*.o $<
 	$(LD) -m elf_x86_64 -T guests/long.ld -o $@ $(OUT)/$*.o
 
-$(MULTIBOOT_GUESTS:%=$(OUT)/%.elf): $(OUT)/%.elf: guests/%.S guests/multiboot.ld
+$(MULTIBOOT_GUESTS:%=$(OUT)/%.elf): $(OUT)/%.elf: guests/%.S guests/multiboot.ld guests/puts.inc
 	@mkdir -p $(OUT)
-	$(AS) --32 -o $(OUT)/$*.o $<
+	$(AS) --32 -I guests -o $(OUT)/$*.o $<
 	$(LD) -m elf_i386 --no-warn-rwx-segments -T guests/multiboot.ld -o $@ $(OUT)/$*.o
 
 # gdb_target linked once more as an ELF, only so gdb has its symbols.

@@ -73,21 +73,7 @@ timer_handler:
 	pop	%rax
 	iretq
 
-/* Print the NUL-terminated string at RSI. */
-puts:
-	lodsb
-	test	%al, %al
-	jz	2f
-	mov	%al, %cl
-	mov	$COM1 + 5, %dx
-1:	in	%dx, %al
-	test	$0x20, %al
-	jz	1b
-	mov	$COM1, %dx
-	mov	%cl, %al
-	out	%al, %dx
-	jmp	puts
-2:	ret
+	.include "puts.inc"
 
 tick:	.asciz	"tick\n"
 done:	.asciz	"three timer interrupts taken\n"

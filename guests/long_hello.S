@@ -58,21 +58,7 @@ exit:
 	out	%al, $DEBUG_EXIT
 	hlt
 
-/* Print the NUL-terminated string at RSI (the UART works at its reset settings). */
-puts:
-	lodsb
-	test	%al, %al
-	jz	2f
-	mov	%al, %bl
-	mov	$COM1 + 5, %dx
-1:	in	%dx, %al	/* wait for LSR.THRE */
-	test	$0x20, %al
-	jz	1b
-	mov	$COM1, %dx
-	mov	%bl, %al
-	out	%al, %dx
-	jmp	puts
-2:	ret
+	.include "puts.inc"
 
 hello:	.asciz	"Hello from 64-bit long mode!\n"
 ok:	.asciz	"long mode OK: EFER.LMA=1, CR0.PG=1, CR4.PAE=1, 64-bit operands, running at 0x100000\n"

@@ -41,21 +41,7 @@ exit:
 	out	%al, $DEBUG_EXIT
 	hlt
 
-/* Print the NUL-terminated string at RSI. */
-puts:
-	lodsb
-	test	%al, %al
-	jz	2f
-	mov	%al, %cl
-	mov	$COM1 + 5, %dx
-1:	in	%dx, %al		/* wait for LSR.THRE */
-	test	$0x20, %al
-	jz	1b
-	mov	$COM1, %dx
-	mov	%cl, %al
-	out	%al, %dx
-	jmp	puts
-2:	ret
+	.include "puts.inc"
 
 id_is:	.asciz	"test device id: "
 ok:	.asciz	"\nscratch register: wrote 0x12345678, read it back\n"

@@ -47,21 +47,7 @@ exit:
 	out	%al, $DEBUG_EXIT
 	hlt
 
-/* Print the NUL-terminated string at ESI. */
-puts:
-	lodsb
-	test	%al, %al
-	jz	2f
-	mov	%al, %bl
-	mov	$COM1 + 5, %dx
-1:	in	%dx, %al		/* wait for LSR.THRE */
-	test	$0x20, %al
-	jz	1b
-	mov	$COM1, %dx
-	mov	%bl, %al
-	out	%al, %dx
-	jmp	puts
-2:	ret
+	.include "puts.inc"
 
 	.section .rodata
 hello:	.asciz	"Hello from a multiboot kernel! command line: "

@@ -53,21 +53,7 @@ exit:
 	out	%al, $DEBUG_EXIT
 	hlt
 
-/* Print the NUL-terminated string at ESI. */
-puts:
-	lodsb
-	test	%al, %al
-	jz	2f
-	mov	%al, %bl
-	mov	$COM1 + 5, %dx
-1:	in	%dx, %al		/* wait for LSR.THRE */
-	test	$0x20, %al
-	jz	1b
-	mov	$COM1, %dx
-	mov	%bl, %al
-	out	%al, %dx
-	jmp	puts
-2:	ret
+	.include "puts.inc"
 
 hello:	.asciz	"Hello from 32-bit paged protected mode!\n"
 ok:	.asciz	"paged32 OK: CR0.PG=1, CR4.PSE=1, CR4.PAE=0, a 4 MiB alias at 1 GiB reads our code\n"

@@ -48,21 +48,7 @@ exit:
 	out	%al, $DEBUG_EXIT
 	hlt
 
-/* Print the NUL-terminated string at ESI. */
-puts:
-	lodsb
-	test	%al, %al
-	jz	2f
-	mov	%al, %bl
-	mov	$COM1 + 5, %dx
-1:	in	%dx, %al		/* wait for LSR.THRE */
-	test	$0x20, %al
-	jz	1b
-	mov	$COM1, %dx
-	mov	%bl, %al
-	out	%al, %dx
-	jmp	puts
-2:	ret
+	.include "puts.inc"
 
 hello:	.asciz	"Hello from 32-bit protected mode!\n"
 ok:	.asciz	"protected mode OK: CR0.PE=1, CR0.PG=0, 32-bit operands, flat segments\n"

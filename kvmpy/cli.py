@@ -42,7 +42,7 @@ from kvmpy.loaders import LoaderError
 from kvmpy.loaders.detect import FORMATS, load_image
 from kvmpy.machine import DEFAULT_MEM_SIZE, Machine
 from kvmpy.memory import GuestMemoryError, parse_size
-from kvmpy.runloop import STATUS_ERROR, ExitObserver, Outcome
+from kvmpy.runloop import STATUS_ERROR, STATUS_INTERRUPTED, ExitObserver, Outcome
 from kvmpy.snapshot import SnapshotError
 from kvmpy.x86.modes import MODES, default_load_addr
 
@@ -422,6 +422,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (KvmError, LoaderError, GuestMemoryError, BusError, SnapshotError, ValueError) as exc:
         print(f"kvmpy: error: {exc}", file=sys.stderr)
         return STATUS_ERROR
+    except KeyboardInterrupt:  # Ctrl-C outside a run (a run reports it itself)
+        print("kvmpy: interrupted", file=sys.stderr)
+        return STATUS_INTERRUPTED
 
 
 if __name__ == "__main__":

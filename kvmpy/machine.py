@@ -320,8 +320,16 @@ class Machine:
 
     def run(self, timeout: float | None = None) -> Outcome:
         """Run every vCPU until the guest stops, ``timeout`` seconds pass, or Ctrl-C."""
-        self.start()
-        return self.wait(timeout)
+        interrupted = Outcome("interrupted", STATUS_INTERRUPTED, "interrupted")
+        try:
+            self.start()
+        except KeyboardInterrupt:  # Ctrl-C while the threads were starting
+            self.stop(interrupted)
+        while True:
+            try:
+                return self.wait(timeout)
+            except KeyboardInterrupt:  # Ctrl-C between start and wait, or while joining
+                self.stop(interrupted)
 
     def start(self) -> None:
         """Start the vCPU threads and return at once; ``wait`` collects the outcome."""

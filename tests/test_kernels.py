@@ -249,4 +249,4 @@ def test_ctrl_c_stops_every_vcpu_and_exits_130(assemble: Assembler) -> None:
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=30)
     assert process.returncode == 130
-    assert stderr.startswith(b"kvmpy: vCPU 0: interrupted")
+    assert stderr.startswith(b"kvmpy: vCPU 0: interrupted"), stderr
