@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import mmap
 import os
 import threading
 import zlib
@@ -154,11 +155,17 @@ class Snapshot:
                 raise SnapshotError(
                     f"{path}: {size} bytes, the snapshot says {body['memory']['size']}"
                 )
-            with open(path, "rb") as memory:
+            # Checksum the file through a read-only map: no copies of the data.
+            flags = mmap.MAP_SHARED
+            with (
+                open(path, "rb") as file,
+                mmap.mmap(file.fileno(), 0, flags=flags, prot=mmap.PROT_READ) as mapped,
+                memoryview(mapped) as memory,
+            ):
                 for gpa, offset, length, crc in body["memory"]["extents"]:
-                    memory.seek(offset)
-                    data = memory.read(length)
-                    if len(data) != length or zlib.crc32(data) != crc:
+                    with memory[offset : offset + length] as data:
+                        intact = len(data) == length and zlib.crc32(data) == crc
+                    if not intact:
                         raise SnapshotError(
                             f"{path}: memory at {gpa:#x} is corrupt (checksum mismatch)"
                         )
