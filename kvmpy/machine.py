@@ -12,6 +12,7 @@ import dataclasses
 import errno
 import itertools
 import threading
+import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
@@ -67,6 +68,8 @@ MOUSE_IRQ = 12
 TSS_ADDR = 0xFFFB_D000
 IDENTITY_MAP_ADDR = 0xFFFB_C000
 MMIO_ADDRESS_LIMIT = 1 << 52
+# How often the RTC thread looks whether the guest enabled an RTC interrupt.
+RTC_IDLE_POLL = 0.05
 
 
 class Machine:
@@ -349,6 +352,10 @@ class Machine:
             )
             thread.start()
             self._threads.append(thread)
+        if self.has_irqchip:
+            rtc = threading.Thread(target=self._rtc_thread, name="kvmpy-rtc", daemon=True)
+            rtc.start()
+            self._threads.append(rtc)
 
     @property
     def stopped(self) -> bool:
@@ -419,6 +426,19 @@ class Machine:
             self.stop(Outcome("crash", 2, f"vCPU {vcpu.index} thread failed: {exc}"))
         finally:
             vcpu.thread_ident = None
+
+    def _rtc_thread(self) -> None:
+        """Raise the RTC's interrupts on time: the CMOS model has no clock of its own.
+
+        It sleeps until the next enabled RTC event, or a while when none is
+        enabled (the guest may enable one at any time), until the run ends.
+        """
+        while not self._stopping.is_set():
+            due = self.cmos.poll()
+            delay = (
+                RTC_IDLE_POLL if due is None else min(max(due - time.time(), 0.0), RTC_IDLE_POLL)
+            )
+            self._stopping.wait(delay)
 
     def _guest_exit(self, value: int) -> None:
         status = exit_status(value)

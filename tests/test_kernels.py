@@ -250,3 +250,77 @@ def test_ctrl_c_stops_every_vcpu_and_exits_130(assemble: Assembler) -> None:
     _, stderr = process.communicate(timeout=30)
     assert process.returncode == 130
     assert stderr.startswith(b"kvmpy: vCPU 0: interrupted"), stderr
+
+
+RTC_GUEST = """
+    /* IVT vector 0x28 -> handler; the PIC pair maps IRQ 8 there. */
+	cli
+	xor %ax, %ax
+	mov %ax, %ds
+	mov %ax, %ss
+	mov $0x7c00, %sp
+	movw $handler, (0x28 * 4)
+	movw $0, (0x28 * 4 + 2)
+	mov $0x11, %al	/* ICW1..ICW4 to both PICs: bases 0x20 and 0x28 */
+	out %al, $0x20
+	out %al, $0xa0
+	mov $0x20, %al
+	out %al, $0x21
+	mov $0x28, %al
+	out %al, $0xa1
+	mov $0x04, %al
+	out %al, $0x21
+	mov $0x02, %al
+	out %al, $0xa1
+	mov $0x01, %al
+	out %al, $0x21
+	out %al, $0xa1
+	mov $0xfb, %al	/* unmask the cascade (IRQ 2) and IRQ 8 */
+	out %al, $0x21
+	mov $0xfe, %al
+	out %al, $0xa1
+	mov $0x0a, %al	/* RTC register A: rate 6 = 1024 Hz */
+	out %al, $0x70
+	mov $0x26, %al
+	out %al, $0x71
+	mov $0x0b, %al
+	out %al, $0x70
+	in $0x71, %al
+	or $0x40, %al	/* register B: PIE, the periodic interrupt */
+	mov %al, %ah
+	mov $0x0b, %al
+	out %al, $0x70
+	mov %ah, %al
+	out %al, $0x71
+1:	sti
+	hlt
+	cli
+	cmpw $5, ticks
+	jb 1b
+	mov $0x3f8, %dx
+	mov $'R', %al
+	out %al, %dx
+	mov $0, %al
+	out %al, $0xf4
+handler:
+	push %ax
+	incw ticks
+	mov $0x0c, %al	/* reading register C acknowledges the RTC */
+	out %al, $0x70
+	in $0x71, %al
+	mov $0x20, %al	/* EOI to both PICs */
+	out %al, $0xa0
+	out %al, $0x20
+	pop %ax
+	iret
+ticks: .word 0
+"""
+
+
+def test_rtc_periodic_interrupts_reach_a_halted_guest(assemble: Assembler) -> None:
+    # The guest programs the PICs, enables the RTC's periodic interrupt
+    # (1024 Hz) and halts; only a timer on the host side can wake it.
+    with Machine(mem_size=16 << 20) as m:
+        m.load(load_flat(assemble(RTC_GUEST), 0x7C00), mode="real")
+        outcome = m.run(timeout=30)
+    assert (outcome.exit_code, bytes(m.console)) == (0, b"R")
