@@ -54,6 +54,7 @@ from kvmpy.snapshot import Snapshot, apply_snapshot, take_snapshot
 from kvmpy.x86.bios import BDA_ADDR, bios_data_area
 from kvmpy.x86.cpuid import vcpu_cpuid
 from kvmpy.x86.modes import CpuSetup, setup_mode
+from kvmpy.x86.mptable import MP_TABLE_ADDR, mp_tables
 from kvmpy.x86.registers import CR0_PG
 
 DEFAULT_MEM_SIZE = 128 << 20  # like QEMU
@@ -80,7 +81,8 @@ class Machine:
     0x510, the CMOS/RTC at 0x70, the i8042 at 0x60/0x64 and port 0x92 (both
     can reset the machine), QEMU's ACPI power-off register at 0x604, a
     port-0x80 sink, and kvmpy's test device at 0xFEB00000 (MMIO).  RAM starts
-    with a BIOS Data Area, as if firmware had run.  The VGA text screen is the
+    with a BIOS Data Area and (with the irqchip) Intel MP tables at 0xF0000,
+    as if firmware had run.  The VGA text screen is the
     RAM at 0xB8000 with the VGA registers at 0x3C0-0x3DF (``vga``); see
     kvmpy.display for showing it.
 
@@ -139,6 +141,8 @@ class Machine:
             self.memory = stack.enter_context(GuestMemory.with_ram(mem_size, memory_file))
             self.vga_slot = self._map_ram()
             supported_cpuid = self.kvm.supported_cpuid()
+            leaf1 = next((e for e in supported_cpuid if e.function == 1), None)
+            self._cpu_signature = (leaf1.eax, leaf1.edx) if leaf1 else (0, 0)
             self.vcpus: list[Vcpu] = []
             for index in range(cpus):
                 vcpu = stack.enter_context(self.vm.create_vcpu(index))
@@ -300,7 +304,10 @@ class Machine:
         """Place ``plan`` in RAM and point the bootstrap vCPU at its entry in ``mode``."""
         setup = setup_mode(mode or plan.mode or "real", self.vcpu.get_sregs(), plan.entry)
         check_plan(plan, self.memory, setup.reserved())
-        for gpa, data in [(BDA_ADDR, bios_data_area((COM1_PORT,))), *setup.memory]:
+        firmware = [(BDA_ADDR, bios_data_area((COM1_PORT,)))]
+        if self.has_irqchip:
+            firmware.append((MP_TABLE_ADDR, mp_tables(len(self.vcpus), *self._cpu_signature)))
+        for gpa, data in [*firmware, *setup.memory]:
             self.memory.write(gpa, data)
         for segment in plan.segments:
             self.memory.write(segment.gpa, segment.data)

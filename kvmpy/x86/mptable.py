@@ -1,0 +1,74 @@
+"""The Intel MultiProcessor Specification (1.4) tables, as firmware leaves them.
+
+Kernels written for QEMU's PC find their CPUs and the IOAPIC either through
+ACPI or through these tables (xv6 and many teaching kernels use them): a
+16-byte floating pointer, found by scanning 0xF0000-0xFFFFF for "_MP_", that
+points at a configuration table listing processors, the ISA bus, the IOAPIC
+and how ISA interrupts reach it.  With KVM's default interrupt routing, ISA
+IRQ n drives IOAPIC pin n.
+"""
+
+from __future__ import annotations
+
+import struct
+
+MP_TABLE_ADDR = 0xF0000  # in the BIOS area, which memory maps mark reserved
+LAPIC_ADDR = 0xFEE00000
+IOAPIC_ADDR = 0xFEC00000
+LAPIC_VERSION = 0x14
+IOAPIC_VERSION = 0x11
+SPEC_REVISION = 4  # 1.4
+ISA_IRQS = 16
+
+_PROCESSOR, _BUS, _IOAPIC, _IO_INTERRUPT, _LOCAL_INTERRUPT = range(5)
+_INT, _NMI, _EXTINT = 0, 1, 3
+CPU_ENABLED = 1 << 0
+CPU_BOOTSTRAP = 1 << 1
+
+
+def _checksum(data: bytes) -> int:
+    """The byte that makes ``data`` plus it sum to zero (mod 256)."""
+    return -sum(data) & 0xFF
+
+
+def mp_tables(
+    cpus: int, cpu_signature: int, cpu_features: int, address: int = MP_TABLE_ADDR
+) -> bytes:
+    """The floating pointer at ``address`` followed by the configuration table.
+
+    ``cpu_signature`` and ``cpu_features`` are CPUID leaf 1's EAX and EDX.
+    APIC IDs are 0..cpus-1, and the IOAPIC takes the next ID.
+    """
+    if not 1 <= cpus <= 254:
+        raise ValueError(f"the MP table describes 1 to 254 CPUs, not {cpus}")
+    ioapic_id = cpus
+    entries = []
+    for apic_id in range(cpus):
+        flags = CPU_ENABLED | (CPU_BOOTSTRAP if apic_id == 0 else 0)
+        entries.append(
+            struct.pack(
+                "<BBBBII8x", _PROCESSOR, apic_id, LAPIC_VERSION, flags, cpu_signature, cpu_features
+            )
+        )
+    entries.append(struct.pack("<BB6s", _BUS, 0, b"ISA   "))
+    entries.append(struct.pack("<BBBBI", _IOAPIC, ioapic_id, IOAPIC_VERSION, 1, IOAPIC_ADDR))
+    for irq in range(ISA_IRQS):
+        if irq == 2:  # the cascade: IRQ 2 never comes from the ISA bus
+            continue
+        entries.append(struct.pack("<BBHBBBB", _IO_INTERRUPT, _INT, 0, 0, irq, ioapic_id, irq))
+    # Every LAPIC's LINT0 takes the PIC's output (ExtINT), LINT1 the NMI.
+    entries.append(struct.pack("<BBHBBBB", _LOCAL_INTERRUPT, _EXTINT, 0, 0, 0, 0xFF, 0))
+    entries.append(struct.pack("<BBHBBBB", _LOCAL_INTERRUPT, _NMI, 0, 0, 0, 0xFF, 1))
+
+    body = b"".join(entries)
+    header = struct.pack(
+        "<4sHBB8s12sIHHIHBx",
+        b"PCMP", 44 + len(body), SPEC_REVISION, 0, b"KVMPY   ", b"KVMPY PC    ",
+        0, 0, len(entries), LAPIC_ADDR, 0, 0,
+    )  # fmt: skip
+    table = header + body
+    table = table[:7] + bytes([_checksum(table)]) + table[8:]
+
+    pointer = struct.pack("<4sIBBB5x", b"_MP_", address + 16, 1, SPEC_REVISION, 0)
+    pointer = pointer[:10] + bytes([_checksum(pointer)]) + pointer[11:]
+    return pointer + table
