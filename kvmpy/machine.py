@@ -21,7 +21,14 @@ from typing import Any
 from kvmpy._kvm import lib
 from kvmpy.bus import Bus
 from kvmpy.debug.crash import crash_report
-from kvmpy.devices.acpi_pm import PM1A_CNT_PORT, PM1A_CNT_PORTS, AcpiPmControl
+from kvmpy.devices.acpi_pm import (
+    PM1A_CNT_PORT,
+    PM1A_CNT_PORTS,
+    PM1A_EVT_PORT,
+    PM1A_EVT_PORTS,
+    AcpiPmControl,
+    AcpiPmEvent,
+)
 from kvmpy.devices.base import IrqCallback, no_irq
 from kvmpy.devices.cmos import CMOS_PORT, CMOS_PORTS, Cmos
 from kvmpy.devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_PORTS, DebugExit, exit_status
@@ -51,6 +58,7 @@ from kvmpy.runloop import (
     run_vcpu,
 )
 from kvmpy.snapshot import Snapshot, apply_snapshot, take_snapshot
+from kvmpy.x86.acpi import ACPI_TABLES_ADDR, acpi_tables
 from kvmpy.x86.bios import BDA_ADDR, bios_data_area
 from kvmpy.x86.cpuid import vcpu_cpuid
 from kvmpy.x86.modes import CpuSetup, setup_mode
@@ -81,8 +89,8 @@ class Machine:
     0x510, the CMOS/RTC at 0x70, the i8042 at 0x60/0x64 and port 0x92 (both
     can reset the machine), QEMU's ACPI power-off register at 0x604, a
     port-0x80 sink, and kvmpy's test device at 0xFEB00000 (MMIO).  RAM starts
-    with a BIOS Data Area and (with the irqchip) Intel MP tables at 0xF0000,
-    as if firmware had run.  The VGA text screen is the
+    with a BIOS Data Area and (with the irqchip) Intel MP tables at 0xF0000
+    and ACPI tables at 0xE0000, as if firmware had run.  The VGA text screen is the
     RAM at 0xB8000 with the VGA registers at 0x3C0-0x3DF (``vga``); see
     kvmpy.display for showing it.
 
@@ -182,6 +190,8 @@ class Machine:
         self.ports.register(SYSTEM_CONTROL_PORT_A, 1, self.port92, "port 0x92")
         self.acpi_pm = AcpiPmControl(self.request_power_off)
         self.ports.register(PM1A_CNT_PORT, PM1A_CNT_PORTS, self.acpi_pm, "ACPI PM1a_CNT")
+        self.acpi_events = AcpiPmEvent()
+        self.ports.register(PM1A_EVT_PORT, PM1A_EVT_PORTS, self.acpi_events, "ACPI PM1a_EVT")
         self.testdev = TestDevice()
         self.mmio.register(TESTDEV_BASE, TESTDEV_SIZE, self.testdev, "testdev")
         self.vga = Vga()
@@ -256,6 +266,7 @@ class Machine:
             "i8042": self.i8042,
             "port92": self.port92,
             "acpi_pm": self.acpi_pm,
+            "acpi_events": self.acpi_events,
             "testdev": self.testdev,
             "vga": self.vga,
         }
@@ -307,6 +318,7 @@ class Machine:
         firmware = [(BDA_ADDR, bios_data_area((COM1_PORT,)))]
         if self.has_irqchip:
             firmware.append((MP_TABLE_ADDR, mp_tables(len(self.vcpus), *self._cpu_signature)))
+            firmware.append((ACPI_TABLES_ADDR, acpi_tables(len(self.vcpus))))
         for gpa, data in [*firmware, *setup.memory]:
             self.memory.write(gpa, data)
         for segment in plan.segments:

@@ -38,3 +38,29 @@ class AcpiPmControl:
         sleep_type = (self.value & SLP_TYP_MASK) >> SLP_TYP_SHIFT
         if self.value & SLP_EN and sleep_type == SLEEP_TYPE_SOFT_OFF:
             self.on_power_off()
+
+
+PM1A_EVT_PORT = 0x600
+PM1A_EVT_PORTS = 4
+
+
+class AcpiPmEvent:
+    """PM1a_EVT: the status (offset 0) and enable (offset 2) registers the FADT names.
+
+    Nothing here raises events, so status stays 0; writing 1s clears status
+    bits (as ACPI says), and the enable register keeps what the guest wrote.
+    """
+
+    def __init__(self) -> None:
+        self.registers = bytearray(4)
+
+    def read(self, offset: int, size: int) -> int:
+        return int.from_bytes(self.registers[offset : offset + size].ljust(size, b"\0"), "little")
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        for i, byte in enumerate(value.to_bytes(size, "little")):
+            at = offset + i
+            if at < 2:
+                self.registers[at] &= ~byte & 0xFF  # write 1 to clear
+            elif at < 4:
+                self.registers[at] = byte
