@@ -14,8 +14,9 @@ REAL_GUESTS := real_hello pio_loop counter runner_pass runner_fail runner_skip v
 PROTECTED_GUESTS := protected_hello paged32_hello
 LONG_GUESTS := long_hello triple_fault mmio_hello interrupts gdb_target
 MULTIBOOT_GUESTS := multiboot_hello
+PVH_GUESTS := pvh_hello
 GUESTS := $(REAL_GUESTS:%=$(OUT)/%.bin) $(PROTECTED_GUESTS:%=$(OUT)/%.bin) \
-	$(LONG_GUESTS:%=$(OUT)/%.bin) $(MULTIBOOT_GUESTS:%=$(OUT)/%.elf)
+	$(LONG_GUESTS:%=$(OUT)/%.bin) $(MULTIBOOT_GUESTS:%=$(OUT)/%.elf) $(PVH_GUESTS:%=$(OUT)/%.elf)
 
 .PHONY: all setup guests demo test lint unit bench clean
 .DELETE_ON_ERROR:
@@ -55,6 +56,11 @@ $(MULTIBOOT_GUESTS:%=$(OUT)/%.elf): $(OUT)/%.elf: guests/%.S guests/multiboot.ld
 	@mkdir -p $(OUT)
 	$(AS) --32 -I guests -o $(OUT)/$*.o $<
 	$(LD) -m elf_i386 --no-warn-rwx-segments -T guests/multiboot.ld -o $@ $(OUT)/$*.o
+
+$(PVH_GUESTS:%=$(OUT)/%.elf): $(OUT)/%.elf: guests/%.S guests/pvh.ld guests/puts.inc
+	@mkdir -p $(OUT)
+	$(AS) --32 -I guests -o $(OUT)/$*.o $<
+	$(LD) -m elf_i386 --no-warn-rwx-segments -T guests/pvh.ld -o $@ $(OUT)/$*.o
 
 # gdb_target linked once more as an ELF, only so gdb has its symbols.
 $(OUT)/gdb_target.elf: $(OUT)/gdb_target.bin

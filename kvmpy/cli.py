@@ -383,6 +383,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     entry=args.entry,
                     cmdline=args.append,
                     modules=modules,
+                    rsdp=m.acpi_rsdp,
                 )
                 m.load(plan, mode=args.mode)
                 outcome = _run(m, args, stdin, trace, deadline)

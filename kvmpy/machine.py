@@ -272,6 +272,11 @@ class Machine:
         }
 
     @property
+    def acpi_rsdp(self) -> int:
+        """Where the ACPI RSDP is (0: no ACPI tables, as without the irqchip)."""
+        return ACPI_TABLES_ADDR if self.has_irqchip else 0
+
+    @property
     def is_running(self) -> bool:
         return bool(self._threads)
 

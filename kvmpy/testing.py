@@ -460,6 +460,7 @@ def load_machine(
             entry=entry,
             cmdline=append,
             modules=boot_modules,
+            rsdp=machine.acpi_rsdp,
         )
         machine.load(plan, mode=mode)
     except BaseException:

@@ -16,7 +16,10 @@ from tests.helpers import Assembler
 def tables(cpus: int) -> dict[bytes, bytes]:
     """Every table reachable from the RSDP, by signature, each checksum verified."""
     image = acpi_tables(cpus)
-    at = lambda address: image[address - ACPI_TABLES_ADDR :]  # noqa: E731
+
+    def at(address: int) -> bytes:
+        return image[address - ACPI_TABLES_ADDR :]
+
     assert image[:8] == b"RSD PTR " and sum(image[:20]) % 256 == 0
     (rsdt_address,) = struct.unpack_from("<I", image, 16)
     found = {}
