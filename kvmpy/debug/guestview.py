@@ -69,7 +69,8 @@ def disassemble_around(
 
     x86 cannot be decoded backwards, so try each start in a window before
     ``linear`` and keep the earliest whose instruction stream lands exactly on
-    it; when none does, start at ``linear``.
+    it; when none does, start at ``linear``.  Leading instructions made of
+    zero bytes (empty memory before the code) are left out.
     """
     mode = capstone_mode(sregs)
     window = 4 * before
@@ -85,5 +86,10 @@ def disassemble_around(
         addresses = [address for address, _, _ in decoded]
         if linear in addresses:
             index = addresses.index(linear)
-            return decoded[max(index - before, 0) : index + after]
+            shown = decoded[max(index - before, 0) : index + after]
+            while shown[0][0] != linear and not any(
+                code[shown[0][0] - start : shown[0][0] - start + shown[0][1]]
+            ):
+                shown = shown[1:]
+            return shown
     return []
