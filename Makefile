@@ -37,7 +37,7 @@ $(VENV)/.installed: pyproject.toml setup.py kvmpy/_build.py $(wildcard csrc/*.c 
 
 guests: $(GUESTS) $(TOYKERNEL_ELF) $(OUT)/gdb_target.elf
 
-$(REAL_GUESTS:%=$(OUT)/%.bin): $(OUT)/%.bin: guests/%.S guests/real.ld
+$(REAL_GUESTS:%=$(OUT)/%.bin): $(OUT)/%.bin: guests/%.S guests/real.ld guests/puts.inc
 	@mkdir -p $(OUT)
 	$(AS) --32 -I guests -o $(OUT)/$*.o $<
 	$(LD) -m elf_i386 -T guests/real.ld -o $@ $(OUT)/$*.o

@@ -47,22 +47,6 @@ next:	mov	$COM1 + 5, %dx		/* wait for a byte from the host */
 	out	%al, $0xf4
 	hlt
 
-puts:	lodsb
-	test	%al, %al
-	jz	2f
-	call	putc
-	jmp	puts
-2:	ret
-
-/* Print AL once the transmitter has room. */
-putc:	push	%ax
-	mov	$COM1 + 5, %dx
-1:	in	%dx, %al
-	test	$LSR_THR_EMPTY, %al
-	jz	1b
-	pop	%ax
-	mov	$COM1, %dx
-	out	%al, %dx
-	ret
+	.include "puts.inc"
 
 label:	.asciz	"count "

@@ -53,26 +53,7 @@ puthex:
 	jnz	1b
 	ret
 
-/* Print the NUL-terminated string at RSI. */
-puts:
-	lodsb
-	test	%al, %al
-	jz	1f
-	call	putc
-	jmp	puts
-1:	ret
-
-/* Print AL once the UART's transmitter is empty (LSR.THRE); clobbers DX. */
-putc:
-	push	%rax
-	mov	$COM1 + 5, %dx
-1:	in	%dx, %al
-	test	$0x20, %al
-	jz	1b
-	pop	%rax
-	mov	$COM1, %dx
-	out	%al, %dx
-	ret
+	.include "puts.inc"
 
 hello:	.asciz	"gdb_target: running\n"
 result:	.asciz	"counter="

@@ -68,21 +68,7 @@ uart_init:
 	out	%al, %dx
 	ret
 
-/* Print the NUL-terminated string at DS:SI. */
-puts:
-	lodsb
-	test	%al, %al
-	jz	2f
-	mov	%al, %ah
-	mov	$COM1 + 5, %dx
-1:	in	%dx, %al	/* wait for LSR.THRE: room in the transmitter */
-	test	$0x20, %al
-	jz	1b
-	mov	$COM1, %dx
-	mov	%ah, %al
-	out	%al, %dx
-	jmp	puts
-2:	ret
+	.include "puts.inc"
 
 hello:	.asciz	"Hello from real mode!\n"
 ok:	.asciz	"real mode OK: CR0.PE=0, segment:offset addressing works\n"

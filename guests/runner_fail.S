@@ -32,15 +32,7 @@ _start:
 	out	%al, $DEBUG_EXIT
 	hlt
 
-/* Print the NUL-terminated string at SI. */
-puts:
-	mov	$COM1, %dx
-1:	lodsb
-	test	%al, %al
-	jz	2f
-	out	%al, %dx
-	jmp	1b
-2:	ret
+	.include "puts.inc"
 
 pass_line:	.asciz "PASS: the guest runs\n"
 fail_line:	.asciz "FAIL: 6 * 7 == 43\n"

@@ -50,15 +50,7 @@ report:
 	call	puts
 	ret
 
-/* Print the NUL-terminated string at SI. */
-puts:
-	mov	$COM1, %dx
-1:	lodsb
-	test	%al, %al
-	jz	2f
-	out	%al, %dx
-	jmp	1b
-2:	ret
+	.include "puts.inc"
 
 pass:		.asciz "PASS: "
 fail:		.asciz "FAIL: "

@@ -44,15 +44,7 @@ skip:
 	out	%al, $DEBUG_EXIT
 	hlt
 
-/* Print the NUL-terminated string at SI. */
-puts:
-	mov	$COM1, %dx
-1:	lodsb
-	test	%al, %al
-	jz	2f
-	out	%al, %dx
-	jmp	1b
-2:	ret
+	.include "puts.inc"
 
 pass_line:	.asciz "PASS: fw_cfg counts at least two CPUs\n"
 skip_line:	.asciz "SKIP: needs two CPUs (run with cpus = 2)\n"

@@ -173,21 +173,7 @@ hexdigit:
 	add	$'A' - '9' - 1, %al
 1:	ret
 
-/* Print the NUL-terminated string at DS:SI on COM1 (the UART works at its reset settings). */
-puts:
-	lodsb
-	test	%al, %al
-	jz	2f
-	mov	%al, %ah
-	mov	$COM1 + 5, %dx
-1:	in	%dx, %al	/* wait for LSR.THRE: room in the transmitter */
-	test	$0x20, %al
-	jz	1b
-	mov	$COM1, %dx
-	mov	%ah, %al
-	out	%al, %dx
-	jmp	puts
-2:	ret
+	.include "puts.inc"
 
 done_msg:
 	.asciz	"vga_colors: 80x25 screen drawn, cursor at row 22 column 22\n"

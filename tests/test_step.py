@@ -26,7 +26,7 @@ def test_changed_registers_leaves_rip_out() -> None:
 
 @pytest.mark.kvm
 def test_stepping_over_port_io() -> None:
-    result = step(str(guest("real_hello")), "--max-steps", "30")
+    result = step(str(guest("real_hello")), "--max-steps", "31")
     lines = result.stderr.splitlines()
     assert result.returncode == 124
     assert lines[0] == "step 0    real      0000:7c00   cli"
@@ -35,9 +35,9 @@ def test_stepping_over_port_io() -> None:
     assert lines[out + 1] == "step 9    real      0000:7c4f   mov dx, 0x3f8"
     assert lines[out + 2] == "          rdx: 0x3fb -> 0x3f8"
     # An IN shows the value it read (LSR: transmitter empty).
-    read = lines.index("step 29   real      0000:7c70   in al, dx")
-    assert lines[read + 1] == "          rax: 0x4848 -> 0x4860"
-    assert lines[-1] == "kvmpy: stopped after 30 steps"
+    read = lines.index("step 30   real      0000:7c6a   in al, dx")
+    assert lines[read + 1] == "          rax: 0x48 -> 0x60"
+    assert lines[-1] == "kvmpy: stopped after 31 steps"
 
 
 @pytest.mark.kvm
