@@ -39,12 +39,13 @@ from kvmpy.display import DISPLAY_MODES, open_display
 from kvmpy.hostinfo import format_info, gather
 from kvmpy.kvm import KVM_PATH, Kvm, KvmError
 from kvmpy.loaders import LoaderError
-from kvmpy.loaders.detect import FORMATS, load_image
+from kvmpy.loaders.detect import FORMATS
+from kvmpy.loaders.multiboot import parse_module
 from kvmpy.machine import DEFAULT_MEM_SIZE, Machine
 from kvmpy.memory import GuestMemoryError, parse_size
 from kvmpy.runloop import STATUS_ERROR, STATUS_INTERRUPTED, ExitObserver, Outcome
 from kvmpy.snapshot import SnapshotError
-from kvmpy.x86.modes import MODES, default_load_addr
+from kvmpy.x86.modes import MODES
 
 
 def _address(text: str) -> int:
@@ -269,11 +270,6 @@ class _StdinPump:
                     time.sleep(0.01)  # the UART's queue is full: let the guest read
 
 
-def _module(text: str) -> tuple[str, str]:
-    path, _, args = text.partition(",")
-    return path, args
-
-
 def _report(outcome: Outcome, machine: Machine, verbose: bool) -> None:
     if outcome.report is not None:
         print(f"kvmpy: {outcome.report.format()}", file=sys.stderr)
@@ -358,10 +354,7 @@ def _deadline(args: argparse.Namespace) -> float | None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    modules = [_module(text) for text in args.module]
-    load_addr = args.load_addr
-    if load_addr is None:
-        load_addr = default_load_addr(args.mode or "real")
+    modules = [parse_module(text) for text in args.module]
     deadline = _deadline(args)
     stdin = _StdinPump()
     with _trace_output(args.trace_file) as trace, _terminal_input():
@@ -375,17 +368,14 @@ def cmd_run(args: argparse.Namespace) -> int:
                 cmdline=args.append,
                 kvm_path=args.kvm,
             ) as m:
-                plan = load_image(
+                m.boot(
                     args.image,
-                    ram=[(region.gpa, region.size) for region in m.memory],
                     image_format=args.format,
-                    load_addr=load_addr,
+                    mode=args.mode,
+                    load_addr=args.load_addr,
                     entry=args.entry,
-                    cmdline=args.append,
                     modules=modules,
-                    rsdp=m.acpi_rsdp,
                 )
-                m.load(plan, mode=args.mode)
                 outcome = _run(m, args, stdin, trace, deadline)
                 rebooting = args.reboot and outcome.reason in ("reset", "triple-fault")
                 if not rebooting:

@@ -13,7 +13,7 @@ import errno
 import itertools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -47,6 +47,7 @@ from kvmpy.devices.vga import VGA_PORT_BASE, VGA_PORTS, VGA_TEXT_BASE, VGA_TEXT_
 from kvmpy.hostinfo import kvm_modules
 from kvmpy.kvm import KVM_PATH, Kvm, KvmError, Vcpu, install_kick_handler
 from kvmpy.loaders import LoadPlan, check_plan
+from kvmpy.loaders.detect import load_image
 from kvmpy.memory import PAGE_SIZE, GuestMemory
 from kvmpy.runloop import (
     STATUS_HALT,
@@ -61,7 +62,7 @@ from kvmpy.snapshot import Snapshot, apply_snapshot, take_snapshot
 from kvmpy.x86.acpi import ACPI_TABLES_ADDR, acpi_tables
 from kvmpy.x86.bios import BDA_ADDR, bios_data_area
 from kvmpy.x86.cpuid import vcpu_cpuid
-from kvmpy.x86.modes import CpuSetup, setup_mode
+from kvmpy.x86.modes import CpuSetup, default_load_addr, setup_mode
 from kvmpy.x86.mptable import MP_TABLE_ADDR, mp_tables
 from kvmpy.x86.registers import CR0_PG
 
@@ -315,6 +316,34 @@ class Machine:
         return machine
 
     # -- loading -------------------------------------------------------------------------
+
+    def boot(
+        self,
+        image: str | Path,
+        *,
+        image_format: str | None = None,
+        mode: str | None = None,
+        load_addr: int | None = None,
+        entry: int | None = None,
+        modules: Sequence[tuple[str, str]] = (),
+    ) -> CpuSetup:
+        """Load a kernel or program as ``kvmpy run`` does, and point vCPU 0 at it.
+
+        The format is detected unless given (multiboot, PVH, ELF, flat); a flat
+        image runs in real mode at 0x7c00 unless ``mode`` and ``load_addr`` say
+        otherwise.  The kernel command line is the machine's ``cmdline``.
+        """
+        plan = load_image(
+            image,
+            ram=[(region.gpa, region.size) for region in self.memory],
+            image_format=image_format,
+            load_addr=default_load_addr(mode or "real") if load_addr is None else load_addr,
+            entry=entry,
+            cmdline=self.cmdline,
+            modules=list(modules),
+            rsdp=self.acpi_rsdp,
+        )
+        return self.load(plan, mode=mode)
 
     def load(self, plan: LoadPlan, mode: str | None = None) -> CpuSetup:
         """Place ``plan`` in RAM and point the bootstrap vCPU at its entry in ``mode``."""

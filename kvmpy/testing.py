@@ -22,11 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from kvmpy.debug.crash import CrashReport, crash_report
-from kvmpy.loaders.detect import detect_format, load_image
+from kvmpy.loaders.multiboot import parse_module
 from kvmpy.machine import Machine
 from kvmpy.memory import parse_size
 from kvmpy.runloop import STATUS_HALT, STATUS_TIMEOUT, Outcome
-from kvmpy.x86.modes import default_load_addr
 
 __all__ = [
     "GuestStopped",
@@ -446,29 +445,20 @@ def load_machine(
     """
     path = Path(image)
     mem_size = parse_size(mem) if isinstance(mem, str) else mem
-    boot_modules = [module if isinstance(module, tuple) else _module(module) for module in modules]
+    boot_modules = [
+        module if isinstance(module, tuple) else parse_module(module) for module in modules
+    ]
     machine = Machine(mem_size=mem_size, cpus=cpus, cmdline=append, **machine_kwargs)
     try:
-        image_format = image_format or detect_format(path)
-        if mode is None and image_format == "flat":
-            mode = "real"
-        plan = load_image(
+        machine.boot(
             path,
-            ram=[(region.gpa, region.size) for region in machine.memory],
             image_format=image_format,
-            load_addr=default_load_addr(mode or "real") if load_addr is None else load_addr,
+            mode=mode,
+            load_addr=load_addr,
             entry=entry,
-            cmdline=append,
             modules=boot_modules,
-            rsdp=machine.acpi_rsdp,
         )
-        machine.load(plan, mode=mode)
     except BaseException:
         machine.close()
         raise
     return TestMachine(machine, path, timeout)
-
-
-def _module(text: str) -> tuple[str, str]:
-    path, _, args = text.partition(",")
-    return path, args

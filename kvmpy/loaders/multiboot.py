@@ -264,6 +264,12 @@ def _run_end(runs: list[tuple[int, int]], addr: int) -> int:
     return addr
 
 
+def parse_module(text: str) -> tuple[str, str]:
+    """Split a "FILE[,ARGS]" boot-module option (QEMU's -initrd spelling) into (file, args)."""
+    path, _, args = text.partition(",")
+    return path, args
+
+
 def memory_map(ram: Sequence[tuple[int, int]]) -> list[tuple[int, int, int]]:
     """The Multiboot memory map for ``ram`` regions: sorted (base, length, type) entries."""
     entries = [
