@@ -155,11 +155,9 @@ def run_vcpu(
             return _run_fast(vcpu, memory, ports, mmio, stopping, has_irqchip)
         return _run_observed(vcpu, memory, ports, mmio, stopping, has_irqchip, observer)
     except UnhandledAccess as exc:
-        report = crash_report(vcpu, memory, "unhandled access", str(exc))
-        return Outcome("crash", STATUS_CRASH, report.summary(), report=report)
+        return _crash(vcpu, memory, "unhandled access", str(exc))
     except GuestMemoryError as exc:
-        report = crash_report(vcpu, memory, "bad guest memory access", str(exc))
-        return Outcome("crash", STATUS_CRASH, report.summary(), report=report)
+        return _crash(vcpu, memory, "bad guest memory access", str(exc))
     finally:
         if observer is not None:
             observer.on_stop(vcpu)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import struct
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvmpy.x86.registers import (
     CR0_CD,
@@ -134,18 +135,15 @@ def _flat_gdt(code_flags: int) -> tuple[bytes, Segment, Segment]:
     )
 
 
-def _with_segments(base: Sregs, code: Segment, data: Segment, gdt_size: int) -> Sregs:
+def _load_segments(base: Sregs, code: Segment, data: Segment, **changes: Any) -> Sregs:
+    """``base`` with CS = ``code``, every data segment = ``data``, and ``changes``."""
     return dataclasses.replace(
-        base,
-        cs=code,
-        ds=data,
-        es=data,
-        fs=data,
-        gs=data,
-        ss=data,
-        gdt=DTable(GDT_ADDR, gdt_size - 1),
-        idt=DTable(0, 0),
+        base, cs=code, ds=data, es=data, fs=data, gs=data, ss=data, **changes
     )
+
+
+def _with_segments(base: Sregs, code: Segment, data: Segment, gdt_size: int) -> Sregs:
+    return _load_segments(base, code, data, gdt=DTable(GDT_ADDR, gdt_size - 1), idt=DTable(0, 0))
 
 
 def _protected_cr0(base: Sregs) -> int:
@@ -163,17 +161,7 @@ def real_mode(base: Sregs, entry: int = REAL_MODE_LOAD_ADDR) -> CpuSetup:
     selector = (entry >> 4) & 0xF000
     code = Segment(base=selector << 4, limit=0xFFFF, selector=selector, type=0xB)
     data = Segment(base=selector << 4, limit=0xFFFF, selector=selector, type=0x3)
-    sregs = dataclasses.replace(
-        base,
-        cs=code,
-        ds=data,
-        es=data,
-        fs=data,
-        gs=data,
-        ss=data,
-        cr0=base.cr0 & ~(CR0_PE | CR0_PG),
-        efer=0,
-    )
+    sregs = _load_segments(base, code, data, cr0=base.cr0 & ~(CR0_PE | CR0_PG), efer=0)
     regs = Regs(rip=entry - (selector << 4), rsp=REAL_MODE_STACK, rflags=RFLAGS_RESERVED)
     return CpuSetup("real", regs, sregs)
 
