@@ -2,6 +2,7 @@
 #   make demo   venv + shim + guests, then run the default guest
 #   make test   the same set-up, then ruff, mypy and pytest
 #   make bench  the benchmarks in bench/
+#   make test-linux  real kernels (tiny Linux, Debian's cloud kernel, memtest86+): slow
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -18,7 +19,7 @@ PVH_GUESTS := pvh_hello
 GUESTS := $(REAL_GUESTS:%=$(OUT)/%.bin) $(PROTECTED_GUESTS:%=$(OUT)/%.bin) \
 	$(LONG_GUESTS:%=$(OUT)/%.bin) $(MULTIBOOT_GUESTS:%=$(OUT)/%.elf) $(PVH_GUESTS:%=$(OUT)/%.elf)
 
-.PHONY: all setup guests demo test lint unit bench clean
+.PHONY: all setup guests demo test lint unit bench clean linux-guests test-linux bench-linux
 .DELETE_ON_ERROR:
 
 all: setup guests
@@ -81,12 +82,23 @@ unit: all
 
 test: lint unit
 
+# Debian's packages fetched (never installed) and a tiny kernel built, cached in
+# guests/linux/cache/; then the kernels booted, with the time to each marker.
+linux-guests:
+	guests/linux/build.sh
+
+test-linux: all linux-guests
+	$(BIN)/pytest tests/linux -v -s --durations=0
+
 bench: all
 	$(BIN)/python bench/exit_roundtrip.py
 	$(BIN)/python bench/stats_overhead.py
 	$(BIN)/python bench/lifecycle.py
 	$(BIN)/python bench/snapshot_restore.py
 	$(BIN)/python bench/qemu_compare.py
+
+bench-linux: all linux-guests
+	$(BIN)/python bench/linux_boot.py
 
 clean:
 	rm -rf $(OUT) build *.egg-info kvmpy/*.so kvmpy/_kvm.c

@@ -154,9 +154,15 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="run a guest image", description="Run a guest image.")
-    run.add_argument("image", help="a multiboot kernel, an ELF executable or a flat binary")
     run.add_argument(
-        "--format", choices=FORMATS, help="the image format (default: detect multiboot, ELF, flat)"
+        "image",
+        help="a Linux bzImage, a multiboot or PVH kernel, an ELF executable, or a flat binary",
+    )
+    run.add_argument(
+        "--format",
+        choices=FORMATS,
+        help="the image format (default: detect bzImage, multiboot, PVH, ELF; a headerless "
+        "file is flat only when its name ends in .bin)",
     )
     run.add_argument(
         "--mode",
@@ -178,6 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="FILE[,ARGS]",
         help="a multiboot boot module (repeatable)",
+    )
+    run.add_argument(
+        "--initrd",
+        metavar="FILE",
+        help="an initial RAM disk for a Linux (bzImage or PVH) or multiboot kernel",
     )
     run.add_argument(
         "--load-addr",
@@ -375,6 +386,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                     load_addr=args.load_addr,
                     entry=args.entry,
                     modules=modules,
+                    initrd=args.initrd,
                 )
                 outcome = _run(m, args, stdin, trace, deadline)
                 rebooting = args.reboot and outcome.reason in ("reset", "triple-fault")

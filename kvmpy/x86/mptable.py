@@ -5,7 +5,9 @@ ACPI or through these tables (xv6 and many teaching kernels use them): a
 16-byte floating pointer, found by scanning 0xF0000-0xFFFFF for "_MP_", that
 points at a configuration table listing processors, the ISA bus, the IOAPIC
 and how ISA interrupts reach it.  With KVM's default interrupt routing, ISA
-IRQ n drives IOAPIC pin n.
+IRQ n drives IOAPIC pin n.  A board that routes GSI 0 (the in-kernel PIT) to
+IOAPIC pin 2, as QEMU's PC does with KVM_SET_GSI_ROUTING, asks for
+``irq0_on_pin2``: the table then says ISA IRQ 0 arrives on pin 2.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ LAPIC_VERSION = 0x14
 IOAPIC_VERSION = 0x11
 SPEC_REVISION = 4  # 1.4
 ISA_IRQS = 16
+TIMER_IRQ = 0
+TIMER_PIN_OVERRIDE = 2  # where QEMU's PC wires ISA IRQ 0 on the IOAPIC
 
 _PROCESSOR, _BUS, _IOAPIC, _IO_INTERRUPT, _LOCAL_INTERRUPT = range(5)
 _INT, _NMI, _EXTINT = 0, 1, 3
@@ -32,12 +36,19 @@ def _checksum(data: bytes) -> int:
 
 
 def mp_tables(
-    cpus: int, cpu_signature: int, cpu_features: int, address: int = MP_TABLE_ADDR
+    cpus: int,
+    cpu_signature: int,
+    cpu_features: int,
+    address: int = MP_TABLE_ADDR,
+    *,
+    irq0_on_pin2: bool = False,
 ) -> bytes:
     """The floating pointer at ``address`` followed by the configuration table.
 
     ``cpu_signature`` and ``cpu_features`` are CPUID leaf 1's EAX and EDX.
-    APIC IDs are 0..cpus-1, and the IOAPIC takes the next ID.
+    APIC IDs are 0..cpus-1, and the IOAPIC takes the next ID.  With
+    ``irq0_on_pin2`` ISA IRQ 0 is listed on IOAPIC pin 2 (the interrupt
+    routing must match: see the module's docstring).
     """
     if not 1 <= cpus <= 254:
         raise ValueError(f"the MP table describes 1 to 254 CPUs, not {cpus}")
@@ -55,7 +66,8 @@ def mp_tables(
     for irq in range(ISA_IRQS):
         if irq == 2:  # the cascade: IRQ 2 never comes from the ISA bus
             continue
-        entries.append(struct.pack("<BBHBBBB", _IO_INTERRUPT, _INT, 0, 0, irq, ioapic_id, irq))
+        pin = TIMER_PIN_OVERRIDE if irq == TIMER_IRQ and irq0_on_pin2 else irq
+        entries.append(struct.pack("<BBHBBBB", _IO_INTERRUPT, _INT, 0, 0, irq, ioapic_id, pin))
     # Every LAPIC's LINT0 takes the PIC's output (ExtINT), LINT1 the NMI.
     entries.append(struct.pack("<BBHBBBB", _LOCAL_INTERRUPT, _EXTINT, 0, 0, 0, 0xFF, 0))
     entries.append(struct.pack("<BBHBBBB", _LOCAL_INTERRUPT, _NMI, 0, 0, 0, 0xFF, 1))
