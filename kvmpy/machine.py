@@ -21,6 +21,7 @@ from typing import Any
 from kvmpy._kvm import lib
 from kvmpy.bus import Bus
 from kvmpy.debug.crash import crash_report
+from kvmpy.devices.absent import LINUX_PROBED_PORTS, AbsentPorts
 from kvmpy.devices.acpi_pm import (
     PM1A_CNT_PORT,
     PM1A_CNT_PORTS,
@@ -197,6 +198,9 @@ class Machine:
         self.mmio.register(TESTDEV_BASE, TESTDEV_SIZE, self.testdev, "testdev")
         self.vga = Vga()
         self.ports.register(VGA_PORT_BASE, VGA_PORTS, self.vga, "VGA")
+        self.absent = AbsentPorts()  # what Linux probes for and must find missing
+        for port, count, name in LINUX_PROBED_PORTS:
+            self.ports.register(port, count, self.absent, name)
 
     def close(self) -> None:
         """Stop a run still in progress, then release every fd and mapping."""

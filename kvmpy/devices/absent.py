@@ -1,0 +1,38 @@
+"""Ports where a PC has nothing (or nothing kvmpy models) that Linux probes at boot.
+
+Reads float high (all ones), as on an ISA bus with nothing behind the
+address, and writes are dropped, so the kernel concludes the hardware is
+absent, without each probe counting as an unhandled access (or ending a
+``--strict`` run).  Seen in Linux 6.1's boot under kvmpy:
+
+    0x87           DMA page register: read once during early boot
+    0x2e8-0x2ef    COM4 \\
+    0x2f8-0x2ff    COM2  } the 8250 driver probes the legacy UARTs
+    0x3e8-0x3ef    COM3 /
+    0xcf8-0xcff    PCI configuration mechanism #1 (and #2): no PCI here yet
+"""
+
+from __future__ import annotations
+
+LINUX_PROBED_PORTS: tuple[tuple[int, int, str], ...] = (
+    (0x87, 1, "DMA page register"),
+    (0x2E8, 8, "COM4 (absent)"),
+    (0x2F8, 8, "COM2 (absent)"),
+    (0x3E8, 8, "COM3 (absent)"),
+    (0xCF8, 8, "PCI configuration (absent)"),
+)
+
+
+class AbsentPorts:
+    """Nothing there: reads return all ones, writes are ignored; both are counted."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+        self.writes = 0
+
+    def read(self, offset: int, size: int) -> int:
+        self.reads += 1
+        return (1 << (8 * size)) - 1
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.writes += 1
