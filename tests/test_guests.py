@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from kvmpy.devices.base import Stateless
 from kvmpy.kvm import KvmError
 from kvmpy.loaders.flat import load_flat
 from kvmpy.machine import Machine
@@ -182,7 +183,7 @@ def test_string_io_out_and_in(assemble: Assembler) -> None:
 
 
 def test_mmio_exit_reaches_the_mmio_bus(assemble: Assembler) -> None:
-    class Scratch:
+    class Scratch(Stateless):
         def __init__(self) -> None:
             self.writes: list[tuple[int, int, int]] = []
 
