@@ -81,6 +81,11 @@ unit: all
 
 test: lint unit
 
+# Property-based fuzzing with the long budget (tests/fuzzing.py); `make test` runs a short one.
+.PHONY: fuzz
+fuzz: all
+	KVMPY_FUZZ=1 $(BIN)/pytest -q tests/test_device_fuzz.py tests/test_snapshot_fuzz.py
+
 bench: all
 	$(BIN)/python bench/exit_roundtrip.py
 	$(BIN)/python bench/stats_overhead.py
