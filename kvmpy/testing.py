@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import threading
 import time
 from collections.abc import Sequence
@@ -25,7 +26,7 @@ from kvmpy.debug.crash import CrashReport, crash_report
 from kvmpy.loaders.multiboot import parse_module
 from kvmpy.machine import Machine
 from kvmpy.memory import parse_size
-from kvmpy.runloop import STATUS_HALT, STATUS_TIMEOUT, Outcome
+from kvmpy.outcome import Outcome, OutcomeKind
 
 __all__ = [
     "GuestStopped",
@@ -314,7 +315,7 @@ class TestMachine:
 
     def _time_out(self) -> None:
         self.machine.stop(
-            Outcome("timeout", STATUS_TIMEOUT, f"timeout: no guest exit after {self.timeout:g} s")
+            Outcome(OutcomeKind.TIMEOUT, f"timeout: no guest exit after {self.timeout:g} s")
         )
 
     def wait(self, timeout: float | None = None) -> RunResult:
@@ -332,7 +333,7 @@ class TestMachine:
             if self._watchdog is not None:
                 self._watchdog.cancel()
         self.result = RunResult(outcome, self.serial.output)
-        if outcome.reason == "interrupted" and outcome.message == "interrupted":
+        if outcome.signal == signal.SIGINT:
             raise KeyboardInterrupt  # Ctrl-C during the wait: let pytest stop the session
         return self.result
 
@@ -357,7 +358,7 @@ class TestMachine:
     def stop(self, message: str = "stopped by the test") -> RunResult:
         """Stop the guest now (if it has not stopped already) and return the result."""
         if self.result is None and self.started:
-            self.machine.stop(Outcome("stopped", STATUS_HALT, message))
+            self.machine.stop(Outcome(OutcomeKind.STOPPED, message))
         return self.wait()
 
     def close(self) -> None:
