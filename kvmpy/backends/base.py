@@ -17,7 +17,7 @@ import enum
 import errno
 import mmap
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -81,14 +81,16 @@ class Vcpu(Protocol):
     index: int
     # Who runs the code, for messages ("KVM", "the CPU emulator").
     backend_name: str
-    # The decoded last exit (ExitRecord fields); read right after run() returns.
+    # The decoded last exit (ExitRecord fields), read right after run() returns:
+    # one object for the vCPU's life, updated in place by every run().
     exit: Any
     # Where IN and MMIO-read results go (at exit.data_offset) and string I/O data lives.
     io_buffer: Any
-    # Run until the next exit: an ExitKind value, or -errno (-EINTR: kicked).
-    run: Callable[[], int]
     # The thread that runs this vCPU (set by Machine), so kick() can interrupt it.
     thread_ident: int | None
+
+    def run(self) -> int:
+        """Run until the next exit: an ExitKind value, or -errno (-EINTR: kicked)."""
 
     def kick(self) -> None:
         """Make run() return -EINTR now, or at its next call.  Safe from any thread."""
