@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 from kvmpy.backends.base import Backend, BackendError, Capability, Vcpu, Vm, open_backend, require
 from kvmpy.board import Board, DeviceEntry, FirmwareContext, Wiring
 from kvmpy.bus import Bus
+from kvmpy.console import DEFAULT_CONSOLE_LIMIT, ConsoleLog
 from kvmpy.devices.acpi_pm import AcpiPmControl, AcpiPmEvent
 from kvmpy.devices.base import IrqCallback, no_irq
 from kvmpy.devices.cmos import Cmos
@@ -86,6 +87,7 @@ class Machine:
         memory_file: int | None = None,
         backend: str | Backend = "kvm",
         board: Board = PC,
+        console_limit: int = DEFAULT_CONSOLE_LIMIT,
     ) -> None:
         if mem_size < board.min_ram:
             raise ValueError(f"guest RAM must be at least 1 MiB, not {mem_size} bytes")
@@ -94,7 +96,8 @@ class Machine:
         if cpus > 1 and not irqchip:
             raise ValueError("more than one vCPU needs the in-kernel irqchip")
         self.board = board
-        self.console = bytearray()
+        # Serial output, bounded (kvmpy.console): a chatty guest cannot grow kvmpy.
+        self.console = ConsoleLog(console_limit)
         self.serial_output = serial_output
         self.cmdline = cmdline
         self.has_irqchip = irqchip
@@ -622,7 +625,7 @@ class Machine:
 
     def _serial_out(self, data: bytes) -> None:
         with self.console_changed:
-            self.console += data
+            self.console.append(data)
             self.console_changed.notify_all()
             listeners = self._console_listeners
             for listener in listeners:
