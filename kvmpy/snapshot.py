@@ -52,12 +52,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kvmpy._kvm import lib
 from kvmpy.devices.base import U8, U16, U32, U64, DeviceStateError
-from kvmpy.x86.registers import DTable, Regs, Segment, Sregs
+from kvmpy.x86.registers import Regs, Sregs
 
 if TYPE_CHECKING:
-    from kvmpy.kvm import Vcpu
     from kvmpy.machine import Machine
 
 FORMAT = "kvmpy-snapshot"
@@ -70,7 +68,6 @@ PAGE = 4096
 _ZERO_PAGE = bytes(PAGE)
 _CHUNK = 1 << 20
 _ZERO_CHUNK = bytes(_CHUNK)
-_IRQCHIPS = (lib.KVM_IRQCHIP_PIC_MASTER, lib.KVM_IRQCHIP_PIC_SLAVE, lib.KVM_IRQCHIP_IOAPIC)
 
 # Bounds on what a snapshot may ask for (far beyond what kvmpy writes).
 MAX_HEADER_BYTES = 16 << 20
@@ -82,6 +79,8 @@ MAX_CMDLINE = 1 << 16
 MAX_MSRS = 4096
 MAX_BLOB = 1 << 20  # one KVM state struct, base64-decoded
 MAX_DEVICES = 64
+MAX_VM_BLOBS = 16
+VM_BLOB_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 
 _SEGMENT_WIDTHS = {
     "base": U64,
@@ -411,10 +410,13 @@ def _check_parts(config_value: object, vcpus_value: object, vm: object, devices:
         raise _Invalid(f"vcpus: {len(vcpus)} saved, the configuration says {config['cpus']}")
     for index, vcpu in enumerate(vcpus):
         _check_vcpu(vcpu, f"vcpus[{index}]", config["irqchip"])
-    vm_keys = ["clock"]
-    if config["irqchip"]:
-        vm_keys += [f"irqchip{chip}" for chip in _IRQCHIPS] + ["pit2"]
-    for name, value in _keys(vm, "vm", vm_keys).items():
+    # The VM's state is the backend's business (KVM: clock, PICs, IOAPIC, PIT):
+    # here only its shape, named base64 blobs, is checked.
+    if not isinstance(vm, dict) or not 1 <= len(vm) <= MAX_VM_BLOBS:
+        raise _Invalid(f"vm: not an object of 1 to {MAX_VM_BLOBS} entries")
+    for name, value in vm.items():
+        if not VM_BLOB_NAME.fullmatch(name):
+            raise _Invalid(f"vm: {name!r} is not a state name")
         _blob(value, f"vm.{name}")
     if not isinstance(devices, dict) or len(devices) > MAX_DEVICES:
         raise _Invalid(f"devices: not an object of at most {MAX_DEVICES} devices")
@@ -619,7 +621,6 @@ def take_snapshot(machine: Machine) -> Snapshot:
     """The state of a stopped machine (call between runs, not while it runs)."""
     if machine.is_running:
         raise SnapshotError("stop the machine (or let run() return) before taking a snapshot")
-    msrs = _saved_msrs(machine)
     return Snapshot(
         config={
             "mem_size": machine.memory.size,
@@ -628,8 +629,8 @@ def take_snapshot(machine: Machine) -> Snapshot:
             "irqchip": machine.has_irqchip,
             "cmdline": machine.cmdline,
         },
-        vcpus=[_vcpu_state(vcpu, msrs, machine.has_irqchip) for vcpu in machine.vcpus],
-        vm=_vm_state(machine),
+        vcpus=[vcpu.save_state() for vcpu in machine.vcpus],
+        vm=machine.vm.save_state(),
         devices={name: device_state(device) for name, device in machine.devices().items()},
         extents=_memory_extents(machine),
     )
@@ -637,46 +638,6 @@ def take_snapshot(machine: Machine) -> Snapshot:
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
-
-
-def _unb64(text: str) -> bytes:
-    return base64.b64decode(text.encode("ascii"), validate=True)
-
-
-def _saved_msrs(machine: Machine) -> list[int]:
-    """The MSRs KVM can save on this host (its list, less any it refuses to read)."""
-    wanted = machine.kvm.msr_index_list()
-    vcpu = machine.vcpu
-    readable: list[int] = []
-    while wanted:
-        got = vcpu.get_msrs(wanted)
-        readable += [index for index in wanted if index in got]
-        # KVM_GET_MSRS stops at the first MSR it cannot read: skip it, go on.
-        wanted = wanted[len(got) + 1 :]
-    return readable
-
-
-def _vcpu_state(vcpu: Vcpu, msrs: list[int], lapic: bool) -> dict[str, Any]:
-    return {
-        "regs": dataclasses.asdict(vcpu.get_regs()),
-        "sregs": dataclasses.asdict(vcpu.get_sregs()),
-        "xsave": _b64(vcpu.get_xsave()),
-        "xcrs": _b64(vcpu.get_xcrs()),
-        "msrs": [[index, value] for index, value in vcpu.get_msrs(msrs).items()],
-        "lapic": _b64(vcpu.get_lapic()) if lapic else None,
-        "events": _b64(vcpu.get_vcpu_events()),
-        "mp_state": vcpu.get_mp_state(),
-        "debugregs": _b64(vcpu.get_debugregs()),
-    }
-
-
-def _vm_state(machine: Machine) -> dict[str, str]:
-    state = {"clock": _b64(machine.vm.get_clock())}
-    if machine.has_irqchip:
-        for chip in _IRQCHIPS:
-            state[f"irqchip{chip}"] = _b64(machine.vm.get_irqchip(chip))
-        state["pit2"] = _b64(machine.vm.get_pit2())
-    return state
 
 
 def _memory_extents(machine: Machine) -> list[tuple[int, bytes]]:
@@ -824,54 +785,19 @@ def apply_snapshot(snapshot: Snapshot, machine: Machine) -> None:
     }
     for gpa, data in snapshot.extents:
         machine.memory.write(gpa, data)
-    vm_state = snapshot.vm
     try:
-        if machine.has_irqchip:
-            for chip in _IRQCHIPS:
-                machine.vm.set_irqchip(_unb64(vm_state[f"irqchip{chip}"]))
-            machine.vm.set_pit2(_unb64(vm_state["pit2"]))
+        machine.vm.load_state(snapshot.vm)
         for vcpu, state in zip(machine.vcpus, snapshot.vcpus, strict=True):
-            _restore_vcpu(vcpu, state)
-        machine.vm.set_clock(_unb64(vm_state["clock"]))
+            vcpu.load_state(state)
     except (KeyError, TypeError, ValueError, OverflowError) as exc:
         raise SnapshotError(f"snapshot state is incomplete or malformed: {exc}") from None
-    except OSError as exc:  # KVM refused a state (the backend's errors are OSErrors)
-        raise SnapshotError(f"KVM refused the snapshot's state: {exc}") from None
+    except OSError as exc:  # the backend refused a state (BackendError is an OSError)
+        raise SnapshotError(f"the snapshot's state was refused: {exc}") from None
     for name, device_state_value in states.items():
         try:
             devices[name].restore(device_state_value)
         except DeviceStateError as exc:
             raise SnapshotError(f"device {name}: {exc}") from None
-
-
-def _restore_vcpu(vcpu: Vcpu, state: dict[str, Any]) -> None:
-    # The order follows KVM's rules: special registers (and so APIC base)
-    # before the LAPIC, registers before events, MSRs after CPUID (set when
-    # the vCPU was created).
-    vcpu.set_sregs(_sregs(state["sregs"]))
-    vcpu.set_regs(Regs(**state["regs"]))
-    vcpu.set_xsave(_unb64(state["xsave"]))
-    vcpu.set_xcrs(_unb64(state["xcrs"]))
-    vcpu.set_msrs({index: value for index, value in state["msrs"]})
-    if state["lapic"] is not None:
-        vcpu.set_lapic(_unb64(state["lapic"]))
-    vcpu.set_vcpu_events(_unb64(state["events"]))
-    vcpu.set_mp_state(state["mp_state"])
-    vcpu.set_debugregs(_unb64(state["debugregs"]))
-
-
-def _sregs(data: dict[str, Any]) -> Sregs:
-    fields: dict[str, Any] = {}
-    for name, value in data.items():
-        if name in ("gdt", "idt"):
-            fields[name] = DTable(**value)
-        elif isinstance(value, dict):
-            fields[name] = Segment(**value)
-        elif name == "interrupt_bitmap":
-            fields[name] = tuple(value)
-        else:
-            fields[name] = value
-    return Sregs(**fields)
 
 
 def file_size_on_disk(path: str | Path) -> int:
