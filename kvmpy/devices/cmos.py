@@ -120,7 +120,6 @@ REG_D_VRT = 0x80  # valid RAM and time: the battery is fine
 
 HOURS_PM = 0x80  # in 12-hour mode
 ALARM_DONT_CARE = 0xC0  # alarm register values at or above this match anything
-SHUTDOWN_S3_RESUME = 0xFE  # kept across reset, as QEMU does
 
 RTC_CLOCK_HZ = 32768
 NS = 1_000_000_000
@@ -232,6 +231,7 @@ class Cmos:
         self._put(CMOS_MEMORY_ABOVE_16M, 2, min(max(low_ram - 16 * MiB, 0) // (64 * KiB), 0xFFFF))
         self._put(CMOS_MEMORY_ABOVE_4G, 3, min(high_ram // (64 * KiB), 0xFFFFFF))
         self._ram[CMOS_CPU_COUNT] = cpus - 1 if cpus <= MAX_CMOS_CPUS else 0
+        self._power_on_ram = bytes(self._ram)
 
     def _put(self, index: int, size: int, value: int) -> None:
         self._ram[index : index + size] = value.to_bytes(size, "little")
@@ -255,18 +255,18 @@ class Cmos:
         return None if due is None else due / NS
 
     def reset(self) -> None:
-        """What a system reset does to the chip (as in QEMU).
+        """Back to the power-on state: the RAM as built, the clock on host time.
 
-        The time, the RAM and the time format survive; interrupt enables other
-        than UIE and the pending flags do not, and the shutdown status byte
-        0x0f is cleared unless it asks for an S3 resume.  The RAM is battery
-        backed: on a PC it survives a reset, and a guest expects it to.
+        Unlike a PC's battery-backed chip (and QEMU's reset), nothing the guest
+        wrote survives: a machine reset leaves nothing of the old guest.
         """
-        self._advance(self._now())
-        if self._ram[RTC_SHUTDOWN_STATUS] != SHUTDOWN_S3_RESUME:
-            self._ram[RTC_SHUTDOWN_STATUS] = 0
-        self._ram[RTC_REG_B] &= ~(REG_B_PIE | REG_B_AIE | REG_B_SQWE) & 0xFF
+        now = self._now()
+        self._ram[:] = self._power_on_ram
+        self._index = 0
+        self._offset = 0
         self._flags = 0
+        self._checked = now
+        self._periodic_start = now
         self._update_irq()
 
     def state(self) -> CmosState:

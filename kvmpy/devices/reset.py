@@ -160,8 +160,8 @@ class SystemControlPortA:
 
     As in QEMU the register reads back what was last written, and only a
     0 -> 1 transition of bit 0 resets, so a guest writing back what it read
-    does not reset again.  :meth:`reset` clears bit 0 and, as QEMU's reset
-    does, leaves the A20 bit as it was.  Wider accesses use the low byte;
+    does not reset again.  :meth:`reset` returns to the power-on value 0
+    (A20 gate off, as the PC's power-on left it).  Wider accesses use the low byte;
     anything beyond port 0x92 is ignored and counted in ``ignored_accesses``.
     """
 
@@ -185,7 +185,7 @@ class SystemControlPortA:
             self.on_reset()
 
     def reset(self) -> None:
-        self._value &= ~PORT_A_FAST_RESET
+        self._value = 0
 
     def state(self) -> SystemControlPortAState:
         return SystemControlPortAState(self._value)
