@@ -52,7 +52,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kvmpy.devices.base import U8, U16, U32, U64, DeviceStateError
+from kvmpy.devices.base import U8, U16, U32, U64, DeviceStateError, state_field_types
 from kvmpy.x86.registers import Regs, Sregs
 
 if TYPE_CHECKING:
@@ -702,7 +702,7 @@ def _to_json(value: object) -> Any:
 
 def _device_state_from_json(device: Any, saved: object, name: str) -> Any:
     """The device's state dataclass built from JSON, each field of its declared type."""
-    cls = type(device.state())
+    cls: Any = type(device.state())
     try:
         saved = _keys(saved, f"device {name}", ("version", "state"))
         version = saved["version"]
@@ -710,7 +710,7 @@ def _device_state_from_json(device: Any, saved: object, name: str) -> Any:
             raise _Invalid(
                 f"device {name}: state version {version!r}, this kvmpy reads {cls.VERSION}"
             )
-        hints = typing.get_type_hints(cls)
+        hints = state_field_types(cls)
         names = [field.name for field in dataclasses.fields(cls)]
         fields = _keys(saved["state"], f"device {name} state", names)
         values = {

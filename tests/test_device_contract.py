@@ -172,6 +172,13 @@ def test_serial_break_is_bounded_by_the_host_queue() -> None:
     assert device.read(RBR, 1) == 0
 
 
+def test_bytes_fields_are_range_checked_too() -> None:
+    device = build("vga").device
+    state = dataclasses.replace(device.state(), dac=bytes([0x40]) * 768)  # 6-bit levels
+    with pytest.raises(DeviceStateError, match="dac"):
+        device.restore(state)
+
+
 def test_fw_cfg_offset_past_the_item_is_refused() -> None:
     device = build("fw_cfg").device
     state = dataclasses.replace(device.state(), offset=5)  # the signature has 4 bytes

@@ -86,3 +86,9 @@ def test_corpus_serial_break_flood_and_out_of_range_offset() -> None:
 
 def test_corpus_testdev_doorbell_flood() -> None:
     run("testdev", [("write", 0xC, 4, 7)] * 3000 + [("snapshot", b"")])
+
+
+def test_corpus_cmos_century_0_moves_the_clock_before_year_1970() -> None:
+    # A 16-bit write sets index 0x37 (the century alias) to 0: year 0 becomes
+    # year 1, an offset of -2**65 ns that the state's bounds refused.
+    run("cmos", [("read", 0, 1, 0), ("write", 0, 2, 0x0037), ("snapshot", b"")])

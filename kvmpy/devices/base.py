@@ -130,7 +130,8 @@ def flags(mask: int) -> Any:
 
 
 @functools.cache
-def _field_types(cls: type) -> dict[str, Any]:
+def state_field_types(cls: type) -> dict[str, Any]:
+    """The declared type of every field of state dataclass ``cls`` (resolved once)."""
     return typing.get_type_hints(cls)
 
 
@@ -167,7 +168,9 @@ def _type_problem(value: object, hint: Any) -> str | None:
 
 
 def _integers(value: object) -> list[int]:
-    if isinstance(value, bool) or value is None or isinstance(value, bytes):
+    if isinstance(value, bytes):
+        return [min(value), max(value)] if value else []  # the extremes are enough
+    if isinstance(value, bool) or value is None:
         return []
     if isinstance(value, int):
         return [value]
@@ -180,7 +183,7 @@ def check_state(device: str, state: object, cls: type[StateT]) -> StateT:
     """``state`` if it is a ``cls`` whose fields all have their declared types and bounds."""
     if type(state) is not cls:
         raise DeviceStateError(device, "state", f"a {type(state).__name__}, not a {cls.__name__}")
-    hints = _field_types(cls)
+    hints = state_field_types(cls)
     for field in dataclasses.fields(cls):  # type: ignore[arg-type]
         value = getattr(state, field.name)
         problem = _type_problem(value, hints[field.name])

@@ -142,9 +142,12 @@ BASE_MEMORY_KIB = 640
 MAX_CMOS_CPUS = 0xFF  # more and QEMU writes 0 so that firmware must use fw_cfg
 
 _EPOCH_ORDINAL = datetime.date(1970, 1, 1).toordinal()
-# Host times and the guest clock's offset, in ns: far beyond any real date.
+# Host times, in ns: far beyond any real date.
 NS_LOW = -(1 << 63)
 NS_HIGH = (1 << 63) - 1
+# The guest clock's offset from host time, in ns: a guest may set any date of
+# years 1-9999 (and more through day and month overflow), about 2**68 ns away.
+OFFSET_LIMIT = 1 << 72
 
 
 @dataclass(frozen=True)
@@ -159,7 +162,7 @@ class CmosState:
     VERSION: ClassVar[int] = 1
     ram: bytes = bounded(0, U8, length=CMOS_SIZE)
     index: int = bounded(0, INDEX_MASK)
-    offset: int = bounded(NS_LOW, NS_HIGH)
+    offset: int = bounded(-OFFSET_LIMIT, OFFSET_LIMIT)
     flags: int = flags(REG_C_FLAGS)
     checked: int = bounded(NS_LOW, NS_HIGH)
     periodic_start: int = bounded(NS_LOW, NS_HIGH)
