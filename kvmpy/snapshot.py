@@ -140,6 +140,9 @@ class Snapshot:
     def save(self, directory: str | Path) -> None:
         """Write the snapshot to ``directory`` (created if needed), replacing any there."""
         directory = Path(directory)
+        if self.memory_path is not None:
+            # Its memory is in that file, not in ``extents``: copy the directory instead.
+            raise SnapshotError(f"{directory}: a snapshot loaded from disk cannot be saved again")
         if directory.is_symlink():
             raise SnapshotError(f"{directory}: cannot write the snapshot: it is a symbolic link")
         try:

@@ -122,6 +122,12 @@ def test_save_errors_are_snapshot_errors(tmp_path: Path) -> None:
         synthetic().save(tmp_path / "file")
 
 
+def test_a_loaded_snapshot_is_not_saved_with_empty_memory(saved: Path, tmp_path: Path) -> None:
+    # Its RAM is in the memory file, not in ``extents``: saving it wrote zeros.
+    with pytest.raises(SnapshotError, match="cannot be saved again"):
+        Snapshot.load(saved).save(tmp_path / "copy")
+
+
 # -- item 14: an overwrite is atomic ---------------------------------------------------
 
 
