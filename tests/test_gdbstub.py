@@ -17,8 +17,6 @@ import pytest
 
 from kvmpy._kvm import lib
 from kvmpy.debug.gdbproto import (
-    AMD64,
-    I386,
     SIGSEGV,
     SIGTRAP,
     Ack,
@@ -37,22 +35,17 @@ from kvmpy.debug.gdbproto import (
     frame,
     unescape,
 )
-from kvmpy.debug.gdbstub import (
-    DebugRegisters,
-    DebugSupport,
-    GdbStub,
-    _abridged_tag,
-    _full_tag_word,
-    attach_gdb,
-    parse_gdb_spec,
-    probe_debug_support,
-    split_watch,
-)
+from kvmpy.debug.gdbstub import GdbStub, attach_gdb, parse_gdb_spec
+from kvmpy.debug.hostprobe import DebugSupport, probe_debug_support
 from kvmpy.debug.trace import CompositeObserver, ExitStats
 from kvmpy.kvm import Fpu
 from kvmpy.loaders.flat import load_flat
 from kvmpy.machine import Machine
 from kvmpy.runloop import Outcome
+from kvmpy.x86.debugregs import DebugRegisters, split_watch
+from kvmpy.x86.gdb_registers import AMD64, I386
+from kvmpy.x86.gdb_registers import abridged_tag as _abridged_tag
+from kvmpy.x86.gdb_registers import full_tag_word as _full_tag_word
 from kvmpy.x86.modes import default_load_addr
 from tests.helpers import ROOT, Assembler, guest, host_kvm_module
 

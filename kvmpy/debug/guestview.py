@@ -44,6 +44,25 @@ def read_linear(vcpu: Vcpu, memory: GuestMemory, sregs: Sregs, linear: int, leng
     return bytes(out)
 
 
+def write_linear(vcpu: Vcpu, memory: GuestMemory, sregs: Sregs, linear: int, data: bytes) -> None:
+    """Write all of ``data`` at ``linear`` through the guest's paging, or nothing.
+
+    Raises GuestMemoryError naming the first address that is unmapped or not RAM.
+    """
+    pieces: list[tuple[int, int, int]] = []  # guest-physical address, offset in data, length
+    done = 0
+    while done < len(data):
+        address = linear + done
+        chunk = min(len(data) - done, PAGE_SIZE - address % PAGE_SIZE)
+        gpa = translate(vcpu, sregs, address)
+        if gpa is None or not memory.contains(gpa, chunk):
+            raise GuestMemoryError(f"{address:#x} is not mapped to RAM")
+        pieces.append((gpa, done, chunk))
+        done += chunk
+    for gpa, offset, chunk in pieces:
+        memory.write(gpa, data[offset : offset + chunk])
+
+
 def capstone_mode(sregs: Sregs) -> int:
     mode = cpu_mode(sregs)
     if mode == "long":
