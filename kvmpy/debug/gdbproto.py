@@ -15,10 +15,14 @@ Registers: gdb learns the register set from the target description that
 carry register values in that order, each little-endian in hex.  A
 ``RegisterLayout`` describes one set; the x86 ones are in
 ``kvmpy.x86.gdb_registers``.
+
+Every number gdb sends is untrusted: it must be plain hex and fit in 64
+bits, or the reply is an error.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -338,10 +342,17 @@ class GdbTarget(Protocol):
 # -- the session ---------------------------------------------------------------------
 
 
+_HEX = re.compile(r"[0-9a-fA-F]{1,64}")
+NUMBER_LIMIT = 1 << 64  # every address, length and thread fits in 64 bits
+
+
 def _hex_int(text: str) -> int:
+    """Plain hex (no sign, prefix, spaces or underscores) below 2^64, else ValueError."""
+    if not _HEX.fullmatch(text):
+        raise ValueError(f"not a hex number: {text[:20]!r}")
     value = int(text, 16)
-    if value < 0:
-        raise ValueError(text)
+    if value >= NUMBER_LIMIT:
+        raise ValueError(f"{text[:20]!r}... does not fit in 64 bits")
     return value
 
 
@@ -404,7 +415,7 @@ class GdbSession:
             return ""
         except TargetError as exc:
             return exc.reply
-        except (ValueError, IndexError, KeyError):
+        except (ValueError, IndexError, KeyError, OverflowError):
             return E_INVAL
 
     def _dispatch(self, payload: bytes) -> str | None:
@@ -583,7 +594,7 @@ class GdbSession:
 
     def _breakpoint(self, text: str, insert: bool) -> str:
         fields = text.split(";")[0].split(",")
-        kind, address, length = int(fields[0]), _hex_int(fields[1]), _hex_int(fields[2])
+        kind, address, length = _hex_int(fields[0]), _hex_int(fields[1]), _hex_int(fields[2])
         if kind not in BREAKPOINT_TYPES:
             raise Unsupported(f"breakpoint type {kind}")
         if insert:
@@ -661,6 +672,7 @@ class GdbSession:
         if annex != "target.xml":
             return E_FAIL
         offset, length = self._address_length(span)
+        length = min(length, PACKET_SIZE // 2)  # escaping may double it
         document = self.layout.target_xml().encode()
         chunk = document[offset : offset + length]
         marker = "l" if offset + length >= len(document) else "m"

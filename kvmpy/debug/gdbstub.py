@@ -447,6 +447,8 @@ class GdbStub(ExitObserver):
                     self._connection(conn, f"{peer[0]}:{peer[1]}")
                 except OSError as exc:
                     self.log(f"connection lost: {exc}")
+                except Exception as exc:  # a bug must not stop the stub serving the next gdb
+                    self.log(f"internal error, connection closed: {exc!r}")
                 finally:
                     self._end_session()
 
@@ -602,7 +604,7 @@ class GdbStub(ExitObserver):
         if request.error is not None:
             if isinstance(request.error, TargetError):
                 raise request.error
-            if isinstance(request.error, KvmError | ValueError):
+            if isinstance(request.error, KvmError | ValueError | OverflowError):
                 raise TargetError(str(request.error))
             raise request.error
         return request.result  # type: ignore[return-value]

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from kvmpy.debug.gdbproto import (
     BP_HARDWARE,
     BP_SOFTWARE,
+    E_INVAL,
     E_NOSPC,
     WATCH_ACCESS,
     WATCH_READ,
@@ -31,6 +32,7 @@ DR7_LEN = {1: 0b00, 2: 0b01, 8: 0b10, 4: 0b11}  # bytes -> DR7's LEN field
 DEBUG_VECTOR = 1  # #DB
 BREAKPOINT_VECTOR = 3  # #BP, from int3
 INT3 = 0xCC
+LINEAR_LIMIT = 1 << 64  # no linear address reaches this
 
 
 def dr7_bits(index: int, rw: int, length: int) -> int:
@@ -74,11 +76,15 @@ class DebugRegisters:
         self.slots: list[Slot | None] = [None] * slots
 
     def insert(self, kind: int, address: int, length: int, allow_8: bool = True) -> None:
+        if not 0 <= address < LINEAR_LIMIT or not 0 <= length <= LINEAR_LIMIT - address:
+            raise TargetError(f"{address:#x}+{length:#x} is past the address space", E_INVAL)
         if self.find(kind, address, length):
             return
         is_data = kind in WATCH_REASONS
-        pieces = split_watch(address, length, allow_8) if is_data else [(address, 1)]
         free = [i for i, slot in enumerate(self.slots) if slot is None]
+        if is_data and length > 8 * len(free):  # more than the free registers can cover
+            raise TargetError(f"{length} bytes to watch, {len(free)} debug registers free", E_NOSPC)
+        pieces = split_watch(address, length, allow_8) if is_data else [(address, 1)]
         if len(pieces) > len(free):
             raise TargetError(f"{len(pieces)} debug registers needed, {len(free)} free", E_NOSPC)
         for i, (linear, size) in zip(free, pieces, strict=False):
