@@ -5,12 +5,14 @@ Anything that can connect to the stub's port is untrusted (issue 9, items 17-19)
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable, Iterator
 
 import pytest
 
 from kvmpy.debug.gdbproto import E_INVAL, E_NOSPC, TargetError
+from kvmpy.debug.gdbstub import MAX_DEFERRED
 from kvmpy.x86.debugregs import DebugRegisters
 from tests.helpers import Assembler, guest
 from tests.test_gdbstub import Client, FakeTarget, RunningGuest, session_with
@@ -161,3 +163,61 @@ def test_an_internal_error_closes_only_that_connection(
     finally:
         client.close()
     assert run.finish().message == "killed by gdb"
+
+
+# -- item 18: nothing a client sends or fails to read grows without bound ----------------
+
+
+@pytest.mark.kvm
+def test_packets_sent_while_the_guest_runs_are_bounded(
+    running: list[RunningGuest], assemble: Assembler
+) -> None:
+    run = RunningGuest(assemble(SPIN, mode="long"), wait=True)
+    running.append(run)
+    client = Client(run.stub.port)
+    sent = 1000
+    try:
+        assert client.ask("QStartNoAckMode") == "OK"
+        client.no_ack = True
+        client.send("c")
+        time.sleep(0.1)
+        client.sock.sendall(b"".join(b"$g#67" for _ in range(sent)))
+        wait_for(lambda: run.stub.dropped_packets == sent - MAX_DEFERRED, "the stub to drop")
+        client.sock.sendall(b"\x03")
+        assert client.reply() == "T02thread:1;"
+        # Those kept are answered once the guest has stopped, in order.
+        for _ in range(MAX_DEFERRED):
+            reply = client.reply()
+            assert len(reply) > 100 and not reply.startswith("E"), reply  # a g reply
+        assert any(f"more than {MAX_DEFERRED} packets" in line for line in run.log)
+        client.send("k")
+    finally:
+        client.close()
+    run.finish()
+
+
+@pytest.mark.kvm
+def test_a_client_that_never_reads_is_disconnected(
+    running: list[RunningGuest], assemble: Assembler
+) -> None:
+    run = RunningGuest(assemble(SPIN, mode="long"), wait=True)
+    running.append(run)
+    run.stub.send_timeout = 0.5
+    silent = socket.socket()
+    silent.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    silent.settimeout(10)
+    silent.connect(("127.0.0.1", run.stub.port))
+    try:
+        # Each reply is 16 KiB of hex; the client reads none of them.
+        silent.sendall(b"".join(b"$m100000,1ff0#" + b"%02x" % (sum(b"m100000,1ff0") & 0xFF)
+                                for _ in range(2000)))  # fmt: skip
+        wait_for(lambda: any("read nothing" in line for line in run.log), "a disconnect")
+    finally:
+        silent.close()
+    client = Client(run.stub.port)  # the stub still serves the next client
+    try:
+        assert client.ask("?") == "T05thread:1;"
+        client.send("k")
+    finally:
+        client.close()
+    run.finish()

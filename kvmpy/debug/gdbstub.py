@@ -37,7 +37,9 @@ guest's paging (KVM_TRANSLATE), as the vCPU sees them.
 
 Elsewhere: the protocol in ``gdbproto``, the x86 register layouts in
 ``x86.gdb_registers``, DR0-DR7 in ``x86.debugregs``, the host probe in
-``hostprobe``.
+``hostprobe``.  A gdb connection is untrusted: packets sent while the guest
+runs are kept up to ``MAX_DEFERRED``, and a gdb that stops reading is cut off
+after ``send_timeout``.
 """
 
 from __future__ import annotations
@@ -112,6 +114,8 @@ DEFAULT_HOST = "127.0.0.1"
 REQUEST_TIMEOUT = 10.0  # seconds a parked vCPU has to answer a register/memory request
 PARK_POLL = 0.1  # how often a parked vCPU looks for the machine stopping
 STOP_TIMEOUT = 10.0  # how long a new connection waits for the vCPUs to stop
+SEND_TIMEOUT = 10.0  # a gdb that reads nothing for this long is disconnected
+MAX_DEFERRED = 64  # packets kept while the guest runs (all-stop gdb sends none)
 
 
 # -- where to listen ---------------------------------------------------------------------
@@ -192,6 +196,7 @@ class GdbStub(ExitObserver):
         support: DebugSupport | None = None,
         arch: str | None = None,
         log: Callable[[str], None] = _stderr_log,
+        send_timeout: float = SEND_TIMEOUT,
     ) -> None:
         if arch not in (None, AMD64.architecture, I386.architecture):
             raise ValueError(f"unknown gdb architecture {arch!r}")
@@ -202,6 +207,8 @@ class GdbStub(ExitObserver):
         self.support = support
         self.arch = arch
         self.log = log
+        self.send_timeout = send_timeout
+        self.dropped_packets = 0  # sent while the guest ran, past MAX_DEFERRED
         self._states = [_VcpuState(vcpu) for vcpu in machine.vcpus]
         self._cond = threading.Condition()
         self._pausing = wait  # vCPUs park at their next chance
@@ -445,6 +452,8 @@ class GdbStub(ExitObserver):
             with conn:
                 try:
                     self._connection(conn, f"{peer[0]}:{peer[1]}")
+                except TimeoutError:
+                    self.log(f"gdb read nothing for {self.send_timeout:g} s: disconnected")
                 except OSError as exc:
                     self.log(f"connection lost: {exc}")
                 except Exception as exc:  # a bug must not stop the stub serving the next gdb
@@ -454,11 +463,13 @@ class GdbStub(ExitObserver):
 
     def _connection(self, conn: socket.socket, peer: str) -> None:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.settimeout(self.send_timeout)  # bounds sendall; recv runs only when readable
         self._begin_session(peer)
         session = GdbSession(self)
         decoder = PacketDecoder()
         last = b""
         deferred: deque[bytes] = deque()
+        dropped = 0
 
         def reply(payload: bytes) -> bytes:
             text = session.handle(payload)
@@ -481,10 +492,15 @@ class GdbStub(ExitObserver):
                     if isinstance(event, Packet):
                         if not session.no_ack:
                             conn.sendall(b"+")
-                        if session.running:
+                        if not session.running:
+                            last = reply(event.payload)
+                        elif len(deferred) < MAX_DEFERRED:
                             deferred.append(event.payload)
                         else:
-                            last = reply(event.payload)
+                            dropped += 1
+                            self.dropped_packets += 1
+                            if dropped == 1:
+                                self.log(f"more than {MAX_DEFERRED} packets while running: dropped")
                     elif isinstance(event, BadPacket):
                         if not session.no_ack:
                             conn.sendall(b"-")
