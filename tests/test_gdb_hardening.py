@@ -6,13 +6,18 @@ Anything that can connect to the stub's port is untrusted (issue 9, items 17-19)
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
 from kvmpy.debug.gdbproto import E_INVAL, E_NOSPC, TargetError
-from kvmpy.debug.gdbstub import MAX_DEFERRED
+from kvmpy.debug.gdbstub import MAX_DEFERRED, GdbStub, is_loopback
+from kvmpy.debug.hostprobe import DebugSupport
+from kvmpy.machine import Machine
 from kvmpy.x86.debugregs import DebugRegisters
 from tests.helpers import Assembler, guest
 from tests.test_gdbstub import Client, FakeTarget, RunningGuest, session_with
@@ -221,3 +226,39 @@ def test_a_client_that_never_reads_is_disconnected(
     finally:
         client.close()
     run.finish()
+
+
+# -- item 19: loopback unless asked, and a warning when asked ----------------------------
+
+
+def test_is_loopback() -> None:
+    for address in ("127.0.0.1", "127.1.2.3", "::1", "::ffff:127.0.0.1"):
+        assert is_loopback(address), address
+    for address in ("0.0.0.0", "::", "192.168.1.2", "fe80::1%eth0", "localhost", ""):
+        assert not is_loopback(address), address
+
+
+@pytest.mark.kvm
+def test_listening_beyond_loopback_warns_once() -> None:
+    with Machine(mem_size=4 << 20, irqchip=False) as machine:
+        for host, warnings in (("127.0.0.1", 0), ("0.0.0.0", 1)):
+            log: list[str] = []
+            stub = GdbStub(machine, host, 0, support=DebugSupport(), log=log.append)
+            stub.start()
+            stub.close()
+            beyond = [line for line in log if "beyond loopback" in line]
+            assert len(beyond) == warnings, log
+            if warnings:
+                assert beyond[0].startswith("warning: listening on 0.0.0.0:")
+
+
+@pytest.mark.kvm
+def test_the_cli_warns_on_stderr_for_tcp_0() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "kvmpy", "run", str(guest("real_hello")), "--gdb", "tcp:0:0"],
+        capture_output=True, text=True, timeout=60, cwd=Path(__file__).parent.parent,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr  # the guest passed
+    warnings = [line for line in result.stderr.splitlines() if "beyond loopback" in line]
+    assert len(warnings) == 1, result.stderr
+    assert warnings[0].startswith("kvmpy: gdb: warning: listening on 0:")

@@ -38,13 +38,14 @@ guest's paging (KVM_TRANSLATE), as the vCPU sees them.
 Elsewhere: the protocol in ``gdbproto``, the x86 register layouts in
 ``x86.gdb_registers``, DR0-DR7 in ``x86.debugregs``, the host probe in
 ``hostprobe``.  A gdb connection is untrusted: packets sent while the guest
-runs are kept up to ``MAX_DEFERRED``, and a gdb that stops reading is cut off
-after ``send_timeout``.
+runs are kept up to ``MAX_DEFERRED``, a gdb that stops reading is cut off
+after ``send_timeout``, and listening beyond loopback prints a warning.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import select
 import socket
 import sys
@@ -140,6 +141,16 @@ def parse_gdb_spec(spec: str) -> tuple[str, int]:
     if not 0 <= port <= 0xFFFF:
         raise ValueError(f"bad --gdb port {port} in {spec!r}")
     return host.strip("[]") or DEFAULT_HOST, port
+
+
+def is_loopback(address: str) -> bool:
+    """True for a numeric loopback address (127.0.0.0/8, ::1, ::ffff:127.x.x.x)."""
+    try:
+        ip = ipaddress.ip_address(address.partition("%")[0])
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 # -- the stub ----------------------------------------------------------------------------
@@ -245,7 +256,13 @@ class GdbStub(ExitObserver):
             ) from None
         listener.settimeout(0.2)
         self._listener = listener
-        self.port = listener.getsockname()[1]
+        bound = listener.getsockname()
+        self.port = bound[1]
+        if not is_loopback(bound[0]):
+            self.log(
+                f"warning: listening on {self.host}:{self.port}, beyond loopback: anyone who "
+                "can connect can read and write guest memory"
+            )
         self._server = threading.Thread(target=self._serve, name="kvmpy-gdb", daemon=True)
         self._server.start()
 
