@@ -172,6 +172,11 @@ class PacketDecoder:
             # anything else between packets is line noise
         return events
 
+    @property
+    def buffered(self) -> int:
+        """Bytes held of a packet not yet complete (at most ``max_size`` + 2)."""
+        return len(self._body or b"") + len(self._sum or b"")
+
     def _finish(self) -> Packet | BadPacket:
         assert self._body is not None and self._sum is not None
         body, digits = bytes(self._body), bytes(self._sum)
