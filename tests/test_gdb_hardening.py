@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from kvmpy.debug.gdblisten import is_loopback
 from kvmpy.debug.gdbproto import E_INVAL, E_NOSPC, TargetError
-from kvmpy.debug.gdbstub import MAX_DEFERRED, GdbStub, is_loopback
+from kvmpy.debug.gdbstub import MAX_DEFERRED, GdbStub
 from kvmpy.debug.hostprobe import DebugSupport
 from kvmpy.machine import Machine
 from kvmpy.x86.debugregs import DebugRegisters

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from kvmpy._kvm import lib
+from kvmpy.debug.gdblisten import parse_gdb_spec
 from kvmpy.debug.gdbproto import (
     SIGSEGV,
     SIGTRAP,
@@ -35,7 +36,7 @@ from kvmpy.debug.gdbproto import (
     frame,
     unescape,
 )
-from kvmpy.debug.gdbstub import GdbStub, attach_gdb, parse_gdb_spec
+from kvmpy.debug.gdbstub import GdbStub, attach_gdb
 from kvmpy.debug.hostprobe import DebugSupport, probe_debug_support
 from kvmpy.debug.trace import CompositeObserver, ExitStats
 from kvmpy.kvm import Fpu

@@ -45,7 +45,6 @@ after ``send_timeout``, and listening beyond loopback prints a warning.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import select
 import socket
 import sys
@@ -68,6 +67,7 @@ from kvmpy.debug.coreapi import (
     Outcome,
     Vcpu,
 )
+from kvmpy.debug.gdblisten import DEFAULT_HOST, exposure_warning, listen, parse_gdb_spec
 from kvmpy.debug.gdbproto import (
     BP_SOFTWARE,
     E_FAULT,
@@ -111,46 +111,11 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
-DEFAULT_HOST = "127.0.0.1"
 REQUEST_TIMEOUT = 10.0  # seconds a parked vCPU has to answer a register/memory request
 PARK_POLL = 0.1  # how often a parked vCPU looks for the machine stopping
 STOP_TIMEOUT = 10.0  # how long a new connection waits for the vCPUs to stop
 SEND_TIMEOUT = 10.0  # a gdb that reads nothing for this long is disconnected
 MAX_DEFERRED = 64  # packets kept while the guest runs (all-stop gdb sends none)
-
-
-# -- where to listen ---------------------------------------------------------------------
-
-
-def parse_gdb_spec(spec: str) -> tuple[str, int]:
-    """``tcp::1234``, ``tcp:HOST:1234``, ``:1234`` or ``1234`` -> (host, port).
-
-    An empty host means 127.0.0.1: the stub can read and write all guest
-    memory, so it listens on all interfaces only when asked (``tcp:0.0.0.0:1234``).
-    """
-    text = spec.removeprefix("tcp:")
-    host, sep, port_text = text.rpartition(":")
-    if not sep:
-        host, port_text = "", text
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise ValueError(
-            f"bad --gdb address {spec!r}: expected tcp::PORT or tcp:HOST:PORT"
-        ) from None
-    if not 0 <= port <= 0xFFFF:
-        raise ValueError(f"bad --gdb port {port} in {spec!r}")
-    return host.strip("[]") or DEFAULT_HOST, port
-
-
-def is_loopback(address: str) -> bool:
-    """True for a numeric loopback address (127.0.0.0/8, ::1, ::ffff:127.x.x.x)."""
-    try:
-        ip = ipaddress.ip_address(address.partition("%")[0])
-    except ValueError:
-        return False
-    mapped = getattr(ip, "ipv4_mapped", None)
-    return ip.is_loopback or (mapped is not None and mapped.is_loopback)
 
 
 # -- the stub ----------------------------------------------------------------------------
@@ -247,22 +212,11 @@ class GdbStub(ExitObserver):
         """Probe the host (if ``support`` is None), listen, and serve in a thread."""
         if self.support is None:
             self.support = probe_debug_support(self.machine.kvm.path)
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        try:
-            listener = socket.create_server((self.host, self.port), family=family)
-        except OSError as exc:
-            raise ValueError(
-                f"cannot listen for gdb on {self.host}:{self.port}: {exc.strerror or exc}"
-            ) from None
-        listener.settimeout(0.2)
-        self._listener = listener
-        bound = listener.getsockname()
-        self.port = bound[1]
-        if not is_loopback(bound[0]):
-            self.log(
-                f"warning: listening on {self.host}:{self.port}, beyond loopback: anyone who "
-                "can connect can read and write guest memory"
-            )
+        self._listener = listener = listen(self.host, self.port)
+        self.port = listener.getsockname()[1]
+        warning = exposure_warning(listener, self.host)
+        if warning is not None:
+            self.log(warning)
         self._server = threading.Thread(target=self._serve, name="kvmpy-gdb", daemon=True)
         self._server.start()
 
