@@ -24,6 +24,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
 
+from kvmpy.backends.base import KVM_PATH, BackendError, open_backend
 from kvmpy.bus import BusError
 from kvmpy.debug.gdbstub import attach_gdb
 from kvmpy.debug.step import SingleStepper
@@ -36,14 +37,13 @@ from kvmpy.debug.trace import (
 )
 from kvmpy.devices.serial import Serial16550
 from kvmpy.display import DISPLAY_MODES, open_display
-from kvmpy.hostinfo import format_info, gather
-from kvmpy.kvm import KVM_PATH, Kvm, KvmError
 from kvmpy.loaders import LoaderError
 from kvmpy.loaders.detect import FORMATS
 from kvmpy.loaders.multiboot import parse_module
 from kvmpy.machine import DEFAULT_MEM_SIZE, Machine
 from kvmpy.memory import GuestMemoryError, parse_size
-from kvmpy.runloop import STATUS_ERROR, STATUS_INTERRUPTED, ExitObserver, Outcome
+from kvmpy.outcome import STATUS_ERROR, STATUS_INTERRUPTED, Outcome, OutcomeKind
+from kvmpy.runloop import ExitObserver
 from kvmpy.snapshot import SnapshotError
 from kvmpy.x86.modes import MODES
 
@@ -245,6 +245,8 @@ class _StdinPump:
 
     def __init__(self) -> None:
         self.serial: Serial16550 | None = None
+        # The serial device's lock: stdin is a host thread calling into it.
+        self.lock: threading.Lock | None = None
 
     def start(self) -> None:
         if sys.stdin is not None and not sys.stdin.closed:
@@ -263,8 +265,11 @@ class _StdinPump:
             if not data:
                 return
             while data:
-                serial = self.serial
-                accepted = serial.feed(data) if serial is not None else 0
+                serial, lock = self.serial, self.lock
+                accepted = 0
+                if serial is not None and lock is not None:
+                    with lock:
+                        accepted = serial.feed(data)
                 data = data[accepted:]
                 if data:
                     time.sleep(0.01)  # the UART's queue is full: let the guest read
@@ -273,7 +278,7 @@ class _StdinPump:
 def _report(outcome: Outcome, machine: Machine, verbose: bool) -> None:
     if outcome.report is not None:
         print(f"kvmpy: {outcome.report.format()}", file=sys.stderr)
-    elif outcome.reason != "exit" or verbose:
+    elif outcome.kind is not OutcomeKind.EXIT or verbose:
         print(f"kvmpy: {outcome.message}", file=sys.stderr)
     if verbose:
         for bus in (machine.ports, machine.mmio):
@@ -331,6 +336,7 @@ def _run(
         raise ValueError("--gdb-wait needs --gdb")
     if stdin.serial is None:
         stdin.start()
+    stdin.lock = m.device_lock("serial")
     stdin.serial = m.serial
     timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
     session = open_display(m, args.display, args.screenshot)
@@ -357,31 +363,38 @@ def cmd_run(args: argparse.Namespace) -> int:
     modules = [parse_module(text) for text in args.module]
     deadline = _deadline(args)
     stdin = _StdinPump()
-    with _trace_output(args.trace_file) as trace, _terminal_input():
+    with (
+        _trace_output(args.trace_file) as trace,
+        _terminal_input(),
+        Machine(
+            mem_size=args.mem,
+            cpus=args.cpus,
+            irqchip=args.irqchip,
+            strict=args.strict,
+            serial_output=_write_stdout,
+            cmdline=args.append,
+            kvm_path=args.kvm,
+        ) as m,
+    ):
         while True:
-            with Machine(
-                mem_size=args.mem,
-                cpus=args.cpus,
-                irqchip=args.irqchip,
-                strict=args.strict,
-                serial_output=_write_stdout,
-                cmdline=args.append,
-                kvm_path=args.kvm,
-            ) as m:
-                m.boot(
-                    args.image,
-                    image_format=args.format,
-                    mode=args.mode,
-                    load_addr=args.load_addr,
-                    entry=args.entry,
-                    modules=modules,
-                )
-                outcome = _run(m, args, stdin, trace, deadline)
-                rebooting = args.reboot and outcome.reason in ("reset", "triple-fault")
-                if not rebooting:
-                    _report(outcome, m, args.verbose)
-                    return outcome.status
+            m.boot(
+                args.image,
+                image_format=args.format,
+                mode=args.mode,
+                load_addr=args.load_addr,
+                entry=args.entry,
+                modules=modules,
+            )
+            outcome = _run(m, args, stdin, trace, deadline)
+            rebooting = args.reboot and outcome.kind in (
+                OutcomeKind.RESET,
+                OutcomeKind.TRIPLE_FAULT,
+            )
+            if not rebooting:
+                _report(outcome, m, args.verbose)
+                return outcome.status
             print("kvmpy: guest reset: restarting", file=sys.stderr)
+            m.reset()  # in place: devices, vCPUs, irqchip and RAM to power-on state
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
@@ -397,8 +410,11 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    with Kvm(args.kvm) as kvm:
-        print(format_info(gather(kvm)))
+    backend = open_backend("kvm", path=args.kvm)
+    try:
+        print(backend.describe())
+    finally:
+        backend.close()
     return 0
 
 
@@ -410,7 +426,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "restore":
             return cmd_restore(args)
         return cmd_info(args)
-    except (KvmError, LoaderError, GuestMemoryError, BusError, SnapshotError, ValueError) as exc:
+    except (BackendError, LoaderError, GuestMemoryError, BusError, SnapshotError, ValueError) as e:
+        exc = e
         print(f"kvmpy: error: {exc}", file=sys.stderr)
         return STATUS_ERROR
     except KeyboardInterrupt:  # Ctrl-C outside a run (a run reports it itself)

@@ -57,14 +57,10 @@ from typing import TYPE_CHECKING, TypeVar
 
 from kvmpy.debug.coreapi import (
     CRASH_EXITS,
-    GUESTDBG_ENABLE,
-    GUESTDBG_SINGLESTEP,
-    GUESTDBG_USE_HW_BP,
-    GUESTDBG_USE_SW_BP,
-    STATUS_INTERRUPTED,
+    BackendError,
     ExitObserver,
-    KvmError,
     Outcome,
+    OutcomeKind,
     Vcpu,
 )
 from kvmpy.debug.gdblisten import DEFAULT_HOST, exposure_warning, listen, parse_gdb_spec
@@ -211,7 +207,7 @@ class GdbStub(ExitObserver):
     def start(self) -> None:
         """Probe the host (if ``support`` is None), listen, and serve in a thread."""
         if self.support is None:
-            self.support = probe_debug_support(self.machine.kvm.path)
+            self.support = probe_debug_support(getattr(self.machine.backend, "path", None))
         self._listener = listener = listen(self.host, self.port)
         self.port = listener.getsockname()[1]
         warning = exposure_warning(listener, self.host)
@@ -266,7 +262,7 @@ class GdbStub(ExitObserver):
         if not state.debug_on:
             return False  # not ours
         if not self._attached:
-            vcpu.set_guest_debug(0)
+            vcpu.set_guest_debug(enable=False)
             state.debug_on = False
             return True
         event = self._debug_event(state)
@@ -374,7 +370,7 @@ class GdbStub(ExitObserver):
         state.step_over = None
         if action is None or not self._attached or self.machine.stopped:
             if state.debug_on:
-                vcpu.set_guest_debug(0)
+                vcpu.set_guest_debug(enable=False)
                 state.debug_on = False
             return
         with self._cond:
@@ -385,22 +381,22 @@ class GdbStub(ExitObserver):
             )
             debugreg = dregs.debugreg(with_exec=not over)
             hardware = debugreg[7] != 0
-        control = 0
+        step = False
         if over:
             state.step_over = action
-            control |= GUESTDBG_SINGLESTEP
+            step = True
         elif action == "s":
             state.stepping = True
-            control |= GUESTDBG_SINGLESTEP
-        if hardware:
-            control |= GUESTDBG_USE_HW_BP
-        if soft:
-            control |= GUESTDBG_USE_SW_BP
-        if control:
-            control |= GUESTDBG_ENABLE
-        if control or state.debug_on:
-            vcpu.set_guest_debug(control, debugreg if hardware else None)
-            state.debug_on = bool(control)
+            step = True
+        enable = step or hardware or soft
+        if enable or state.debug_on:
+            vcpu.set_guest_debug(
+                enable=enable,
+                single_step=step,
+                breakpoints=debugreg if hardware else None,
+                software_breakpoints=soft,
+            )
+            state.debug_on = enable
 
     # -- the server thread -------------------------------------------------------------
 
@@ -591,7 +587,7 @@ class GdbStub(ExitObserver):
         if request.error is not None:
             if isinstance(request.error, TargetError):
                 raise request.error
-            if isinstance(request.error, KvmError | ValueError | OverflowError):
+            if isinstance(request.error, BackendError | ValueError | OverflowError):
                 raise TargetError(str(request.error))
             raise request.error
         return request.result  # type: ignore[return-value]
@@ -737,7 +733,7 @@ class GdbStub(ExitObserver):
     def kill(self) -> None:
         self._killed = True
         self.log("killed by gdb")
-        self.machine.stop(Outcome("interrupted", STATUS_INTERRUPTED, "killed by gdb"))
+        self.machine.stop(Outcome(OutcomeKind.INTERRUPTED, "killed by gdb"))
         with self._cond:
             self._attached = False
             self._cond.notify_all()

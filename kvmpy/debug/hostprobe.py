@@ -10,16 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from kvmpy.debug.coreapi import (
-    GUESTDBG_ENABLE,
-    GUESTDBG_SINGLESTEP,
-    GUESTDBG_USE_HW_BP,
-    GUESTDBG_USE_SW_BP,
-    KVM_PATH,
-    ExitObserver,
-    KvmError,
-    Vcpu,
-)
+from kvmpy.debug.coreapi import ExitObserver, Vcpu
 from kvmpy.debug.gdbproto import WATCH_WRITE
 from kvmpy.x86.debugregs import BREAKPOINT_VECTOR, DR6_BS, DR7_LEN, DR7_RW, dr7_bits
 
@@ -60,13 +51,14 @@ class _Probe(ExitObserver):
 
     @staticmethod
     def _arm(vcpu: Vcpu, step: bool, exec_bp: bool) -> None:
-        control = GUESTDBG_ENABLE | GUESTDBG_USE_HW_BP | GUESTDBG_USE_SW_BP
-        if step:
-            control |= GUESTDBG_SINGLESTEP
         dr7 = dr7_bits(0, DR7_RW[WATCH_WRITE], DR7_LEN[4])
         if exec_bp:
             dr7 |= dr7_bits(1, 0, 0)
-        vcpu.set_guest_debug(control, [_PROBE_DATA, _PROBE_NOP, 0, 0, 0, 0, 0, dr7])
+        vcpu.set_guest_debug(
+            single_step=step,
+            breakpoints=[_PROBE_DATA, _PROBE_NOP, 0, 0, 0, 0, 0, dr7],
+            software_breakpoints=True,
+        )
 
     def on_exit(self, vcpu: Vcpu, reason: int, run_ns: int, handle_ns: int) -> None:
         pass
@@ -79,7 +71,7 @@ class _Probe(ExitObserver):
             if regs.rip == _PROBE_NOP + 1:  # still on the int3: skip it
                 regs.rip += 1
                 vcpu.set_regs(regs)
-            vcpu.set_guest_debug(0)
+            vcpu.set_guest_debug(enable=False)
             return True
         if exit_.debug_dr6 & DR6_BS:
             self.seen.add("step")
@@ -94,7 +86,7 @@ class _Probe(ExitObserver):
         pass
 
 
-def probe_debug_support(kvm_path: str = KVM_PATH, timeout: float = 2.0) -> DebugSupport:
+def probe_debug_support(kvm_path: str | None = None, timeout: float = 2.0) -> DebugSupport:
     """Run a tiny guest to see which debug features this host's KVM delivers.
 
     It writes a watched word with single-step on, runs into an instruction
@@ -114,7 +106,7 @@ def probe_debug_support(kvm_path: str = KVM_PATH, timeout: float = 2.0) -> Debug
             machine.load(plan, mode="long")
             machine.observer = probe
             machine.run(timeout=timeout)
-    except (KvmError, OSError):
+    except OSError:
         return DebugSupport(False, False, False, False)
     seen = probe.seen
     return DebugSupport("step" in seen, "break" in seen, "watch" in seen, "int3" in seen)
