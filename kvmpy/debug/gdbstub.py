@@ -36,8 +36,9 @@ layout with ``arch=``).  Memory addresses are linear: they go through the
 guest's paging (KVM_TRANSLATE), as the vCPU sees them.
 
 Elsewhere: the protocol in ``gdbproto``, the x86 register layouts in
-``x86.gdb_registers``, DR0-DR7 in ``x86.debugregs``, the host probe in
-``hostprobe``.  A gdb connection is untrusted: packets sent while the guest
+``x86.gdb_registers``, DR0-DR7 in ``x86.debugregs``, int3 breakpoints in
+``softbreak``, the host probe in ``hostprobe``, the listening socket in
+``gdblisten``.  A gdb connection is untrusted: packets sent while the guest
 runs are kept up to ``MAX_DEFERRED``, a gdb that stops reading is cut off
 after ``send_timeout``, and listening beyond loopback prints a warning.
 """
@@ -89,8 +90,9 @@ from kvmpy.debug.gdbproto import (
 )
 from kvmpy.debug.guestview import code_address, read_linear, translate, write_linear
 from kvmpy.debug.hostprobe import DebugSupport, probe_debug_support
+from kvmpy.debug.softbreak import SoftBreakpoints
 from kvmpy.memory import GuestMemoryError
-from kvmpy.x86.debugregs import BREAKPOINT_VECTOR, DEBUG_VECTOR, INT3, DebugRegisters
+from kvmpy.x86.debugregs import BREAKPOINT_VECTOR, DEBUG_VECTOR, DebugRegisters
 from kvmpy.x86.gdb_registers import (
     AMD64,
     I386,
@@ -136,12 +138,6 @@ class _VcpuState:
     pending: Stop | None = None  # a stop not reported yet (another vCPU's came first)
     debug_on: bool = False  # KVM_SET_GUEST_DEBUG is enabled on it
     requests: deque[_Request] = field(default_factory=deque)
-
-
-@dataclass(frozen=True)
-class _SoftBreakpoint:
-    gpa: int
-    original: int
 
 
 def _stderr_log(message: str) -> None:
@@ -191,7 +187,7 @@ class GdbStub(ExitObserver):
         self._last: Status = Stop(SIGTRAP, 1)
         self._layout: RegisterLayout = AMD64
         self._dregs = DebugRegisters()
-        self._soft: dict[int, _SoftBreakpoint] = {}
+        self._soft = SoftBreakpoints(machine.memory)
         self._crashed = False
         self._killed = False
         self._closed = False
@@ -309,8 +305,7 @@ class GdbStub(ExitObserver):
         regs = state.vcpu.get_regs()
         sregs = state.vcpu.get_sregs()
         linear = code_address(sregs, regs.rip)
-        with self._cond:
-            ours = linear in self._soft or linear - 1 in self._soft
+        ours = linear in self._soft or linear - 1 in self._soft
         if ours and linear - 1 in self._soft and linear not in self._soft:
             regs.rip -= 1  # report (and resume) at the breakpoint, not after it
             state.vcpu.set_regs(regs)
@@ -610,12 +605,9 @@ class GdbStub(ExitObserver):
         def read(vcpu: Vcpu) -> bytes:
             sregs = vcpu.get_sregs()
             start = mask_linear(sregs, address)
-            data = bytearray(read_linear(vcpu, self.machine.memory, sregs, start, length))
-            with self._cond:
-                for linear, soft in self._soft.items():
-                    if start <= linear < start + len(data):
-                        data[linear - start] = soft.original
-            return bytes(data)
+            return self._soft.hide(
+                start, read_linear(vcpu, self.machine.memory, sregs, start, length)
+            )
 
         return self._call(thread, read)
 
@@ -623,19 +615,14 @@ class GdbStub(ExitObserver):
         def write(vcpu: Vcpu) -> None:
             sregs = vcpu.get_sregs()
             start = mask_linear(sregs, address)
-            buffer = bytearray(data)
-            covered: dict[int, _SoftBreakpoint] = {}  # int3s this write must keep in place
-            with self._cond:
-                for linear, soft in self._soft.items():
-                    if start <= linear < start + len(buffer):
-                        covered[linear] = _SoftBreakpoint(soft.gpa, buffer[linear - start])
-                        buffer[linear - start] = INT3
             try:
-                write_linear(vcpu, self.machine.memory, sregs, start, bytes(buffer))
+                self._soft.write(
+                    start,
+                    data,
+                    lambda out: write_linear(vcpu, self.machine.memory, sregs, start, out),
+                )
             except GuestMemoryError as exc:
                 raise TargetError(str(exc), E_FAULT) from None
-            with self._cond:
-                self._soft.update(covered)
 
         self._call(thread, write)
 
@@ -666,31 +653,19 @@ class GdbStub(ExitObserver):
             self._dregs.insert(kind, linear, length, allow_8=self._layout is AMD64)
 
     def remove_breakpoint(self, kind: int, address: int, length: int) -> None:
+        linear = mask_linear_for(self._layout, address)
+        if kind == BP_SOFTWARE and self._soft.remove(linear):
+            return
         with self._cond:
-            linear = mask_linear_for(self._layout, address)
-            soft = self._soft.pop(linear, None) if kind == BP_SOFTWARE else None
-            if soft is None:
-                self._dregs.remove(kind, linear, length)
-                return
-        self.machine.memory.write_u8(soft.gpa, soft.original)
+            self._dregs.remove(kind, linear, length)
 
     def _insert_soft(self, address: int) -> None:
-        thread = self._current_thread()
-        address = mask_linear_for(self._layout, address)
-
-        def locate(vcpu: Vcpu) -> int | None:
-            return translate(vcpu, vcpu.get_sregs(), address)
-
-        with self._cond:
-            if address in self._soft:
-                return
-        gpa = self._call(thread, locate)
-        memory = self.machine.memory
-        if gpa is None or not memory.contains(gpa):
-            raise TargetError(f"{address:#x} is not mapped to RAM", E_FAULT)
-        with self._cond:
-            self._soft[address] = _SoftBreakpoint(gpa, memory.read_u8(gpa))
-        memory.write_u8(gpa, INT3)
+        linear = mask_linear_for(self._layout, address)
+        if linear not in self._soft:
+            gpa = self._call(
+                self._current_thread(), lambda vcpu: translate(vcpu, vcpu.get_sregs(), linear)
+            )
+            self._soft.insert(linear, gpa)
 
     def _warn(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -742,9 +717,8 @@ class GdbStub(ExitObserver):
         """Remove every breakpoint and let the guest run on without debugging."""
         if self._attached and not self.machine.stopped:
             self.log("detached: the guest runs on without breakpoints")
+        self._soft.clear()
         with self._cond:
-            soft = list(self._soft.values())
-            self._soft.clear()
             self._dregs.clear()
             self._attached = False
             self._running = False
@@ -752,9 +726,6 @@ class GdbStub(ExitObserver):
             for state in self._states:
                 state.pending = None
             self._release_all()
-        for breakpoint_ in soft:
-            with contextlib.suppress(GuestMemoryError, ValueError):
-                self.machine.memory.write_u8(breakpoint_.gpa, breakpoint_.original)
 
 
 def attach_gdb(machine: Machine, spec: str, wait: bool = False) -> GdbStub:
