@@ -488,6 +488,12 @@ class Machine:
         """True once the run has ended (or is ending), whatever the reason."""
         return self._stopping.is_set()
 
+    @property
+    def outcome(self) -> Outcome | None:
+        """How the run ended (the first ``stop``), once it is ending; None while it runs."""
+        with self._lock:
+            return self._outcome if self._stopping.is_set() else None
+
     def wait(self, timeout: float | None = None) -> Outcome:
         """Wait for the run started by ``start`` to end; stop it after ``timeout`` seconds."""
         try:
