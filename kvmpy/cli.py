@@ -326,6 +326,7 @@ def _run(
     m: Machine, args: argparse.Namespace, stdin: _StdinPump, trace: TextIO, deadline: float | None
 ) -> Outcome:
     """Run a loaded machine with the shared options: what to watch, when to stop, what to save."""
+    m.observer = None  # a reboot runs again with fresh observers, not the last run's
     stats = _attach_observers(m, args, trace)
     stub = None
     if args.gdb is not None:
