@@ -357,9 +357,7 @@ class Machine:
             self.memory.write(gpa, data)
         for segment in plan.segments:
             self.memory.write(segment.gpa, segment.data)
-            self.memory.write(
-                segment.gpa + len(segment.data), bytes(segment.memsz - len(segment.data))
-            )
+            self.memory.zero(segment.gpa + len(segment.data), segment.memsz - len(segment.data))
         self.vcpu.set_sregs(setup.sregs)
         if setup.sregs.cr0 & CR0_PG and not self.vcpu.get_sregs().cr0 & CR0_PG:
             # PVM accepts KVM_SET_SREGS but drops CR0.PG outside long mode.
