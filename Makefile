@@ -30,7 +30,7 @@ include guests/toykernel.mk
 setup: $(VENV)/.installed
 
 # Reinstall (and so rebuild the cffi shim) whenever the packaging or C changes.
-$(VENV)/.installed: pyproject.toml setup.py kvmpy/_build.py $(wildcard csrc/*.c csrc/*.h)
+$(VENV)/.installed: pyproject.toml setup.py kvmpy/backends/kvm/_build.py $(wildcard csrc/*.c csrc/*.h)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'
@@ -96,4 +96,4 @@ fuzz: all
 	KVMPY_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -q $(FUZZ_TESTS)
 
 clean:
-	rm -rf $(OUT) build *.egg-info kvmpy/*.so kvmpy/_kvm.c
+	rm -rf $(OUT) build *.egg-info kvmpy/backends/kvm/*.so kvmpy/backends/kvm/_kvm.c

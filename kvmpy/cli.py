@@ -33,6 +33,7 @@ from kvmpy._process import (
     fill_closed_std_fds,
     terminated,
 )
+from kvmpy.backends.base import KVM_PATH, BackendError, open_backend
 from kvmpy.bus import BusError
 from kvmpy.debug.gdbstub import attach_gdb
 from kvmpy.debug.step import SingleStepper
@@ -45,14 +46,13 @@ from kvmpy.debug.trace import (
 )
 from kvmpy.devices.serial import Serial16550
 from kvmpy.display import DISPLAY_MODES, open_display
-from kvmpy.hostinfo import format_info, gather
-from kvmpy.kvm import KVM_PATH, Kvm, KvmError
 from kvmpy.loaders import LoaderError
 from kvmpy.loaders.detect import FORMATS
 from kvmpy.loaders.multiboot import parse_module
 from kvmpy.machine import DEFAULT_MEM_SIZE, Machine
 from kvmpy.memory import MAX_RAM_SIZE, GuestMemoryError, parse_size
-from kvmpy.runloop import STATUS_ERROR, STATUS_INTERRUPTED, ExitObserver, Outcome
+from kvmpy.outcome import STATUS_ERROR, STATUS_INTERRUPTED, Outcome, OutcomeKind
+from kvmpy.runloop import ExitObserver
 from kvmpy.snapshot import SnapshotError
 from kvmpy.x86.modes import IDENTITY_MAP_SIZE, MODES
 
@@ -280,7 +280,7 @@ class _GuestOutput:
         except OSError as exc:
             self.error = exc
             if self.machine is not None:
-                self.machine.stop(Outcome("interrupted", STATUS_ERROR, "stdout failed"))
+                self.machine.stop(Outcome(OutcomeKind.HOST_ERROR, "stdout failed"))
 
     def check(self) -> None:
         if self.error is not None:
@@ -313,6 +313,8 @@ class _StdinPump:
 
     def __init__(self) -> None:
         self.serial: Serial16550 | None = None
+        # The serial device's lock: stdin is a host thread calling into it.
+        self.lock: threading.Lock | None = None
 
     def start(self) -> None:
         if sys.stdin is not None and not sys.stdin.closed:
@@ -331,15 +333,18 @@ class _StdinPump:
             if not data:
                 return
             while data:
-                serial = self.serial
-                accepted = serial.feed(data) if serial is not None else 0
+                serial, lock = self.serial, self.lock
+                accepted = 0
+                if serial is not None and lock is not None:
+                    with lock:
+                        accepted = serial.feed(data)
                 data = data[accepted:]
                 if data:
                     time.sleep(0.01)  # the UART's queue is full: let the guest read
 
 
 def _report(outcome: Outcome, machine: Machine, verbose: bool) -> None:
-    if terminated() and outcome.reason == "interrupted":
+    if terminated() and outcome.kind is OutcomeKind.INTERRUPTED:
         # SIGTERM: one line, unless asked for more.
         where = outcome.report.summary() if outcome.report is not None else outcome.message
         print(f"kvmpy: terminated (SIGTERM): {where}", file=sys.stderr)
@@ -347,7 +352,7 @@ def _report(outcome: Outcome, machine: Machine, verbose: bool) -> None:
             return
     if outcome.report is not None:
         print(f"kvmpy: {outcome.report.format()}", file=sys.stderr)
-    elif outcome.reason != "exit" or verbose:
+    elif outcome.kind is not OutcomeKind.EXIT or verbose:
         print(f"kvmpy: {outcome.message}", file=sys.stderr)
     if verbose:
         for bus in (machine.ports, machine.mmio):
@@ -405,6 +410,7 @@ def _run(
         raise ValueError("--gdb-wait needs --gdb")
     if stdin.serial is None:
         stdin.start()
+    stdin.lock = m.device_lock("serial")
     stdin.serial = m.serial
     timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
     session = open_display(m, args.display, args.screenshot)
@@ -443,7 +449,7 @@ def _result(outcome: Outcome, m: Machine, args: argparse.Namespace, output: _Gue
     """Report how the run ended and give the process status."""
     output.check()
     _report(outcome, m, args.verbose)
-    if terminated() and outcome.reason == "interrupted":
+    if terminated() and outcome.kind is OutcomeKind.INTERRUPTED:
         return STATUS_TERMINATED
     return outcome.status
 
@@ -454,31 +460,38 @@ def cmd_run(args: argparse.Namespace) -> int:
     deadline = _deadline(args)
     stdin = _StdinPump()
     output = _GuestOutput()
-    with _trace_output(args.trace_file) as trace, _terminal_input():
+    with (
+        _trace_output(args.trace_file) as trace,
+        _terminal_input(),
+        Machine(
+            mem_size=args.mem,
+            cpus=args.cpus,
+            irqchip=args.irqchip,
+            strict=args.strict,
+            serial_output=output,
+            cmdline=args.append,
+            kvm_path=args.kvm,
+        ) as m,
+    ):
+        output.machine = m
         while True:
-            with Machine(
-                mem_size=args.mem,
-                cpus=args.cpus,
-                irqchip=args.irqchip,
-                strict=args.strict,
-                serial_output=output,
-                cmdline=args.append,
-                kvm_path=args.kvm,
-            ) as m:
-                output.machine = m
-                m.boot(
-                    args.image,
-                    image_format=args.format,
-                    mode=args.mode,
-                    load_addr=args.load_addr,
-                    entry=args.entry,
-                    modules=modules,
-                )
-                outcome = _run(m, args, stdin, trace, deadline)
-                rebooting = args.reboot and outcome.reason in ("reset", "triple-fault")
-                if not rebooting or output.error is not None:
-                    return _result(outcome, m, args, output)
+            m.boot(
+                args.image,
+                image_format=args.format,
+                mode=args.mode,
+                load_addr=args.load_addr,
+                entry=args.entry,
+                modules=modules,
+            )
+            outcome = _run(m, args, stdin, trace, deadline)
+            rebooting = args.reboot and outcome.kind in (
+                OutcomeKind.RESET,
+                OutcomeKind.TRIPLE_FAULT,
+            )
+            if not rebooting or output.error is not None:
+                return _result(outcome, m, args, output)
             print("kvmpy: guest reset: restarting", file=sys.stderr)
+            m.reset()  # in place: devices, vCPUs, irqchip and RAM to power-on state
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
@@ -495,8 +508,11 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    with Kvm(args.kvm) as kvm:
-        text = format_info(gather(kvm))
+    backend = open_backend("kvm", path=args.kvm)
+    try:
+        text = backend.describe()
+    finally:
+        backend.close()
     _print_stdout(text)
     return 0
 
@@ -539,7 +555,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             status = cmd_info(args)
         return status
     except (
-        KvmError,
+        BackendError,
         LoaderError,
         GuestMemoryError,
         BusError,

@@ -12,8 +12,6 @@ import mmap
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from kvmpy._kvm import lib
-
 # Where the PCI/MMIO hole below 4 GiB starts: RAM beyond this goes above 4 GiB.
 LOW_RAM_END = 0xC000_0000
 HIGH_RAM_START = 0x1_0000_0000
@@ -27,9 +25,15 @@ _ZERO_CHUNK = bytes(1 << 20)
 
 _SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
-# mmap.MAP_NORESERVE only exists from Python 3.13, so take it from <sys/mman.h>
-# through the shim: guest RAM is sparse, and must not reserve swap for all of it.
-_MAP_NORESERVE: int = lib.MAP_NORESERVE
+
+
+def pc_ram_layout(size: int) -> list[tuple[int, int]]:
+    """RAM of ``size`` bytes as a PC lays it out: from 0, and above 4 GiB past the hole."""
+    low = min(size, LOW_RAM_END)
+    regions = [(0, low)]
+    if size > low:
+        regions.append((HIGH_RAM_START, size - low))
+    return regions
 
 
 class GuestMemoryError(ValueError):
@@ -78,14 +82,25 @@ class GuestMemory:
 
     def __init__(self) -> None:
         self.regions: list[MemoryRegion] = []
+        self.map_flags = 0
 
     @classmethod
-    def with_ram(cls, size: int, backing: int | None = None) -> GuestMemory:
+    def with_ram(
+        cls,
+        size: int,
+        backing: int | None = None,
+        map_flags: int = 0,
+        layout: list[tuple[int, int]] | None = None,
+    ) -> GuestMemory:
         """RAM of ``size`` bytes in the standard PC layout (split around the MMIO hole).
 
         With ``backing`` (a file descriptor of a ``size``-byte file holding the
         regions end to end, as a snapshot's memory.bin does), RAM starts as a
         copy-on-write view of that file: nothing is copied until written.
+        ``map_flags`` are extra mmap flags from the backend (MAP_NORESERVE:
+        guest RAM is sparse and must not reserve swap for all of itself;
+        Python's mmap module only names it from 3.13).  ``layout`` is the
+        board's (gpa, size) regions; the default is the PC's.
         """
         if size <= 0 or size % PAGE_SIZE:
             raise GuestMemoryError(f"RAM size must be a positive multiple of 4 KiB, not {size:#x}")
@@ -94,10 +109,15 @@ class GuestMemory:
                 f"RAM size {size:#x} is more than the {MAX_RAM_SIZE >> 30} GiB kvmpy allows"
             )
         memory = cls()
-        low = min(size, LOW_RAM_END)
-        memory.add_region(0, low, backing, 0)
-        if size > low:
-            memory.add_region(HIGH_RAM_START, size - low, backing, low)
+        memory.map_flags = map_flags
+        offset = 0
+        try:
+            for gpa, length in layout or pc_ram_layout(size):
+                memory.add_region(gpa, length, backing, offset)
+                offset += length
+        except BaseException:
+            memory.close()
+            raise
         return memory
 
     @property
@@ -117,13 +137,13 @@ class GuestMemory:
                 raise GuestMemoryError(f"region {gpa:#x}+{size:#x} overlaps {other.gpa:#x}")
         try:
             if backing is None:
-                flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
+                flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | self.map_flags
                 mapping = mmap.mmap(-1, size, flags=flags)
             else:
                 mapping = mmap.mmap(
                     backing,
                     size,
-                    flags=mmap.MAP_PRIVATE | _MAP_NORESERVE,
+                    flags=mmap.MAP_PRIVATE | self.map_flags,
                     prot=mmap.PROT_READ | mmap.PROT_WRITE,
                     offset=offset,
                 )

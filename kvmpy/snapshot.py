@@ -32,11 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kvmpy._kvm import lib
-from kvmpy.x86.registers import DTable, Regs, Segment, Sregs
-
 if TYPE_CHECKING:
-    from kvmpy.kvm import Vcpu
     from kvmpy.machine import Machine
 
 FORMAT = "kvmpy-snapshot"
@@ -47,7 +43,6 @@ PAGE = 4096
 _ZERO_PAGE = bytes(PAGE)
 _CHUNK = 1 << 20
 _ZERO_CHUNK = bytes(_CHUNK)
-_IRQCHIPS = (lib.KVM_IRQCHIP_PIC_MASTER, lib.KVM_IRQCHIP_PIC_SLAVE, lib.KVM_IRQCHIP_IOAPIC)
 
 
 class SnapshotError(ValueError):
@@ -190,7 +185,6 @@ def take_snapshot(machine: Machine) -> Snapshot:
     """The state of a stopped machine (call between runs, not while it runs)."""
     if machine.is_running:
         raise SnapshotError("stop the machine (or let run() return) before taking a snapshot")
-    msrs = _saved_msrs(machine)
     return Snapshot(
         config={
             "mem_size": machine.memory.size,
@@ -199,8 +193,8 @@ def take_snapshot(machine: Machine) -> Snapshot:
             "irqchip": machine.has_irqchip,
             "cmdline": machine.cmdline,
         },
-        vcpus=[_vcpu_state(vcpu, msrs, machine.has_irqchip) for vcpu in machine.vcpus],
-        vm=_vm_state(machine),
+        vcpus=[vcpu.save_state() for vcpu in machine.vcpus],
+        vm=machine.vm.save_state(),
         devices={name: device_state(device) for name, device in machine.devices().items()},
         extents=_memory_extents(machine),
     )
@@ -212,42 +206,6 @@ def _b64(data: bytes) -> str:
 
 def _unb64(text: str) -> bytes:
     return base64.b64decode(text.encode("ascii"))
-
-
-def _saved_msrs(machine: Machine) -> list[int]:
-    """The MSRs KVM can save on this host (its list, less any it refuses to read)."""
-    wanted = machine.kvm.msr_index_list()
-    vcpu = machine.vcpu
-    readable: list[int] = []
-    while wanted:
-        got = vcpu.get_msrs(wanted)
-        readable += [index for index in wanted if index in got]
-        # KVM_GET_MSRS stops at the first MSR it cannot read: skip it, go on.
-        wanted = wanted[len(got) + 1 :]
-    return readable
-
-
-def _vcpu_state(vcpu: Vcpu, msrs: list[int], lapic: bool) -> dict[str, Any]:
-    return {
-        "regs": dataclasses.asdict(vcpu.get_regs()),
-        "sregs": dataclasses.asdict(vcpu.get_sregs()),
-        "xsave": _b64(vcpu.get_xsave()),
-        "xcrs": _b64(vcpu.get_xcrs()),
-        "msrs": [[index, value] for index, value in vcpu.get_msrs(msrs).items()],
-        "lapic": _b64(vcpu.get_lapic()) if lapic else None,
-        "events": _b64(vcpu.get_vcpu_events()),
-        "mp_state": vcpu.get_mp_state(),
-        "debugregs": _b64(vcpu.get_debugregs()),
-    }
-
-
-def _vm_state(machine: Machine) -> dict[str, str]:
-    state = {"clock": _b64(machine.vm.get_clock())}
-    if machine.has_irqchip:
-        for chip in _IRQCHIPS:
-            state[f"irqchip{chip}"] = _b64(machine.vm.get_irqchip(chip))
-        state["pit2"] = _b64(machine.vm.get_pit2())
-    return state
 
 
 def _memory_extents(machine: Machine) -> list[tuple[int, bytes]]:
@@ -352,19 +310,10 @@ def apply_snapshot(snapshot: Snapshot, machine: Machine) -> None:
         raise SnapshotError("the machine has a different number of vCPUs")
     for gpa, data in snapshot.extents:
         machine.memory.write(gpa, data)
-    vm_state = snapshot.vm
     try:
-        if machine.has_irqchip:
-            for chip in (
-                lib.KVM_IRQCHIP_PIC_MASTER,
-                lib.KVM_IRQCHIP_PIC_SLAVE,
-                lib.KVM_IRQCHIP_IOAPIC,
-            ):
-                machine.vm.set_irqchip(_unb64(vm_state[f"irqchip{chip}"]))
-            machine.vm.set_pit2(_unb64(vm_state["pit2"]))
+        machine.vm.load_state(snapshot.vm)
         for vcpu, state in zip(machine.vcpus, snapshot.vcpus, strict=True):
-            _restore_vcpu(vcpu, state)
-        machine.vm.set_clock(_unb64(vm_state["clock"]))
+            vcpu.load_state(state)
     except (KeyError, TypeError, ValueError) as exc:
         raise SnapshotError(f"snapshot state is incomplete or malformed: {exc}") from None
     devices = machine.devices()
@@ -372,36 +321,6 @@ def apply_snapshot(snapshot: Snapshot, machine: Machine) -> None:
         if name not in devices:
             raise SnapshotError(f"the snapshot has a device {name!r} this machine lacks")
         restore_device_state(devices[name], state)
-
-
-def _restore_vcpu(vcpu: Vcpu, state: dict[str, Any]) -> None:
-    # The order follows KVM's rules: special registers (and so APIC base)
-    # before the LAPIC, registers before events, MSRs after CPUID (set when
-    # the vCPU was created).
-    vcpu.set_sregs(_sregs(state["sregs"]))
-    vcpu.set_regs(Regs(**state["regs"]))
-    vcpu.set_xsave(_unb64(state["xsave"]))
-    vcpu.set_xcrs(_unb64(state["xcrs"]))
-    vcpu.set_msrs({index: value for index, value in state["msrs"]})
-    if state["lapic"] is not None:
-        vcpu.set_lapic(_unb64(state["lapic"]))
-    vcpu.set_vcpu_events(_unb64(state["events"]))
-    vcpu.set_mp_state(state["mp_state"])
-    vcpu.set_debugregs(_unb64(state["debugregs"]))
-
-
-def _sregs(data: dict[str, Any]) -> Sregs:
-    fields: dict[str, Any] = {}
-    for name, value in data.items():
-        if name in ("gdt", "idt"):
-            fields[name] = DTable(**value)
-        elif isinstance(value, dict):
-            fields[name] = Segment(**value)
-        elif name == "interrupt_bitmap":
-            fields[name] = tuple(value)
-        else:
-            fields[name] = value
-    return Sregs(**fields)
 
 
 def file_size_on_disk(path: str | Path) -> int:

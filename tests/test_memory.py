@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from kvmpy.backends.kvm._kvm import lib
 from kvmpy.memory import (
     HIGH_RAM_START,
     LOW_RAM_END,
@@ -152,8 +153,11 @@ def _vm_flags(address: int) -> list[str]:
 
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="needs Linux /proc")
 def test_ram_is_mapped_noreserve_and_private() -> None:
-    """RAM must not reserve swap, so a big guest costs only the pages it touches."""
-    with GuestMemory.with_ram(4 * MiB) as memory:
+    """RAM must not reserve swap, so a big guest costs only the pages it touches.
+
+    The flag is a host fact the backend hands over, as Machine does.
+    """
+    with GuestMemory.with_ram(4 * MiB, map_flags=lib.MAP_NORESERVE) as memory:
         pointer = ctypes.c_char.from_buffer(memory.regions[0].mapping)
         try:
             flags = _vm_flags(ctypes.addressof(pointer))

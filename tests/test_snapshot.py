@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from kvmpy._kvm import lib
+from kvmpy.backends.kvm._kvm import lib
 from kvmpy.devices.serial import Serial16550
 from kvmpy.loaders.flat import load_flat
 from kvmpy.machine import Machine
-from kvmpy.runloop import Outcome
+from kvmpy.outcome import Outcome, OutcomeKind
 from kvmpy.snapshot import Snapshot, SnapshotError, device_state, restore_device_state
 from tests.helpers import ROOT, guest
 
@@ -35,7 +35,7 @@ def counted_halfway(directory: Path, lines: int = 8, cpus: int = 1) -> bytes:
         m.start()
         with m.console_changed:
             assert m.console_changed.wait_for(lambda: m.console.count(b"\n") == lines, 60)
-        m.stop(Outcome("interrupted", 130, "stopped for a snapshot"))
+        m.stop(Outcome(OutcomeKind.INTERRUPTED, "stopped for a snapshot"))
         m.wait()
         m.snapshot(directory)
         return bytes(m.console)

@@ -49,7 +49,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
-from kvmpy._kvm import lib
+from kvmpy.backends.base import BackendError, Vcpu
+from kvmpy.backends.exits import ExitKind
 from kvmpy.debug.gdbproto import (
     AMD64,
     AMD64_GPRS,
@@ -84,10 +85,10 @@ from kvmpy.debug.gdbproto import (
 )
 from kvmpy.debug.guestview import read_linear, translate
 from kvmpy.devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_PORTS
-from kvmpy.kvm import KVM_PATH, Fpu, KvmError, Vcpu
 from kvmpy.memory import PAGE_SIZE, GuestMemory, GuestMemoryError
-from kvmpy.runloop import STATUS_INTERRUPTED, ExitObserver, Outcome
-from kvmpy.x86.registers import EFER_LMA, Regs, Sregs, cpu_mode
+from kvmpy.outcome import Outcome, OutcomeKind
+from kvmpy.runloop import ExitObserver
+from kvmpy.x86.registers import EFER_LMA, Fpu, Regs, Sregs, cpu_mode
 
 if TYPE_CHECKING:
     from kvmpy.machine import Machine
@@ -109,7 +110,7 @@ DEBUG_VECTOR = 1
 BREAKPOINT_VECTOR = 3
 INT3 = 0xCC
 
-_CRASH_EXITS = (lib.KVM_EXIT_INTERNAL_ERROR, lib.KVM_EXIT_SHUTDOWN, lib.KVM_EXIT_FAIL_ENTRY)
+_CRASH_EXITS = (ExitKind.INTERNAL_ERROR, ExitKind.SHUTDOWN, ExitKind.FAIL_ENTRY)
 
 
 # -- where to listen ---------------------------------------------------------------------
@@ -175,13 +176,14 @@ class _Probe(ExitObserver):
 
     @staticmethod
     def _arm(vcpu: Vcpu, step: bool, exec_bp: bool) -> None:
-        control = lib.KVM_GUESTDBG_ENABLE | lib.KVM_GUESTDBG_USE_HW_BP | lib.KVM_GUESTDBG_USE_SW_BP
-        if step:
-            control |= lib.KVM_GUESTDBG_SINGLESTEP
         dr7 = 1 | _DR7_RW[WATCH_WRITE] << 16 | _DR7_LEN[4] << 18
         if exec_bp:
             dr7 |= 1 << 2
-        vcpu.set_guest_debug(control, [_PROBE_DATA, _PROBE_NOP, 0, 0, 0, 0, 0, dr7])
+        vcpu.set_guest_debug(
+            single_step=step,
+            breakpoints=[_PROBE_DATA, _PROBE_NOP, 0, 0, 0, 0, 0, dr7],
+            software_breakpoints=True,
+        )
 
     def on_exit(self, vcpu: Vcpu, reason: int, run_ns: int, handle_ns: int) -> None:
         pass
@@ -194,7 +196,7 @@ class _Probe(ExitObserver):
             if regs.rip == _PROBE_NOP + 1:  # still on the int3: skip it
                 regs.rip += 1
                 vcpu.set_regs(regs)
-            vcpu.set_guest_debug(0)
+            vcpu.set_guest_debug(enable=False)
             return True
         if exit_.debug_dr6 & DR6_BS:
             self.seen.add("step")
@@ -209,7 +211,7 @@ class _Probe(ExitObserver):
         pass
 
 
-def probe_debug_support(kvm_path: str = KVM_PATH, timeout: float = 2.0) -> DebugSupport:
+def probe_debug_support(kvm_path: str | None = None, timeout: float = 2.0) -> DebugSupport:
     """Run a tiny guest to see which debug features this host's KVM delivers.
 
     It writes a watched word with single-step on, runs into an instruction
@@ -229,7 +231,7 @@ def probe_debug_support(kvm_path: str = KVM_PATH, timeout: float = 2.0) -> Debug
             machine.load(plan, mode="long")
             machine.observer = probe
             machine.run(timeout=timeout)
-    except (KvmError, OSError):
+    except OSError:
         return DebugSupport(False, False, False, False)
     seen = probe.seen
     return DebugSupport("step" in seen, "break" in seen, "watch" in seen, "int3" in seen)
@@ -448,7 +450,7 @@ class GdbStub(ExitObserver):
     def start(self) -> None:
         """Probe the host (if ``support`` is None), listen, and serve in a thread."""
         if self.support is None:
-            self.support = probe_debug_support(self.machine.kvm.path)
+            self.support = probe_debug_support(getattr(self.machine.backend, "path", None))
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         try:
             listener = socket.create_server((self.host, self.port), family=family)
@@ -497,7 +499,7 @@ class GdbStub(ExitObserver):
         self._arm(state, action)
 
     def on_exit(self, vcpu: Vcpu, reason: int, run_ns: int, handle_ns: int) -> None:
-        if reason == lib.KVMSHIM_EXIT_PORT_OUT:
+        if reason == ExitKind.PORT_OUT:
             if DEBUG_EXIT_PORT <= vcpu.exit.io_port < DEBUG_EXIT_PORT + DEBUG_EXIT_PORTS:
                 self._exit_value = vcpu.exit.value
         elif reason in _CRASH_EXITS and self._attached and not self.machine.stopped:
@@ -511,7 +513,7 @@ class GdbStub(ExitObserver):
         if not state.debug_on:
             return False  # not ours
         if not self._attached:
-            vcpu.set_guest_debug(0)
+            vcpu.set_guest_debug(enable=False)
             state.debug_on = False
             return True
         event = self._debug_event(state)
@@ -619,7 +621,7 @@ class GdbStub(ExitObserver):
         state.step_over = None
         if action is None or not self._attached or self.machine.stopped:
             if state.debug_on:
-                vcpu.set_guest_debug(0)
+                vcpu.set_guest_debug(enable=False)
                 state.debug_on = False
             return
         with self._cond:
@@ -630,22 +632,22 @@ class GdbStub(ExitObserver):
             )
             debugreg = dregs.debugreg(with_exec=not over)
             hardware = debugreg[7] != 0
-        control = 0
+        step = False
         if over:
             state.step_over = action
-            control |= lib.KVM_GUESTDBG_SINGLESTEP
+            step = True
         elif action == "s":
             state.stepping = True
-            control |= lib.KVM_GUESTDBG_SINGLESTEP
-        if hardware:
-            control |= lib.KVM_GUESTDBG_USE_HW_BP
-        if soft:
-            control |= lib.KVM_GUESTDBG_USE_SW_BP
-        if control:
-            control |= lib.KVM_GUESTDBG_ENABLE
-        if control or state.debug_on:
-            vcpu.set_guest_debug(control, debugreg if hardware else None)
-            state.debug_on = bool(control)
+            step = True
+        enable = step or hardware or soft
+        if enable or state.debug_on:
+            vcpu.set_guest_debug(
+                enable=enable,
+                single_step=step,
+                breakpoints=debugreg if hardware else None,
+                software_breakpoints=soft,
+            )
+            state.debug_on = enable
 
     # -- the server thread -------------------------------------------------------------
 
@@ -825,7 +827,7 @@ class GdbStub(ExitObserver):
         if request.error is not None:
             if isinstance(request.error, TargetError):
                 raise request.error
-            if isinstance(request.error, KvmError | GuestMemoryError | ValueError):
+            if isinstance(request.error, BackendError | GuestMemoryError | ValueError):
                 raise TargetError(str(request.error))
             raise request.error
         return request.result  # type: ignore[return-value]
@@ -965,7 +967,7 @@ class GdbStub(ExitObserver):
     def kill(self) -> None:
         self._killed = True
         self.log("killed by gdb")
-        self.machine.stop(Outcome("interrupted", STATUS_INTERRUPTED, "killed by gdb"))
+        self.machine.stop(Outcome(OutcomeKind.INTERRUPTED, "killed by gdb"))
         with self._cond:
             self._attached = False
             self._cond.notify_all()

@@ -10,7 +10,7 @@ from kvmpy.memory import PAGE_SIZE, GuestMemory, GuestMemoryError
 from kvmpy.x86.registers import CR0_PG, Sregs, cpu_mode
 
 if TYPE_CHECKING:
-    from kvmpy.kvm import Vcpu
+    from kvmpy.backends.base import Vcpu
 
 
 def code_address(sregs: Sregs, rip: int) -> int:
