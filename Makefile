@@ -89,11 +89,11 @@ bench: all
 	$(BIN)/python bench/snapshot_restore.py
 	$(BIN)/python bench/qemu_compare.py
 
-# The hypothesis tests run a short budget in `make test`; this runs them long.
+# The hypothesis tests (tests/test_*fuzz*.py) run a short budget in `make test`;
+# this runs them long: FUZZ_EXAMPLES examples per test.
 FUZZ_EXAMPLES ?= 20000
-FUZZ_TESTS := tests/test_loader_fuzz.py
 fuzz: all
-	KVMPY_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -q $(FUZZ_TESTS)
+	KVMPY_FUZZ=1 KVMPY_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -q $(wildcard tests/test_*fuzz*.py)
 
 clean:
 	rm -rf $(OUT) build *.egg-info kvmpy/backends/kvm/*.so kvmpy/backends/kvm/_kvm.c

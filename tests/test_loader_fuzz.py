@@ -69,9 +69,11 @@ def test_damaged_images_give_loader_errors(name: str, tmp_path: Path) -> None:
 # bytes overwritten, integers of every width planted (where header fields are),
 # truncated or extended.  Each result must be loaded (and then fit RAM, so that the
 # machine's writes succeed) or refused with a LoaderError naming the image.  The
-# normal suite runs a short budget; KVMPY_FUZZ_EXAMPLES (set by `make fuzz`) a long one.
+# normal suite runs a short, repeatable budget; `make fuzz` sets KVMPY_FUZZ=1 for a
+# long random one (KVMPY_FUZZ_EXAMPLES per format, default 20,000).
 
-FUZZ_EXAMPLES = int(os.environ.get("KVMPY_FUZZ_EXAMPLES", "200"))
+LONG_FUZZ = bool(os.environ.get("KVMPY_FUZZ"))
+FUZZ_EXAMPLES = int(os.environ.get("KVMPY_FUZZ_EXAMPLES", "20000")) if LONG_FUZZ else 200
 FUZZ_RAM = 4 << 20
 
 
@@ -130,7 +132,9 @@ def test_the_unmutated_images_load(kind: str) -> None:
 def test_mutated_images_load_or_give_a_loader_error(kind: str) -> None:
     original, image_format = IMAGES[kind]
 
-    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None)
+    @settings(
+        max_examples=FUZZ_EXAMPLES, deadline=None, database=None, derandomize=not LONG_FUZZ
+    )
     @given(data=mutated(original), forced=st.booleans())
     def check(data: bytes, forced: bool) -> None:
         # Detected, and also forced to the original's format (as --format does).
