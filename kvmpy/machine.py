@@ -28,16 +28,7 @@ from kvmpy.backends.base import Backend, BackendError, Capability, Vcpu, Vm, ope
 from kvmpy.board import Board, DeviceEntry, FirmwareContext, Wiring
 from kvmpy.bus import Bus
 from kvmpy.console import DEFAULT_CONSOLE_LIMIT, ConsoleLog
-from kvmpy.devices.acpi_pm import AcpiPmControl, AcpiPmEvent
 from kvmpy.devices.base import IrqCallback, no_irq
-from kvmpy.devices.cmos import Cmos
-from kvmpy.devices.debug_exit import DebugExit
-from kvmpy.devices.fw_cfg import FwCfg
-from kvmpy.devices.post import PostCode
-from kvmpy.devices.reset import I8042, SystemControlPortA
-from kvmpy.devices.serial import Serial16550
-from kvmpy.devices.testdev import TestDevice
-from kvmpy.devices.vga import Vga
 from kvmpy.hostinfo import kvm_modules
 from kvmpy.loaders import LoaderError, LoadPlan, check_plan
 from kvmpy.loaders.detect import load_image
@@ -52,8 +43,8 @@ from kvmpy.x86.registers import CR0_PG
 
 DEFAULT_MEM_SIZE = PC.default_ram
 MIN_MEM_SIZE = PC.min_ram
-# How often the timer thread looks whether the guest enabled an RTC interrupt.
-RTC_IDLE_POLL = 0.05
+# How often the timer thread looks whether the guest enabled a timed interrupt.
+TIMER_IDLE_POLL = 0.05
 
 D = TypeVar("D")
 CTRL_C = Outcome(OutcomeKind.INTERRUPTED, "interrupted", signal=signal.SIGINT)
@@ -208,49 +199,13 @@ class Machine:
         """The lock every caller holds around a call into device ``name``."""
         return self._device_locks[name]
 
-    @property
-    def serial(self) -> Serial16550:
-        return self.device("serial", Serial16550)
-
-    @property
-    def debug_exit(self) -> DebugExit:
-        return self.device("debug_exit", DebugExit)
-
-    @property
-    def post(self) -> PostCode:
-        return self.device("post", PostCode)
-
-    @property
-    def fw_cfg(self) -> FwCfg:
-        return self.device("fw_cfg", FwCfg)
-
-    @property
-    def cmos(self) -> Cmos:
-        return self.device("cmos", Cmos)
-
-    @property
-    def i8042(self) -> I8042:
-        return self.device("i8042", I8042)
-
-    @property
-    def port92(self) -> SystemControlPortA:
-        return self.device("port92", SystemControlPortA)
-
-    @property
-    def acpi_pm(self) -> AcpiPmControl:
-        return self.device("acpi_pm", AcpiPmControl)
-
-    @property
-    def acpi_events(self) -> AcpiPmEvent:
-        return self.device("acpi_events", AcpiPmEvent)
-
-    @property
-    def testdev(self) -> TestDevice:
-        return self.device("testdev", TestDevice)
-
-    @property
-    def vga(self) -> Vga:
-        return self.device("vga", Vga)
+    def __getattr__(self, name: str) -> Any:
+        """Devices by their board name (``machine.serial``, ``machine.cmos``), untyped;
+        ``device(name, Type)`` gives a typed one."""
+        devices = self.__dict__.get("_devices")
+        if devices is not None and name in devices:
+            return devices[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     # -- memory ----------------------------------------------------------------------------
 
@@ -524,9 +479,9 @@ class Machine:
             thread.start()
             self._threads.append(thread)
         if self.has_irqchip:
-            rtc = threading.Thread(target=self._rtc_thread, name="kvmpy-rtc", daemon=True)
-            rtc.start()
-            self._threads.append(rtc)
+            timers = threading.Thread(target=self._timer_thread, name="kvmpy-timers", daemon=True)
+            timers.start()
+            self._threads.append(timers)
 
     @property
     def stopped(self) -> bool:
@@ -599,20 +554,26 @@ class Machine:
         finally:
             vcpu.thread_ident = None
 
-    def _rtc_thread(self) -> None:
-        """Raise the RTC's interrupts on time: the CMOS model has no clock of its own.
+    def _timer_thread(self) -> None:
+        """Raise the devices' timed interrupts on time: device models have no clocks.
 
-        It sleeps until the next enabled RTC event, or a while when none is
-        enabled (the guest may enable one at any time), until the run ends.
+        Every device with ``poll()`` (the RTC on a PC) is asked, under its
+        lock, to raise what is due and say when it next needs a look; the
+        thread sleeps until the earliest of those, or a while when none has
+        anything enabled (the guest may enable one at any time).
         """
-        cmos = self.cmos
-        lock = self.device_lock("cmos")
-        while not self._stopping.is_set():
-            with lock:
-                due = cmos.poll()
-            delay = (
-                RTC_IDLE_POLL if due is None else min(max(due - time.time(), 0.0), RTC_IDLE_POLL)
-            )
+        timed = [
+            (device.poll, self._device_locks[name])
+            for name, device in self._devices.items()
+            if callable(getattr(device, "poll", None))
+        ]
+        while timed and not self._stopping.is_set():
+            delay = TIMER_IDLE_POLL
+            for poll, lock in timed:
+                with lock:
+                    due = poll()
+                if due is not None:
+                    delay = min(delay, max(due - time.time(), 0.0))
             self._stopping.wait(delay)
 
     def _guest_exit(self, value: int) -> None:
