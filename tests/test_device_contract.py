@@ -93,7 +93,7 @@ def _bad_values(hint: Any) -> list[object]:
     """Values of the wrong type or out of every device's bounds for a field of type ``hint``."""
     bad: list[object] = ["text", 1.5]
     if hint is int:
-        bad += [1 << 64, -(1 << 64), True]
+        bad += [1 << 80, -(1 << 80), True]
     elif hint is bytes:
         bad += [bytes(100_000), bytearray(4)]
     elif typing.get_origin(hint) is tuple:
