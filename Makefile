@@ -3,6 +3,7 @@
 #   make test   the same set-up, then ruff, mypy and pytest
 #   make bench  the benchmarks in bench/
 #   make test-linux  real kernels (tiny Linux, Debian's cloud kernel, memtest86+): slow
+#   make fuzz   the property-based (hypothesis) tests with a long budget
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -19,7 +20,7 @@ PVH_GUESTS := pvh_hello
 GUESTS := $(REAL_GUESTS:%=$(OUT)/%.bin) $(PROTECTED_GUESTS:%=$(OUT)/%.bin) \
 	$(LONG_GUESTS:%=$(OUT)/%.bin) $(MULTIBOOT_GUESTS:%=$(OUT)/%.elf) $(PVH_GUESTS:%=$(OUT)/%.elf)
 
-.PHONY: all setup guests demo test lint unit bench clean linux-guests test-linux bench-linux
+.PHONY: all setup guests demo test lint unit bench fuzz clean linux-guests test-linux bench-linux
 .DELETE_ON_ERROR:
 
 all: setup guests
@@ -30,7 +31,7 @@ include guests/toykernel.mk
 setup: $(VENV)/.installed
 
 # Reinstall (and so rebuild the cffi shim) whenever the packaging or C changes.
-$(VENV)/.installed: pyproject.toml setup.py kvmpy/_build.py $(wildcard csrc/*.c csrc/*.h)
+$(VENV)/.installed: pyproject.toml setup.py kvmpy/backends/kvm/_build.py $(wildcard csrc/*.c csrc/*.h)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'
@@ -99,6 +100,11 @@ bench: all
 
 bench-linux: all linux-guests
 	$(BIN)/python bench/linux_boot.py
+# The hypothesis tests (tests/test_*fuzz*.py) run a short budget in `make test`;
+# this runs them long: FUZZ_EXAMPLES examples per test.
+FUZZ_EXAMPLES ?= 20000
+fuzz: all
+	KVMPY_FUZZ=1 KVMPY_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -q $(wildcard tests/test_*fuzz*.py)
 
 clean:
-	rm -rf $(OUT) build *.egg-info kvmpy/*.so kvmpy/_kvm.c
+	rm -rf $(OUT) build *.egg-info kvmpy/backends/kvm/*.so kvmpy/backends/kvm/_kvm.c

@@ -2,4 +2,4 @@
 
 from setuptools import setup
 
-setup(cffi_modules=["kvmpy/_build.py:ffibuilder"])
+setup(cffi_modules=["kvmpy/backends/kvm/_build.py:ffibuilder"])

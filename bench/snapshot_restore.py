@@ -20,7 +20,7 @@ from pathlib import Path
 
 from kvmpy.loaders.flat import load_flat
 from kvmpy.machine import Machine
-from kvmpy.runloop import Outcome
+from kvmpy.outcome import Outcome, OutcomeKind
 from kvmpy.snapshot import Snapshot
 
 GUEST = Path(__file__).resolve().parent.parent / "guests" / "out" / "counter.bin"
@@ -37,7 +37,7 @@ def make_snapshot(directory: Path) -> None:
         m.start()
         with m.console_changed:
             m.console_changed.wait_for(lambda: m.console.count(b"\n") == 3, 60)
-        m.stop(Outcome("interrupted", 130, "snapshot"))
+        m.stop(Outcome(OutcomeKind.INTERRUPTED, "snapshot"))
         m.wait()
         m.snapshot(directory)
 

@@ -52,34 +52,41 @@ static int decode_exit(struct kvm_run *run, struct kvmshim_exit *out)
 		out->mmio_is_write = run->mmio.is_write;
 		out->data_offset = (uint32_t)((uint8_t *)run->mmio.data - (uint8_t *)run);
 		out->value = load_le(run->mmio.data, run->mmio.len);
-		break;
+		return KVMSHIM_EXIT_MMIO;
 	case KVM_EXIT_INTERNAL_ERROR:
 		out->suberror = run->internal.suberror;
 		n = run->internal.ndata;
 		out->ndata = n > 16 ? 16 : n;
 		memcpy(out->data, run->internal.data, sizeof(out->data));
-		break;
+		return KVMSHIM_EXIT_INTERNAL_ERROR;
 	case KVM_EXIT_SYSTEM_EVENT:
 		out->suberror = run->system_event.type;
 		n = run->system_event.ndata;
 		out->ndata = n > 16 ? 16 : n;
 		memcpy(out->data, run->system_event.data, sizeof(out->data));
-		break;
+		return KVMSHIM_EXIT_SYSTEM_EVENT;
 	case KVM_EXIT_FAIL_ENTRY:
 		out->hardware_reason = run->fail_entry.hardware_entry_failure_reason;
 		out->cpu = run->fail_entry.cpu;
-		break;
+		return KVMSHIM_EXIT_FAIL_ENTRY;
 	case KVM_EXIT_UNKNOWN:
 		out->hardware_reason = run->hw.hardware_exit_reason;
-		break;
+		return KVMSHIM_EXIT_OTHER;
 	case KVM_EXIT_DEBUG:
 		out->debug_exception = run->debug.arch.exception;
 		out->debug_pc = run->debug.arch.pc;
 		out->debug_dr6 = run->debug.arch.dr6;
 		out->debug_dr7 = run->debug.arch.dr7;
-		break;
+		return KVMSHIM_EXIT_DEBUG;
+	case KVM_EXIT_HLT:
+		return KVMSHIM_EXIT_HLT;
+	case KVM_EXIT_SHUTDOWN:
+		return KVMSHIM_EXIT_SHUTDOWN;
+	case KVM_EXIT_INTR:
+	case KVM_EXIT_IRQ_WINDOW_OPEN:
+		return KVMSHIM_EXIT_SPURIOUS;
 	}
-	return (int)run->exit_reason;
+	return KVMSHIM_EXIT_OTHER;
 }
 
 static uint64_t now_ns(void)
@@ -118,8 +125,10 @@ static uint64_t stat_key(int reason, const struct kvmshim_exit *e)
 
 	if (reason == KVMSHIM_EXIT_PORT_OUT || reason == KVMSHIM_EXIT_PORT_IN)
 		where = e->io_port;
-	else if (reason == KVM_EXIT_MMIO)
+	else if (reason == KVMSHIM_EXIT_MMIO)
 		where = e->mmio_addr >> 12;
+	else if (reason == KVMSHIM_EXIT_OTHER)
+		where = e->reason;
 	return (uint64_t)reason << 40 | where;
 }
 

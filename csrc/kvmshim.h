@@ -55,19 +55,30 @@ long kvmshim_ioctl(int fd, unsigned long request, void *arg);
 long kvmshim_ioctl_value(int fd, unsigned long request, unsigned long value);
 
 /*
- * What kvmshim_run returns for port I/O, split three ways so the Python loop
- * can branch once: a single OUT, a single IN, or string I/O (rep outs/ins).
- * They sit above every KVM_EXIT_* value.
+ * What kvmshim_run returns: a generic exit kind, so the Python loop branches
+ * on small integers and never needs KVM's numbers.  These values mirror
+ * kvmpy.backends.exits.ExitKind (the KVM backend checks they agree at
+ * import); exit.reason keeps KVM's own KVM_EXIT_* for names and the arch hook.
  */
-#define KVMSHIM_EXIT_PORT_OUT 0x10000
-#define KVMSHIM_EXIT_PORT_IN 0x10001
-#define KVMSHIM_EXIT_PORT_STRING 0x10002
+#define KVMSHIM_EXIT_PORT_OUT 1
+#define KVMSHIM_EXIT_PORT_IN 2
+#define KVMSHIM_EXIT_PORT_STRING 3
+#define KVMSHIM_EXIT_MMIO 4
+#define KVMSHIM_EXIT_HLT 5
+#define KVMSHIM_EXIT_SHUTDOWN 6
+#define KVMSHIM_EXIT_INTERNAL_ERROR 7
+#define KVMSHIM_EXIT_FAIL_ENTRY 8
+#define KVMSHIM_EXIT_SYSTEM_EVENT 9
+#define KVMSHIM_EXIT_DEBUG 10
+#define KVMSHIM_EXIT_SPURIOUS 11
+#define KVMSHIM_EXIT_OTHER 12
 
 /*
  * Exit statistics, kept by the shim so that counting costs the Python loop
  * nothing: one row per exit kind, keyed by (reason << 40 | where), where is
  * the port for port I/O, the page for MMIO and 0 otherwise.  An open-address
  * table; when it is full, further kinds are counted in its last slot (key ~0).
+ * The key's reason is the exit kind; for KVMSHIM_EXIT_OTHER, where is KVM's reason.
  */
 #define KVMSHIM_STATS_SLOTS 4096
 #define KVMSHIM_STATS_OVERFLOW (~(uint64_t)0)
@@ -93,7 +104,7 @@ struct kvmshim_vcpu {
 
 /*
  * KVM_RUN on vcpu->fd, then decode vcpu->run into vcpu->exit.  Returns the
- * exit reason (KVM_EXIT_*, or KVMSHIM_EXIT_PORT_* for port I/O), or -errno
+ * exit kind (KVMSHIM_EXIT_*), or -errno
  * (-EINTR when kicked).  Called without the GIL.
  */
 int kvmshim_run(struct kvmshim_vcpu *vcpu);

@@ -1,107 +1,75 @@
-"""A Machine ties the layers together: VM, guest RAM, buses, devices, vCPUs.
+"""A Machine ties the layers together: a backend's VM, guest RAM, buses, devices, vCPUs.
 
 with Machine(mem_size=16 << 20) as m:
     m.load(load_flat("guests/out/real_hello.bin", 0x7C00), mode="real")
     outcome = m.run(timeout=5)
     print(m.console.decode(), outcome.status)
+
+Everything board-specific comes from a ``Board`` (the PC, ``kvmpy.x86.pc``);
+everything about running code from a backend (``kvmpy.backends``).  Machine
+owns the threads: one per vCPU, and one for the devices' timers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import errno
 import itertools
+import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from kvmpy._kvm import lib
+from kvmpy._process import Terminated
+from kvmpy.backends.base import Backend, BackendError, Capability, Vcpu, Vm, open_backend, require
+from kvmpy.board import Board, DeviceEntry, FirmwareContext, Wiring
 from kvmpy.bus import Bus
-from kvmpy.debug.crash import crash_report
-from kvmpy.devices.absent import LINUX_PROBED_PORTS, AbsentPorts
-from kvmpy.devices.acpi_pm import (
-    PM1A_CNT_PORT,
-    PM1A_CNT_PORTS,
-    PM1A_EVT_PORT,
-    PM1A_EVT_PORTS,
-    AcpiPmControl,
-    AcpiPmEvent,
-)
+from kvmpy.console import DEFAULT_CONSOLE_LIMIT, ConsoleLog
 from kvmpy.devices.base import IrqCallback, no_irq
-from kvmpy.devices.cmos import CMOS_PORT, CMOS_PORTS, Cmos
-from kvmpy.devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_PORTS, DebugExit, exit_status
-from kvmpy.devices.fw_cfg import FW_CFG_PORT, FW_CFG_PORTS, FwCfg
-from kvmpy.devices.post import POST_PORT, PostCode
-from kvmpy.devices.reset import (
-    I8042,
-    I8042_COMMAND_PORT,
-    I8042_DATA_PORT,
-    SYSTEM_CONTROL_PORT_A,
-    SystemControlPortA,
-)
-from kvmpy.devices.serial import Serial16550
-from kvmpy.devices.testdev import TESTDEV_BASE, TESTDEV_SIZE, TestDevice
-from kvmpy.devices.vga import VGA_PORT_BASE, VGA_PORTS, VGA_TEXT_BASE, VGA_TEXT_WINDOW, Vga
 from kvmpy.hostinfo import kvm_modules
-from kvmpy.kvm import KVM_PATH, Kvm, KvmError, Vcpu, install_kick_handler
-from kvmpy.loaders import LoadPlan, check_plan
+from kvmpy.loaders import LoaderError, LoadPlan, check_plan
 from kvmpy.loaders.detect import load_image
 from kvmpy.memory import PAGE_SIZE, GuestMemory
-from kvmpy.runloop import (
-    STATUS_HALT,
-    STATUS_INTERRUPTED,
-    STATUS_RESET,
-    STATUS_TIMEOUT,
-    ExitObserver,
-    Outcome,
-    run_vcpu,
-)
+from kvmpy.outcome import REPORTED_KINDS, Outcome, OutcomeKind, debug_exit_status
+from kvmpy.runloop import ExitObserver, LoopContext, run_vcpu
 from kvmpy.snapshot import Snapshot, apply_snapshot, take_snapshot
-from kvmpy.x86.acpi import ACPI_TABLES_ADDR, acpi_tables
-from kvmpy.x86.bios import BDA_ADDR, bios_data_area
-from kvmpy.x86.cpuid import vcpu_cpuid
+from kvmpy.x86.arch import X86Arch
 from kvmpy.x86.modes import CpuSetup, default_load_addr, setup_mode
-from kvmpy.x86.mptable import MP_TABLE_ADDR, mp_tables
+from kvmpy.x86.pc import PC
 from kvmpy.x86.registers import CR0_PG
 
-DEFAULT_MEM_SIZE = 128 << 20  # like QEMU
-MIN_MEM_SIZE = 1 << 20
-COM1_PORT = 0x3F8
-COM1_IRQ = 4
-KEYBOARD_IRQ = 1
-RTC_IRQ = 8
-MOUSE_IRQ = 12
-# Three pages for Intel's real-mode TSS and one for its identity map, just
-# below the BIOS area at the top of 4 GiB, where QEMU and kvmtool put them.
-TSS_ADDR = 0xFFFB_D000
-IDENTITY_MAP_ADDR = 0xFFFB_C000
-MMIO_ADDRESS_LIMIT = 1 << 52
-# How often the RTC thread looks whether the guest enabled an RTC interrupt.
-RTC_IDLE_POLL = 0.05
+DEFAULT_MEM_SIZE = PC.default_ram
+MIN_MEM_SIZE = PC.min_ram
+# How often the timer thread looks whether the guest enabled a timed interrupt.
+TIMER_IDLE_POLL = 0.05
+
+D = TypeVar("D")
+CTRL_C = Outcome(OutcomeKind.INTERRUPTED, "interrupted", signal=signal.SIGINT)
+SIGTERM = Outcome(OutcomeKind.INTERRUPTED, "terminated", signal=signal.SIGTERM)
+
+
+def _interrupted_by(exc: KeyboardInterrupt) -> Outcome:
+    """Ctrl-C, or a SIGTERM that kvmpy's handler turned into the same exception."""
+    return SIGTERM if isinstance(exc, Terminated) else CTRL_C
 
 
 class Machine:
-    """A PC-like VM: RAM, vCPUs, the in-kernel irqchip and PIT, and devices.
+    """A VM built from a board: RAM, vCPUs, the in-kernel irqchip and PIT, and devices.
 
-    Devices, as a kernel written for ``qemu-system-x86_64 -kernel`` expects
-    them: a 16550A on COM1 (IRQ 4), QEMU's debug-exit port at 0xf4, fw_cfg at
-    0x510, the CMOS/RTC at 0x70, the i8042 at 0x60/0x64 and port 0x92 (both
-    can reset the machine), QEMU's ACPI power-off register at 0x604, a
-    port-0x80 sink, and kvmpy's test device at 0xFEB00000 (MMIO).  RAM starts
-    with a BIOS Data Area and (with the irqchip) Intel MP tables at 0xF0000
-    and ACPI tables at 0xE0000, as if firmware had run.  The VGA text screen is the
-    RAM at 0xB8000 with the VGA registers at 0x3C0-0x3DF (``vga``); see
-    kvmpy.display for showing it.
+    The default board is the PC a kernel written for ``qemu-system-x86_64
+    -kernel`` expects (see ``kvmpy/x86/pc.py`` and the README's machine
+    table).  With ``irqchip`` (the default, and required for more than one
+    vCPU) the backend emulates the LAPICs, IOAPIC, PIC and PIT; vCPUs
+    1..n-1 then wait for INIT/SIPI from the guest.  Without it, HLT exits
+    to kvmpy, which ends the run.
 
-    With ``irqchip`` (the default, and required for more than one vCPU) KVM
-    emulates the LAPICs, IOAPIC, PIC and PIT; vCPUs 1..n-1 then wait in the
-    kernel for INIT/SIPI from the guest.  Without it, HLT exits to
-    kvmpy, which ends the run.
-
-    Serial output is kept in ``console`` and also passed to ``serial_output``.
+    Serial output is kept in ``console`` and passed to ``serial_output``.
+    Every device has one lock (``device_lock``): the buses hold it around
+    guest accesses, and host threads (timers, stdin, displays) take it too.
     """
 
     def __init__(
@@ -113,16 +81,21 @@ class Machine:
         strict: bool = False,
         serial_output: Callable[[bytes], None] | None = None,
         cmdline: str = "",
-        kvm_path: str = KVM_PATH,
+        kvm_path: str | None = None,
         memory_file: int | None = None,
+        backend: str | Backend = "kvm",
+        board: Board = PC,
+        console_limit: int = DEFAULT_CONSOLE_LIMIT,
     ) -> None:
-        if mem_size < MIN_MEM_SIZE:
+        if mem_size < board.min_ram:
             raise ValueError(f"guest RAM must be at least 1 MiB, not {mem_size} bytes")
         if cpus < 1:
             raise ValueError(f"need at least one vCPU, not {cpus}")
         if cpus > 1 and not irqchip:
             raise ValueError("more than one vCPU needs the in-kernel irqchip")
-        self.console = bytearray()
+        self.board = board
+        # Serial output, bounded (kvmpy.console): a chatty guest cannot grow kvmpy.
+        self.console = ConsoleLog(console_limit)
         self.serial_output = serial_output
         self.cmdline = cmdline
         self.has_irqchip = irqchip
@@ -131,81 +104,83 @@ class Machine:
         self._outcome: Outcome | None = None
         self._thread_error: BaseException | None = None
         self._threads: list[threading.Thread] = []
+        self._held_output: bytearray | None = None
+        self._console_listeners: list[Callable[[bytes], None]] = []
         # Set before run() to trace, time or single-step every exit (slower).
         self.observer: ExitObserver | None = None
         # Notified whenever serial output arrives, for callers waiting on it.
         self.console_changed = threading.Condition()
 
         with ExitStack() as stack:
-            self.kvm = stack.enter_context(Kvm(kvm_path))
-            max_cpus = self.kvm.check_extension(lib.KVM_CAP_MAX_VCPUS)
+            if isinstance(backend, str):
+                options = {} if kvm_path is None else {"path": kvm_path}
+                self.backend: Backend = open_backend(backend, **options)
+                stack.callback(self.backend.close)
+            else:
+                self.backend = backend
+            wanted = [Capability.IRQCHIP] if irqchip else []
+            if cpus > 1:
+                wanted.append(Capability.SMP)
+            require(wanted, self.backend.capabilities, "creating the machine")
+            max_cpus = self.backend.max_vcpus()
             if cpus > max_cpus:
                 raise ValueError(f"{cpus} vCPUs asked for, but this host's KVM allows {max_cpus}")
-            self.vm = stack.enter_context(self.kvm.create_vm())
-            self.vm.set_tss_addr(TSS_ADDR)
-            if self.kvm.check_extension(lib.KVM_CAP_SET_IDENTITY_MAP_ADDR):
-                self.vm.set_identity_map_addr(IDENTITY_MAP_ADDR)
-            if irqchip:
-                self.vm.create_irqchip()
-                self.vm.create_pit2()
-            self.memory = stack.enter_context(GuestMemory.with_ram(mem_size, memory_file))
-            self.vga_slot = self._map_ram()
-            supported_cpuid = self.kvm.supported_cpuid()
-            leaf1 = next((e for e in supported_cpuid if e.function == 1), None)
-            self._cpu_signature = (leaf1.eax, leaf1.edx) if leaf1 else (0, 0)
+            self.arch = X86Arch(self.backend.supported_cpuid())
+            self.vm: Vm = self.backend.create_vm(irqchip=irqchip, scratch_base=board.scratch_base)
+            stack.callback(self.vm.close)
+            self.memory = stack.enter_context(
+                GuestMemory.with_ram(
+                    mem_size,
+                    memory_file,
+                    map_flags=self.backend.ram_map_flags,
+                    layout=board.ram_layout(mem_size),
+                )
+            )
+            self.logged_slot = self._map_ram()
             self.vcpus: list[Vcpu] = []
             for index in range(cpus):
-                vcpu = stack.enter_context(self.vm.create_vcpu(index))
-                vcpu.set_cpuid(vcpu_cpuid(supported_cpuid, apic_id=index))
-                if index and irqchip:
-                    # Application processors sleep in the LAPIC until INIT/SIPI.
-                    vcpu.set_mp_state(lib.KVM_MP_STATE_UNINITIALIZED)
+                vcpu = self.vm.create_vcpu(index)
+                stack.callback(vcpu.close)
+                self.arch.init_vcpu(vcpu, index, irqchip)
                 self.vcpus.append(vcpu)
             self._closer = stack.pop_all()
         self.vcpu = self.vcpus[0]  # the bootstrap processor
 
-        self.ports = Bus("port", 0x10000, strict=strict)
-        self.mmio = Bus("mmio", MMIO_ADDRESS_LIMIT, strict=strict)
-        self.serial = Serial16550(output=self._serial_out, irq=self.irq_line(COM1_IRQ))
-        self.ports.register(COM1_PORT, 8, self.serial, "COM1")
-        self.debug_exit = DebugExit(self._guest_exit)
-        self.ports.register(DEBUG_EXIT_PORT, DEBUG_EXIT_PORTS, self.debug_exit, "debug-exit")
-        self.post = PostCode()
-        self.ports.register(POST_PORT, 1, self.post, "POST")
-        self.fw_cfg = FwCfg(
-            ram_size=mem_size, cpus=cpus, cmdline=cmdline.encode() if cmdline else None
+        self.ports = Bus("port", board.port_space, strict=strict)
+        self.mmio = Bus("mmio", board.mmio_space, strict=strict)
+        wiring = Wiring(
+            irq=self.irq_line,
+            request_reset=self.request_reset,
+            request_power_off=self.request_power_off,
+            guest_exit=self._guest_exit,
+            serial_output=self._serial_out,
+            ram_size=mem_size,
+            low_ram=self.memory.regions[0].size,
+            cpus=cpus,
+            cmdline=cmdline,
         )
-        self.ports.register(FW_CFG_PORT, FW_CFG_PORTS, self.fw_cfg, "fw_cfg")
-        low_ram = self.memory.regions[0].size
-        self.cmos = Cmos(
-            low_ram=low_ram, high_ram=mem_size - low_ram, cpus=cpus, irq=self.irq_line(RTC_IRQ)
-        )
-        self.ports.register(CMOS_PORT, CMOS_PORTS, self.cmos, "CMOS/RTC")
-        self.i8042 = I8042(
-            self.request_reset,
-            irq_kbd=self.irq_line(KEYBOARD_IRQ),
-            irq_aux=self.irq_line(MOUSE_IRQ),
-        )
-        self.ports.register(I8042_DATA_PORT, 1, self.i8042.data_port, "i8042 data")
-        self.ports.register(I8042_COMMAND_PORT, 1, self.i8042.command_port, "i8042 command")
-        self.port92 = SystemControlPortA(self.request_reset)
-        self.ports.register(SYSTEM_CONTROL_PORT_A, 1, self.port92, "port 0x92")
-        self.acpi_pm = AcpiPmControl(self.request_power_off)
-        self.ports.register(PM1A_CNT_PORT, PM1A_CNT_PORTS, self.acpi_pm, "ACPI PM1a_CNT")
-        self.acpi_events = AcpiPmEvent()
-        self.ports.register(PM1A_EVT_PORT, PM1A_EVT_PORTS, self.acpi_events, "ACPI PM1a_EVT")
-        self.testdev = TestDevice()
-        self.mmio.register(TESTDEV_BASE, TESTDEV_SIZE, self.testdev, "testdev")
-        self.vga = Vga()
-        self.ports.register(VGA_PORT_BASE, VGA_PORTS, self.vga, "VGA")
-        self.absent = AbsentPorts()  # what Linux probes for and must find missing
-        for port, count, name in LINUX_PROBED_PORTS:
-            self.ports.register(port, count, self.absent, name)
+        self._devices: dict[str, Any] = {}
+        self._device_locks: dict[str, threading.Lock] = {}
+        for entry in board.devices:
+            self._add_device(entry, wiring)
+        # The power-on state a reset in place returns to (taken before any run).
+        self._power_on: dict[str, Any] | None = None
+        self._loaded: Callable[[], object] | None = None
+
+    def _add_device(self, entry: DeviceEntry, wiring: Wiring) -> None:
+        device = entry.build(wiring)
+        lock = threading.Lock()
+        for bus, ranges in ((self.ports, entry.ports), (self.mmio, entry.mmio)):
+            for span in ranges:
+                part = getattr(device, span.part) if span.part else device
+                bus.register(span.base, span.length, part, span.label, lock)
+        self._devices[entry.name] = device
+        self._device_locks[entry.name] = lock
 
     def close(self) -> None:
         """Stop a run still in progress, then release every fd and mapping."""
         if self._threads:
-            self.stop(Outcome("interrupted", STATUS_INTERRUPTED, "machine closed"))
+            self.stop(Outcome(OutcomeKind.INTERRUPTED, "machine closed"))
             self.wait()
         self._closer.close()
 
@@ -215,44 +190,73 @@ class Machine:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- VGA text display ------------------------------------------------------------------
+    # -- devices -------------------------------------------------------------------------
+
+    def devices(self) -> dict[str, Any]:
+        """The device models by board name: what a snapshot saves besides the backend's state."""
+        return dict(self._devices)
+
+    def device(self, name: str, kind: type[D]) -> D:
+        device = self._devices[name]
+        if not isinstance(device, kind):
+            raise TypeError(f"device {name!r} is a {type(device).__name__}, not {kind.__name__}")
+        return device
+
+    def device_lock(self, name: str) -> threading.Lock:
+        """The lock every caller holds around a call into device ``name``."""
+        return self._device_locks[name]
+
+    def __getattr__(self, name: str) -> Any:
+        """Devices by their board name (``machine.serial``, ``machine.cmos``), untyped;
+        ``device(name, Type)`` gives a typed one."""
+        devices = self.__dict__.get("_devices")
+        if devices is not None and name in devices:
+            return devices[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    # -- memory ----------------------------------------------------------------------------
 
     def _map_ram(self) -> int | None:
-        """Register RAM as KVM memory slots; return the VGA text window's slot.
+        """Register RAM with the backend; return the slot of the board's logged window.
 
-        The window (0xB8000-0xBFFFF) is a slot of its own, over the same host
-        mapping, that logs dirty pages, so that a display can ask KVM whether
-        the guest wrote the screen (``screen_dirty``).  None if RAM lacks it.
+        The window (the VGA text screen on a PC) is a slot of its own, over
+        the same host mapping, that logs dirty pages, so that a display can
+        ask whether the guest wrote it (``screen_dirty``).  None if RAM lacks it.
         """
-        window = (VGA_TEXT_BASE, VGA_TEXT_BASE + VGA_TEXT_WINDOW)
-        vga_slot = None
+        window = self.board.logged_window
+        logged_slot = None
         slot = 0
         for region in self.memory:
             bounds = [region.gpa, region.end]
-            if region.gpa <= window[0] and window[1] <= region.end:
+            if window and region.gpa <= window[0] and window[1] <= region.end:
                 bounds[1:1] = window
             for start, end in itertools.pairwise(bounds):
                 if start == end:
                     continue
-                logged = (start, end) == window
-                flags = lib.KVM_MEM_LOG_DIRTY_PAGES if logged else 0
-                self.vm.set_user_memory_region(
-                    slot, start, region.mapping, flags, offset=start - region.gpa, size=end - start
+                logged = window is not None and (start, end) == window
+                self.vm.map_memory(
+                    slot, start, region.mapping, start - region.gpa, end - start, logged
                 )
                 if logged:
-                    vga_slot = slot
+                    logged_slot = slot
                 slot += 1
-        return vga_slot
+        return logged_slot
+
+    # Older name, kept for the tests and tools that use it.
+    @property
+    def vga_slot(self) -> int | None:
+        return self.logged_slot
 
     def screen_dirty(self) -> bool:
-        """Whether the guest wrote to the VGA text window since the last call.
+        """Whether the guest wrote to the logged window (VGA text) since the last call.
 
-        Asks KVM's dirty log, which this call also clears; True when there is
-        no logged window to ask about.
+        Asks the backend's dirty log, which this call also clears; True when
+        there is no logged window to ask about.
         """
-        if self.vga_slot is None:
+        window = self.board.logged_window
+        if self.logged_slot is None or window is None:
             return True
-        return any(self.vm.get_dirty_log(self.vga_slot, VGA_TEXT_WINDOW // PAGE_SIZE))
+        return any(self.vm.dirty_pages(self.logged_slot, (window[1] - window[0]) // PAGE_SIZE))
 
     def irq_line(self, irq: int) -> IrqCallback:
         """An interrupt callback for a device wired to ``irq`` (a no-op without irqchip)."""
@@ -261,25 +265,10 @@ class Machine:
         vm = self.vm
         return lambda level: vm.irq_line(irq, level)
 
-    def devices(self) -> dict[str, object]:
-        """The device models by name: what a snapshot saves besides KVM's state."""
-        return {
-            "serial": self.serial,
-            "post": self.post,
-            "fw_cfg": self.fw_cfg,
-            "cmos": self.cmos,
-            "i8042": self.i8042,
-            "port92": self.port92,
-            "acpi_pm": self.acpi_pm,
-            "acpi_events": self.acpi_events,
-            "testdev": self.testdev,
-            "vga": self.vga,
-        }
-
     @property
     def acpi_rsdp(self) -> int:
         """Where the ACPI RSDP is (0: no ACPI tables, as without the irqchip)."""
-        return ACPI_TABLES_ADDR if self.has_irqchip else 0
+        return self.board.acpi_rsdp if self.has_irqchip else 0
 
     @property
     def is_running(self) -> bool:
@@ -352,25 +341,31 @@ class Machine:
         )
         return self.load(plan, mode=mode)
 
+    def reserved_ranges(self) -> list[tuple[int, int, str]]:
+        """(start, end, what): where no image may load (firmware tables, boot data)."""
+        return self.board.reserved_ranges()
+
     def load(self, plan: LoadPlan, mode: str | None = None) -> CpuSetup:
         """Place ``plan`` in RAM and point the bootstrap vCPU at its entry in ``mode``."""
+        self._capture_power_on()
         setup = setup_mode(mode or plan.mode or "real", self.vcpu.get_sregs(), plan.entry)
         check_plan(plan, self.memory, setup.reserved())
-        firmware = [(BDA_ADDR, bios_data_area((COM1_PORT,)))]
-        if self.has_irqchip:
-            firmware.append((MP_TABLE_ADDR, mp_tables(len(self.vcpus), *self._cpu_signature)))
-            firmware.append((ACPI_TABLES_ADDR, acpi_tables(len(self.vcpus))))
+        self._check_firmware_overlap(plan)
+        context = FirmwareContext(len(self.vcpus), self.arch.cpu_signature, self.has_irqchip)
+        firmware = [
+            (table.address, table.build(context))
+            for table in self.board.firmware
+            if self.has_irqchip or not table.needs_irqchip
+        ]
         for gpa, data in [*firmware, *setup.memory]:
             self.memory.write(gpa, data)
         for segment in plan.segments:
             self.memory.write(segment.gpa, segment.data)
-            self.memory.write(
-                segment.gpa + len(segment.data), bytes(segment.memsz - len(segment.data))
-            )
+            self._zero(segment.gpa + len(segment.data), segment.memsz - len(segment.data))
         self.vcpu.set_sregs(setup.sregs)
         if setup.sregs.cr0 & CR0_PG and not self.vcpu.get_sregs().cr0 & CR0_PG:
             # PVM accepts KVM_SET_SREGS but drops CR0.PG outside long mode.
-            raise KvmError(
+            raise BackendError(
                 "KVM_SET_SREGS",
                 errno.EOPNOTSUPP,
                 f"this host's KVM ({', '.join(kvm_modules()) or 'unknown'}) ignored CR0.PG: "
@@ -379,58 +374,142 @@ class Machine:
         self.vcpu.set_regs(dataclasses.replace(setup.regs, **plan.registers))
         return setup
 
+    def _zero(self, gpa: int, length: int) -> None:
+        zero = getattr(self.memory, "zero", None)
+        if zero is not None:
+            zero(gpa, length)
+        elif length > 0:
+            self.memory.write(gpa, bytes(length))
+
+    def _check_firmware_overlap(self, plan: LoadPlan) -> None:
+        """Refuse a segment over a firmware table or another reserved range, naming both."""
+        for segment in plan.segments:
+            for start, end, what in self.reserved_ranges():
+                if segment.gpa < end and start < segment.end:
+                    raise LoaderError(
+                        f"{plan.source}: segment {segment.gpa:#x}-{segment.end - 1:#x} overlaps "
+                        f"the {what} at {start:#x}-{end - 1:#x}"
+                    )
+
+    # -- reset in place --------------------------------------------------------------------
+
+    def _capture_power_on(self) -> None:
+        """Remember the backend's power-on state, once, before the guest first runs."""
+        if self._power_on is None:
+            self._power_on = {
+                "vm": self.vm.save_state(),
+                "vcpus": [vcpu.save_state() for vcpu in self.vcpus],
+            }
+
+    def reset(self) -> None:
+        """Reset the stopped machine in place, as a PC's reset line does.
+
+        Devices return to their power-on state, every vCPU (registers, LAPIC,
+        MSRs, FPU) and the irqchip and PIT to theirs, and RAM is cleared by
+        discarding its pages.  Nothing the guest could see survives; load an
+        image again before running.
+        """
+        if self._threads:
+            raise RuntimeError("stop the machine before resetting it")
+        self._capture_power_on()
+        assert self._power_on is not None
+        for name, device in self._devices.items():
+            reset = getattr(device, "reset", None)
+            if reset is not None:
+                with self._device_locks[name]:
+                    reset()
+        for vcpu, state in zip(self.vcpus, self._power_on["vcpus"], strict=True):
+            vcpu.load_state(state)
+        load_interrupts = getattr(self.vm, "load_interrupt_state", None)
+        if load_interrupts is not None:
+            load_interrupts(self._power_on["vm"])
+        for region in self.memory:
+            self._zero(region.gpa, region.size)
+        self._outcome = None
+
+    # -- output ----------------------------------------------------------------------------
+
+    def hold_output(self) -> None:
+        """Keep serial output from ``serial_output`` until ``release_output`` (a live screen)."""
+        with self.console_changed:
+            if self._held_output is None:
+                self._held_output = bytearray()
+
+    def add_console_listener(self, listener: Callable[[bytes], None]) -> None:
+        """Call ``listener(data)`` with every piece of serial output (from a vCPU thread)."""
+        with self.console_changed:
+            self._console_listeners = [*self._console_listeners, listener]
+
+    def remove_console_listener(self, listener: Callable[[bytes], None]) -> None:
+        with self.console_changed:
+            self._console_listeners = [f for f in self._console_listeners if f != listener]
+
+    def release_output(self) -> None:
+        """Pass on what was held, and let later output through again."""
+        with self.console_changed:
+            held, self._held_output = self._held_output, None
+        if held and self.serial_output is not None:
+            self.serial_output(bytes(held))
+
     # -- running ---------------------------------------------------------------------------
 
     def run(self, timeout: float | None = None) -> Outcome:
         """Run every vCPU until the guest stops, ``timeout`` seconds pass, or Ctrl-C."""
-        interrupted = Outcome("interrupted", STATUS_INTERRUPTED, "interrupted")
         try:
             self.start()
-        except KeyboardInterrupt:  # Ctrl-C while the threads were starting
-            self.stop(interrupted)
+        except KeyboardInterrupt as exc:  # Ctrl-C while the threads were starting
+            self.stop(_interrupted_by(exc))
         while True:
             try:
                 return self.wait(timeout)
-            except KeyboardInterrupt:  # Ctrl-C between start and wait, or while joining
-                self.stop(interrupted)
+            except KeyboardInterrupt as exc:  # Ctrl-C between start and wait, or joining
+                self.stop(_interrupted_by(exc))
 
     def start(self) -> None:
         """Start the vCPU threads and return at once; ``wait`` collects the outcome."""
         if self._threads:
             raise RuntimeError("the machine is already running")
-        install_kick_handler()
+        self._capture_power_on()
         self._stopping.clear()
         self._outcome = None
         self._thread_error = None
+        context = LoopContext(self.ports, self.mmio, self.arch, self._stopping, self.has_irqchip)
         # Clear every kick before starting any thread: a vCPU that stops the
         # run at once kicks the others, and that kick must not be lost.
         for vcpu in self.vcpus:
             vcpu.clear_kick()
         for vcpu in self.vcpus:
             thread = threading.Thread(
-                target=self._vcpu_thread, args=(vcpu,), name=f"kvmpy-vcpu{vcpu.index}", daemon=True
+                target=self._vcpu_thread,
+                args=(vcpu, context),
+                name=f"kvmpy-vcpu{vcpu.index}",
+                daemon=True,
             )
             thread.start()
             self._threads.append(thread)
         if self.has_irqchip:
-            rtc = threading.Thread(target=self._rtc_thread, name="kvmpy-rtc", daemon=True)
-            rtc.start()
-            self._threads.append(rtc)
+            timers = threading.Thread(target=self._timer_thread, name="kvmpy-timers", daemon=True)
+            timers.start()
+            self._threads.append(timers)
 
     @property
     def stopped(self) -> bool:
         """True once the run has ended (or is ending), whatever the reason."""
         return self._stopping.is_set()
 
+    @property
+    def outcome(self) -> Outcome | None:
+        """How the run ended (the first ``stop``), once it is ending; None while it runs."""
+        with self._lock:
+            return self._outcome if self._stopping.is_set() else None
+
     def wait(self, timeout: float | None = None) -> Outcome:
         """Wait for the run started by ``start`` to end; stop it after ``timeout`` seconds."""
         try:
             if not self._stopping.wait(timeout):
-                self.stop(
-                    Outcome("timeout", STATUS_TIMEOUT, f"timeout: no guest exit after {timeout} s")
-                )
-        except KeyboardInterrupt:
-            self.stop(Outcome("interrupted", STATUS_INTERRUPTED, "interrupted"))
+                self.stop(Outcome(OutcomeKind.TIMEOUT, f"timeout: no guest exit after {timeout} s"))
+        except KeyboardInterrupt as exc:
+            self.stop(_interrupted_by(exc))
         finally:
             for thread in self._threads:
                 thread.join()
@@ -439,10 +518,21 @@ class Machine:
             raise self._thread_error
         outcome = self._outcome
         assert outcome is not None
-        if outcome.reason in ("timeout", "interrupted"):
-            report = crash_report(self.vcpu, self.memory, outcome.reason)
-            outcome = dataclasses.replace(outcome, report=report)
-        return outcome
+        return self.with_report(outcome)
+
+    def with_report(self, outcome: Outcome) -> Outcome:
+        """``outcome`` with its crash report, for the kinds that get one (vCPUs stopped)."""
+        if outcome.kind not in REPORTED_KINDS or outcome.report is not None:
+            return outcome
+        from kvmpy.debug.crash import crash_report  # capstone: only when something died
+
+        index = outcome.vcpu if outcome.vcpu is not None else 0
+        vcpu = self.vcpus[index] if 0 <= index < len(self.vcpus) else self.vcpu
+        if outcome.kind in (OutcomeKind.TIMEOUT, OutcomeKind.INTERRUPTED):
+            report = crash_report(vcpu, self.memory, outcome.kind.value)
+            return dataclasses.replace(outcome, report=report)
+        report = crash_report(vcpu, self.memory, outcome.message, outcome.detail, outcome.code)
+        return dataclasses.replace(outcome, report=report, message=report.summary())
 
     def stop(self, outcome: Outcome) -> None:
         """End the run with ``outcome`` (the first stop wins).  Safe from any thread."""
@@ -456,61 +546,74 @@ class Machine:
 
     def request_reset(self) -> None:
         """A device asked for a platform reset (port 0x92, the i8042's 0xFE)."""
-        self.stop(Outcome("reset", STATUS_RESET, "guest reset"))
+        self.stop(Outcome(OutcomeKind.RESET, "guest reset"))
 
     def request_power_off(self) -> None:
         """The guest entered ACPI S5 (soft-off)."""
-        self.stop(Outcome("shutdown", STATUS_HALT, "guest powered off"))
+        self.stop(Outcome(OutcomeKind.SHUTDOWN, "guest powered off"))
 
     def _wake_console_waiters(self) -> None:
         with self.console_changed:
             self.console_changed.notify_all()
 
-    def _vcpu_thread(self, vcpu: Vcpu) -> None:
+    def _vcpu_thread(self, vcpu: Vcpu, context: LoopContext) -> None:
         vcpu.thread_ident = threading.get_ident()
         try:
-            outcome = run_vcpu(
-                vcpu,
-                self.memory,
-                self.ports,
-                self.mmio,
-                self._stopping,
-                self.has_irqchip,
-                self.observer,
-            )
+            outcome = run_vcpu(vcpu, context, self.observer)
             if outcome is not None:
                 self.stop(outcome)
         except BaseException as exc:  # handed to the main thread by run()
             with self._lock:
                 self._thread_error = self._thread_error or exc
-            self.stop(Outcome("crash", 2, f"vCPU {vcpu.index} thread failed: {exc}"))
+            self.stop(Outcome(OutcomeKind.HOST_ERROR, f"vCPU {vcpu.index} thread failed: {exc}"))
         finally:
             vcpu.thread_ident = None
 
-    def _rtc_thread(self) -> None:
-        """Raise the RTC's interrupts on time: the CMOS model has no clock of its own.
+    def _timer_thread(self) -> None:
+        """Raise the devices' timed interrupts on time: device models have no clocks.
 
-        It sleeps until the next enabled RTC event, or a while when none is
-        enabled (the guest may enable one at any time), until the run ends.
+        Every device with ``poll()`` (the RTC on a PC) is asked, under its
+        lock, to raise what is due and say when it next needs a look; the
+        thread sleeps until the earliest of those, or a while when none has
+        anything enabled (the guest may enable one at any time).
         """
-        while not self._stopping.is_set():
-            due = self.cmos.poll()
-            delay = (
-                RTC_IDLE_POLL if due is None else min(max(due - time.time(), 0.0), RTC_IDLE_POLL)
-            )
+        timed = [
+            (device.poll, self._device_locks[name])
+            for name, device in self._devices.items()
+            if callable(getattr(device, "poll", None))
+        ]
+        while timed and not self._stopping.is_set():
+            delay = TIMER_IDLE_POLL
+            for poll, lock in timed:
+                with lock:
+                    due = poll()
+                if due is not None:
+                    delay = min(delay, max(due - time.time(), 0.0))
             self._stopping.wait(delay)
 
     def _guest_exit(self, value: int) -> None:
-        status = exit_status(value)
+        status = debug_exit_status(value)
         self.stop(
             Outcome(
-                "exit", status, f"guest exit code {value:#x} (status {status})", exit_code=value
+                OutcomeKind.EXIT, f"guest exit code {value:#x} (status {status})", exit_code=value
             )
         )
 
     def _serial_out(self, data: bytes) -> None:
         with self.console_changed:
-            self.console += data
+            self.console.append(data)
             self.console_changed.notify_all()
+            listeners = self._console_listeners
+            for listener in listeners:
+                listener(data)
+            if self._held_output is not None:
+                self._held_output += data
+                return
         if self.serial_output is not None:
             self.serial_output(data)
+
+    @contextlib.contextmanager
+    def locked(self, name: str) -> Iterator[Any]:
+        """``with machine.locked("serial") as serial:`` for host threads calling a device."""
+        with self._device_locks[name]:
+            yield self._devices[name]

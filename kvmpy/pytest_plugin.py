@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import pytest
 
-from kvmpy.kvm import KVM_PATH, Kvm, KvmError
+from kvmpy.backends.base import KVM_PATH, BackendError, open_backend
 from kvmpy.loaders import LoaderError
 from kvmpy.loaders.detect import FORMATS
 from kvmpy.memory import parse_size
@@ -119,9 +119,9 @@ def kvm_problem(config: pytest.Config) -> str | None:
     cached = config.stash.get(_KVM_PROBLEM, None)
     if cached is None:
         try:
-            with Kvm(config.getoption("kvm_device")):
-                cached = (None,)
-        except KvmError as exc:
+            open_backend("kvm", path=config.getoption("kvm_device")).close()
+            cached = (None,)
+        except (BackendError, ImportError) as exc:
             cached = (str(exc),)
         config.stash[_KVM_PROBLEM] = cached
     return cached[0]
@@ -493,7 +493,7 @@ class GuestItem(pytest.Item):
         excinfo: pytest.ExceptionInfo[BaseException],
         style: TracebackStyle | None = None,
     ) -> str | TerminalRepr:
-        if isinstance(excinfo.value, (GuestFailed, LoaderError, KvmError, ValueError)):
+        if isinstance(excinfo.value, (GuestFailed, LoaderError, BackendError, ValueError)):
             return str(excinfo.value)
         return super().repr_failure(excinfo, style=style)
 

@@ -1,10 +1,13 @@
-"""The vCPU run loop: KVM_RUN, then turn the exit into a bus call.
+"""The vCPU run loop: ``run()`` the vCPU, then turn the exit into a bus call.
 
-This is the hot path.  The shim returns the exit reason, with single port
-writes and reads as reasons of their own, so the common exits cost one
-branch, a few field reads and a dict lookup; everything rare (string I/O,
-halts, faults, internal errors) goes through ``_other_exit``.  Nothing here
-logs, and nothing allocates beyond the integers it reads.
+This is the hot path, the same for every backend.  ``run()`` returns an
+``ExitKind`` (see ``kvmpy/backends/exits.py``); single port writes and reads
+are kinds of their own, so the common exits cost one branch, a few field
+reads, a dict lookup and the device's lock.  Everything rare (string I/O,
+halts, faults, internal errors) goes through ``_slow_exit``; what only the
+architecture understands goes to its hook.  Nothing here logs, allocates
+beyond the integers it reads, or builds crash reports: the loop returns a
+typed ``Outcome`` and ``Machine`` attaches the report.
 """
 
 from __future__ import annotations
@@ -14,39 +17,18 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Protocol
 
-from kvmpy._kvm import ffi, lib
+from kvmpy.backends.base import BackendError
+from kvmpy.backends.exits import IO_DIRECTION_OUT, ExitKind, SystemEvent
 from kvmpy.bus import Bus, UnhandledAccess
-from kvmpy.debug.crash import CrashReport, crash_report
-from kvmpy.kvm import KvmError, Vcpu
-from kvmpy.memory import GuestMemory, GuestMemoryError
-from kvmpy.x86.registers import RFLAGS_IF
+from kvmpy.memory import GuestMemoryError
+from kvmpy.outcome import Outcome, OutcomeKind
 
-EXIT_REASON_NAMES = {
-    getattr(lib, name): name.removeprefix("KVM_EXIT_")
-    for name in dir(lib)
-    if name.startswith("KVM_EXIT_") and name not in ("KVM_EXIT_IO_IN", "KVM_EXIT_IO_OUT")
-}
+if TYPE_CHECKING:
+    from kvmpy.backends.base import StatsTable, Vcpu
 
-INTERNAL_ERROR_NAMES = {
-    lib.KVM_INTERNAL_ERROR_EMULATION: "instruction emulation failed",
-    lib.KVM_INTERNAL_ERROR_SIMUL_EX: "simultaneous exceptions",
-    lib.KVM_INTERNAL_ERROR_DELIVERY_EV: "exit while delivering an event",
-    lib.KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON: "unexpected hardware exit reason",
-}
-
-# Process exit statuses for outcomes that are not the guest's own debug exit
-# (those are always odd: (code << 1) | 1).
-STATUS_HALT = 0
-STATUS_ERROR = 2
-STATUS_CRASH = 4
-STATUS_RESET = 6
-STATUS_TIMEOUT = 124
-STATUS_INTERRUPTED = 130
-
-# Indexed by access size: struct packers and masks for 1, 2, 4 and 8 bytes.
+# Indexed by access size: struct packers and masks for 1 to 8 bytes.
 _PACK: tuple[Callable[..., None] | None, ...] = (
     None,
     struct.Struct("<B").pack_into,
@@ -60,28 +42,33 @@ _PACK: tuple[Callable[..., None] | None, ...] = (
 )
 _MASK = tuple((1 << (8 * size)) - 1 for size in range(9))
 
+_PORT_OUT = int(ExitKind.PORT_OUT)
+_PORT_IN = int(ExitKind.PORT_IN)
+_MMIO = int(ExitKind.MMIO)
 
-@dataclass(frozen=True)
-class Outcome:
-    """How a VM run ended."""
 
-    reason: str  # exit, halt, shutdown, reset, triple-fault, crash, timeout, interrupted
-    status: int  # the process exit status the CLI uses
-    message: str
-    exit_code: int | None = None  # the value the guest wrote to the debug-exit port
-    report: CrashReport | None = None
+class Arch(Protocol):
+    """What the loop asks the architecture (``kvmpy.x86.arch.X86Arch``)."""
+
+    def halt(self, vcpu: Vcpu, has_irqchip: bool) -> Outcome | None: ...
+
+    def other_exit(self, vcpu: Vcpu) -> Outcome | None: ...
 
 
 class ExitObserver:
     """Sees every exit of a run: the tracer, the statistics, the single-stepper.
 
     With no observer the run loop takes its fast path; with one, it times each
-    KVM_RUN and each handler and reports them after the exit was handled.
-    Subclasses override what they need; the defaults do nothing.
+    run() and each handler and reports them after the exit was handled.
+    Subclasses override what they need; the defaults do nothing.  An observer
+    with ``fast = True`` (the statistics) is called only at start and stop,
+    and leaves the fast loop as it is.
     """
 
+    fast = False
+
     def on_start(self, vcpu: Vcpu) -> None:
-        """The vCPU thread is about to enter its first KVM_RUN."""
+        """The vCPU thread is about to run the guest for the first time."""
         return None
 
     def on_stop(self, vcpu: Vcpu) -> None:
@@ -89,84 +76,86 @@ class ExitObserver:
         return None
 
     def on_exit(self, vcpu: Vcpu, reason: int, run_ns: int, handle_ns: int) -> None:
-        """An exit was handled (``vcpu.exit`` still describes it)."""
+        """An exit (``reason``: its ExitKind) was handled; ``vcpu.exit`` still describes it."""
         return None
 
     def on_debug(self, vcpu: Vcpu) -> bool:
-        """A KVM_EXIT_DEBUG: return True if handled and the guest should go on."""
+        """A DEBUG exit: return True if handled and the guest should go on."""
         return False
 
     def on_interrupt(self, vcpu: Vcpu) -> None:
-        """KVM_RUN was interrupted (a kick) but the run goes on: a debugger may pause here."""
+        """run() was interrupted (a kick) but the run goes on: a debugger may pause here."""
         return None
 
 
 class ExitCounter(ExitObserver):
     """Counts exits and their time per vCPU, at almost no cost.
 
-    The shim keeps the tallies (``struct kvmshim_stat``): while a counter is
-    attached, each KVM_RUN is timed in C and added to the row for its exit,
-    keyed by ``reason << 40 | where`` (the port, the MMIO page, or 0), and
-    the time until the next KVM_RUN goes to that row's handler time.  So the
-    vCPU keeps the fast loop; ``tables`` is filled when the vCPU stops:
-    {vCPU index: {key: [count, ns in KVM_RUN, ns in kvmpy's handlers]}}.
+    The backend keeps the tallies (``Vcpu.enable_stats``), keyed by
+    ``kind << 40 | where`` (the port, the MMIO page, or the backend's reason
+    for OTHER), so the vCPU keeps the fast loop.  ``tables`` is filled when
+    the vCPU stops: {vCPU index: {key: [count, ns in run(), ns in handlers]}}.
     """
 
+    fast = True
     OVERFLOW_KEY = (1 << 64) - 1  # every exit kind beyond the table's room
 
     def __init__(self) -> None:
-        self.tables: dict[int, dict[int, list[int]]] = {}
-        self._rows: dict[int, Any] = {}
+        self.tables: dict[int, StatsTable] = {}
 
     def on_start(self, vcpu: Vcpu) -> None:
-        rows = ffi.new("struct kvmshim_stat[]", lib.KVMSHIM_STATS_SLOTS)
-        self._rows[vcpu.index] = rows
-        vcpu.shim.last = ffi.NULL
-        vcpu.shim.stats = rows
+        vcpu.enable_stats()
 
     def on_stop(self, vcpu: Vcpu) -> None:
-        vcpu.shim.stats = ffi.NULL
-        vcpu.shim.last = ffi.NULL
-        rows = self._rows.pop(vcpu.index)
         table = self.tables.setdefault(vcpu.index, {})
-        for row in rows:
-            if row.key:
-                total = table.setdefault(row.key, [0, 0, 0])
-                total[0] += row.count
-                total[1] += row.run_ns
-                total[2] += row.handler_ns
+        for key, (count, run_ns, handler_ns) in vcpu.collect_stats().items():
+            total = table.setdefault(key, [0, 0, 0])
+            total[0] += count
+            total[1] += run_ns
+            total[2] += handler_ns
+
+
+class LoopContext:
+    """What every vCPU loop of one machine shares: buses, the arch, the stop flag."""
+
+    def __init__(
+        self,
+        ports: Bus,
+        mmio: Bus,
+        arch: Arch,
+        stopping: threading.Event,
+        has_irqchip: bool,
+    ) -> None:
+        self.ports = ports
+        self.mmio = mmio
+        self.arch = arch
+        self.stopping = stopping
+        self.has_irqchip = has_irqchip
 
 
 def run_vcpu(
-    vcpu: Vcpu,
-    memory: GuestMemory,
-    ports: Bus,
-    mmio: Bus,
-    stopping: threading.Event,
-    has_irqchip: bool,
-    observer: ExitObserver | None = None,
+    vcpu: Vcpu, context: LoopContext, observer: ExitObserver | None = None
 ) -> Outcome | None:
-    """Run ``vcpu`` until the guest stops it (returns an Outcome) or ``stopping`` is set (None)."""
+    """Run ``vcpu`` until the guest stops it (an Outcome) or ``context.stopping`` is set (None)."""
     if observer is not None:
         observer.on_start(vcpu)
     try:
-        if observer is None or isinstance(observer, ExitCounter):
-            # A counter alone leaves the fast loop as it is: the shim counts.
-            return _run_fast(vcpu, memory, ports, mmio, stopping, has_irqchip)
-        return _run_observed(vcpu, memory, ports, mmio, stopping, has_irqchip, observer)
+        if observer is None or observer.fast:
+            return _run_fast(vcpu, context)
+        return _run_observed(vcpu, context, observer)
     except UnhandledAccess as exc:
-        return _crash(vcpu, memory, "unhandled access", str(exc))
+        return _crash(vcpu, OutcomeKind.CRASH, "unhandled access", str(exc))
     except GuestMemoryError as exc:
-        return _crash(vcpu, memory, "bad guest memory access", str(exc))
+        return _crash(vcpu, OutcomeKind.CRASH, "bad guest memory access", str(exc))
     finally:
         if observer is not None:
             observer.on_stop(vcpu)
 
 
 def _interrupted(vcpu: Vcpu, reason: int, stopping: threading.Event) -> bool:
-    """KVM_RUN returned -errno: True if the run should end (it was kicked to stop)."""
+    """run() returned -errno: True if the run should end (it was kicked to stop)."""
     if reason != -errno.EINTR and reason != -errno.EAGAIN:
-        raise KvmError("KVM_RUN", -reason)
+        raise BackendError("run", -reason)
     if stopping.is_set():
         return True
     # Interrupted by some other signal: clear the kick, then look again, since
@@ -175,23 +164,19 @@ def _interrupted(vcpu: Vcpu, reason: int, stopping: threading.Event) -> bool:
     return stopping.is_set()
 
 
-def _run_fast(
-    vcpu: Vcpu,
-    memory: GuestMemory,
-    ports: Bus,
-    mmio: Bus,
-    stopping: threading.Event,
-    has_irqchip: bool,
-) -> Outcome | None:
+def _run_fast(vcpu: Vcpu, context: LoopContext) -> Outcome | None:
     # Port I/O is dispatched inline, with everything bound to locals: this
     # loop is what the exit round-trip benchmark measures.
     run = vcpu.run
     exit_ = vcpu.exit
-    page = vcpu.run_page
+    buffer = vcpu.io_buffer
+    ports = context.ports
+    mmio = context.mmio
+    stopping = context.stopping
     handlers = ports.handlers
-    port_out = lib.KVMSHIM_EXIT_PORT_OUT
-    port_in = lib.KVMSHIM_EXIT_PORT_IN
-    exit_mmio = lib.KVM_EXIT_MMIO
+    port_out = _PORT_OUT
+    port_in = _PORT_IN
+    exit_mmio = _MMIO
     pack = _PACK
     mask = _MASK
     while True:
@@ -200,7 +185,8 @@ def _run_fast(
             port = exit_.io_port
             handler = handlers.get(port)
             if handler is not None:
-                handler[1](port - handler[2], exit_.io_size, exit_.value)
+                with handler[3]:
+                    handler[1](port - handler[2], exit_.io_size, exit_.value)
             else:
                 ports.write(port, exit_.io_size, exit_.value)
         elif reason == port_in:
@@ -208,151 +194,119 @@ def _run_fast(
             size = exit_.io_size
             handler = handlers.get(port)
             if handler is not None:
-                value = handler[0](port - handler[2], size)
+                with handler[3]:
+                    value = handler[0](port - handler[2], size)
             else:
                 value = ports.read(port, size)
-            pack[size](page, exit_.data_offset, value & mask[size])
+            pack[size](buffer, exit_.data_offset, value & mask[size])
         elif reason == exit_mmio:
             _mmio(vcpu, mmio)
         elif reason < 0:
             if _interrupted(vcpu, reason, stopping):
                 return None
         else:
-            outcome = _other_exit(vcpu, memory, ports, has_irqchip)
+            outcome = _slow_exit(vcpu, reason, context)
             if outcome is not None:
                 return outcome
 
 
-def _run_observed(
-    vcpu: Vcpu,
-    memory: GuestMemory,
-    ports: Bus,
-    mmio: Bus,
-    stopping: threading.Event,
-    has_irqchip: bool,
-    observer: ExitObserver,
-) -> Outcome | None:
+def _run_observed(vcpu: Vcpu, context: LoopContext, observer: ExitObserver) -> Outcome | None:
     run = vcpu.run
     exit_ = vcpu.exit
+    ports = context.ports
     clock = time.perf_counter_ns
     while True:
         started = clock()
         reason = run()
         returned = clock()
         outcome = None
-        if reason == lib.KVMSHIM_EXIT_PORT_OUT:
+        if reason == _PORT_OUT:
             ports.write(exit_.io_port, exit_.io_size, exit_.value)
-        elif reason == lib.KVMSHIM_EXIT_PORT_IN:
+        elif reason == _PORT_IN:
             size = exit_.io_size
             value = ports.read(exit_.io_port, size) & _MASK[size]
-            _PACK[size](vcpu.run_page, exit_.data_offset, value)
-        elif reason == lib.KVM_EXIT_MMIO:
-            _mmio(vcpu, mmio)
+            _PACK[size](vcpu.io_buffer, exit_.data_offset, value)
+        elif reason == _MMIO:
+            _mmio(vcpu, context.mmio)
         elif reason < 0:
-            if _interrupted(vcpu, reason, stopping):
+            if _interrupted(vcpu, reason, context.stopping):
                 return None
             observer.on_interrupt(vcpu)
             continue
-        elif not (reason == lib.KVM_EXIT_DEBUG and observer.on_debug(vcpu)):
-            outcome = _other_exit(vcpu, memory, ports, has_irqchip)
+        elif not (reason == ExitKind.DEBUG and observer.on_debug(vcpu)):
+            outcome = _slow_exit(vcpu, reason, context)
         observer.on_exit(vcpu, reason, returned - started, clock() - returned)
         if outcome is not None:
             return outcome
 
 
 def _string_io(vcpu: Vcpu, ports: Bus) -> None:
-    """rep ins/outs: ``count`` items of ``size`` bytes, packed in the kvm_run page."""
+    """rep ins/outs: ``io_count`` items of ``io_size`` bytes, packed in the I/O buffer."""
     e = vcpu.exit
-    page = vcpu.run_page
+    buffer = vcpu.io_buffer
     size, port, offset = e.io_size, e.io_port, e.data_offset
+    if size not in (1, 2, 4):
+        raise BackendError("run", errno.EINVAL, f"string I/O of {size}-byte items")
     end = offset + e.io_count * size
-    if end > len(page):
-        raise KvmError("KVM_RUN", errno.EFAULT, f"string I/O data overruns kvm_run ({end} bytes)")
-    if e.io_direction == lib.KVM_EXIT_IO_OUT:
+    if end > len(buffer):
+        raise BackendError("run", errno.EFAULT, f"string I/O data overruns the buffer ({end})")
+    if e.io_direction == IO_DIRECTION_OUT:
         for at in range(offset, end, size):
-            ports.write(port, size, int.from_bytes(page[at : at + size], "little"))
+            ports.write(port, size, int.from_bytes(buffer[at : at + size], "little"))
     else:
         for at in range(offset, end, size):
             value = ports.read(port, size) & _MASK[size]
-            page[at : at + size] = value.to_bytes(size, "little")
+            buffer[at : at + size] = value.to_bytes(size, "little")
 
 
 def _mmio(vcpu: Vcpu, mmio: Bus) -> None:
     e = vcpu.exit
     size = e.mmio_len
     if not 1 <= size <= 8:
-        raise KvmError("KVM_RUN", errno.EINVAL, f"MMIO access of {size} bytes")
+        raise BackendError("run", errno.EINVAL, f"MMIO access of {size} bytes")
     if e.mmio_is_write:
-        mmio.write(e.mmio_addr, size, e.value)
+        mmio.write(e.mmio_addr, size, e.value & _MASK[size])
     else:
         value = mmio.read(e.mmio_addr, size) & _MASK[size]
         offset = e.data_offset
-        vcpu.run_page[offset : offset + size] = value.to_bytes(size, "little")
-
-
-def _internal_error(vcpu: Vcpu) -> tuple[str, bytes | None]:
-    """Describe a KVM_EXIT_INTERNAL_ERROR; also return the instruction bytes KVM reported."""
-    e = vcpu.exit
-    name = INTERNAL_ERROR_NAMES.get(e.suberror, "unknown")
-    detail = f"suberror {e.suberror} ({name})"
-    code = None
-    flags = e.data[0] if e.ndata >= 1 else 0
-    if (
-        e.suberror == lib.KVM_INTERNAL_ERROR_EMULATION
-        and e.ndata >= 3
-        and flags & lib.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
-    ):
-        blob = e.data[1].to_bytes(8, "little") + e.data[2].to_bytes(8, "little")
-        code = blob[1 : 1 + min(blob[0], 15)]
-    elif e.ndata:
-        detail += " data " + " ".join(f"{e.data[i]:#x}" for i in range(e.ndata))
-    return detail, code
+        vcpu.io_buffer[offset : offset + size] = value.to_bytes(size, "little")
 
 
 def _crash(
-    vcpu: Vcpu,
-    memory: GuestMemory,
-    reason: str,
-    detail: str = "",
-    code: bytes | None = None,
-    kind: str = "crash",
+    vcpu: Vcpu, kind: OutcomeKind, what: str, detail: str = "", code: bytes | None = None
 ) -> Outcome:
-    report = crash_report(vcpu, memory, reason, detail, code)
-    return Outcome(kind, STATUS_CRASH, report.summary(), report=report)
+    """A fatal guest event; ``Machine`` adds the crash report and the full message."""
+    return Outcome(kind, what, vcpu=vcpu.index, detail=detail, code=code)
 
 
-def _other_exit(vcpu: Vcpu, memory: GuestMemory, ports: Bus, has_irqchip: bool) -> Outcome | None:
+def _slow_exit(vcpu: Vcpu, reason: int, context: LoopContext) -> Outcome | None:
     """Exits off the hot path: return an Outcome to stop, or None to keep running."""
-    e = vcpu.exit
-    reason = e.reason
-    if reason == lib.KVM_EXIT_IO:  # string I/O: the shim returned KVMSHIM_EXIT_PORT_STRING
-        _string_io(vcpu, ports)
+    if reason == ExitKind.PORT_STRING:
+        _string_io(vcpu, context.ports)
         return None
-    name = EXIT_REASON_NAMES.get(reason, str(reason))
-    if reason in (lib.KVM_EXIT_INTR, lib.KVM_EXIT_IRQ_WINDOW_OPEN):
+    if reason == ExitKind.SPURIOUS:
         return None
-    if reason == lib.KVM_EXIT_HLT:
-        regs = vcpu.get_regs()
-        if regs.rflags & RFLAGS_IF and has_irqchip:
-            return None
-        why = "interrupts disabled" if not regs.rflags & RFLAGS_IF else "no interrupt controller"
-        return Outcome(
-            "halt", STATUS_HALT, f"vCPU {vcpu.index}: guest halted ({why}) at RIP={regs.rip:#x}"
-        )
-    if reason == lib.KVM_EXIT_SHUTDOWN:
+    if reason == ExitKind.HLT:
+        return context.arch.halt(vcpu, context.has_irqchip)
+    if reason == ExitKind.SHUTDOWN:
         # A real PC resets here; kvmpy reports it (and restarts with --reboot).
-        return _crash(vcpu, memory, "triple fault (KVM_EXIT_SHUTDOWN)", kind="triple-fault")
-    if reason == lib.KVM_EXIT_INTERNAL_ERROR:
-        detail, code = _internal_error(vcpu)
-        return _crash(vcpu, memory, "KVM internal error", detail, code)
-    if reason == lib.KVM_EXIT_FAIL_ENTRY:
-        detail = f"hardware entry failure reason {e.hardware_reason:#x} on host CPU {e.cpu}"
-        return _crash(vcpu, memory, "VM entry failed (KVM_EXIT_FAIL_ENTRY)", detail)
-    if reason == lib.KVM_EXIT_SYSTEM_EVENT:
-        if e.suberror == lib.KVM_SYSTEM_EVENT_SHUTDOWN:
-            return Outcome("shutdown", STATUS_HALT, f"vCPU {vcpu.index}: guest powered off")
-        if e.suberror == lib.KVM_SYSTEM_EVENT_RESET:
-            return Outcome("reset", STATUS_RESET, f"vCPU {vcpu.index}: guest reset")
-        return _crash(vcpu, memory, "system event", f"type {e.suberror}")
-    detail = f"hardware reason {e.hardware_reason:#x}" if reason == lib.KVM_EXIT_UNKNOWN else ""
-    return _crash(vcpu, memory, f"unhandled exit KVM_EXIT_{name}", detail)
+        return _crash(vcpu, OutcomeKind.TRIPLE_FAULT, f"triple fault ({vcpu.exit_name()})")
+    if reason == ExitKind.INTERNAL_ERROR:
+        detail, code = vcpu.describe_exit()
+        return _crash(vcpu, OutcomeKind.CRASH, f"{vcpu.backend_name} internal error", detail, code)
+    if reason == ExitKind.FAIL_ENTRY:
+        detail, _ = vcpu.describe_exit()
+        return _crash(vcpu, OutcomeKind.CRASH, f"VM entry failed ({vcpu.exit_name()})", detail)
+    if reason == ExitKind.SYSTEM_EVENT:
+        event = vcpu.system_event
+        if event == SystemEvent.SHUTDOWN:
+            return Outcome(
+                OutcomeKind.SHUTDOWN, f"vCPU {vcpu.index}: guest powered off", vcpu=vcpu.index
+            )
+        if event == SystemEvent.RESET:
+            return Outcome(OutcomeKind.RESET, f"vCPU {vcpu.index}: guest reset", vcpu=vcpu.index)
+        detail, _ = vcpu.describe_exit()
+        return _crash(vcpu, OutcomeKind.CRASH, "system event", detail)
+    if reason == ExitKind.DEBUG:
+        return _crash(vcpu, OutcomeKind.CRASH, f"unhandled exit {vcpu.exit_name()}")
+    return context.arch.other_exit(vcpu)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import threading
 import time
 from collections.abc import Sequence
@@ -21,11 +22,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kvmpy.console import ConsoleOverrun
 from kvmpy.debug.crash import CrashReport, crash_report
 from kvmpy.loaders.multiboot import parse_module
 from kvmpy.machine import Machine
 from kvmpy.memory import parse_size
-from kvmpy.runloop import STATUS_HALT, STATUS_TIMEOUT, Outcome
+from kvmpy.outcome import Outcome, OutcomeKind
 
 __all__ = [
     "GuestStopped",
@@ -213,15 +215,21 @@ class SerialConsole:
         )
 
     def _search(self, regex: re.Pattern[bytes]) -> re.Match[bytes] | None:
-        """Search the console (lock held) from the read position; advance past a match."""
+        """Search the console (lock held) from the read position; advance past a match.
+
+        Positions are absolute byte counts; the console keeps only its most
+        recent output, so a search that fell behind it fails clearly.
+        """
         console = self._owner.machine.console
-        if regex.search(console, self._position) is None:  # no copy until there is a match
+        try:
+            found = console.search(regex, self._position)
+        except ConsoleOverrun as exc:
+            raise SerialTimeout(f"expect fell behind the console: {exc}", bytes(console)) from None
+        if found is None:
             return None
-        data = bytes(console)
-        match = regex.search(data, self._position)
-        assert match is not None
-        self.before = data[self._position : match.start()]
-        self._position = match.end()
+        match, absolute_start = found
+        self.before = console.since(self._position)[: absolute_start - self._position]
+        self._position = absolute_start + (match.end() - match.start())
         return match
 
     def send(self, data: bytes | str, timeout: float | None = None) -> None:
@@ -314,7 +322,7 @@ class TestMachine:
 
     def _time_out(self) -> None:
         self.machine.stop(
-            Outcome("timeout", STATUS_TIMEOUT, f"timeout: no guest exit after {self.timeout:g} s")
+            Outcome(OutcomeKind.TIMEOUT, f"timeout: no guest exit after {self.timeout:g} s")
         )
 
     def wait(self, timeout: float | None = None) -> RunResult:
@@ -332,7 +340,7 @@ class TestMachine:
             if self._watchdog is not None:
                 self._watchdog.cancel()
         self.result = RunResult(outcome, self.serial.output)
-        if outcome.reason == "interrupted" and outcome.message == "interrupted":
+        if outcome.signal == signal.SIGINT:
             raise KeyboardInterrupt  # Ctrl-C during the wait: let pytest stop the session
         return self.result
 
@@ -357,7 +365,7 @@ class TestMachine:
     def stop(self, message: str = "stopped by the test") -> RunResult:
         """Stop the guest now (if it has not stopped already) and return the result."""
         if self.result is None and self.started:
-            self.machine.stop(Outcome("stopped", STATUS_HALT, message))
+            self.machine.stop(Outcome(OutcomeKind.STOPPED, message))
         return self.wait()
 
     def close(self) -> None:

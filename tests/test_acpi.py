@@ -6,10 +6,11 @@ import struct
 
 import pytest
 
-from kvmpy.devices.acpi_pm import AcpiPmEvent
+from kvmpy.devices.acpi_pm import PM1A_CNT_PORT, AcpiPmEvent
 from kvmpy.loaders.flat import load_flat
 from kvmpy.machine import Machine
-from kvmpy.x86.acpi import ACPI_TABLES_ADDR, IOAPIC_ADDR, PM1A_CNT_BLK, acpi_tables
+from kvmpy.x86.acpi import acpi_tables
+from kvmpy.x86.layout import ACPI_TABLES_ADDR, IOAPIC_ADDR
 from tests.helpers import Assembler
 
 
@@ -59,7 +60,7 @@ def test_fadt_points_at_the_power_off_register_and_dsdt_has_s5() -> None:
     assert len(fadt) == 116
     assert struct.unpack_from("<H", fadt, 46)[0] == 9  # SCI
     assert struct.unpack_from("<II", fadt, 56) == (0x600, 0)  # PM1a/PM1b event blocks
-    assert struct.unpack_from("<I", fadt, 64)[0] == PM1A_CNT_BLK
+    assert struct.unpack_from("<I", fadt, 64)[0] == PM1A_CNT_PORT
     assert fadt[89] == 2  # PM1 control block length
     assert b"_S5_" in found[b"DSDT"]
     assert found[b"FACS"][:4] == b"FACS"

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from kvmpy.bus import Bus, BusError, Mapping, UnhandledAccess
-from kvmpy.devices.base import Device
+from kvmpy.bus import Bus, BusError, UnhandledAccess
+from kvmpy.devices.base import Device, Stateless
 
 
-class Recorder:
+class Recorder(Stateless):
     """A device that records every access and reads back ``value``."""
 
     def __init__(self, value: int = 0) -> None:
@@ -24,7 +24,7 @@ class Recorder:
         self.writes.append((offset, size, value))
 
 
-class Echo:
+class Echo(Stateless):
     """Reads return ``tag | offset`` so a test sees which device and offset answered."""
 
     def __init__(self, tag: int) -> None:
@@ -59,10 +59,10 @@ def test_register_keeps_mappings_sorted() -> None:
     bus.register(0x3F8, 8, a, "COM1")
     bus.register(0x80, 1, b, "POST")
     bus.register(0xF4, 4, c)
-    assert bus.mappings == [
-        Mapping(0x80, 1, b, "POST"),
-        Mapping(0xF4, 4, c, "Recorder"),
-        Mapping(0x3F8, 8, a, "COM1"),
+    assert [(m.base, m.length, m.device, m.name) for m in bus.mappings] == [
+        (0x80, 1, b, "POST"),
+        (0xF4, 4, c, "Recorder"),
+        (0x3F8, 8, a, "COM1"),
     ]
     assert bus._starts == [0x80, 0xF4, 0x3F8]
     assert [m.end for m in bus.mappings] == [0x81, 0xF8, 0x400]
@@ -94,7 +94,9 @@ def test_register_overlap_names_both_devices(base: int, length: int, text: str) 
         bus.register(base, length, Recorder(), "probe")
     assert str(info.value) == f"probe: port range {text}"
     # Nothing of the failed registration is left behind.
-    assert bus.mappings == [Mapping(0x3F8, 8, com1, "COM1")]
+    assert [(m.base, m.length, m.device, m.name) for m in bus.mappings] == [
+        (0x3F8, 8, com1, "COM1")
+    ]
     assert bus._starts == [0x3F8]
     assert bus.handlers == handlers_before
 
@@ -181,13 +183,15 @@ def test_port_handlers_cover_every_port() -> None:
     bus.register(0x80, 1, post, "POST")
     assert sorted(bus.handlers) == [0x80, *range(0x3F8, 0x400)]
     for port in range(0x3F8, 0x400):
-        assert bus.handlers[port] == (com1.read, com1.write, 0x3F8)
-    assert bus.handlers[0x80] == (post.read, post.write, 0x80)
+        assert bus.handlers[port][:3] == (com1.read, com1.write, 0x3F8)
+    assert bus.handlers[0x80][:3] == (post.read, post.write, 0x80)
+    # One lock per device, shared by all its ports.
+    assert bus.handlers[0x3F8][3] is bus.handlers[0x3FF][3] is not bus.handlers[0x80][3]
     assert 0x3F7 not in bus.handlers
     assert 0x400 not in bus.handlers
 
     # The run loop's fast path: one lookup, then offset = port - base.
-    read, write, base = bus.handlers[0x3FC]
+    read, write, base, _lock = bus.handlers[0x3FC]
     write(0x3FC - base, 1, 3)
     assert read(0x3FC - base, 1) == 0
     assert com1.writes == [(4, 1, 3)]

@@ -17,6 +17,7 @@ from kvmpy.loaders.bzimage import (
     E820_TABLE,
     HEAP_END,
     ZERO_PAGE_ADDR,
+    kernel_placement,
     load_bzimage,
     parse_setup_header,
 )
@@ -69,6 +70,11 @@ def write(tmp_path: Path, data: bytes, name: str = "vmlinuz") -> Path:
     return path
 
 
+def footprint(image: bytes, e820: list[tuple[int, int, int]] = E820) -> tuple[int, int]:
+    """Where the kernel loads, and the end of the init_size bytes it decompresses into."""
+    return kernel_placement(parse_setup_header(image), e820, "test")
+
+
 def zero_page(plan: LoadPlan) -> bytes:
     return next(s.data for s in plan.segments if s.gpa == ZERO_PAGE_ADDR)
 
@@ -87,7 +93,7 @@ def test_a_64bit_kernel_goes_to_pref_address_and_enters_in_long_mode(tmp_path: P
     assert plan.registers == {"rsi": ZERO_PAGE_ADDR}
     kernel = next(s for s in plan.segments if s.gpa == 0x1000000)
     assert kernel.data == payload  # the setup sectors are not loaded
-    assert (0x1000000, 0x1000000 + 0x400000) in plan.reserved
+    assert footprint(make_bzimage(payload)) == (0x1000000, 0x1000000 + 0x400000)
 
 
 def test_a_kernel_without_xlf_kernel_64_enters_in_protected_mode(tmp_path: Path) -> None:
@@ -102,7 +108,7 @@ def test_a_non_relocatable_kernel_loads_at_1_mib(tmp_path: Path) -> None:
     image = make_bzimage(relocatable=0, pref_address=0x100000, kernel_alignment=0x1000)
     plan = load_bzimage(write(tmp_path, image), e820=E820)
     assert plan.entry == 0x100000 + 0x200
-    assert (0x100000, 0x100000 + 0x400000) in plan.reserved
+    assert footprint(image) == (0x100000, 0x100000 + 0x400000)
 
 
 def test_without_room_at_pref_address_it_loads_at_1_mib(tmp_path: Path) -> None:
@@ -110,7 +116,7 @@ def test_without_room_at_pref_address_it_loads_at_1_mib(tmp_path: Path) -> None:
     plan = load_bzimage(write(tmp_path, make_bzimage()), e820=e820)
     assert plan.entry == 0x100000 + 0x200
     # It decompresses at 2 MiB, kernel_alignment above the load address.
-    assert (0x100000, 0x200000 + 0x400000) in plan.reserved
+    assert footprint(make_bzimage(), e820) == (0x100000, 0x200000 + 0x400000)
 
 
 def test_setup_sects_zero_means_four(tmp_path: Path) -> None:

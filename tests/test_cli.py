@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from kvmpy.backends.kvm.hostinfo import HostInfo, format_info
 from kvmpy.cli import build_parser
-from kvmpy.hostinfo import HostInfo, cpuinfo_fields, format_info, kvm_modules
+from kvmpy.hostinfo import cpuinfo_fields, kvm_modules
 
 
 def test_run_defaults() -> None:

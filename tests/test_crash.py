@@ -6,19 +6,20 @@ from typing import Any
 
 import capstone
 
-from kvmpy._kvm import ffi, lib
+from kvmpy.backends.kvm._kvm import ffi, lib
+from kvmpy.backends.kvm.ioctls import Vcpu as KvmVcpu
 from kvmpy.debug.crash import CrashReport
 from kvmpy.debug.guestview import capstone_mode, code_address, disassemble
-from kvmpy.runloop import _internal_error
 from kvmpy.x86.modes import long_mode, protected_mode, real_mode
 from kvmpy.x86.registers import Regs, Sregs
 
 
 class FakeVcpu:
-    """Just the decoded exit struct, which is all _internal_error reads."""
+    """Just the decoded exit struct, which is all describe_exit reads."""
 
     def __init__(self) -> None:
         self.exit: Any = ffi.new("struct kvmshim_exit *")
+        self.exit.reason = lib.KVM_EXIT_INTERNAL_ERROR
 
 
 def test_emulation_failure_yields_the_instruction_bytes() -> None:
@@ -29,7 +30,7 @@ def test_emulation_failure_yields_the_instruction_bytes() -> None:
     blob = bytes([2, 0xCD, 0x80]).ljust(16, b"\0")  # insn_size=2, "int $0x80"
     vcpu.exit.data[1] = int.from_bytes(blob[:8], "little")
     vcpu.exit.data[2] = int.from_bytes(blob[8:], "little")
-    detail, code = _internal_error(vcpu)  # type: ignore[arg-type]
+    detail, code = KvmVcpu.describe_exit(vcpu)  # type: ignore[arg-type]
     assert detail == "suberror 1 (instruction emulation failed)"
     assert code == b"\xcd\x80"
 
@@ -40,7 +41,7 @@ def test_other_internal_errors_list_their_data() -> None:
     vcpu.exit.ndata = 2
     vcpu.exit.data[0] = 0x80000B0E
     vcpu.exit.data[1] = 0x31
-    detail, code = _internal_error(vcpu)  # type: ignore[arg-type]
+    detail, code = KvmVcpu.describe_exit(vcpu)  # type: ignore[arg-type]
     assert detail == "suberror 3 (exit while delivering an event) data 0x80000b0e 0x31"
     assert code is None
 

@@ -15,10 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from kvmpy._kvm import lib
+from kvmpy.debug.gdblisten import parse_gdb_spec
 from kvmpy.debug.gdbproto import (
-    AMD64,
-    I386,
     SIGSEGV,
     SIGTRAP,
     Ack,
@@ -37,23 +35,18 @@ from kvmpy.debug.gdbproto import (
     frame,
     unescape,
 )
-from kvmpy.debug.gdbstub import (
-    DebugRegisters,
-    DebugSupport,
-    GdbStub,
-    _abridged_tag,
-    _full_tag_word,
-    attach_gdb,
-    parse_gdb_spec,
-    probe_debug_support,
-    split_watch,
-)
+from kvmpy.debug.gdbstub import GdbStub, attach_gdb
+from kvmpy.debug.hostprobe import DebugSupport, probe_debug_support
 from kvmpy.debug.trace import CompositeObserver, ExitStats
-from kvmpy.kvm import Fpu
 from kvmpy.loaders.flat import load_flat
 from kvmpy.machine import Machine
-from kvmpy.runloop import Outcome
+from kvmpy.outcome import Outcome, OutcomeKind
+from kvmpy.x86.debugregs import DebugRegisters, split_watch
+from kvmpy.x86.gdb_registers import AMD64, I386
+from kvmpy.x86.gdb_registers import abridged_tag as _abridged_tag
+from kvmpy.x86.gdb_registers import full_tag_word as _full_tag_word
 from kvmpy.x86.modes import default_load_addr
+from kvmpy.x86.registers import Fpu
 from tests.helpers import ROOT, Assembler, guest, host_kvm_module
 
 # -- framing ------------------------------------------------------------------------------
@@ -553,7 +546,7 @@ class RunningGuest:
 
     def close(self) -> None:
         if self.thread.is_alive():
-            self.machine.stop(Outcome("interrupted", 130, "test over"))
+            self.machine.stop(Outcome(OutcomeKind.INTERRUPTED, "test over"))
             self.thread.join(10)
         self.stub.close()
         self.machine.close()
@@ -608,13 +601,12 @@ class Client:
 def test_set_guest_debug() -> None:
     with Machine(mem_size=4 << 20, irqchip=False) as machine:
         vcpu = machine.vcpu
-        vcpu.set_guest_debug(lib.KVM_GUESTDBG_ENABLE | lib.KVM_GUESTDBG_SINGLESTEP)
+        vcpu.set_guest_debug(single_step=True)
         dr7 = 1 | 1 << 16 | 3 << 18
-        control = lib.KVM_GUESTDBG_ENABLE | lib.KVM_GUESTDBG_USE_HW_BP
-        vcpu.set_guest_debug(control, [0x1000, 0, 0, 0, 0, 0, 0, dr7])
-        vcpu.set_guest_debug(0)
+        vcpu.set_guest_debug(breakpoints=[0x1000, 0, 0, 0, 0, 0, 0, dr7])
+        vcpu.set_guest_debug(enable=False)
         with pytest.raises(ValueError):
-            vcpu.set_guest_debug(control, [0] * 9)
+            vcpu.set_guest_debug(breakpoints=[0] * 9)
 
 
 @pytest.mark.kvm

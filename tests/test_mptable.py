@@ -8,7 +8,8 @@ import pytest
 
 from kvmpy.loaders.flat import load_flat
 from kvmpy.machine import Machine
-from kvmpy.x86.mptable import IOAPIC_ADDR, LAPIC_ADDR, MP_TABLE_ADDR, mp_tables
+from kvmpy.x86.layout import IOAPIC_ADDR, LAPIC_ADDR, MP_TABLE_ADDR
+from kvmpy.x86.mptable import mp_tables
 from tests.helpers import Assembler
 
 

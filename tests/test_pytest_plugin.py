@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmpy.kvm import KvmError
+from kvmpy.backends.base import BackendError as KvmError
 from kvmpy.pytest_plugin import GuestStopped, MachineFactory, SerialTimeout, TestMachine
 from kvmpy.testing import format_tail, guest_results, load_machine
 from tests.helpers import Assembler, guest

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from kvmpy.bus import Bus
-from kvmpy.devices.absent import LINUX_PROBED_PORTS
+from kvmpy.devices.absent import LINUX_PROBED_PORTS, AbsentPorts
 from kvmpy.devices.base import Device
 from kvmpy.devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_PORTS, DebugExit, exit_status
 from kvmpy.devices.post import POST_PORT, PostCode
@@ -123,4 +123,4 @@ def test_ports_linux_probes_are_absent_not_unhandled() -> None:
             m.ports.write(port, 1, 0x5A)
         assert m.ports.read(0xCF8, 4) == 0xFFFF_FFFF  # PCI config: nothing answers
         assert not m.ports.unhandled
-        assert m.absent.reads == len(LINUX_PROBED_PORTS) + 1
+        assert m.device("absent", AbsentPorts).reads == len(LINUX_PROBED_PORTS) + 1

@@ -8,12 +8,15 @@ import re
 import struct
 import subprocess
 import sys
+import threading
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import cast
 
 import pytest
 
+from kvmpy.backends.base import BackendError as KvmError
 from kvmpy.devices.vga import (
     CRTC_DATA_PORT,
     CRTC_INDEX_PORT,
@@ -40,7 +43,6 @@ from kvmpy.display.screen import (
     decode_cells,
 )
 from kvmpy.display.terminal import ALT_SCREEN_OFF, ALT_SCREEN_ON, TerminalDisplay
-from kvmpy.kvm import KvmError
 from kvmpy.loaders.flat import load_flat
 from kvmpy.machine import Machine
 from kvmpy.memory import GuestMemory
@@ -488,9 +490,39 @@ class FakeMachine:
         self.serial_output = self.printed.append
         self.dirty = True
 
+        self.listeners: list[Callable[[bytes], None]] = []
+        self.held: bytearray | None = None
+        self.lock = threading.Lock()
+
     def screen_dirty(self) -> bool:
         dirty, self.dirty = self.dirty, False
         return dirty
+
+    def device_lock(self, name: str) -> threading.Lock:
+        return self.lock
+
+    def hold_output(self) -> None:
+        self.held = bytearray()
+
+    def release_output(self) -> None:
+        held, self.held = self.held, None
+        if held:
+            self.serial_output(bytes(held))
+
+    def add_console_listener(self, listener: Callable[[bytes], None]) -> None:
+        self.listeners.append(listener)
+
+    def remove_console_listener(self, listener: Callable[[bytes], None]) -> None:
+        self.listeners.remove(listener)
+
+    def guest_writes(self, data: bytes) -> None:
+        """What Machine does with the UART's output."""
+        for listener in self.listeners:
+            listener(data)
+        if self.held is not None:
+            self.held += data
+        else:
+            self.serial_output(data)
 
 
 @pytest.mark.usefixtures("terminal_size")
@@ -501,10 +533,10 @@ def test_display_session_holds_serial_output_while_live(tmp_path: Path) -> None:
     shot = tmp_path / "screen.png"
     session = DisplaySession(cast(Machine, fake), "term", shot, stream=out, live=True)
     session.start()
-    fake.serial_output(b"booting\nhalf a li")
+    fake.guest_writes(b"booting\nhalf a li")
     assert fake.printed == []
     assert session.status_line() == " COM1: half a li"
-    fake.serial_output(b"ne\n")
+    fake.guest_writes(b"ne\n")
     assert session.status_line() == " COM1: half a line"
     final = session.finish()
     assert fake.printed == [b"booting\nhalf a line\n"]
@@ -611,12 +643,12 @@ def test_vga_window_is_ram_split_into_its_own_slot(assemble: Assembler, tmp_path
         assert m.memory.read_u16(VGA_TEXT_BASE + VGA_TEXT_WINDOW - 2) == 0x3333
         assert m.memory.read_u16(VGA_TEXT_BASE + VGA_TEXT_WINDOW) == 0x4444
         # The guest wrote the window's first page (bit 0) and its last (bit 7).
-        assert m.vm.get_dirty_log(m.vga_slot, VGA_TEXT_WINDOW // 0x1000) == b"\x81"
-        assert m.vm.get_dirty_log(m.vga_slot, VGA_TEXT_WINDOW // 0x1000) == b"\x00"
+        assert m.vm.dirty_pages(m.vga_slot, VGA_TEXT_WINDOW // 0x1000) == b"\x81"
+        assert m.vm.dirty_pages(m.vga_slot, VGA_TEXT_WINDOW // 0x1000) == b"\x00"
         screen = save_screenshot(m, tmp_path / "screen.png")
         assert screen.cell(0, 0) == Cell(0x22, 2, 2, False)
         with pytest.raises(KvmError, match="KVM_GET_DIRTY_LOG"):
-            m.vm.get_dirty_log(0, VGA_TEXT_BASE // 0x1000)  # slot 0 logs nothing
+            m.vm.dirty_pages(0, VGA_TEXT_BASE // 0x1000)  # slot 0 logs nothing
 
 
 @pytest.mark.kvm

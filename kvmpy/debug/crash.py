@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from kvmpy.backends.base import BackendError
 from kvmpy.debug.guestview import (
     capstone_mode,
     code_address,
@@ -18,7 +19,6 @@ from kvmpy.debug.guestview import (
     disassemble_around,
     read_linear,
 )
-from kvmpy.kvm import KvmError
 from kvmpy.x86.registers import (
     CR0_FLAG_NAMES,
     CR4_FLAG_NAMES,
@@ -34,7 +34,7 @@ from kvmpy.x86.registers import (
 )
 
 if TYPE_CHECKING:
-    from kvmpy.kvm import Vcpu
+    from kvmpy.backends.base import Vcpu
     from kvmpy.memory import GuestMemory
 
 STACK_WORDS = 8
@@ -128,7 +128,7 @@ def crash_report(
     try:
         report.regs = regs = vcpu.get_regs()
         report.sregs = sregs = vcpu.get_sregs()
-    except KvmError as exc:
+    except BackendError as exc:
         report.detail += f" (registers unavailable: {exc})"
         return report
     report.mode = cpu_mode(sregs)
@@ -148,7 +148,7 @@ def _stack(vcpu: Vcpu, memory: GuestMemory, regs: Regs, sregs: Sregs) -> list[tu
     top = (regs.rsp & mask) if mode == "long" else (sregs.ss.base + (regs.rsp & mask)) & 0xFFFFFFFF
     try:
         raw = read_linear(vcpu, memory, sregs, top, STACK_WORDS * width)
-    except KvmError:
+    except BackendError:
         return []
     return [
         (top + at, int.from_bytes(raw[at : at + width], "little"))

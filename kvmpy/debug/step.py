@@ -14,15 +14,16 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TextIO
 
-from kvmpy._kvm import lib
+from kvmpy.backends.base import BackendError
+from kvmpy.backends.exits import ExitKind
 from kvmpy.debug.guestview import capstone_mode, code_address, disassemble, read_linear
 from kvmpy.debug.trace import format_address
-from kvmpy.kvm import KvmError
-from kvmpy.runloop import STATUS_HALT, STATUS_TIMEOUT, ExitObserver, Outcome
+from kvmpy.outcome import Outcome, OutcomeKind
+from kvmpy.runloop import ExitObserver
 from kvmpy.x86.registers import RFLAGS_IF, Regs, cpu_mode
 
 if TYPE_CHECKING:
-    from kvmpy.kvm import Vcpu
+    from kvmpy.backends.base import Vcpu
     from kvmpy.memory import GuestMemory
 
 _REG_FIELDS = tuple(field.name for field in dataclasses.fields(Regs))
@@ -69,7 +70,7 @@ class SingleStepper(ExitObserver):
 
     def on_start(self, vcpu: Vcpu) -> None:
         if vcpu.index == 0:
-            vcpu.set_guest_debug(lib.KVM_GUESTDBG_ENABLE | lib.KVM_GUESTDBG_SINGLESTEP)
+            vcpu.set_guest_debug(single_step=True)
             self._show(vcpu)
 
     def on_exit(self, vcpu: Vcpu, reason: int, run_ns: int, handle_ns: int) -> None:
@@ -77,7 +78,7 @@ class SingleStepper(ExitObserver):
         # that exited to userspace (an OUT, an MMIO write): if RIP moved, that
         # instruction is done, so count the step here, and not again when the
         # debug exit for the same RIP arrives.
-        if vcpu.index != 0 or reason == lib.KVM_EXIT_DEBUG or self._done:
+        if vcpu.index != 0 or reason == ExitKind.DEBUG or self._done:
             return
         regs = vcpu.get_regs()
         if self._previous is not None and regs.rip != self._previous.rip:
@@ -105,10 +106,10 @@ class SingleStepper(ExitObserver):
                 enabled = regs.rflags & RFLAGS_IF
                 why = "no interrupt controller" if enabled else "interrupts disabled"
                 message = f"vCPU 0: guest halted ({why}) at RIP={regs.rip:#x}"
-                self.stop(Outcome("halt", STATUS_HALT, message))
+                self.stop(Outcome(OutcomeKind.HALT, message))
             else:
                 message = f"stopped after {self.steps} steps"
-                self.stop(Outcome("step-limit", STATUS_TIMEOUT, message))
+                self.stop(Outcome(OutcomeKind.STEP_LIMIT, message))
             return
         self._show(vcpu, regs)
 
@@ -124,7 +125,7 @@ class SingleStepper(ExitObserver):
             linear = code_address(sregs, regs.rip)
             try:
                 code = read_linear(vcpu, self.memory, sregs, linear, 15)
-            except KvmError:
+            except BackendError:
                 code = b""
             decoded = disassemble(code, linear, capstone_mode(sregs), 1)
             text = decoded[0][2] if decoded else f"(undecodable: {code.hex(' ') or 'unreadable'})"

@@ -13,14 +13,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TextIO
 
-from kvmpy._kvm import lib
+from kvmpy.backends.exits import EXIT_NAMES, ExitKind
 from kvmpy.bus import Bus
 from kvmpy.debug.guestview import capstone_mode, code_address, disassemble, read_linear
-from kvmpy.runloop import EXIT_REASON_NAMES, ExitCounter, ExitObserver
+from kvmpy.runloop import ExitCounter, ExitObserver
 from kvmpy.x86.registers import Sregs, cpu_mode
 
 if TYPE_CHECKING:
-    from kvmpy.kvm import Vcpu
+    from kvmpy.backends.base import Vcpu
     from kvmpy.memory import GuestMemory
 
 # What --trace=KINDS can select.
@@ -31,32 +31,31 @@ _MAX_INSN = 15
 
 def exit_kind(reason: int) -> str:
     """The --trace filter an exit reason belongs to."""
-    if reason in (
-        lib.KVMSHIM_EXIT_PORT_OUT,
-        lib.KVMSHIM_EXIT_PORT_IN,
-        lib.KVMSHIM_EXIT_PORT_STRING,
-    ):
+    if reason in (ExitKind.PORT_OUT, ExitKind.PORT_IN, ExitKind.PORT_STRING):
         return "io"
-    if reason == lib.KVM_EXIT_MMIO:
+    if reason == ExitKind.MMIO:
         return "mmio"
-    if reason == lib.KVM_EXIT_HLT:
+    if reason == ExitKind.HLT:
         return "hlt"
-    if reason == lib.KVM_EXIT_DEBUG:
+    if reason == ExitKind.DEBUG:
         return "debug"
     return "other"
 
 
 def exit_name(reason: int, mmio_is_write: bool | None = None) -> str:
     """A short name: IO_OUT, IO_IN, IO_STRING, MMIO_READ, MMIO_WRITE, HLT, ..."""
-    if reason == lib.KVMSHIM_EXIT_PORT_OUT:
+    if reason == ExitKind.PORT_OUT:
         return "IO_OUT"
-    if reason == lib.KVMSHIM_EXIT_PORT_IN:
+    if reason == ExitKind.PORT_IN:
         return "IO_IN"
-    if reason == lib.KVMSHIM_EXIT_PORT_STRING:
+    if reason == ExitKind.PORT_STRING:
         return "IO_STRING"
-    if reason == lib.KVM_EXIT_MMIO and mmio_is_write is not None:
+    if reason == ExitKind.MMIO and mmio_is_write is not None:
         return "MMIO_WRITE" if mmio_is_write else "MMIO_READ"
-    return EXIT_REASON_NAMES.get(reason, str(reason))
+    try:
+        return EXIT_NAMES[ExitKind(reason)]
+    except ValueError:
+        return str(reason)
 
 
 def parse_trace_kinds(text: str | None) -> set[str]:
@@ -115,15 +114,15 @@ def exiting_instruction(
 
 def _exit_signature(vcpu: Vcpu, reason: int) -> tuple[Callable[[str], bool] | None, bool]:
     """What the exiting instruction looks like, and whether RIP is already past it."""
-    if reason == lib.KVMSHIM_EXIT_PORT_OUT:
+    if reason == ExitKind.PORT_OUT:
         return (lambda text: _mnemonic(text) == "out"), True
-    if reason == lib.KVMSHIM_EXIT_PORT_IN:
+    if reason == ExitKind.PORT_IN:
         return (lambda text: _mnemonic(text) == "in"), False
-    if reason == lib.KVMSHIM_EXIT_PORT_STRING:
+    if reason == ExitKind.PORT_STRING:
         return (lambda text: _mnemonic(text) in _STRING_IO_MNEMONICS), False
-    if reason == lib.KVM_EXIT_HLT:
+    if reason == ExitKind.HLT:
         return (lambda text: _mnemonic(text) == "hlt"), True
-    if reason == lib.KVM_EXIT_MMIO:
+    if reason == ExitKind.MMIO:
         return (lambda text: "[" in text), bool(vcpu.exit.mmio_is_write)
     return None, False
 
@@ -189,22 +188,24 @@ class ExitTracer(ExitObserver):
             sregs, address - sregs.cs.base if cpu_mode(sregs) == "real" else address
         )
         name = exit_name(reason, bool(vcpu.exit.mmio_is_write))
+        if reason == ExitKind.OTHER:
+            name = vcpu.exit_name().removeprefix("KVM_EXIT_")
         line = f"[vcpu{vcpu.index}] {name:<10} {cpu_mode(sregs):<9} {where:<11} {text}"
         return line + self._data(vcpu, reason)
 
     def _data(self, vcpu: Vcpu, reason: int) -> str:
         e = vcpu.exit
-        if reason in (lib.KVMSHIM_EXIT_PORT_OUT, lib.KVMSHIM_EXIT_PORT_IN):
+        if reason in (ExitKind.PORT_OUT, ExitKind.PORT_IN):
             # For IN, the handler has already put the answer in the kvm_run page.
             value = int.from_bytes(
-                vcpu.run_page[e.data_offset : e.data_offset + e.io_size], "little"
+                vcpu.io_buffer[e.data_offset : e.data_offset + e.io_size], "little"
             )
             return f"  port={e.io_port:#x} size={e.io_size} data={value:#x}"
-        if reason == lib.KVMSHIM_EXIT_PORT_STRING:
+        if reason == ExitKind.PORT_STRING:
             return f"  port={e.io_port:#x} size={e.io_size} count={e.io_count}"
-        if reason == lib.KVM_EXIT_MMIO:
+        if reason == ExitKind.MMIO:
             value = int.from_bytes(
-                vcpu.run_page[e.data_offset : e.data_offset + e.mmio_len], "little"
+                vcpu.io_buffer[e.data_offset : e.data_offset + e.mmio_len], "little"
             )
             return f"  addr={e.mmio_addr:#x} size={e.mmio_len} data={value:#x}"
         return ""
@@ -243,10 +244,10 @@ class ExitStats(ExitCounter):
         return [(name, where, row) for (name, where), row in ordered]
 
     def _where(self, reason: int, where: int) -> str:
-        if reason in (lib.KVMSHIM_EXIT_PORT_OUT, lib.KVMSHIM_EXIT_PORT_IN):
+        if reason in (ExitKind.PORT_OUT, ExitKind.PORT_IN):
             mapping = self.ports.find(where)
             return f"{where:#x} {mapping.name if mapping else '(none)'}"
-        if reason == lib.KVM_EXIT_MMIO:
+        if reason == ExitKind.MMIO:
             mapping = self.mmio.find(where << 12)
             return f"{where << 12:#x} {mapping.name if mapping else '(none)'}"
         return ""

@@ -14,6 +14,11 @@ absent, without each probe counting as an unhandled access (or ending a
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
+from .base import all_ones, check_state
+
 LINUX_PROBED_PORTS: tuple[tuple[int, int, str], ...] = (
     (0x87, 1, "DMA page register"),
     (0x2E8, 8, "COM4 (absent)"),
@@ -23,8 +28,19 @@ LINUX_PROBED_PORTS: tuple[tuple[int, int, str], ...] = (
 )
 
 
+@dataclass(frozen=True)
+class AbsentPortsState:
+    """Nothing there has state."""
+
+    VERSION: ClassVar[int] = 1
+
+
 class AbsentPorts:
-    """Nothing there: reads return all ones, writes are ignored; both are counted."""
+    """Nothing there: reads return all ones, writes are dropped.
+
+    ``reads`` and ``writes`` count the probes (host-side statistics, kept
+    across reset and restore).
+    """
 
     def __init__(self) -> None:
         self.reads = 0
@@ -32,7 +48,16 @@ class AbsentPorts:
 
     def read(self, offset: int, size: int) -> int:
         self.reads += 1
-        return (1 << (8 * size)) - 1
+        return all_ones(size)
 
     def write(self, offset: int, size: int, value: int) -> None:
         self.writes += 1
+
+    def reset(self) -> None:
+        pass
+
+    def state(self) -> AbsentPortsState:
+        return AbsentPortsState()
+
+    def restore(self, state: AbsentPortsState) -> None:
+        check_state("absent", state, AbsentPortsState)

@@ -26,8 +26,6 @@ from kvmpy.display.screen import HEIGHT, WIDTH, TextScreen
 from kvmpy.display.terminal import DEFAULT_INTERVAL, TerminalDisplay
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
-
     from kvmpy.machine import Machine
 
 DISPLAY_MODES = ("none", "term")
@@ -78,12 +76,10 @@ class DisplaySession:
         self.screenshot = screenshot
         self.final: TextScreen | None = None
         self._vga_generation = -1
-        self._held = bytearray()
         self._partial = b""  # the serial line being written
         self._last_line = b""  # the last complete one
         self._serial_lock = threading.Lock()
-        self._passthrough: Callable[[bytes], None] | None = None
-        self._swapped = False
+        self._holding = False
         self._started = False
         self._finished = False
         self.terminal: TerminalDisplay | None = None
@@ -98,12 +94,14 @@ class DisplaySession:
             )
 
     def capture(self) -> TextScreen:
-        return TextScreen.capture(self.machine.memory, self.machine.vga)
+        with self.machine.device_lock("vga"):
+            return TextScreen.capture(self.machine.memory, self.machine.vga)
 
     def changed(self) -> bool:
         """Whether the screen may look different since the last call."""
         dirty = self.machine.screen_dirty()
-        generation = self.machine.vga.generation
+        with self.machine.device_lock("vga"):
+            generation = self.machine.vga.generation
         registers = generation != self._vga_generation
         self._vga_generation = generation
         return dirty or registers
@@ -113,9 +111,10 @@ class DisplaySession:
             return
         self._started = True
         if self.terminal is not None and self.terminal.live:
-            self._passthrough = self.machine.serial_output
-            self.machine.serial_output = self._hold_serial
-            self._swapped = True
+            # Serial output waits while the screen is live, and comes out after it.
+            self.machine.hold_output()
+            self.machine.add_console_listener(self._track_serial)
+            self._holding = True
             self.terminal.start()
 
     def finish(self) -> TextScreen:
@@ -132,13 +131,9 @@ class DisplaySession:
             if self.terminal is not None:
                 self.terminal.stop(self.final)
         finally:
-            if self._swapped:
-                self.machine.serial_output = self._passthrough
-                with self._serial_lock:
-                    held = bytes(self._held)
-                    self._held.clear()
-                if held and self._passthrough is not None:
-                    self._passthrough(held)
+            if self._holding:
+                self.machine.remove_console_listener(self._track_serial)
+                self.machine.release_output()
         if self.screenshot is not None:
             try:
                 write_png(self.screenshot, WIDTH, HEIGHT, self.final.to_rgb())
@@ -155,9 +150,9 @@ class DisplaySession:
     def __exit__(self, *exc: object) -> None:
         self.finish()
 
-    def _hold_serial(self, data: bytes) -> None:
+    def _track_serial(self, data: bytes) -> None:
+        """Console listener: keep the line being written, for the status line."""
         with self._serial_lock:
-            self._held += data
             *complete, partial = (self._partial + data).split(b"\n")
             if complete:
                 self._last_line = complete[-1]

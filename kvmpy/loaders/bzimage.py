@@ -312,15 +312,18 @@ def load_bzimage(
     cmdline: str = "",
     initrd: str | Path | None = None,
     rsdp: int = 0,
+    data: bytes | None = None,
 ) -> LoadPlan:
     """Plan a Linux boot protocol boot of the image at ``path``.
 
     ``e820``: the board's memory map as (start, size, type) entries;
     ``initrd``: a file to pass as the initial RAM disk; ``rsdp``: the ACPI
-    RSDP's address, passed to kernels of protocol 2.14+ (0: none; older ones scan).
+    RSDP's address, passed to kernels of protocol 2.14+ (0: none; older ones scan);
+    ``data``: the image's bytes, when already read from ``path``.
     """
     name = str(path)
-    data = read_image(path, what="bzImage")
+    if data is None:
+        data = read_image(path, what="bzImage")
     header = parse_setup_header(data, name)
     entries = validate_e820(e820, name)
     load_addr, footprint_end = kernel_placement(header, entries, name)
@@ -374,7 +377,6 @@ def load_bzimage(
     plan.reserved += [
         (ZERO_PAGE_ADDR, ZERO_PAGE_ADDR + ZERO_PAGE_SIZE),
         (CMDLINE_ADDR, CMDLINE_ADDR + len(command) + 1),
-        (load_addr, footprint_end),
     ]
     if header.has_64bit_entry:
         plan.entry = load_addr + ENTRY_64_OFFSET

@@ -8,6 +8,11 @@ only when asked for: with ``--format flat`` (``image_format="flat"``), or
 when its name ends in ``.bin``, the conventional name of a flat binary (as
 kvmpy's own guests/out/*.bin).  Anything else is refused, saying what was
 looked for, so that an unrecognised kernel is never executed as real-mode code.
+
+The image is read once, with a size cap, and the same bytes go to detection
+and to the loader: a pipe (``kvmpy run <(cat kernel)``) or a FIFO can only be
+read once, and a file that changes between two reads would be checked in one
+state and loaded in another.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from pathlib import Path
 
 from kvmpy.loaders import LoaderError, LoadPlan
 from kvmpy.loaders.bzimage import is_bzimage, load_bzimage
-from kvmpy.loaders.elf import is_elf, load_elf, read_image
+from kvmpy.loaders.elf import MAX_IMAGE_SIZE, is_elf, load_elf, read_image
 from kvmpy.loaders.flat import load_flat
 from kvmpy.loaders.multiboot import (
     HEADER_ALIGN,
@@ -50,19 +55,20 @@ def bad_multiboot_magic(head: bytes) -> int | None:
     return None
 
 
-def detect_format(path: str | Path) -> str:
-    """The format of the image at ``path``; LoaderError when none matches (see above)."""
-    try:
-        with open(path, "rb") as image:
-            head = image.read(_DETECT_BYTES)
-    except OSError as exc:
-        raise LoaderError(f"{path}: cannot read image: {exc.strerror}") from None
+def detect_format(path: str | Path, data: bytes | None = None) -> str:
+    """The format of the image at ``path`` (``data``: its bytes, if already read).
+
+    LoaderError when no header matches and the name does not say flat (see above).
+    """
+    if data is None:
+        data = read_image(path, MAX_IMAGE_SIZE, "image")
+    head = data[:_DETECT_BYTES]
     if is_bzimage(head):
         return "bzimage"
     if is_multiboot(head):
         return "multiboot"
-    if is_elf(head):
-        return "pvh" if is_pvh(read_image(path, what="ELF image"), str(path)) else "elf"
+    if is_elf(data):
+        return "pvh" if is_pvh(data, str(path)) else "elf"
     if Path(path).name.lower().endswith(FLAT_SUFFIX):
         return "flat"
     message = f"{path}: no multiboot header, not ELF, no Linux boot header"
@@ -84,18 +90,27 @@ def load_image(
     initrd: str | Path | None = None,
     rsdp: int = 0,
     e820: Sequence[tuple[int, int, int]] | None = None,
+    data: bytes | None = None,
 ) -> LoadPlan:
     """Load ``path`` with the loader for ``image_format`` (detected when None).
 
-    ``load_addr`` and ``entry`` apply to flat images; ``cmdline`` to
-    bzImage, multiboot and PVH kernels, ``modules`` to multiboot ones (other
-    formats get the command line through fw_cfg only), ``initrd`` to bzImage
-    and PVH kernels (a multiboot kernel gets it as its first module, as
-    from QEMU's -initrd); ``rsdp``, the ACPI tables' address, to PVH and
-    bzImage kernels.  ``e820`` is the board's memory map as (start, size,
-    type) entries; by default, ``ram`` with the firmware areas reserved.
+    ``data`` is the image's bytes when the caller has them already; otherwise
+    ``path`` is read, once.  ``load_addr`` and ``entry`` apply to flat images;
+    ``cmdline`` to bzImage, multiboot and PVH kernels, ``modules`` to
+    multiboot ones (other formats get the command line through fw_cfg only),
+    ``initrd`` to bzImage and PVH kernels (a multiboot kernel gets it as its
+    first module, as from QEMU's -initrd); ``rsdp``, the ACPI tables'
+    address, to PVH and bzImage kernels.  ``e820`` is the board's memory map
+    as (start, size, type) entries; by default, ``ram`` with the firmware
+    areas reserved.
     """
-    image_format = image_format or detect_format(path)
+    if image_format is not None and image_format not in FORMATS:
+        raise LoaderError(
+            f"{path}: unknown image format {image_format!r} (choose from {', '.join(FORMATS)})"
+        )
+    if data is None:
+        data = read_image(path, MAX_IMAGE_SIZE, "image")
+    image_format = image_format or detect_format(path, data)
     if modules and image_format != "multiboot":
         raise LoaderError(
             f"{path}: boot modules need a multiboot kernel, not a {image_format} image"
@@ -107,16 +122,18 @@ def load_image(
         )
     memory = list(e820) if e820 is not None else memory_map(ram)
     if image_format == "bzimage":
-        return load_bzimage(path, e820=memory, cmdline=cmdline, initrd=initrd, rsdp=rsdp)
+        return load_bzimage(
+            path, e820=memory, cmdline=cmdline, initrd=initrd, rsdp=rsdp, data=data
+        )
     if image_format == "multiboot":
         mods = [(str(initrd), "")] if initrd is not None else []
-        return load_multiboot(path, ram=ram, cmdline=cmdline, modules=mods + list(modules or []))
+        return load_multiboot(
+            path, ram=ram, cmdline=cmdline, modules=mods + list(modules or []), data=data
+        )
     if image_format == "pvh":
-        return load_pvh(path, ram=ram, cmdline=cmdline, rsdp=rsdp, initrd=initrd, e820=memory)
+        return load_pvh(
+            path, ram=ram, cmdline=cmdline, rsdp=rsdp, initrd=initrd, e820=memory, data=data
+        )
     if image_format == "elf":
-        return load_elf(path)
-    if image_format == "flat":
-        return load_flat(path, load_addr, entry)
-    raise LoaderError(
-        f"{path}: unknown image format {image_format!r} (choose from {', '.join(FORMATS)})"
-    )
+        return load_elf(path, data)
+    return load_flat(path, load_addr, entry, data)

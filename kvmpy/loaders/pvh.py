@@ -89,19 +89,27 @@ def load_pvh(
     rsdp: int = 0,
     initrd: str | Path | None = None,
     e820: Sequence[tuple[int, int, int]] | None = None,
+    data: bytes | None = None,
 ) -> LoadPlan:
-    """Plan a PVH boot of the ELF at ``path``.
+    """Plan a PVH boot of the ELF at ``path`` (or ``data``, already read from it).
 
     ``rsdp``: the ACPI RSDP's address (0: none); ``initrd``: a file passed as
     module 0; ``e820``: the memory map as (start, size, type) entries (by
     default ``ram`` with the firmware areas reserved).
     """
     name = str(path)
-    data = read_image(path, what="ELF image")
+    if data is None:
+        data = read_image(path, what="ELF image")
     entry = pvh_entry(data, name)
     if entry is None:
         raise LoaderError(f"{name}: no Xen PHYS32_ENTRY note: not a PVH kernel")
     plan = load_elf(path, data)
+    if not any(seg.gpa <= entry < seg.gpa + len(seg.data) for seg in plan.segments):
+        # As for e_entry: the vCPU must start in the kernel's bytes, not in zeros.
+        raise LoaderError(
+            f"{name}: PHYS32_ENTRY {entry:#x} is not inside the file-backed part of any "
+            f"PT_LOAD segment"
+        )
 
     entries = validate_e820(memory_map(ram) if e820 is None else e820, name)
     memmap_at = START_INFO_ADDR + _START_INFO.size

@@ -24,22 +24,15 @@ from __future__ import annotations
 
 import struct
 
-ACPI_TABLES_ADDR = 0xE0000
-LAPIC_ADDR = 0xFEE00000
-IOAPIC_ADDR = 0xFEC00000
-PM1A_EVT_BLK = 0x600
-PM1A_CNT_BLK = 0x604
-SCI_IRQ = 9
-CENTURY_CMOS_INDEX = 0x32
+from kvmpy.devices.acpi_pm import PM1A_CNT_PORT, PM1A_EVT_PORT
+from kvmpy.devices.cmos import RTC_CENTURY
+from kvmpy.x86.layout import ACPI_TABLES_ADDR, IOAPIC_ADDR, LAPIC_ADDR, SCI_IRQ, checksum8
+
 OEM_ID = b"KVMPY "
 OEM_TABLE_ID = b"KVMPY PC"
 
 # AML for: Name (_S5, Package (0x04) {Zero, Zero, Zero, Zero})
 _S5_AML = bytes.fromhex("08 5f53355f 12 06 04 00 00 00 00")
-
-
-def _checksum(data: bytes) -> int:
-    return -sum(data) & 0xFF
 
 
 def _table(signature: bytes, revision: int, body: bytes) -> bytes:
@@ -49,7 +42,7 @@ def _table(signature: bytes, revision: int, body: bytes) -> bytes:
         signature, 36 + len(body), revision, 0, OEM_ID, OEM_TABLE_ID, 1, b"KVMP", 1,
     )  # fmt: skip
     table = header + body
-    return table[:9] + bytes([_checksum(table)]) + table[10:]
+    return table[:9] + bytes([checksum8(table)]) + table[10:]
 
 
 _INTERRUPT_SOURCE_OVERRIDE = 2
@@ -81,9 +74,9 @@ def _fadt(facs: int, dsdt: int) -> bytes:
         "<IIBBHIBBBBIIIIIIIIBBBBBBBBHHHHBBBBBHBI",
         facs, dsdt, 0, 0, SCI_IRQ,
         0, 0, 0, 0, 0,  # no SMI command port: ACPI is always on
-        PM1A_EVT_BLK, 0, PM1A_CNT_BLK, 0, 0, 0, 0, 0,  # no PM timer, no GPE blocks
+        PM1A_EVT_PORT, 0, PM1A_CNT_PORT, 0, 0, 0, 0, 0,  # no PM timer, no GPE blocks
         4, 2, 0, 0, 0, 0, 0, 0,  # PM1 event and control block lengths
-        0, 0, 0, 0, 0, 0, 0, 0, CENTURY_CMOS_INDEX, 0, 0, 0,
+        0, 0, 0, 0, 0, 0, 0, 0, RTC_CENTURY, 0, 0, 0,
     )  # fmt: skip
     return _table(b"FACP", 1, body)
 
@@ -107,7 +100,7 @@ def acpi_tables(
     rsdt_at = _align(madt_at + len(madt))
     rsdt = _table(b"RSDT", 1, struct.pack("<II", fadt_at, madt_at))
     rsdp = struct.pack("<8sB6sBI", b"RSD PTR ", 0, OEM_ID, 0, rsdt_at)
-    rsdp = rsdp[:8] + bytes([_checksum(rsdp)]) + rsdp[9:]
+    rsdp = rsdp[:8] + bytes([checksum8(rsdp)]) + rsdp[9:]
     facs = struct.pack("<4sI", b"FACS", 64).ljust(64, b"\0")
 
     image = bytearray(rsdt_at + len(rsdt) - address)

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import struct
 
-BDA_ADDR = 0x400
-BDA_SIZE = 0x100
-EBDA_SEGMENT = 0x9FC0  # the EBDA at 0x9FC00, just below 640 KiB
-BASE_MEMORY_KIB = 639
+from kvmpy.x86.layout import BASE_MEMORY_KIB, BDA_SIZE, COM1_PORT, EBDA_ADDR
+
+EBDA_SEGMENT = EBDA_ADDR >> 4
 
 
-def bios_data_area(com_ports: tuple[int, ...] = (0x3F8,)) -> bytes:
+def bios_data_area(com_ports: tuple[int, ...] = (COM1_PORT,)) -> bytes:
     """The 256-byte BDA for a PC with ``com_ports`` (at most four)."""
     if len(com_ports) > 4:
         raise ValueError("the BDA has room for four COM ports")

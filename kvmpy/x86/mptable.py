@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import struct
 
-MP_TABLE_ADDR = 0xF0000  # in the BIOS area, which memory maps mark reserved
-LAPIC_ADDR = 0xFEE00000
-IOAPIC_ADDR = 0xFEC00000
+from kvmpy.x86.layout import IOAPIC_ADDR, LAPIC_ADDR, MP_TABLE_ADDR, checksum8
+
 LAPIC_VERSION = 0x14
 IOAPIC_VERSION = 0x11
 SPEC_REVISION = 4  # 1.4
@@ -28,11 +27,6 @@ _PROCESSOR, _BUS, _IOAPIC, _IO_INTERRUPT, _LOCAL_INTERRUPT = range(5)
 _INT, _NMI, _EXTINT = 0, 1, 3
 CPU_ENABLED = 1 << 0
 CPU_BOOTSTRAP = 1 << 1
-
-
-def _checksum(data: bytes) -> int:
-    """The byte that makes ``data`` plus it sum to zero (mod 256)."""
-    return -sum(data) & 0xFF
 
 
 def mp_tables(
@@ -79,8 +73,8 @@ def mp_tables(
         0, 0, len(entries), LAPIC_ADDR, 0, 0,
     )  # fmt: skip
     table = header + body
-    table = table[:7] + bytes([_checksum(table)]) + table[8:]
+    table = table[:7] + bytes([checksum8(table)]) + table[8:]
 
     pointer = struct.pack("<4sIBBB5x", b"_MP_", address + 16, 1, SPEC_REVISION, 0)
-    pointer = pointer[:10] + bytes([_checksum(pointer)]) + pointer[11:]
+    pointer = pointer[:10] + bytes([checksum8(pointer)]) + pointer[11:]
     return pointer + table

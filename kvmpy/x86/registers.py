@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 GPR_NAMES = (
     "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
@@ -170,3 +171,33 @@ def segment_summary(segment: Segment) -> str:
         f"{segment.selector:04x} base={segment.base:#x} limit={segment.limit:#x} "
         f"type={segment.type:#x} {kind} dpl={segment.dpl} {size}{' g' if segment.g else ''}"
     )
+
+
+@dataclass
+class Fpu:
+    """x87/SSE state from ``struct kvm_fpu``."""
+
+    fcw: int = 0x37F
+    fsw: int = 0
+    ftwx: int = 0
+    last_opcode: int = 0
+    last_ip: int = 0
+    last_dp: int = 0
+    mxcsr: int = 0x1F80
+    fpr: bytes = bytes(128)
+    xmm: bytes = bytes(256)
+
+
+def sregs_from_dict(data: dict[str, Any]) -> Sregs:
+    """The inverse of ``dataclasses.asdict`` for ``Sregs`` (snapshots store them so)."""
+    fields: dict[str, Any] = {}
+    for name, value in data.items():
+        if name in ("gdt", "idt"):
+            fields[name] = DTable(**value)
+        elif isinstance(value, dict):
+            fields[name] = Segment(**value)
+        elif name == "interrupt_bitmap":
+            fields[name] = tuple(value)
+        else:
+            fields[name] = value
+    return Sregs(**fields)

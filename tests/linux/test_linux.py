@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from kvmpy.devices.vga import Vga
 from kvmpy.display.screen import TextScreen
 from kvmpy.loaders.multiboot import memory_map
 from kvmpy.pytest_plugin import MachineFactory
@@ -133,7 +134,7 @@ def test_memtest86plus_reaches_its_tests_on_serial_and_vga(
     test_name = re.compile(rb"#\d+ +\[([A-Za-z][^\]]*)\]")
     match = m.serial.expect(test_name)
     timed(f"memtest86+: first test {match.group(1).decode()!r}", started)
-    screen = TextScreen.capture(m.machine.memory, m.machine.vga).plain_text()
+    screen = TextScreen.capture(m.machine.memory, m.machine.device("vga", Vga)).plain_text()
     m.stop()
     assert "Memtest86+ v6" in screen
     assert re.search(r"#\d+ +\[[A-Za-z][^\]]*\]", screen), screen

@@ -1,13 +1,15 @@
 """The ioctl layer: ``Kvm`` (/dev/kvm), ``Vm`` and ``Vcpu``.
 
 Each KVM ioctl is issued from exactly one method here (KVM_RUN from the C
-shim, called through ``Vcpu.run``).  Failures raise ``KvmError``, an OSError
-that names the ioctl.  File descriptors and mmaps are released by ``close()``
-or by using the objects as context managers.
+shim, called through ``Vcpu.run``).  Failures raise ``KvmError``, a
+``BackendError`` that names the ioctl.  File descriptors and mmaps are
+released by ``close()`` or by using the objects as context managers.
+``Vm`` and ``Vcpu`` implement the backend protocols of ``kvmpy.backends.base``.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import dataclasses
 import errno
@@ -15,12 +17,13 @@ import mmap
 import os
 import signal
 import threading
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
 
-from kvmpy._kvm import ffi, lib
+from kvmpy.backends.base import KVM_PATH, BackendError, Capability, MpState, StatsTable, Translation
+from kvmpy.backends.exits import IO_DIRECTION_OUT, ExitKind, SystemEvent
+from kvmpy.backends.kvm._kvm import ffi, lib
 from kvmpy.x86.cpuid import CpuidEntry
 from kvmpy.x86.registers import (
     CONTROL_NAMES,
@@ -29,12 +32,13 @@ from kvmpy.x86.registers import (
     SEGMENT_FIELDS,
     SEGMENT_NAMES,
     DTable,
+    Fpu,
     Regs,
     Segment,
     Sregs,
+    sregs_from_dict,
 )
 
-KVM_PATH = "/dev/kvm"
 EXPECTED_API_VERSION = 12
 # Room for KVM_GET_SUPPORTED_CPUID; the kernel's own limit is 256 entries.
 MAX_CPUID_ENTRIES = 256
@@ -43,19 +47,63 @@ KICK_SIGNAL = signal.SIGRTMIN
 
 _REGS_FIELDS = (*GPR_NAMES, "rip", "rflags")
 
+EXIT_REASON_NAMES = {
+    getattr(lib, name): name.removeprefix("KVM_EXIT_")
+    for name in dir(lib)
+    if name.startswith("KVM_EXIT_") and name not in ("KVM_EXIT_IO_IN", "KVM_EXIT_IO_OUT")
+}
+INTERNAL_ERROR_NAMES = {
+    lib.KVM_INTERNAL_ERROR_EMULATION: "instruction emulation failed",
+    lib.KVM_INTERNAL_ERROR_SIMUL_EX: "simultaneous exceptions",
+    lib.KVM_INTERNAL_ERROR_DELIVERY_EV: "exit while delivering an event",
+    lib.KVM_INTERNAL_ERROR_UNEXPECTED_EXIT_REASON: "unexpected hardware exit reason",
+}
+_MP_STATES = {
+    lib.KVM_MP_STATE_RUNNABLE: MpState.RUNNABLE,
+    lib.KVM_MP_STATE_UNINITIALIZED: MpState.WAIT_FOR_SIPI,
+    lib.KVM_MP_STATE_HALTED: MpState.HALTED,
+}
+_KVM_MP_STATES = {
+    MpState.RUNNABLE: lib.KVM_MP_STATE_RUNNABLE,
+    MpState.WAIT_FOR_SIPI: lib.KVM_MP_STATE_UNINITIALIZED,
+    MpState.HALTED: lib.KVM_MP_STATE_HALTED,
+    MpState.OTHER: lib.KVM_MP_STATE_RUNNABLE,
+}
+_SYSTEM_EVENTS = {
+    lib.KVM_SYSTEM_EVENT_SHUTDOWN: SystemEvent.SHUTDOWN,
+    lib.KVM_SYSTEM_EVENT_RESET: SystemEvent.RESET,
+    lib.KVM_SYSTEM_EVENT_CRASH: SystemEvent.CRASH,
+}
+_IRQCHIPS = (lib.KVM_IRQCHIP_PIC_MASTER, lib.KVM_IRQCHIP_PIC_SLAVE, lib.KVM_IRQCHIP_IOAPIC)
 
-class KvmError(OSError):
+
+def _check_exit_kinds() -> None:
+    """The shim returns ExitKind values: make sure its table and ours agree."""
+    for kind in ExitKind:
+        shim_value = getattr(lib, f"KVMSHIM_EXIT_{kind.name}")
+        if shim_value != kind.value:
+            raise ImportError(f"kvmshim's KVMSHIM_EXIT_{kind.name} is {shim_value}, not {kind}")
+    if lib.KVM_EXIT_IO_OUT != IO_DIRECTION_OUT:
+        raise ImportError(f"KVM_EXIT_IO_OUT is {lib.KVM_EXIT_IO_OUT}, not {IO_DIRECTION_OUT}")
+
+
+_check_exit_kinds()
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text.encode("ascii"), validate=True)
+
+
+class KvmError(BackendError):
     """A KVM ioctl (or opening /dev/kvm) failed."""
 
     def __init__(self, ioctl: str, err: int, hint: str = "") -> None:
-        message = f"{ioctl} failed: {os.strerror(err)} ({errno.errorcode.get(err, err)})"
-        if hint:
-            message += f"; {hint}"
-        super().__init__(err, message)
+        super().__init__(ioctl, err, hint)
         self.ioctl = ioctl
-
-    def __str__(self) -> str:
-        return str(self.strerror)
 
 
 def _check(ioctl: str, ret: int) -> int:
@@ -148,6 +196,15 @@ class Kvm(_Fd):
             self.close()
             raise
 
+    @property
+    def capabilities(self) -> frozenset[Capability]:
+        caps = {Capability.SNAPSHOT, Capability.EXIT_STATS, Capability.DIRTY_LOG}
+        if self.check_extension(lib.KVM_CAP_IRQCHIP) and self.check_extension(lib.KVM_CAP_PIT2):
+            caps |= {Capability.IRQCHIP, Capability.SMP}
+        if self.check_extension(lib.KVM_CAP_SET_GUEST_DEBUG):
+            caps |= {Capability.GUEST_DEBUG, Capability.HW_BREAKPOINTS}
+        return frozenset(caps)
+
     def api_version(self) -> int:
         return _check(
             "KVM_GET_API_VERSION", lib.kvmshim_ioctl_value(self.fd, lib.KVM_GET_API_VERSION, 0)
@@ -207,6 +264,51 @@ class Vm(_Fd):
     def __init__(self, kvm: Kvm, fd: int) -> None:
         super().__init__(fd)
         self.kvm = kvm
+        self.has_irqchip = False
+        self.capabilities = kvm.capabilities
+        self._saved_msrs: list[int] | None = None
+
+    def map_memory(
+        self, slot: int, gpa: int, backing: mmap.mmap, offset: int, size: int, log_dirty: bool
+    ) -> None:
+        flags = lib.KVM_MEM_LOG_DIRTY_PAGES if log_dirty else 0
+        self.set_user_memory_region(slot, gpa, backing, flags, offset=offset, size=size)
+
+    def dirty_pages(self, slot: int, pages: int) -> bytes:
+        return self.get_dirty_log(slot, pages)
+
+    def save_state(self) -> dict[str, Any]:
+        """The clock and, with the irqchip, the PICs, the IOAPIC and the PIT (base64)."""
+        state = {"clock": _b64(self.get_clock())}
+        if self.has_irqchip:
+            for chip in _IRQCHIPS:
+                state[f"irqchip{chip}"] = _b64(self.get_irqchip(chip))
+            state["pit2"] = _b64(self.get_pit2())
+        return state
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        if self.has_irqchip:
+            for chip in _IRQCHIPS:
+                self.set_irqchip(_unb64(state[f"irqchip{chip}"]))
+            self.set_pit2(_unb64(state["pit2"]))
+        self.set_clock(_unb64(state["clock"]))
+
+    def saved_msrs(self, vcpu: Vcpu) -> list[int]:
+        """The MSRs KVM can save on this host (its list, less any it refuses to read)."""
+        if self._saved_msrs is None:
+            wanted = self.kvm.msr_index_list()
+            readable: list[int] = []
+            while wanted:
+                got = vcpu.get_msrs(wanted)
+                readable += [index for index in wanted if index in got]
+                # KVM_GET_MSRS stops at the first MSR it cannot read: skip it, go on.
+                wanted = wanted[len(got) + 1 :]
+            self._saved_msrs = readable
+        return self._saved_msrs
+
+    def load_interrupt_state(self, state: dict[str, Any]) -> None:
+        """The irqchip and PIT part of ``load_state`` (a reset keeps the clock running)."""
+        self.load_state({**state, "clock": _b64(self.get_clock())})
 
     def set_user_memory_region(
         self,
@@ -272,6 +374,7 @@ class Vm(_Fd):
     def create_irqchip(self) -> None:
         """In-kernel PIC, IOAPIC and a LAPIC per vCPU; call before creating vCPUs."""
         _check("KVM_CREATE_IRQCHIP", lib.kvmshim_ioctl_value(self.fd, lib.KVM_CREATE_IRQCHIP, 0))
+        self.has_irqchip = True
 
     def create_pit2(self) -> None:
         """In-kernel i8254 PIT on ports 0x40-0x43; port 0x61 (speaker) handled in-kernel too."""
@@ -308,34 +411,10 @@ class Vm(_Fd):
     def create_vcpu(self, index: int) -> Vcpu:
         fd = _check("KVM_CREATE_VCPU", lib.kvmshim_ioctl_value(self.fd, lib.KVM_CREATE_VCPU, index))
         try:
-            return Vcpu(fd, index, self.kvm.vcpu_mmap_size())
+            return Vcpu(fd, index, self.kvm.vcpu_mmap_size(), self)
         except BaseException:
             os.close(fd)
             raise
-
-
-@dataclass(frozen=True)
-class Translation:
-    """The result of KVM_TRANSLATE for one linear address."""
-
-    physical_address: int
-    writeable: bool
-    usermode: bool
-
-
-@dataclass
-class Fpu:
-    """x87/SSE state from ``struct kvm_fpu``."""
-
-    fcw: int = 0x37F
-    fsw: int = 0
-    ftwx: int = 0
-    last_opcode: int = 0
-    last_ip: int = 0
-    last_dp: int = 0
-    mxcsr: int = 0x1F80
-    fpr: bytes = bytes(128)
-    xmm: bytes = bytes(256)
 
 
 _FPU_SCALARS = ("fcw", "fsw", "ftwx", "last_opcode", "last_ip", "last_dp", "mxcsr")
@@ -344,9 +423,12 @@ _FPU_SCALARS = ("fcw", "fsw", "ftwx", "last_opcode", "last_ip", "last_dp", "mxcs
 class Vcpu(_Fd):
     """A virtual CPU and its shared ``kvm_run`` page."""
 
-    def __init__(self, fd: int, index: int, mmap_size: int) -> None:
+    backend_name = "KVM"
+
+    def __init__(self, fd: int, index: int, mmap_size: int, vm: Vm | None = None) -> None:
         super().__init__(fd)
         self.index = index
+        self.vm = vm
         self.run_page = mmap.mmap(fd, mmap_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._run_ptr = ffi.from_buffer(self.run_page)
         # The shim's per-vCPU state: fd, kvm_run, the decoded exit and, when
@@ -358,8 +440,10 @@ class Vcpu(_Fd):
         self.exit = ffi.addressof(self.shim[0], "exit")
         # KVM_RUN: returns the exit reason or -errno (-EINTR when kicked).  A
         # partial of the C function, so the hot loop pays for no Python frame.
-        self.run = partial(lib.kvmshim_run, self.shim)
+        self.run: Callable[[], int] = partial(lib.kvmshim_run, self.shim)
+        self.io_buffer = self.run_page
         self.thread_ident: int | None = None
+        self._stats: Any = None
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -477,12 +561,18 @@ class Vcpu(_Fd):
             return None
         return Translation(c.physical_address, bool(c.writeable), bool(c.usermode))
 
-    def get_mp_state(self) -> int:
+    def get_mp_state(self) -> MpState:
+        return _MP_STATES.get(self.get_kvm_mp_state(), MpState.OTHER)
+
+    def set_mp_state(self, state: MpState) -> None:
+        self.set_kvm_mp_state(_KVM_MP_STATES[state])
+
+    def get_kvm_mp_state(self) -> int:
         c = ffi.new("struct kvm_mp_state *")
         _check("KVM_GET_MP_STATE", lib.kvmshim_ioctl(self.fd, lib.KVM_GET_MP_STATE, c))
         return int(c.mp_state)
 
-    def set_mp_state(self, state: int) -> None:
+    def set_kvm_mp_state(self, state: int) -> None:
         c = ffi.new("struct kvm_mp_state *")
         c.mp_state = state
         _check("KVM_SET_MP_STATE", lib.kvmshim_ioctl(self.fd, lib.KVM_SET_MP_STATE, c))
@@ -519,21 +609,123 @@ class Vcpu(_Fd):
     def set_debugregs(self, state: bytes) -> None:
         _set_state(self.fd, "KVM_SET_DEBUGREGS", "struct kvm_debugregs", state)
 
-    def set_guest_debug(self, control: int, debugreg: list[int] | None = None) -> None:
-        """KVM_SET_GUEST_DEBUG: ``control`` is KVM_GUESTDBG_* flags (0 turns debugging off).
+    def set_guest_debug(
+        self,
+        enable: bool = True,
+        single_step: bool = False,
+        breakpoints: list[int] | None = None,
+        software_breakpoints: bool = False,
+    ) -> None:
+        """KVM_SET_GUEST_DEBUG; ``enable=False`` turns guest debugging off.
 
-        ``debugreg`` (up to 8 values) fills ``arch.debugreg``: DR0-DR3 hold the
-        breakpoint addresses and [7] the DR7 enables, used with USE_HW_BP.
+        ``breakpoints`` (up to 8 values) fills ``arch.debugreg``: DR0-DR3 hold
+        the breakpoint addresses and [7] the DR7 enables (USE_HW_BP).
+        ``software_breakpoints`` asks KVM to report int3 (USE_SW_BP).
         Call it from the vCPU's thread while it is outside KVM_RUN.
         """
+        control = 0
+        if enable:
+            control = lib.KVM_GUESTDBG_ENABLE
+            if single_step:
+                control |= lib.KVM_GUESTDBG_SINGLESTEP
+            if breakpoints is not None:
+                control |= lib.KVM_GUESTDBG_USE_HW_BP
+            if software_breakpoints:
+                control |= lib.KVM_GUESTDBG_USE_SW_BP
         c = ffi.new("struct kvm_guest_debug *")
         c.control = control
-        values = debugreg or []
+        values = breakpoints or []
         if len(values) > 8:
             raise ValueError(f"kvm_guest_debug has 8 debug registers, not {len(values)}")
         for i, value in enumerate(values):
             c.arch.debugreg[i] = value
         _check("KVM_SET_GUEST_DEBUG", lib.kvmshim_ioctl(self.fd, lib.KVM_SET_GUEST_DEBUG, c))
+
+    # -- describing exits ----------------------------------------------------------------
+
+    def exit_name(self) -> str:
+        return "KVM_EXIT_" + EXIT_REASON_NAMES.get(self.exit.reason, str(self.exit.reason))
+
+    def describe_exit(self) -> tuple[str, bytes | None]:
+        """Details of a slow exit: internal errors (with the bytes KVM could not run), ..."""
+        e = self.exit
+        if e.reason == lib.KVM_EXIT_INTERNAL_ERROR:
+            name = INTERNAL_ERROR_NAMES.get(e.suberror, "unknown")
+            detail = f"suberror {e.suberror} ({name})"
+            flags = e.data[0] if e.ndata >= 1 else 0
+            if (
+                e.suberror == lib.KVM_INTERNAL_ERROR_EMULATION
+                and e.ndata >= 3
+                and flags & lib.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
+            ):
+                blob = e.data[1].to_bytes(8, "little") + e.data[2].to_bytes(8, "little")
+                return detail, blob[1 : 1 + min(blob[0], 15)]
+            if e.ndata:
+                detail += " data " + " ".join(f"{e.data[i]:#x}" for i in range(e.ndata))
+            return detail, None
+        if e.reason == lib.KVM_EXIT_FAIL_ENTRY:
+            return f"hardware entry failure reason {e.hardware_reason:#x} on host CPU {e.cpu}", None
+        if e.reason == lib.KVM_EXIT_UNKNOWN:
+            return f"hardware reason {e.hardware_reason:#x}", None
+        if e.reason == lib.KVM_EXIT_SYSTEM_EVENT:
+            return f"type {e.suberror}", None
+        return "", None
+
+    @property
+    def system_event(self) -> int:
+        """A SYSTEM_EVENT exit's type, as a generic ``SystemEvent``."""
+        return _SYSTEM_EVENTS.get(self.exit.suberror, SystemEvent.OTHER)
+
+    # -- exit statistics, kept by the shim ---------------------------------------------------
+
+    def enable_stats(self) -> None:
+        """Let the shim count exits (``struct kvmshim_stat``): the fast loop stays as it is."""
+        self._stats = ffi.new("struct kvmshim_stat[]", lib.KVMSHIM_STATS_SLOTS)
+        self.shim.last = ffi.NULL
+        self.shim.stats = self._stats
+
+    def collect_stats(self) -> StatsTable:
+        self.shim.stats = ffi.NULL
+        self.shim.last = ffi.NULL
+        rows, self._stats = self._stats, None
+        table: StatsTable = {}
+        for row in rows if rows is not None else ():
+            if row.key:
+                table[row.key] = [row.count, row.run_ns, row.handler_ns]
+        return table
+
+    # -- whole state, for snapshots and reset -----------------------------------------------
+
+    def save_state(self) -> dict[str, Any]:
+        """Every register and KVM-kept struct of this vCPU (opaque ones as base64)."""
+        msrs = self.vm.saved_msrs(self) if self.vm is not None else []
+        lapic = self.vm is None or self.vm.has_irqchip
+        return {
+            "regs": dataclasses.asdict(self.get_regs()),
+            "sregs": dataclasses.asdict(self.get_sregs()),
+            "xsave": _b64(self.get_xsave()),
+            "xcrs": _b64(self.get_xcrs()),
+            "msrs": [[index, value] for index, value in self.get_msrs(msrs).items()],
+            "lapic": _b64(self.get_lapic()) if lapic else None,
+            "events": _b64(self.get_vcpu_events()),
+            "mp_state": self.get_kvm_mp_state(),
+            "debugregs": _b64(self.get_debugregs()),
+        }
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        # The order follows KVM's rules: special registers (and so APIC base)
+        # before the LAPIC, registers before events, MSRs after CPUID (set when
+        # the vCPU was created).
+        self.set_sregs(sregs_from_dict(state["sregs"]))
+        self.set_regs(Regs(**state["regs"]))
+        self.set_xsave(_unb64(state["xsave"]))
+        self.set_xcrs(_unb64(state["xcrs"]))
+        self.set_msrs({int(index): int(value) for index, value in state["msrs"]})
+        if state["lapic"] is not None:
+            self.set_lapic(_unb64(state["lapic"]))
+        self.set_vcpu_events(_unb64(state["events"]))
+        self.set_kvm_mp_state(int(state["mp_state"]))
+        self.set_debugregs(_unb64(state["debugregs"]))
 
 
 def install_kick_handler() -> None:

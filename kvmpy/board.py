@@ -1,0 +1,103 @@
+"""How a board is declared: RAM, reserved ranges, devices, firmware tables.
+
+A board (``kvmpy/x86/pc.py`` for the PC) is data: ``Machine`` builds the
+buses, the snapshot list, the per-device locks and resets from it, and
+knows no board constants of its own.  A new device is one ``DeviceEntry``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvmpy.devices.base import IrqCallback
+
+
+@dataclass(frozen=True)
+class IoRange:
+    """A port or MMIO range a device answers; ``part``: the attribute that serves it."""
+
+    base: int
+    length: int
+    label: str  # what traces, statistics and errors call it ("COM1", "i8042 data")
+    part: str | None = None  # e.g. the i8042's "data_port"; None: the device itself
+
+
+@dataclass(frozen=True)
+class Wiring:
+    """What a device factory may connect a device to."""
+
+    irq: Callable[[int], IrqCallback]  # an interrupt line by number (a no-op without irqchip)
+    request_reset: Callable[[], None]
+    request_power_off: Callable[[], None]
+    guest_exit: Callable[[int], None]
+    serial_output: Callable[[bytes], None]
+    ram_size: int
+    low_ram: int  # RAM below the hole
+    cpus: int
+    cmdline: str
+
+
+@dataclass(frozen=True)
+class DeviceEntry:
+    """One device on the board: its name (also its snapshot key), how to build it, where."""
+
+    name: str
+    build: Callable[[Wiring], Any]
+    ports: tuple[IoRange, ...] = ()
+    mmio: tuple[IoRange, ...] = ()
+
+
+@dataclass(frozen=True)
+class FirmwareContext:
+    """What firmware tables are built from."""
+
+    cpus: int
+    cpu_signature: tuple[int, int]  # CPUID leaf 1 EAX, EDX
+    has_irqchip: bool
+
+
+@dataclass(frozen=True)
+class FirmwareTable:
+    """Data firmware would leave in RAM, at ``address``, reserved up to ``address + size``."""
+
+    name: str
+    address: int
+    size: int
+    build: Callable[[FirmwareContext], bytes]
+    needs_irqchip: bool = False
+
+
+@dataclass(frozen=True)
+class Board:
+    """A whole machine's description."""
+
+    name: str
+    ram_layout: Callable[[int], list[tuple[int, int]]]
+    devices: tuple[DeviceEntry, ...]
+    firmware: tuple[FirmwareTable, ...] = ()
+    # (start, end, what) ranges no image may load into, besides the firmware tables.
+    reserved: tuple[tuple[int, int, str], ...] = ()
+    # Non-RAM pages a backend may use for itself (KVM on Intel: TSS, identity map).
+    scratch_base: int = 0
+    # A RAM window whose writes are logged (the VGA text screen): (start, end).
+    logged_window: tuple[int, int] | None = None
+    # Where the ACPI RSDP is when the firmware tables are written (0: none).
+    acpi_rsdp: int = 0
+    port_space: int = 0x10000
+    mmio_space: int = 1 << 52
+    min_ram: int = 1 << 20
+    default_ram: int = 128 << 20
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def reserved_ranges(self) -> list[tuple[int, int, str]]:
+        """Every range an image must leave alone: firmware tables and the board's own."""
+        tables = [(t.address, t.address + t.size, t.name) for t in self.firmware]
+        return [*tables, *self.reserved]
+
+    def entry(self, name: str) -> DeviceEntry:
+        for entry in self.devices:
+            if entry.name == name:
+                return entry
+        raise KeyError(name)
