@@ -24,6 +24,14 @@ class IoRange:
     part: str | None = None  # e.g. the i8042's "data_port"; None: the device itself
 
 
+def _no_flush(gpa: int) -> None:
+    """A flush_page for machines whose backend needs none."""
+
+
+def _no_suspend() -> None:
+    """A request_suspend for machines that cannot suspend: the request is ignored."""
+
+
 @dataclass(frozen=True)
 class Wiring:
     """What a device factory may connect a device to."""
@@ -37,6 +45,10 @@ class Wiring:
     low_ram: int  # RAM below the hole
     cpus: int
     cmdline: str
+    # Drop and re-create the host mapping of the RAM page at a guest-physical address.
+    flush_page: Callable[[int], None] = _no_flush
+    # The guest asked for ACPI sleep state S3 (suspend to RAM).
+    request_suspend: Callable[[], None] = _no_suspend
 
 
 @dataclass(frozen=True)

@@ -157,6 +157,7 @@ class Machine:
             low_ram=self.memory.regions[0].size,
             cpus=cpus,
             cmdline=cmdline,
+            flush_page=self._flush_page,
         )
         self._devices: dict[str, Any] = {}
         self._device_locks: dict[str, threading.Lock] = {}
@@ -292,6 +293,13 @@ class Machine:
         if self.logged_slot is None or window is None:
             return True
         return any(self.vm.dirty_pages(self.logged_slot, (window[1] - window[0]) // PAGE_SIZE))
+
+    def _flush_page(self, gpa: int) -> None:
+        """pc-testdev's flush: re-create the host mapping of a RAM page (content kept).
+
+        A guest-given address outside RAM is ignored, as QEMU ignores it.
+        """
+        self.memory.remap_page(gpa)
 
     def irq_line(self, irq: int) -> IrqCallback:
         """An interrupt callback for a device wired to ``irq`` (a no-op without irqchip)."""
