@@ -10,8 +10,8 @@ AS ?= as
 LD ?= ld
 
 OUT := guests/out
-REAL_GUESTS := real_hello pio_loop counter runner_pass runner_fail runner_skip vga_colors
-PROTECTED_GUESTS := protected_hello paged32_hello
+REAL_GUESTS := real_hello pio_loop counter runner_pass runner_fail runner_skip vga_colors s3_resume
+PROTECTED_GUESTS := protected_hello paged32_hello exit_cycles
 LONG_GUESTS := long_hello triple_fault mmio_hello interrupts gdb_target
 MULTIBOOT_GUESTS := multiboot_hello
 PVH_GUESTS := pvh_hello

@@ -218,6 +218,12 @@ class Cmos:
             due = self._next_due(now)
         return None if due is None else due / NS
 
+    def alarm_wakes(self) -> bool:
+        """Whether the alarm has fired with its interrupt enabled: a wake-up from S3, as in QEMU."""
+        with self._lock:
+            self._advance(self._now())
+            return bool(self._flags & REG_C_AF and self._ram[RTC_REG_B] & REG_B_AIE)
+
     def reset(self) -> None:
         """What a system reset does to the chip (as in QEMU).
 

@@ -47,6 +47,7 @@ FADT_RTC_S4 = 1 << 7
 FADT_TMR_VAL_EXT = 1 << 8
 FADT_FLAGS = FADT_WBINVD | FADT_PROC_C1 | FADT_SLP_BUTTON | FADT_RTC_S4
 
+FACS_OFFSET = 0x40  # from the RSDP: the FACS is 64-byte aligned
 FACS_VERSION = 1  # ACPI 2.0: has x_firmware_waking_vector
 FACS_SIZE = 64
 FACS_FIRMWARE_WAKING_VECTOR = 12  # offsets inside the FACS
@@ -170,7 +171,7 @@ def acpi_tables(cpus: int, address: int = ACPI_TABLES_ADDR) -> bytes:
     """All the tables, laid out from ``address`` (16-byte aligned; FACS 64-byte aligned)."""
     if not 1 <= cpus <= 254:
         raise ValueError(f"the MADT describes 1 to 254 CPUs here, not {cpus}")
-    facs_at = address + 0x40
+    facs_at = address + FACS_OFFSET
     dsdt_at = facs_at + 0x40
     dsdt = _table(b"DSDT", 1, dsdt_aml())
     fadt_at = _align(dsdt_at + len(dsdt))

@@ -9,7 +9,9 @@ is adding one ``DeviceEntry`` to ``DEVICES``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Any
 
 from kvmpy.board import Board, DeviceEntry, FirmwareContext, FirmwareTable, IoRange, Wiring
 from kvmpy.devices.acpi_pm import (
@@ -19,6 +21,9 @@ from kvmpy.devices.acpi_pm import (
     PM1A_EVT_PORTS,
     PM_TIMER_PORT,
     PM_TIMER_PORTS,
+    PWRBTN_STS,
+    RTC_STS,
+    WAK_STS,
     AcpiPmControl,
     AcpiPmEvent,
     AcpiPmTimer,
@@ -61,7 +66,13 @@ from kvmpy.devices.serial import Serial16550
 from kvmpy.devices.testdev import TESTDEV_BASE, TESTDEV_SIZE, TestDevice
 from kvmpy.devices.vga import VGA_PORT_BASE, VGA_PORTS, VGA_TEXT_BASE, VGA_TEXT_WINDOW, Vga
 from kvmpy.memory import pc_ram_layout
-from kvmpy.x86.acpi import acpi_tables
+from kvmpy.x86.acpi import (
+    FACS_FIRMWARE_WAKING_VECTOR,
+    FACS_OFFSET,
+    FACS_VERSION_OFFSET,
+    FACS_X_FIRMWARE_WAKING_VECTOR,
+    acpi_tables,
+)
 from kvmpy.x86.bios import bios_data_area
 from kvmpy.x86.layout import (
     ACPI_TABLES_ADDR,
@@ -78,7 +89,9 @@ from kvmpy.x86.layout import (
     RTC_IRQ,
     SCI_IRQ,
 )
+from kvmpy.x86.modes import CpuSetup, protected_mode, real_mode_vector
 from kvmpy.x86.mptable import mp_tables
+from kvmpy.x86.registers import Sregs
 
 
 @dataclass(frozen=True)
@@ -218,6 +231,42 @@ FIRMWARE = (
     ),
 )
 
+# -- ACPI S3: what wakes the PC, and where it resumes ------------------------------------
+
+
+def _wake(locked: Callable[[str], AbstractContextManager[Any]]) -> bool:
+    """While asleep: an RTC alarm (with AIE) sets RTC_STS and wakes if RTC_EN; the
+    power button always wakes.  Waking sets WAK_STS, as QEMU's PIIX4 PM does."""
+    with locked("cmos") as cmos:
+        alarm = cmos.alarm_wakes()
+    with locked("acpi_events") as events:
+        if alarm:
+            events.raise_status(RTC_STS)
+        status = events.status
+        wake = bool(status & PWRBTN_STS or status & events.enable & RTC_STS)
+        if wake:
+            events.raise_status(WAK_STS)
+    return wake
+
+
+def press_power_button(machine: Any) -> None:
+    """Press the ACPI power button: PWRBTN_STS (and the SCI if enabled); wakes a sleeper."""
+    with machine.locked("acpi_events") as events:
+        events.raise_status(PWRBTN_STS)
+
+
+def _resume_setup(memory: Any, reset_sregs: Sregs) -> CpuSetup:
+    """Where the guest said to resume, in the FACS: the 32-bit flat protected-mode
+    x_firmware_waking_vector if the FACS is version 1 or later and it is set (and
+    below 4 GiB), else real mode at firmware_waking_vector (CS = vector >> 4)."""
+    facs = ACPI_TABLES_ADDR + FACS_OFFSET
+    x_vector = memory.read_u64(facs + FACS_X_FIRMWARE_WAKING_VECTOR)
+    if memory.read_u8(facs + FACS_VERSION_OFFSET) >= 1 and 0 < x_vector < 1 << 32:
+        return protected_mode(reset_sregs, x_vector)
+    vector = memory.read_u32(facs + FACS_FIRMWARE_WAKING_VECTOR) & 0xFFFFF
+    return real_mode_vector(reset_sregs, vector)
+
+
 PC = Board(
     name="pc",
     ram_layout=pc_ram_layout,
@@ -226,6 +275,8 @@ PC = Board(
     scratch_base=HYPERVISOR_SCRATCH_ADDR,
     logged_window=(VGA_TEXT_BASE, VGA_TEXT_BASE + VGA_TEXT_WINDOW),
     acpi_rsdp=ACPI_TABLES_ADDR,
+    wake=_wake,
+    resume_setup=_resume_setup,
 )
 
-__all__ = ["PC", "Wiring"]
+__all__ = ["PC", "Wiring", "press_power_button"]
