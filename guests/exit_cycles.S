@@ -6,8 +6,10 @@
  * same bytes in 32-bit protected mode.  It times with rdtsc N = 20000 of
  * each: `in` from pc-testdev's scratch port 0xe0 (an exit to the VMM in user
  * space), a 32-bit read of pc-testdev's MMIO window at 0xff000000 (the
- * same, through the instruction emulator) and `cpuid` (answered inside
- * KVM), prints "port N", "mmio N", "cpuid N" on COM1 and exits with code 0.
+ * same, through the instruction emulator), `cpuid` (answered inside KVM),
+ * then `in` from port 0x99 and a read of 0xd0000000, which no device
+ * claims; prints "port N", "mmio N", "cpuid N", "uport N", "ummio N" on
+ * COM1 and exits with code 0.
  */
 	.set MB_MAGIC, 0x1badb002
 	.set MB_FLAGS, 1 << 16			/* the address fields below */
@@ -43,6 +45,12 @@ start:
 	mov	$cpuid_label, %esi
 	mov	$time_cpuid, %ebx
 	call	measure
+	mov	$uport_label, %esi
+	mov	$time_unclaimed_port, %ebx
+	call	measure
+	mov	$ummio_label, %esi
+	mov	$time_unclaimed_mmio, %ebx
+	call	measure
 
 	xor	%al, %al
 	out	%al, $DEBUG_EXIT
@@ -76,6 +84,21 @@ time_port:
 time_mmio:
 	mov	$ROUNDS, %ecx
 	mov	$0xff000000, %esi
+1:	mov	(%esi), %eax
+	dec	%ecx
+	jnz	1b
+	ret
+
+time_unclaimed_port:
+	mov	$ROUNDS, %ecx
+1:	in	$0x99, %al
+	dec	%ecx
+	jnz	1b
+	ret
+
+time_unclaimed_mmio:
+	mov	$ROUNDS, %ecx
+	mov	$0xd0000000, %esi
 1:	mov	(%esi), %eax
 	dec	%ecx
 	jnz	1b
@@ -117,3 +140,5 @@ print_decimal:
 port_label:	.asciz "port "
 mmio_label:	.asciz "mmio "
 cpuid_label:	.asciz "cpuid "
+uport_label:	.asciz "uport "
+ummio_label:	.asciz "ummio "
