@@ -87,6 +87,8 @@ bench: all
 	$(BIN)/python bench/lifecycle.py
 	$(BIN)/python bench/snapshot_restore.py
 	$(BIN)/python bench/qemu_compare.py
+	$(BIN)/python bench/handler_path.py
+	$(BIN)/python bench/guest_exit_cycles.py
 
 clean:
 	rm -rf $(OUT) build *.egg-info kvmpy/backends/kvm/*.so kvmpy/backends/kvm/_kvm.c
