@@ -306,3 +306,28 @@ def test_sleep_types_5_and_3() -> None:
     control.write(0, 2, 1 << 10)  # no SLP_EN: nothing
     assert calls == ["s3", "off"]
     assert control.read(0, 2) == 1 << 10
+
+
+@pytest.mark.kvm
+def test_a_guest_reads_the_pm_timer_advancing_in_24_bits(assemble: Assembler) -> None:
+    # Two reads of the FADT's PM timer port, 100 reads apart: the count moved
+    # and bits 24-31 read 0 (TMR_VAL_EXT is clear).
+    source = """
+        mov $0x608, %dx
+        in %dx, %eax
+        mov %eax, %ebx
+        mov $100, %cx
+    1:  in %dx, %eax
+        loop 1b
+        test $0xff000000, %eax
+        jnz 2f
+        cmp %eax, %ebx
+        je 2f
+        mov $0x11, %al
+        out %al, $0xf4
+    2:  mov $0x22, %al
+        out %al, $0xf4
+    """
+    with Machine(mem_size=16 << 20) as m:
+        m.load(load_flat(assemble(source), 0x7C00), mode="real")
+        assert m.run(timeout=30).exit_code == 0x11
