@@ -24,6 +24,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, TypeVar
 
+from kvmpy._process import Terminated
 from kvmpy.backends.base import Backend, BackendError, Capability, Vcpu, Vm, open_backend, require
 from kvmpy.board import Board, DeviceEntry, FirmwareContext, Wiring
 from kvmpy.bus import Bus
@@ -48,6 +49,12 @@ TIMER_IDLE_POLL = 0.05
 
 D = TypeVar("D")
 CTRL_C = Outcome(OutcomeKind.INTERRUPTED, "interrupted", signal=signal.SIGINT)
+SIGTERM = Outcome(OutcomeKind.INTERRUPTED, "terminated", signal=signal.SIGTERM)
+
+
+def _interrupted_by(exc: KeyboardInterrupt) -> Outcome:
+    """Ctrl-C, or a SIGTERM that kvmpy's handler turned into the same exception."""
+    return SIGTERM if isinstance(exc, Terminated) else CTRL_C
 
 
 class Machine:
@@ -460,16 +467,15 @@ class Machine:
 
     def run(self, timeout: float | None = None) -> Outcome:
         """Run every vCPU until the guest stops, ``timeout`` seconds pass, or Ctrl-C."""
-        interrupted = CTRL_C
         try:
             self.start()
-        except KeyboardInterrupt:  # Ctrl-C while the threads were starting
-            self.stop(interrupted)
+        except KeyboardInterrupt as exc:  # Ctrl-C while the threads were starting
+            self.stop(_interrupted_by(exc))
         while True:
             try:
                 return self.wait(timeout)
-            except KeyboardInterrupt:  # Ctrl-C between start and wait, or while joining
-                self.stop(interrupted)
+            except KeyboardInterrupt as exc:  # Ctrl-C between start and wait, or joining
+                self.stop(_interrupted_by(exc))
 
     def start(self) -> None:
         """Start the vCPU threads and return at once; ``wait`` collects the outcome."""
@@ -505,13 +511,19 @@ class Machine:
         """True once the run has ended (or is ending), whatever the reason."""
         return self._stopping.is_set()
 
+    @property
+    def outcome(self) -> Outcome | None:
+        """How the run ended (the first ``stop``), once it is ending; None while it runs."""
+        with self._lock:
+            return self._outcome if self._stopping.is_set() else None
+
     def wait(self, timeout: float | None = None) -> Outcome:
         """Wait for the run started by ``start`` to end; stop it after ``timeout`` seconds."""
         try:
             if not self._stopping.wait(timeout):
                 self.stop(Outcome(OutcomeKind.TIMEOUT, f"timeout: no guest exit after {timeout} s"))
-        except KeyboardInterrupt:
-            self.stop(CTRL_C)
+        except KeyboardInterrupt as exc:
+            self.stop(_interrupted_by(exc))
         finally:
             for thread in self._threads:
                 thread.join()
