@@ -62,7 +62,7 @@ class Host:
         if port == 0xCF9:
             return p.reset_port, 0xCF9
         if port in (0xCFA, 0xCFB):
-            return p.address_port, 0xCF8
+            return p.address_tail_port, 0xCFA
         return p.data_port, 0xCFC
 
     def config(self, device: int, function: int, register: int, size: int) -> int:
@@ -100,6 +100,9 @@ def test_address_register_is_dword_only_and_survives_linux_probe() -> None:
     host.write(0xCF8, 2, 0x1234)
     assert host.read(0xCF8, 4) == 0x8000_0000
     assert host.read(0xCF8, 1) == 0xFF  # so the type 2 probe fails, as it should
+    assert host.read(0xCFA, 4) == 0xFFFF_FFFF  # a dword at 0xcfa is not the register
+    host.write(0xCFA, 4, 0)
+    assert host.read(0xCF8, 4) == 0x8000_0000
 
 
 def test_piix_reset_control() -> None:
@@ -174,7 +177,7 @@ def test_board_entry() -> None:
     assert ports == [
         (0xCF8, 1, "address_port"),
         (0xCF9, 1, "reset_port"),
-        (0xCFA, 2, "address_port"),
+        (0xCFA, 2, "address_tail_port"),
         (0xCFC, 4, "data_port"),
     ]
 

@@ -240,13 +240,17 @@ class PciHost:
     """Bus 0 behind configuration mechanism #1, and the PIIX reset control register.
 
     ``functions`` maps addresses on bus 0 to their functions.  Map
-    ``address_port`` at 0xcf8 (1 port) and 0xcfa (2 ports; the same
-    register), ``reset_port`` at 0xcf9 and ``data_port`` at 0xcfc (4 ports).
+    ``address_port`` at 0xcf8 (1 port: a dword there is the register),
+    ``reset_port`` at 0xcf9, ``address_tail_port`` at 0xcfa (2 ports: the
+    register's other bytes, which narrow accesses neither read nor change)
+    and ``data_port`` at 0xcfc (4 ports).
     """
 
     # Wiring, not state.  The functions' configuration spaces are not saved
     # either: a restored machine has them as at power-on.
-    SNAPSHOT_EXCLUDE = ("address_port", "reset_port", "data_port", "functions")
+    SNAPSHOT_EXCLUDE = (
+        "address_port", "address_tail_port", "reset_port", "data_port", "functions",
+    )  # fmt: skip
 
     def __init__(
         self, functions: dict[PciAddress, PciFunction], request_reset: Callable[[], None]
@@ -259,6 +263,7 @@ class PciHost:
         self.config_address = 0
         self.reset_control = 0
         self.address_port = _Port(self._read_address, self._write_address)
+        self.address_tail_port = _Port(self._read_nothing, self._write_nothing)
         self.reset_port = _Port(self._read_reset_control, self._write_reset_control)
         self.data_port = _Port(self._read_data, self._write_data)
 
@@ -290,6 +295,14 @@ class PciHost:
     def _write_address(self, offset: int, size: int, value: int) -> None:
         if offset == 0 and size == 4:
             self.config_address = value & 0xFFFF_FFFF
+
+    @staticmethod
+    def _read_nothing(offset: int, size: int) -> int:
+        return (1 << (8 * size)) - 1
+
+    @staticmethod
+    def _write_nothing(offset: int, size: int, value: int) -> None:
+        return None
 
     # -- the PIIX reset control register --------------------------------------------
 

@@ -184,7 +184,7 @@ DEVICES = (
         ports=(
             IoRange(CONFIG_ADDRESS_PORT, 1, "PCI CONFIG_ADDRESS", part="address_port"),
             IoRange(RESET_CONTROL_PORT, 1, "PIIX reset control", part="reset_port"),
-            IoRange(CONFIG_ADDRESS_PORT + 2, 2, "PCI CONFIG_ADDRESS", part="address_port"),
+            IoRange(CONFIG_ADDRESS_PORT + 2, 2, "PCI CONFIG_ADDRESS", part="address_tail_port"),
             IoRange(CONFIG_DATA_PORT, CONFIG_DATA_PORTS, "PCI CONFIG_DATA", part="data_port"),
         ),
     ),
