@@ -79,6 +79,24 @@ class _Unclaimed:
         self.writes += 1
 
 
+class _UnclaimedPage:
+    """What a 4 KiB MMIO page no device touches dispatches to: all-ones, dropped, counted."""
+
+    def __init__(self, base: int) -> None:
+        self.base = base
+        self.reads: dict[int, int] = {}  # offset -> count
+        self.writes: dict[int, int] = {}
+
+    def read(self, offset: int, size: int) -> int:
+        reads = self.reads
+        reads[offset] = reads.get(offset, 0) + 1
+        return (1 << (8 * size)) - 1
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        writes = self.writes
+        writes[offset] = writes.get(offset, 0) + 1
+
+
 def _all_ones(size: int) -> int:
     return (1 << (8 * size)) - 1
 
@@ -114,6 +132,7 @@ class Bus:
         # unclaimed ports' stubs (``unhandled`` adds them up).
         self._misses: Counter[tuple[str, int]] = Counter()
         self._unclaimed: dict[int, _Unclaimed] = {}
+        self._unclaimed_pages: dict[int, _UnclaimedPage] = {}
         self._unclaimed_lock = threading.Lock()
 
     @property
@@ -125,6 +144,10 @@ class Bus:
                 counts[("read", port)] += stub.reads
             if stub.writes:
                 counts[("write", port)] += stub.writes
+        for page in self._unclaimed_pages.values():
+            for kind, tally in (("read", page.reads), ("write", page.writes)):
+                for offset, count in tally.items():
+                    counts[(kind, page.base + offset)] += count
         return counts
 
     def register(
@@ -160,6 +183,8 @@ class Bus:
         first = mapping.base >> PAGE_SHIFT
         last = (mapping.end - 1) >> PAGE_SHIFT
         if last - first >= MAX_INDEXED_PAGES:
+            for page in [page for page in self.pages if first <= page <= last]:
+                del self.pages[page]  # unclaimed-page stubs it now claims
             return
         entry = (mapping.device.read, mapping.device.write, mapping.base, mapping.end, mapping.lock)
         for page in range(first, last + 1):
@@ -193,7 +218,8 @@ class Bus:
             with handler[3]:
                 return handler[0](address - handler[2], size)
         mapping = self.find(address)
-        if mapping is None or (not self._dense and address + size > mapping.end):
+        if mapping is None or address + size > mapping.end:
+            self._claim_unclaimed_page(address, mapping)
             return self._unhandled("read", address, size, (1 << (8 * size)) - 1)
         with mapping.lock:
             return mapping.device.read(address - mapping.base, size)
@@ -211,7 +237,8 @@ class Bus:
                 handler[1](address - handler[2], size, value)
             return
         mapping = self.find(address)
-        if mapping is None or (not self._dense and address + size > mapping.end):
+        if mapping is None or address + size > mapping.end:
+            self._claim_unclaimed_page(address, mapping)
             self._unhandled("write", address, size, 0)
             return
         with mapping.lock:
@@ -224,6 +251,17 @@ class Bus:
             stub = self._unclaimed[port] = _Unclaimed(_all_ones)
             self.handlers[port] = (stub.read, stub.write, port, self._unclaimed_lock)
         return stub
+
+    def _claim_unclaimed_page(self, address: int, mapping: Mapping | None) -> None:
+        """Give an MMIO page no mapping touches a counting stub in ``pages`` (not if strict)."""
+        page = address >> PAGE_SHIFT
+        if self.strict or mapping is not None or page in self.pages or page in self._shared_pages:
+            return
+        start, end = page << PAGE_SHIFT, (page + 1) << PAGE_SHIFT
+        if end > self.address_limit or any(m.base < end and start < m.end for m in self.mappings):
+            return
+        stub = self._unclaimed_pages[page] = _UnclaimedPage(start)
+        self.pages[page] = (stub.read, stub.write, start, end, self._unclaimed_lock)
 
     def _unhandled(self, kind: str, address: int, size: int, result: int) -> int:
         self._misses[(kind, address)] += 1

@@ -378,3 +378,27 @@ def test_unclaimed_ports_get_a_counting_stub() -> None:
     with pytest.raises(UnhandledAccess):
         strict.read(0x99, 1)
     assert 0x99 not in strict.handlers
+
+
+def test_unclaimed_mmio_pages_get_a_counting_stub_until_claimed() -> None:
+    bus = Bus("mmio", 1 << 52)
+    assert bus.read(0xD000_0010, 4) == 0xFFFF_FFFF
+    read, write, _base, _end, lock = bus.pages[0xD0000]
+    with lock:
+        assert read(0x20, 2) == 0xFFFF
+        write(0x20, 1, 0)
+    assert bus.unhandled == {("read", 0xD000_0010): 1, ("read", 0xD000_0020): 1,
+                             ("write", 0xD000_0020): 1}  # fmt: skip
+    device = Recorder(7)
+    bus.register(0xD000_0000, 0x100, device, "late")  # claims the page: the stub goes
+    assert bus.pages[0xD0000][2:4] == (0xD000_0000, 0xD000_0100)
+    huge = Recorder(9)
+    bus.read(0x1_0000_0000, 1)
+    assert 0x100000 in bus.pages
+    bus.register(0x1_0000_0000, 1 << 30, huge, "huge")  # not indexed, and the stub goes
+    assert 0x100000 not in bus.pages
+    assert bus.read(0x1_0000_0000, 1) == 9
+    strict = Bus("mmio", 1 << 52, strict=True)
+    with pytest.raises(UnhandledAccess):
+        strict.read(0xD000_0000, 4)
+    assert not strict.pages

@@ -31,6 +31,7 @@ the board wires up (``Wiring.irq``, ``Wiring.flush_page``).
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
 
 from kvmpy.devices.base import IrqCallback
@@ -46,6 +47,9 @@ IOMEM_SIZE = 0x1_0000
 PAGE_MASK = ~0xFFF
 
 _MASK32 = 0xFFFF_FFFF
+_FORMATS = {1: "<B", 2: "<H", 4: "<I", 8: "<Q"}
+_UNPACK = {size: struct.Struct(fmt).unpack_from for size, fmt in _FORMATS.items()}
+_PACK = {size: struct.Struct(fmt).pack_into for size, fmt in _FORMATS.items()}
 
 
 class _Part:
@@ -149,11 +153,20 @@ class PcTestDevice:
     # -- the MMIO window --------------------------------------------------------------
 
     def _read_memory(self, offset: int, size: int) -> int:
+        # The struct readers are the fast path: this is what MMIO benchmarks time.
+        unpack = _UNPACK.get(size)
+        if unpack is not None and 0 <= offset <= IOMEM_SIZE - size:
+            value: int = unpack(self.memory, offset)[0]
+            return value
         if offset < 0:
             return 0
         return int.from_bytes(self.memory[offset : offset + size], "little")
 
     def _write_memory(self, offset: int, size: int, value: int) -> None:
+        pack = _PACK.get(size)
+        if pack is not None and 0 <= offset <= IOMEM_SIZE - size:
+            pack(self.memory, offset, value & ((1 << (8 * size)) - 1))
+            return
         if not 0 <= offset < IOMEM_SIZE:
             return
         data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
