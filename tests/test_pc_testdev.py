@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from kvmpy.devices.pc_testdev import IOMEM_BASE, IOMEM_SIZE, IRQ_LINES, PcTestDevice
 from kvmpy.loaders.flat import load_flat
 from kvmpy.machine import Machine
 from kvmpy.memory import GuestMemory
-from kvmpy.snapshot import device_state
+from kvmpy.snapshot import device_state, restore_device_state
 from kvmpy.x86.pc import PC
 from tests.helpers import Assembler
 
@@ -96,8 +98,16 @@ def test_it_is_on_the_pc_board_and_snapshots_as_plain_data(rec: Recorder) -> Non
     assert [(r.base, r.length) for r in entry.mmio] == [(IOMEM_BASE, 0x10000)]
     dev = rec.device()
     dev.scratch_port.write(0, 4, 7)
-    state = device_state(dev)
-    assert state["scratch"] == 7 and "iomem" not in state and "flush_page" not in state
+    dev.irq_port.write(3, 1, 1)
+    dev.iomem.write(0x10, 2, 0xBEEF)
+    saved = json.loads(json.dumps(device_state(dev)))
+    assert saved["state"]["scratch"] == 7 and set(saved["state"]) == {
+        "scratch", "memory", "irq_levels",
+    }  # fmt: skip
+    other = rec.device()
+    restore_device_state(other, saved, "pc_testdev")
+    assert other.state() == dev.state()
+    assert other.iomem.read(0x10, 2) == 0xBEEF and other.irq_levels[3]
 
 
 def test_remap_page_keeps_the_content() -> None:

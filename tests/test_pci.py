@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import struct
+from typing import Protocol
 
 import pytest
 
-from kvmpy.devices.base import Device
+from kvmpy.devices.base import DeviceStateError
 from kvmpy.devices.pci import (
     CLASS_HOST_BRIDGE,
     CLASS_ISA_BRIDGE,
@@ -23,6 +25,12 @@ from kvmpy.machine import Machine
 from kvmpy.x86.mptable import mp_tables
 from kvmpy.x86.pc import PC
 from tests.helpers import Assembler
+
+
+class PortRange(Protocol):
+    def read(self, offset: int, size: int) -> int: ...
+
+    def write(self, offset: int, size: int, value: int) -> None: ...
 
 
 def address(device: int, function: int = 0, register: int = 0, bus: int = 0) -> int:
@@ -55,7 +63,7 @@ class Host:
         part, base = self._part(port)
         return part.read(port - base, size)
 
-    def _part(self, port: int) -> tuple[Device, int]:
+    def _part(self, port: int) -> tuple[PortRange, int]:
         p = self.pci
         if port == 0xCF8:
             return p.address_port, 0xCF8
@@ -215,3 +223,22 @@ def test_a_guest_scans_bus_0_and_resets_through_0xcf9(assemble: Assembler) -> No
         m.load(load_flat(assemble(source), 0x7C00), mode="real")
         outcome = m.run(timeout=30)
         assert (outcome.kind.value, bytes(m.console)) == ("reset", b"2")
+
+
+def test_state_round_trips_and_read_only_bytes_are_refused() -> None:
+    host = Host()
+    host.outl(0xCF8, address(1, register=0x3C))
+    host.write(0xCFC, 1, 0x0B)  # the interrupt line: writable
+    state = host.pci.state()
+    other = Host()
+    other.pci.restore(state)
+    assert other.config(1, 0, 0x3C, 1) == 0x0B
+    assert other.read(0xCF8, 4) == address(1, register=0x3C)
+    forged = bytearray(state.configs[0])
+    forged[0] = 0x34  # the vendor ID is read-only
+    bad = dataclasses.replace(state, configs=(bytes(forged), state.configs[1]))
+    with pytest.raises(DeviceStateError, match="configs: byte 0x0"):
+        other.pci.restore(bad)
+    with pytest.raises(DeviceStateError, match="1 functions, not 2"):
+        other.pci.restore(dataclasses.replace(state, configs=state.configs[:1]))
+    assert other.config(0, 0, 0, 2) == 0x8086  # nothing was taken

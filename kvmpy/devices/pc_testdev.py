@@ -26,15 +26,27 @@ MMIO 0xff000000 any     64 KiB of plain memory behind MMIO exits: any size
 =============== ======= ====================================================
 
 The device is sans-IO: the interrupt lines and the page flush are callbacks
-the board wires up (``Wiring.irq``, ``Wiring.flush_page``).
+the board wires up (``Wiring.irq``, ``Wiring.flush_page``).  Accesses of a
+size outside 1-8, or starting outside a part's range, read all ones and are
+dropped, counted in ``ignored_accesses``.
 """
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
 
-from kvmpy.devices.base import IrqCallback
+from kvmpy.devices.base import (
+    U8,
+    U32,
+    IrqCallback,
+    access_fits,
+    all_ones,
+    bounded,
+    check_state,
+)
 
 SCRATCH_PORT = 0xE0
 FLUSH_PORT = 0xE4
@@ -52,8 +64,44 @@ _UNPACK = {size: struct.Struct(fmt).unpack_from for size, fmt in _FORMATS.items(
 _PACK = {size: struct.Struct(fmt).pack_into for size, fmt in _FORMATS.items()}
 
 
+@dataclass(frozen=True)
+class PcTestDeviceState:
+    VERSION: ClassVar[int] = 1
+    scratch: int = bounded(0, U32)
+    memory: bytes = bounded(0, U8, length=IOMEM_SIZE)
+    irq_levels: tuple[bool, ...] = bounded(0, 1, length=IRQ_LINES)
+
+
 class _Part:
-    """One address range of the device, forwarding to two of its methods."""
+    """One address range of the device: checks the access, then calls the device."""
+
+    def __init__(
+        self,
+        device: PcTestDevice,
+        length: int,
+        read: Callable[[int, int], int],
+        write: Callable[[int, int, int], None],
+    ) -> None:
+        self._device = device
+        self._length = length
+        self._read = read
+        self._write = write
+
+    def read(self, offset: int, size: int) -> int:
+        if not access_fits(offset, size, self._length):
+            self._device.ignored_accesses += 1
+            return all_ones(size)
+        return self._read(offset, size)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        if not access_fits(offset, size, self._length):
+            self._device.ignored_accesses += 1
+            return
+        self._write(offset, size, value & all_ones(size))
+
+
+class _Window:
+    """The MMIO window's part: the device's own memory reader and writer, no wrapper."""
 
     def __init__(
         self, read: Callable[[int, int], int], write: Callable[[int, int, int], None]
@@ -70,8 +118,6 @@ class PcTestDevice:
     """
 
     __test__ = False  # a device, not a pytest test class
-    # Wiring to the bus and callbacks, not state: what a snapshot leaves out.
-    SNAPSHOT_EXCLUDE = ("scratch_port", "byte_port", "flush_port", "irq_port", "iomem", "_lines")
 
     def __init__(
         self,
@@ -83,20 +129,35 @@ class PcTestDevice:
         self.scratch = 0
         self.memory = bytearray(IOMEM_SIZE)
         self.irq_levels = [False] * IRQ_LINES
-        self.flushes = 0  # how many flush requests arrived (for tests and traces)
-        self.scratch_port = _Part(self._read_scratch, self._write_scratch)
-        self.byte_port = _Part(self._read_scratch_bytes, self._write_scratch_bytes)
-        self.flush_port = _Part(self._read_nothing, self._write_flush)
-        self.irq_port = _Part(self._read_nothing, self._write_irq)
-        self.iomem = _Part(self._read_memory, self._write_memory)
+        self.flushes = 0  # how many flush requests arrived (host side, not state)
+        self.ignored_accesses = 0
+        self.scratch_port = _Part(self, PORT_BLOCK, self._read_scratch, self._write_scratch)
+        self.byte_port = _Part(
+            self, PORT_BLOCK, self._read_scratch_bytes, self._write_scratch_bytes
+        )
+        self.flush_port = _Part(self, PORT_BLOCK, self._read_nothing, self._write_flush)
+        self.irq_port = _Part(self, IRQ_LINES, self._read_nothing, self._write_irq)
+        # The MMIO window is what exit benchmarks time: its part is the bare
+        # reader and writer, which check what they must themselves.
+        self.iomem = _Window(self._read_memory, self._write_memory)
 
     # The Device protocol on the device itself is the scratch register, so
     # that code holding the device (not a part) gets the common register.
     def read(self, offset: int, size: int) -> int:
-        return self._read_scratch(offset, size)
+        return self.scratch_port.read(offset, size)
 
     def write(self, offset: int, size: int, value: int) -> None:
-        self._write_scratch(offset, size, value)
+        self.scratch_port.write(offset, size, value)
+
+    def state(self) -> PcTestDeviceState:
+        return PcTestDeviceState(self.scratch, bytes(self.memory), tuple(self.irq_levels))
+
+    def restore(self, state: PcTestDeviceState) -> None:
+        checked = check_state("pc_testdev", state, PcTestDeviceState)
+        self.scratch = checked.scratch
+        self.memory[:] = checked.memory
+        # The lines' levels are the irqchip's to restore: only remember them.
+        self.irq_levels = list(checked.irq_levels)
 
     def reset(self) -> None:
         """Power-on state: scratch and memory cleared, every raised line lowered."""
@@ -158,8 +219,9 @@ class PcTestDevice:
         if unpack is not None and 0 <= offset <= IOMEM_SIZE - size:
             value: int = unpack(self.memory, offset)[0]
             return value
-        if offset < 0:
-            return 0
+        if not access_fits(offset, size, IOMEM_SIZE):
+            self.ignored_accesses += 1
+            return all_ones(size)
         return int.from_bytes(self.memory[offset : offset + size], "little")
 
     def _write_memory(self, offset: int, size: int, value: int) -> None:
@@ -167,7 +229,8 @@ class PcTestDevice:
         if pack is not None and 0 <= offset <= IOMEM_SIZE - size:
             pack(self.memory, offset, value & ((1 << (8 * size)) - 1))
             return
-        if not 0 <= offset < IOMEM_SIZE:
+        if not access_fits(offset, size, IOMEM_SIZE):
+            self.ignored_accesses += 1
             return
         data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
         end = min(offset + size, IOMEM_SIZE)

@@ -31,8 +31,20 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
-from kvmpy.devices.base import IrqCallback, no_irq
+from kvmpy.devices.base import (
+    U8,
+    U32,
+    DeviceStateError,
+    IrqCallback,
+    access_fits,
+    all_ones,
+    bounded,
+    check_state,
+    flags,
+    no_irq,
+)
 
 CONFIG_ADDRESS_PORT = 0xCF8
 RESET_CONTROL_PORT = 0xCF9
@@ -215,6 +227,26 @@ class PciFunction:
     def reset(self) -> None:
         self.config[:] = self.power_on
 
+    def config_problem(self, config: bytes) -> str | None:
+        """Why ``config`` cannot be this function's (a saved state): None when it can.
+
+        It must be 256 bytes that differ from power-on only where the guest
+        may write: the write mask, and the status bits it clears.
+        """
+        if len(config) != CONFIG_SPACE_SIZE:
+            return f"{len(config)} bytes, not {CONFIG_SPACE_SIZE}"
+        for at in range(CONFIG_SPACE_SIZE):
+            changeable = self.write_mask[at]
+            if STATUS <= at < STATUS + 2:
+                changeable |= (STATUS_WRITE_ONE_TO_CLEAR >> (8 * (at - STATUS))) & 0xFF
+            if (config[at] ^ self.power_on[at]) & ~changeable & 0xFF:
+                return f"byte {at:#x} is {config[at]:#x}, read-only there"
+        return None
+
+
+def _key(address: PciAddress) -> tuple[int, int, int]:
+    return (address.bus, address.device, address.function)
+
 
 def i440fx_host_bridge() -> PciFunction:
     """00:00.0 on QEMU's PC: the Intel 440FX host bridge."""
@@ -229,11 +261,40 @@ def piix3_isa_bridge() -> PciFunction:
 
 
 class _Port:
+    """One of the host's port ranges: checks the access, then calls the host."""
+
     def __init__(
-        self, read: Callable[[int, int], int], write: Callable[[int, int, int], None]
+        self,
+        host: PciHost,
+        length: int,
+        read: Callable[[int, int], int],
+        write: Callable[[int, int, int], None],
     ) -> None:
-        self.read = read
-        self.write = write
+        self._host = host
+        self._length = length
+        self._read = read
+        self._write = write
+
+    def read(self, offset: int, size: int) -> int:
+        if not access_fits(offset, size, self._length):
+            self._host.ignored_accesses += 1
+            return all_ones(size)
+        return self._read(offset, size) & all_ones(size)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        if not access_fits(offset, size, self._length):
+            self._host.ignored_accesses += 1
+            return
+        self._write(offset, size, value & all_ones(size))
+
+
+@dataclass(frozen=True)
+class PciHostState:
+    VERSION: ClassVar[int] = 1
+    config_address: int = bounded(0, U32)
+    reset_control: int = flags(RCR_SYS_RST)
+    # Every function's configuration space, in the order of their addresses.
+    configs: tuple[bytes, ...] = bounded(0, U8, max_length=MAX_DEVICES * MAX_FUNCTIONS)
 
 
 class PciHost:
@@ -246,12 +307,6 @@ class PciHost:
     and ``data_port`` at 0xcfc (4 ports).
     """
 
-    # Wiring, not state.  The functions' configuration spaces are not saved
-    # either: a restored machine has them as at power-on.
-    SNAPSHOT_EXCLUDE = (
-        "address_port", "address_tail_port", "reset_port", "data_port", "functions",
-    )  # fmt: skip
-
     def __init__(
         self, functions: dict[PciAddress, PciFunction], request_reset: Callable[[], None]
     ) -> None:
@@ -262,17 +317,38 @@ class PciHost:
         self.request_reset = request_reset
         self.config_address = 0
         self.reset_control = 0
-        self.address_port = _Port(self._read_address, self._write_address)
-        self.address_tail_port = _Port(self._read_nothing, self._write_nothing)
-        self.reset_port = _Port(self._read_reset_control, self._write_reset_control)
-        self.data_port = _Port(self._read_data, self._write_data)
+        self.ignored_accesses = 0
+        self.address_port = _Port(self, 1, self._read_address, self._write_address)
+        self.address_tail_port = _Port(self, 2, self._read_nothing, self._write_nothing)
+        self.reset_port = _Port(self, 1, self._read_reset_control, self._write_reset_control)
+        self.data_port = _Port(self, CONFIG_DATA_PORTS, self._read_data, self._write_data)
 
     # The device itself answers as CONFIG_DATA (for callers holding it directly).
     def read(self, offset: int, size: int) -> int:
-        return self._read_data(offset, size)
+        return self.data_port.read(offset, size)
 
     def write(self, offset: int, size: int, value: int) -> None:
-        self._write_data(offset, size, value)
+        self.data_port.write(offset, size, value)
+
+    def state(self) -> PciHostState:
+        configs = tuple(bytes(self.functions[a].config) for a in sorted(self.functions, key=_key))
+        return PciHostState(self.config_address, self.reset_control, configs)
+
+    def restore(self, state: PciHostState) -> None:
+        checked = check_state("pci", state, PciHostState)
+        functions = [self.functions[a] for a in sorted(self.functions, key=_key)]
+        if len(checked.configs) != len(functions):
+            raise DeviceStateError(
+                "pci", "configs", f"{len(checked.configs)} functions, not {len(functions)}"
+            )
+        for function, config in zip(functions, checked.configs, strict=True):
+            problem = function.config_problem(config)
+            if problem:
+                raise DeviceStateError("pci", "configs", problem)
+        self.config_address = checked.config_address
+        self.reset_control = checked.reset_control
+        for function, config in zip(functions, checked.configs, strict=True):
+            function.config[:] = config
 
     def reset(self) -> None:
         self.config_address = 0
