@@ -425,7 +425,12 @@ def _run(
     if stats is not None:
         print(stats.format(), file=sys.stderr)
     if args.snapshot_at_exit:
-        m.snapshot(args.snapshot_at_exit)
+        try:
+            m.snapshot(args.snapshot_at_exit)
+        except SnapshotError:
+            # Say how the run ended before the error line, so its status is not lost.
+            print(f"kvmpy: the run ended: {outcome.message}", file=sys.stderr)
+            raise
         print(f"kvmpy: snapshot saved to {args.snapshot_at_exit}", file=sys.stderr)
     return outcome
 
