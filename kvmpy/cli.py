@@ -73,6 +73,11 @@ class _OutputError(Exception):
     """Stdout failed while the guest wrote to it."""
 
 
+# The CLI streams serial output to stdout as it comes; the machine's copy is
+# only a recent tail, so a guest that talks for days costs no more memory.
+CLI_CONSOLE_LIMIT = 256 << 10
+
+
 def _address(text: str) -> int:
     try:
         value = int(text, 0)
@@ -488,6 +493,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             serial_output=output,
             cmdline=args.append,
             kvm_path=args.kvm,
+            console_limit=CLI_CONSOLE_LIMIT,
         ) as m,
     ):
         output.machine = m
@@ -518,7 +524,12 @@ def cmd_restore(args: argparse.Namespace) -> int:
     with (
         _trace_output(args.trace_file) as trace,
         _terminal_input(),
-        Machine.restore(args.directory, serial_output=output, kvm_path=args.kvm) as m,
+        Machine.restore(
+            args.directory,
+            serial_output=output,
+            kvm_path=args.kvm,
+            console_limit=CLI_CONSOLE_LIMIT,
+        ) as m,
     ):
         output.machine = m
         outcome = _run(m, args, _StdinPump(), trace, deadline)

@@ -9,7 +9,8 @@ absent, without each probe counting as an unhandled access (or ending a
     0x2e8-0x2ef    COM4 \\
     0x2f8-0x2ff    COM2  } the 8250 driver probes the legacy UARTs
     0x3e8-0x3ef    COM3 /
-    0xcf8-0xcff    PCI configuration mechanism #1 (and #2): no PCI here yet
+
+(The PCI configuration ports, also probed, belong to the PCI host bridge.)
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ LINUX_PROBED_PORTS: tuple[tuple[int, int, str], ...] = (
     (0x2E8, 8, "COM4 (absent)"),
     (0x2F8, 8, "COM2 (absent)"),
     (0x3E8, 8, "COM3 (absent)"),
-    (0xCF8, 8, "PCI configuration (absent)"),
 )
 
 

@@ -195,7 +195,8 @@ class Cmos:
     is not written and is counted in ``ignored_accesses``.
 
     Host entry points (take the device lock): :meth:`poll` (the RTC timer
-    thread) and ``irq_level``.
+    thread), :meth:`alarm_wakes` (a sleeping machine's wake check) and
+    ``irq_level``.
     """
 
     def __init__(
@@ -256,6 +257,14 @@ class Cmos:
         self._update_irq()
         due = self._next_due(now)
         return None if due is None else due / NS
+
+    def alarm_wakes(self) -> bool:
+        """Whether the alarm has fired with its interrupt enabled: a wake-up from S3, as in QEMU.
+
+        A host entry point: call it under the device lock.
+        """
+        self._advance(self._now())
+        return bool(self._flags & REG_C_AF and self._ram[RTC_REG_B] & REG_B_AIE)
 
     def reset(self) -> None:
         """Back to the power-on state: the RAM as built, the clock on host time.
