@@ -24,7 +24,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
 
-from kvmpy.backends.base import KVM_PATH, BackendError, open_backend
+from kvmpy.backends.base import BACKENDS, KVM_PATH, Backend, BackendError, open_backend
 from kvmpy.bus import BusError
 from kvmpy.debug.gdbstub import attach_gdb
 from kvmpy.debug.step import SingleStepper
@@ -147,6 +147,20 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         help="write the guest's final VGA text screen as a 720x400 PNG",
     )
     parser.add_argument("--kvm", default=KVM_PATH, metavar="PATH", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--accel",
+        choices=BACKENDS,
+        default="kvm",
+        help="who runs the guest: kvm, soft (the CPU emulator) or auto (KVM if it opens)",
+    )
+
+
+def _open_accel(args: argparse.Namespace) -> Backend:
+    """The backend --accel names; with -v, say which one runs the guest."""
+    backend = open_backend(args.accel, path=args.kvm)
+    if args.verbose:
+        print(f"kvmpy: accelerator: {backend.name}", file=sys.stderr)
+    return backend
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,7 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-irqchip",
         dest="irqchip",
         action="store_false",
-        help="no in-kernel LAPIC/IOAPIC/PIC/PIT: HLT exits to kvmpy and ends the run",
+        default=None,
+        help="no in-kernel LAPIC/IOAPIC/PIC/PIT: HLT exits to kvmpy and ends the run "
+        "(the default with --accel soft)",
     )
     run.add_argument(
         "--strict",
@@ -364,6 +380,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     deadline = _deadline(args)
     stdin = _StdinPump()
     with (
+        contextlib.closing(_open_accel(args)) as backend,
         _trace_output(args.trace_file) as trace,
         _terminal_input(),
         Machine(
@@ -373,7 +390,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             strict=args.strict,
             serial_output=_write_stdout,
             cmdline=args.append,
-            kvm_path=args.kvm,
+            backend=backend,
         ) as m,
     ):
         while True:
@@ -400,9 +417,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_restore(args: argparse.Namespace) -> int:
     deadline = _deadline(args)
     with (
+        contextlib.closing(_open_accel(args)) as backend,
         _trace_output(args.trace_file) as trace,
         _terminal_input(),
-        Machine.restore(args.directory, serial_output=_write_stdout, kvm_path=args.kvm) as m,
+        Machine.restore(args.directory, serial_output=_write_stdout, backend=backend) as m,
     ):
         outcome = _run(m, args, _StdinPump(), trace, deadline)
         _report(outcome, m, args.verbose)
@@ -410,12 +428,20 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    backend = open_backend("kvm", path=args.kvm)
-    try:
-        print(backend.describe())
-    finally:
-        backend.close()
-    return 0
+    """Describe every backend: KVM and the CPU emulator (or why one cannot run here)."""
+    opened = 0
+    for index, name in enumerate(("kvm", "soft")):
+        if index:
+            print()
+        try:
+            backend = open_backend(name, path=args.kvm)
+        except BackendError as exc:
+            print(f"{name}: unavailable: {exc}")
+            continue
+        with contextlib.closing(backend):
+            print(backend.describe())
+        opened += 1
+    return 0 if opened else STATUS_ERROR
 
 
 def main(argv: Sequence[str] | None = None) -> int:
