@@ -219,6 +219,8 @@ def _reset_to_real_mode(uc: Uc) -> None:
     uc.reg_write(x86.UC_X86_REG_CR0, 0x10)
     uc.reg_write(x86.UC_X86_REG_CR4, 0)
     uc.msr_write(MSR_EFER, 0)
+    uc.reg_write(x86.UC_X86_REG_GDTR, (0, 0, 0xFFFF, 0))
+    uc.reg_write(x86.UC_X86_REG_IDTR, (0, 0, 0xFFFF, 0))  # the IVT at 0, as at reset
     real = {
         name: Segment(base=0, limit=0xFFFF, selector=0, type=0xB if name == "cs" else 3)
         for name in SEGMENT_NAMES[:6]
@@ -437,6 +439,8 @@ class SoftVcpu:
         self._result = 0
         self._in_guest = False
         self._suspended = False
+        self._in_io_hook = False
+        self._draining = False
         self._stop_requests = 0
         self._flush = True
         self._pending_vector: int | None = None
@@ -550,6 +554,30 @@ class SoftVcpu:
         if self._closing or self._flush:
             self._request_stop()
 
+    def _post_io(self, kind: ExitKind) -> bool:
+        """Post an I/O or MMIO exit from its hook; False while draining (nobody to see it)."""
+        if self._draining:
+            return False
+        self._in_io_hook = True
+        self._post(int(kind))
+        self._in_io_hook = False
+        return True
+
+    def _leave_emulator(self) -> None:
+        """Before the host changes CPU state: get the emulator out of a pending I/O hook.
+
+        An I/O hook sits inside a translated block; state written now would be
+        overwritten by the rest of that block.  So the block is run to its end
+        (its further I/O dropped) and Unicorn left; the host's state then wins.
+        """
+        if not (self._suspended and self._in_io_hook):
+            return
+        self._draining = True
+        self._request_stop()
+        self._resume.release()
+        self._exited.acquire()
+        self._draining = False
+
     def _emulate(self) -> None:
         self._resume.acquire()
         uc = self.uc
@@ -576,6 +604,9 @@ class SoftVcpu:
                 self._in_guest = False
             if self._closing:
                 break
+            if self._draining:
+                self._post(int(ExitKind.SPURIOUS))
+                continue
             if error is not None:
                 if error.errno == UC_ERR_INSN_INVALID:
                     self._raise_event(events.INVALID_OPCODE, None)
@@ -596,7 +627,8 @@ class SoftVcpu:
         e = self.exit
         e.reason = int(ExitKind.PORT_IN)
         e.io_port, e.io_size, e.io_direction, e.io_count, e.data_offset = port, size, 0, 1, 0
-        self._post(int(ExitKind.PORT_IN))
+        if not self._post_io(ExitKind.PORT_IN):
+            return (1 << 8 * size) - 1
         return int.from_bytes(self.io_buffer[:size], "little")
 
     def _on_out(self, uc: Uc, port: int, size: int, value: int, _: object) -> None:
@@ -604,20 +636,21 @@ class SoftVcpu:
         e.reason = int(ExitKind.PORT_OUT)
         e.io_port, e.io_size, e.io_direction, e.io_count = port, size, 1, 1
         e.value = value
-        self._post(int(ExitKind.PORT_OUT))
+        self._post_io(ExitKind.PORT_OUT)
 
     def mmio_read(self, address: int, size: int) -> int:
         e = self.exit
         e.reason = int(ExitKind.MMIO)
         e.mmio_addr, e.mmio_len, e.mmio_is_write, e.data_offset, e.value = address, size, 0, 0, 0
-        self._post(int(ExitKind.MMIO))
+        if not self._post_io(ExitKind.MMIO):
+            return (1 << 8 * size) - 1
         return int.from_bytes(self.io_buffer[:size], "little")
 
     def mmio_write(self, address: int, size: int, value: int) -> None:
         e = self.exit
         e.reason = int(ExitKind.MMIO)
         e.mmio_addr, e.mmio_len, e.mmio_is_write, e.value = address, size, 1, value
-        self._post(int(ExitKind.MMIO))
+        self._post_io(ExitKind.MMIO)
 
     def _on_interrupt(self, uc: Uc, vector: int, _: object) -> None:
         # Unicorn would go on past the event; stop it and deliver the event ourselves.
@@ -755,6 +788,7 @@ class SoftVcpu:
         return Regs(**values, rip=uc.reg_read(_REG_RIP), rflags=uc.reg_read(_REG_RFLAGS))
 
     def set_regs(self, regs: Regs) -> None:
+        self._leave_emulator()
         uc = self.uc
         for name, reg in _GPRS.items():
             uc.reg_write(reg, getattr(regs, name))
@@ -790,6 +824,7 @@ class SoftVcpu:
     def set_sregs(self, sregs: Sregs) -> None:
         """Control registers through Unicorn's API (it keeps its mode flags), then the
         segment caches, hidden state included, straight into the CPU state."""
+        self._leave_emulator()
         uc = self.uc
         try:
             # Paging off first: leaving long mode clears EFER.LMA only that way.
@@ -838,6 +873,7 @@ class SoftVcpu:
         )
 
     def set_fpu(self, fpu: Fpu) -> None:
+        self._leave_emulator()
         uc = self.uc
         uc.reg_write(x86.UC_X86_REG_FPCW, fpu.fcw)
         uc.reg_write(x86.UC_X86_REG_FPSW, fpu.fsw)
@@ -884,6 +920,7 @@ class SoftVcpu:
 
         ``software_breakpoints``: int3 goes to the guest, as on this host's KVM.
         """
+        self._leave_emulator()
         for hook in self._breakpoint_hooks:
             self.uc.hook_del(hook)
         self._breakpoint_hooks = []
@@ -944,6 +981,7 @@ class SoftVcpu:
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
+        self._leave_emulator()
         self.set_sregs(sregs_from_dict(state["sregs"]))
         self.set_regs(Regs(**state["regs"]))
         fpu = dict(state["fpu"])
