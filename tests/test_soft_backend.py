@@ -5,6 +5,8 @@ None of this needs /dev/kvm; the comparison with KVM is in test_same_results.py.
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -426,3 +428,32 @@ def test_a_not_present_gate_is_a_segment_fault_then_a_double_fault() -> None:
     # Vector 13's gate is empty (not present): #NP, contributory after #GP: #DF.
     assert events.deliver(cpu, events.GENERAL_PROTECTION, 0) is events.Result.DELIVERED
     assert cpu.jumps[-1][:2] == (0x10, 0x4444)
+
+
+def test_gdb_session_of_the_tutorial_on_the_soft_backend(tmp_path: Path) -> None:
+    # Tutorial step 9 (hbreak, registers, stepi, memory write) under the emulator.
+    if shutil.which("gdb") is None:
+        pytest.skip("gdb is not installed")
+    err, out = tmp_path / "err", tmp_path / "out"
+    command = (
+        f"kvmpy run --accel soft --mode long guests/out/gdb_target.bin --gdb tcp::0 --gdb-wait"
+        f" > {out} 2> {err} & until grep -qs waiting {err}; do sleep 0.1; done;"
+        f" port=$(grep -o 'waiting for gdb on 127.0.0.1:[0-9]*' {err} | cut -d: -f2);"
+        ' gdb -q -batch -ex "target remote :$port" -ex "hbreak store" -ex continue'
+        ' -ex "info registers rax rdx" -ex stepi -ex "x/gx &counter"'
+        ' -ex "set var *(long *)&counter = 0x2000" -ex continue guests/out/gdb_target.elf;'
+        f" wait; cat {out}"
+    )
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    result = subprocess.run(
+        ["bash", "-c", command], capture_output=True, text=True, timeout=120, cwd=ROOT, env=env
+    )
+    assert result.stdout.splitlines()[-7:] == [
+        "rax            0x1001              4097",
+        "rdx            0x1                 1",
+        "0x0000000000100023 in after_store ()",
+        "0x1000a8 <counter>:\t0x0000000000001001",
+        "[Inferior 1 (Remote target) exited normally]",
+        "gdb_target: running",
+        "counter=0000000000002000",
+    ], result.stdout + result.stderr

@@ -449,6 +449,8 @@ class SoftVcpu:
         self._mp_state = MpState.RUNNABLE
         self._single_step = False
         self._breakpoint_hooks: list[int] = []
+        self._runs = 0  # emulator runs (emu_start calls) so far
+        self._skip_breakpoint: tuple[int, int] | None = None  # (address, in run number)
         self._stats: StatsTable | None = None
         self._stats_key = 0
         self._returned_ns = 0
@@ -592,9 +594,11 @@ class SoftVcpu:
             self._pending_vector = None
             error: UcError | None = None
             rip = uc.reg_read(_REG_RIP)
+            self._runs += 1
+            stepping = self._single_step
             self._in_guest = True
             try:
-                if self._single_step:
+                if stepping:
                     uc.emu_start(rip, NO_END, 0, 1)
                 else:
                     uc.emu_start(rip, NO_END)
@@ -614,10 +618,12 @@ class SoftVcpu:
                     self._internal_error(f"the CPU emulator stopped: {error}")
             elif self._pending_vector is not None:
                 self._raise_event(self._pending_vector, self._error_code(self._pending_vector))
-            elif self._single_step:
+            elif self._stop_requests != seen:
+                continue  # stopped on request: a kick, a flush, a debugger's change
+            elif stepping:
                 self._debug_exit(uc.reg_read(_REG_RIP), 1 << 14)
-            elif self._stop_requests == seen:
-                # Unicorn returned by itself: the guest executed HLT.
+            else:
+                # Unicorn returned by itself, not stepping: the guest executed HLT.
                 self.exit.reason = int(ExitKind.HLT)
                 self._mp_state = MpState.HALTED
                 self._post(int(ExitKind.HLT))
@@ -658,7 +664,19 @@ class SoftVcpu:
         self._request_stop()
 
     def _on_breakpoint(self, uc: Uc, address: int, size: int, slot: int) -> None:
+        if self._skip_breakpoint == (address, self._runs):
+            self._skip_breakpoint = None  # resuming from this very breakpoint
+            return
         self._debug_exit(address, 1 << slot)
+        # Resuming.  The rest of this translated block predates whatever the
+        # debugger changed (breakpoints, single-step): leave it.  Writing RIP
+        # inside a code hook abandons the block before this instruction; the
+        # next emulator run starts here and passes this breakpoint once, as
+        # RFLAGS.RF makes a CPU do.
+        if uc.reg_read(_REG_RIP) == address:
+            uc.reg_write(_REG_RIP, address)
+            self._skip_breakpoint = (address, self._runs + 1)
+        self._request_stop()
 
     def _debug_exit(self, pc: int, dr6: int) -> None:
         e = self.exit
