@@ -18,7 +18,7 @@ from kvmpy.backends.exits import ExitKind
 from kvmpy.backends.soft import events
 from kvmpy.loaders.flat import load_flat
 from kvmpy.machine import Machine
-from kvmpy.outcome import Outcome, OutcomeKind
+from kvmpy.outcome import STATUS_CRASH, Outcome, OutcomeKind
 from kvmpy.x86.modes import default_load_addr
 from kvmpy.x86.registers import Segment
 from tests.helpers import ROOT, Assembler, guest
@@ -457,3 +457,13 @@ def test_gdb_session_of_the_tutorial_on_the_soft_backend(tmp_path: Path) -> None
         "gdb_target: running",
         "counter=0000000000002000",
     ], result.stdout + result.stderr
+
+
+def test_code_in_mmio_space_is_an_internal_error_with_a_report(assemble: Assembler) -> None:
+    # KVM cannot run code from MMIO either: both end with an internal error, status 4.
+    outcome, _ = run_soft(assemble("movabs $0xd0000000, %rax\njmp *%rax", "long"), "long")
+    assert outcome.kind is OutcomeKind.CRASH
+    assert outcome.status == STATUS_CRASH
+    assert "the CPU emulator internal error: Unicorn:" in outcome.message
+    assert outcome.report is not None and outcome.report.regs is not None
+    assert outcome.report.regs.rip == 0xD0000000

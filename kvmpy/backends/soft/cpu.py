@@ -615,7 +615,7 @@ class SoftVcpu:
                 if error.errno == UC_ERR_INSN_INVALID:
                     self._raise_event(events.INVALID_OPCODE, None)
                 else:
-                    self._internal_error(f"the CPU emulator stopped: {error}")
+                    self._internal_error(f"Unicorn: {error}")
             elif self._pending_vector is not None:
                 self._raise_event(self._pending_vector, self._error_code(self._pending_vector))
             elif self._stop_requests != seen:
