@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from kvmpy.bus import Bus, BusError, UnhandledAccess
-from kvmpy.devices.base import Device
+from kvmpy.devices.base import Device, Stateless
 
 
-class Recorder:
+class Recorder(Stateless):
     """A device that records every access and reads back ``value``."""
 
     def __init__(self, value: int = 0) -> None:
@@ -24,7 +24,7 @@ class Recorder:
         self.writes.append((offset, size, value))
 
 
-class Echo:
+class Echo(Stateless):
     """Reads return ``tag | offset`` so a test sees which device and offset answered."""
 
     def __init__(self, tag: int) -> None:
