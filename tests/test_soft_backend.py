@@ -467,3 +467,14 @@ def test_code_in_mmio_space_is_an_internal_error_with_a_report(assemble: Assembl
     assert "the CPU emulator internal error: Unicorn:" in outcome.message
     assert outcome.report is not None and outcome.report.regs is not None
     assert outcome.report.regs.rip == 0xD0000000
+
+
+def test_state_saved_by_another_backend_is_refused_in_one_error() -> None:
+    with Machine(mem_size=1 << 20, backend="soft") as m:
+        vcpu_state = m.vcpu.save_state()
+        kvm_like = dict(vcpu_state, xsave="AAAA", lapic=None)
+        with pytest.raises(BackendError, match="not saved by the software backend"):
+            m.vcpu.load_state(kvm_like)
+        with pytest.raises(BackendError, match="not saved by the software backend"):
+            m.vm.load_state({"clock": "AAAA"})
+        m.vcpu.load_state(vcpu_state)  # its own state loads

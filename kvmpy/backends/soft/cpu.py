@@ -21,6 +21,7 @@ the emulator next runs.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import ctypes
 import dataclasses
@@ -70,6 +71,9 @@ MSR_EFER = 0xC000_0080
 # MSRs a snapshot keeps besides EFER: SYSENTER, STAR/LSTAR/CSTAR/SFMASK, KERNEL_GS_BASE, PAT.
 SAVED_MSRS = (0x174, 0x175, 0x176, 0xC000_0081, 0xC000_0082, 0xC000_0083, 0xC000_0084,
               0xC000_0102, 0x277)  # fmt: skip
+# The FPU in a snapshot's "xsave" blob, marked as the emulator's own.
+SOFT_STATE_MAGIC = b"kvmpy-soft-fpu\0\1"
+_FPU_STATE = struct.Struct("<HHBI128s256s")
 # Physical space the emulator maps: RAM, and MMIO everywhere else below this.
 PHYSICAL_LIMIT = 1 << 36
 APIC_BASE = 0xFEE0_0900  # enabled, bootstrap processor
@@ -405,10 +409,17 @@ class SoftVm:
         return vcpu
 
     def save_state(self) -> dict[str, Any]:
-        return {}
+        # No irqchip, PIT or clock: one empty entry, the shape snapshots expect.
+        return {"soft": ""}
 
     def load_state(self, state: dict[str, Any]) -> None:
-        pass
+        if set(state) != {"soft"}:
+            raise BackendError(
+                "loading VM state",
+                errno.EINVAL,
+                "the state was not saved by the software backend: "
+                "restore a snapshot under the backend that took it",
+            )
 
     def close(self) -> None:
         if not self._closed:
@@ -982,31 +993,42 @@ class SoftVcpu:
         return stats
 
     def save_state(self) -> dict[str, Any]:
+        """The snapshot format's vCPU shape (KVM's): the FPU goes in "xsave" as
+        ``_FPU_STATE`` bytes, the blobs the emulator has no state for are empty."""
+        fpu = self.get_fpu()
+        packed = _FPU_STATE.pack(fpu.fcw, fpu.fsw, fpu.ftwx, fpu.mxcsr, fpu.fpr, fpu.xmm)
         return {
             "regs": dataclasses.asdict(self.get_regs()),
             "sregs": dataclasses.asdict(self.get_sregs()),
-            "fpu": {
-                **{
-                    k: v
-                    for k, v in dataclasses.asdict(self.get_fpu()).items()
-                    if k not in ("fpr", "xmm")
-                },
-                "fpr": self.get_fpu().fpr.hex(),
-                "xmm": self.get_fpu().xmm.hex(),
-            },
+            "xsave": base64.b64encode(SOFT_STATE_MAGIC + packed).decode("ascii"),
+            "xcrs": "",
+            "events": "",
+            "debugregs": "",
+            "lapic": None,
             "msrs": [[index, self.uc.msr_read(index)] for index in SAVED_MSRS],
             "mp_state": int(self._mp_state),
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
         self._leave_emulator()
+        try:
+            blob = base64.b64decode(state["xsave"])
+            if not blob.startswith(SOFT_STATE_MAGIC) or state["lapic"] is not None:
+                raise ValueError("not saved by the CPU emulator")
+            fcw, fsw, ftwx, mxcsr, fpr, xmm = _FPU_STATE.unpack(blob[len(SOFT_STATE_MAGIC) :])
+            mp_state = MpState(int(state["mp_state"]))
+            msrs = {int(index): int(value) for index, value in state["msrs"]}
+        except (KeyError, ValueError, TypeError, struct.error) as exc:
+            raise BackendError(
+                "loading vCPU state",
+                errno.EINVAL,
+                f"the state was not saved by the software backend ({exc}): "
+                "restore a snapshot under the backend that took it",
+            ) from None
         self.set_sregs(sregs_from_dict(state["sregs"]))
         self.set_regs(Regs(**state["regs"]))
-        fpu = dict(state["fpu"])
-        fpu["fpr"] = bytes.fromhex(fpu["fpr"])
-        fpu["xmm"] = bytes.fromhex(fpu["xmm"])
-        self.set_fpu(Fpu(**fpu))
-        for index, value in state["msrs"]:
-            if int(index) in SAVED_MSRS:
-                self.uc.msr_write(int(index), int(value))
-        self._mp_state = MpState(int(state["mp_state"]))
+        self.set_fpu(Fpu(fcw=fcw, fsw=fsw, ftwx=ftwx, mxcsr=mxcsr, fpr=fpr, xmm=xmm))
+        for index, value in msrs.items():
+            if index in SAVED_MSRS:
+                self.uc.msr_write(index, value)
+        self._mp_state = mp_state
