@@ -9,6 +9,8 @@ skipped with the reason.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +20,7 @@ import pytest
 from kvmpy.backends.base import BackendError, open_backend
 from kvmpy.machine import Machine
 from kvmpy.outcome import STATUS_CRASH
-from tests.helpers import GUESTS, host_kvm_module
+from tests.helpers import GUESTS, ROOT, host_kvm_module
 
 pytest.importorskip("unicorn", reason="the software backend needs kvmpy[soft] (unicorn)")
 
@@ -116,3 +118,19 @@ def test_the_comparison_can_fail() -> None:
     a = run_guest("soft", RUNS[0])
     b = run_guest("soft", RUNS[2])
     assert a.output != b.output
+
+
+@pytest.mark.kvm
+def test_triple_fault_crash_reports_match_but_for_the_exit_name() -> None:
+    def report(accel: str) -> bytes:
+        result = subprocess.run(
+            [sys.executable, "-m", "kvmpy", "run", "--accel", accel, "--mode", "long",
+             str(GUESTS / "triple_fault.bin")],
+            capture_output=True, timeout=60, cwd=ROOT,
+        )  # fmt: skip
+        assert result.returncode == STATUS_CRASH
+        return result.stderr
+
+    kvm, soft = report("kvm"), report("soft")
+    assert b"RFLAGS=0x10002 [RF]" in soft  # a fault leaves RF set, as under KVM
+    assert soft.replace(b"SOFT_EXIT_SHUTDOWN", b"KVM_EXIT_SHUTDOWN") == kvm

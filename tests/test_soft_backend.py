@@ -417,7 +417,7 @@ def test_protected_mode_interrupt_gate_pushes_the_frame_and_error_code() -> None
     assert cpu.jumps == [(0x10, 0x5678, 0x8000 - 16)]
     frame = [int.from_bytes(cpu.memory[0x8000 - 16 + 4 * i : 0x8000 - 12 + 4 * i], "little")
              for i in range(4)]  # fmt: skip
-    assert frame == [0x28, 0x1234, 0x10, 0x202]  # error code, EIP, CS, EFLAGS
+    assert frame == [0x28, 0x1234, 0x10, 0x10202]  # error code, EIP, CS, EFLAGS with RF (a fault)
 
 
 def test_a_not_present_gate_is_a_segment_fault_then_a_double_fault() -> None:

@@ -725,8 +725,9 @@ class SoftVcpu:
         return (sregs.cs.base + int(self.uc.reg_read(_REG_RIP))) & 0xFFFF_FFFF_FFFF_FFFF
 
     def _raise_event(self, vector: int, error_code: int | None) -> None:
+        software = vector in (events.BREAKPOINT, 4) or self._software_interrupt(vector)
         try:
-            result = events.deliver(self, vector, error_code)
+            result = events.deliver(self, vector, error_code, software)
         except events.Unsupported as exc:
             self._internal_error(f"cannot deliver exception {vector}: {exc}")
             return
@@ -734,6 +735,10 @@ class SoftVcpu:
             self._internal_error(f"cannot deliver exception {vector}: {exc}")
             return
         if result is events.Result.SHUTDOWN:
+            if vector in events.FAULT_VECTORS and not software:
+                # As after a fault a CPU could not deliver: RF set (KVM reports the same).
+                rflags = self.uc.reg_read(_REG_RFLAGS)
+                self.uc.reg_write(_REG_RFLAGS, rflags | events.RFLAGS_RF)
             self.exit.reason = int(ExitKind.SHUTDOWN)
             self._post(int(ExitKind.SHUTDOWN))
 

@@ -31,6 +31,9 @@ STACK_FAULT = 12
 GENERAL_PROTECTION = 13
 PAGE_FAULT = 14
 
+# Faults (not traps, aborts or interrupts): their saved RFLAGS has RF set, so
+# that returning to the faulting instruction does not hit a breakpoint there again.
+FAULT_VECTORS = frozenset({0, 5, 6, 7, 10, 11, 12, 13, 14, 16, 17, 19, 20, 21})
 # Vectors that push an error code (SDM Vol. 3A, table 6-1).
 ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
 _CONTRIBUTORY = frozenset({DIVIDE_ERROR, INVALID_TSS, SEGMENT_NOT_PRESENT, STACK_FAULT, 13})
@@ -107,20 +110,26 @@ def _is_double_fault(first: int, second: int) -> bool:
     return first in _CONTRIBUTORY and second in _CONTRIBUTORY
 
 
-def deliver(cpu: CpuAccess, vector: int, error_code: int | None) -> Result:
-    """Deliver ``vector`` (with ``error_code`` when it has one) as the CPU would."""
+def deliver(
+    cpu: CpuAccess, vector: int, error_code: int | None, software: bool = False
+) -> Result:
+    """Deliver ``vector`` (with ``error_code`` when it has one) as the CPU would.
+
+    ``software``: an INT n, INT3 or INTO, which is never a fault.
+    """
     current, code = vector, error_code
+    fault = vector in FAULT_VECTORS and not software
     while True:
         try:
-            _deliver_once(cpu, current, code)
+            _deliver_once(cpu, current, code, fault)
             return Result.DELIVERED
-        except Fault as fault:
+        except Fault as nested:
             if current == DOUBLE_FAULT:
                 return Result.SHUTDOWN
-            if _is_double_fault(current, fault.vector):
-                current, code = DOUBLE_FAULT, 0
+            if _is_double_fault(current, nested.vector):
+                current, code, fault = DOUBLE_FAULT, 0, False
             else:
-                current, code = fault.vector, fault.error_code
+                current, code, fault = nested.vector, nested.error_code, True
                 if current not in ERROR_CODE_VECTORS:
                     code = None
 
@@ -133,8 +142,10 @@ def _idt_error(vector: int) -> int:
     return vector * 8 + 2  # the error code's IDT bit (SDM 6.13)
 
 
-def _deliver_once(cpu: CpuAccess, vector: int, error_code: int | None) -> None:
+def _deliver_once(cpu: CpuAccess, vector: int, error_code: int | None, fault: bool) -> None:
     state = cpu.frame()
+    if fault:
+        state.rflags |= RFLAGS_RF
     if not state.cr0 & CR0_PE:
         _deliver_real(cpu, state, vector)
     elif state.efer & EFER_LMA:
