@@ -6,6 +6,7 @@ None of this needs /dev/kvm; the comparison with KVM is in test_same_results.py.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import subprocess
 import sys
@@ -478,3 +479,22 @@ def test_state_saved_by_another_backend_is_refused_in_one_error() -> None:
         with pytest.raises(BackendError, match="not saved by the software backend"):
             m.vm.load_state({"clock": "AAAA"})
         m.vcpu.load_state(vcpu_state)  # its own state loads
+
+
+@pytest.mark.parametrize("mode", ["real", "protected", "long"])
+@pytest.mark.parametrize("seed", range(8))
+def test_random_code_ends_in_an_outcome_on_the_emulator(
+    mode: str, seed: int, tmp_path: Path
+) -> None:
+    # Garbage exercises the event delivery paths (faults in every mode, #DF,
+    # triple faults) and odd I/O: every run must end in an Outcome.
+    image = tmp_path / "garbage.bin"
+    image.write_bytes(random.Random(f"soft{mode}{seed}").randbytes(4096))
+    with Machine(mem_size=16 << 20, backend="soft", strict=seed == 2) as m:
+        m.load(load_flat(image, default_load_addr(mode)), mode=mode)
+        outcome = m.run(timeout=1)
+    assert outcome.kind.value in {
+        "exit", "halt", "shutdown", "reset", "triple-fault", "crash", "timeout"
+    }, outcome  # fmt: skip
+    if outcome.report is not None:
+        assert outcome.report.format().startswith("vCPU 0: ")
