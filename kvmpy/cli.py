@@ -73,6 +73,11 @@ class _OutputError(Exception):
     """Stdout failed while the guest wrote to it."""
 
 
+# The CLI streams serial output to stdout as it comes; the machine's copy is
+# only a recent tail, so a guest that talks for days costs no more memory.
+CLI_CONSOLE_LIMIT = 256 << 10
+
+
 def _address(text: str) -> int:
     try:
         value = int(text, 0)
@@ -441,7 +446,12 @@ def _run(
     if stats is not None:
         print(stats.format(), file=sys.stderr)
     if args.snapshot_at_exit:
-        m.snapshot(args.snapshot_at_exit)
+        try:
+            m.snapshot(args.snapshot_at_exit)
+        except SnapshotError:
+            # Say how the run ended before the error line, so its status is not lost.
+            print(f"kvmpy: the run ended: {outcome.message}", file=sys.stderr)
+            raise
         print(f"kvmpy: snapshot saved to {args.snapshot_at_exit}", file=sys.stderr)
     return outcome
 
@@ -489,6 +499,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             serial_output=output,
             cmdline=args.append,
             backend=backend,
+            console_limit=CLI_CONSOLE_LIMIT,
         ) as m,
     ):
         output.machine = m
@@ -519,7 +530,12 @@ def cmd_restore(args: argparse.Namespace) -> int:
         contextlib.closing(_open_accel(args)) as backend,
         _trace_output(args.trace_file) as trace,
         _terminal_input(),
-        Machine.restore(args.directory, serial_output=output, backend=backend) as m,
+        Machine.restore(
+            args.directory,
+            serial_output=output,
+            backend=backend,
+            console_limit=CLI_CONSOLE_LIMIT,
+        ) as m,
     ):
         output.machine = m
         outcome = _run(m, args, _StdinPump(), trace, deadline)

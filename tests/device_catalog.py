@@ -6,10 +6,25 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from kvmpy.devices.acpi_pm import PM1A_CNT_PORTS, PM1A_EVT_PORTS, AcpiPmControl, AcpiPmEvent
+from kvmpy.devices.acpi_pm import (
+    PM1A_CNT_PORTS,
+    PM1A_EVT_PORTS,
+    PM_TIMER_PORTS,
+    AcpiPmControl,
+    AcpiPmEvent,
+    AcpiPmTimer,
+)
 from kvmpy.devices.cmos import CMOS_PORTS, Cmos
 from kvmpy.devices.debug_exit import DEBUG_EXIT_PORTS, DebugExit
 from kvmpy.devices.fw_cfg import FW_CFG_PORTS, FwCfg
+from kvmpy.devices.pc_testdev import PORT_BLOCK, PcTestDevice
+from kvmpy.devices.pci import (
+    CONFIG_DATA_PORTS,
+    PciAddress,
+    PciHost,
+    i440fx_host_bridge,
+    piix3_isa_bridge,
+)
 from kvmpy.devices.post import POST_PORTS, PostCode
 from kvmpy.devices.reset import I8042, I8042_SPAN, SystemControlPortA
 from kvmpy.devices.serial import NUM_PORTS, Serial16550
@@ -55,6 +70,15 @@ def _i8042(events: list[object], clock: FakeClock) -> Any:
     return I8042(lambda: events.append("reset"), irq_kbd=events.append, irq_aux=events.append)
 
 
+def _pc_testdev(events: list[object], clock: FakeClock) -> Any:
+    return PcTestDevice(lambda line: lambda level: events.append((line, level)), events.append)
+
+
+def _pci(events: list[object], clock: FakeClock) -> Any:
+    functions = {PciAddress(0, 0, 0): i440fx_host_bridge(), PciAddress(0, 1, 0): piix3_isa_bridge()}
+    return PciHost(functions, lambda: events.append("reset"))
+
+
 # name -> (factory, length): the same names the machine gives its devices.
 FACTORIES: dict[str, tuple[Callable[[list[object], FakeClock], Any], int]] = {
     "serial": (_serial, NUM_PORTS),
@@ -66,6 +90,9 @@ FACTORIES: dict[str, tuple[Callable[[list[object], FakeClock], Any], int]] = {
     "port92": (lambda events, clock: SystemControlPortA(lambda: events.append("reset")), 1),
     "acpi_pm": (lambda events, clock: AcpiPmControl(lambda: events.append("off")), PM1A_CNT_PORTS),
     "acpi_events": (lambda events, clock: AcpiPmEvent(), PM1A_EVT_PORTS),
+    "acpi_timer": (lambda events, clock: AcpiPmTimer(), PM_TIMER_PORTS),
+    "pc_testdev": (_pc_testdev, PORT_BLOCK),
+    "pci": (_pci, CONFIG_DATA_PORTS),
     "testdev": (lambda events, clock: TestDevice(), TESTDEV_SIZE),
     "vga": (lambda events, clock: Vga(), VGA_PORTS),
 }

@@ -53,7 +53,6 @@ from .base import (
 
 CMOS_PORT = 0x70
 CMOS_PORTS = 2
-RTC_IRQ = 8
 INDEX_PORT = 0  # offsets from CMOS_PORT
 DATA_PORT = 1
 NMI_DISABLE = 0x80  # bit 7 of the index: not part of the register number
@@ -138,7 +137,8 @@ CMOS_CPU_COUNT = 0x5F  # vCPUs minus one
 KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
-BASE_MEMORY_KIB = 640
+# QEMU's CMOS reports all 640 KiB; the BDA (kvmpy/x86/bios.py) reports 639, less the EBDA.
+CMOS_BASE_MEMORY_KIB = 640
 MAX_CMOS_CPUS = 0xFF  # more and QEMU writes 0 so that firmware must use fw_cfg
 
 _EPOCH_ORDINAL = datetime.date(1970, 1, 1).toordinal()
@@ -195,7 +195,8 @@ class Cmos:
     is not written and is counted in ``ignored_accesses``.
 
     Host entry points (take the device lock): :meth:`poll` (the RTC timer
-    thread) and ``irq_level``.
+    thread), :meth:`alarm_wakes` (a sleeping machine's wake check) and
+    ``irq_level``.
     """
 
     def __init__(
@@ -227,7 +228,7 @@ class Cmos:
         self._ram[RTC_REG_A] = REG_A_DEFAULT
         self._ram[RTC_REG_B] = REG_B_DEFAULT
         self._ram[CMOS_EQUIPMENT] = EQUIPMENT_FPU
-        self._put(CMOS_BASE_MEMORY, 2, min(low_ram // KiB, BASE_MEMORY_KIB))
+        self._put(CMOS_BASE_MEMORY, 2, min(low_ram // KiB, CMOS_BASE_MEMORY_KIB))
         extended = min(max(low_ram - MiB, 0) // KiB, 0xFFFF)
         self._put(CMOS_EXTENDED_MEMORY, 2, extended)
         self._put(CMOS_EXTENDED_MEMORY_COPY, 2, extended)
@@ -256,6 +257,14 @@ class Cmos:
         self._update_irq()
         due = self._next_due(now)
         return None if due is None else due / NS
+
+    def alarm_wakes(self) -> bool:
+        """Whether the alarm has fired with its interrupt enabled: a wake-up from S3, as in QEMU.
+
+        A host entry point: call it under the device lock.
+        """
+        self._advance(self._now())
+        return bool(self._flags & REG_C_AF and self._ram[RTC_REG_B] & REG_B_AIE)
 
     def reset(self) -> None:
         """Back to the power-on state: the RAM as built, the clock on host time.
