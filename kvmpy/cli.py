@@ -199,7 +199,12 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _open_accel(args: argparse.Namespace) -> Backend:
-    """The backend --accel names; with -v, say which one runs the guest."""
+    """The backend --accel names; with -v, say which one runs the guest.
+
+    Option mistakes come first: they must not wait for (or hide behind) a backend.
+    """
+    if args.max_steps is not None and not args.step:
+        raise ValueError("--max-steps needs --step")
     backend = open_backend(args.accel, path=args.kvm)
     if args.verbose:
         print(f"kvmpy: accelerator: {backend.name}", file=sys.stderr)

@@ -563,3 +563,32 @@ def test_kvm_accel_runs_kvm_machine_guests_without_kvm(
     result = pytester.runpytest(f"--kvm-accel={accel}", "--kvm-device=/nonexistent/kvm", "-rs")
     result.assert_outcomes(passed=2, skipped=1)
     result.stdout.fnmatch_lines(["*KVM is unusable: open /nonexistent/kvm failed*"])
+
+
+def test_a_guest_that_needs_the_irqchip_is_skipped_on_the_soft_backend(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("unicorn", reason="the software backend needs kvmpy[soft] (unicorn)")
+    monkeypatch.delenv("KVMPY_REQUIRE_KVM", raising=False)
+    image = guest("real_hello")
+    pytester.makefile(
+        ".toml",
+        guests=f"""
+        [[guest]]
+        name = "plain"
+        image = {str(image)!r}
+
+        [[guest]]
+        name = "acpi"
+        image = {str(image)!r}
+        irqchip = true
+        """,
+    )
+    result = pytester.runpytest("--kvm-guests=.", "--kvm-accel=soft", "-rs")
+    result.assert_outcomes(passed=1, skipped=1)
+    result.stdout.fnmatch_lines(["*it needs the irqchip, which the software backend lacks*"])
+    bad_entry = f'[[guest]]\nname = "x"\nimage = {str(image)!r}\nirqchip = 1\n'
+    pytester.makefile(".toml", guests=bad_entry)
+    bad = pytester.runpytest("--kvm-guests=.", "--kvm-accel=soft")
+    assert bad.ret != 0
+    bad.stdout.fnmatch_lines(["*irqchip must be bool, not 1*"])
