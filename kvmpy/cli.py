@@ -26,6 +26,7 @@ from typing import TextIO
 
 from kvmpy.backends.base import KVM_PATH, BackendError, open_backend
 from kvmpy.bus import BusError
+from kvmpy.control import RunControl
 from kvmpy.debug.gdbstub import attach_gdb
 from kvmpy.debug.step import SingleStepper
 from kvmpy.debug.trace import (
@@ -133,6 +134,25 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         "--gdb-wait",
         action="store_true",
         help="with --gdb: hold the guest before its first instruction until gdb continues it",
+    )
+    control = parser.add_argument_group("controlling the guest")
+    control.add_argument(
+        "--qmp",
+        metavar="unix:PATH|tcp:HOST:PORT",
+        help="QMP control socket, as QEMU's -qmp (add ,server to wait for a client)",
+    )
+    control.add_argument(
+        "-S",
+        dest="start_paused",
+        action="store_true",
+        help="start paused, until gdb continues or QMP sends cont",
+    )
+    control.add_argument(
+        "-s",
+        dest="gdb",
+        action="store_const",
+        const="tcp::1234",
+        help="the same as --gdb tcp::1234",
     )
     screen = parser.add_argument_group("the screen")
     screen.add_argument(
@@ -322,8 +342,35 @@ def _attach_observers(m: Machine, args: argparse.Namespace, trace: TextIO) -> Ex
     return stats
 
 
+@contextlib.contextmanager
+def _control(m: Machine, args: argparse.Namespace) -> Iterator[RunControl | None]:
+    """--qmp and -S: a RunControl (None when nothing controls the run) and its QMP server."""
+    if args.qmp is None:
+        if args.start_paused and args.gdb is None:
+            raise ValueError("-S needs --qmp or --gdb (-s): nothing could continue the guest")
+        yield None
+        return
+    from kvmpy.qmp import attach_qmp
+
+    control = RunControl(m, start_paused=args.start_paused, reboot=getattr(args, "reboot", False))
+    server = attach_qmp(m, control, args.qmp)
+    try:
+        if server.address.wait:
+            where = server.address.describe()
+            print(f"kvmpy: waiting for a QMP client on {where}", file=sys.stderr)
+            server.wait_for_client()
+        yield control
+    finally:
+        server.close()
+
+
 def _run(
-    m: Machine, args: argparse.Namespace, stdin: _StdinPump, trace: TextIO, deadline: float | None
+    m: Machine,
+    args: argparse.Namespace,
+    stdin: _StdinPump,
+    trace: TextIO,
+    deadline: float | None,
+    control: RunControl | None = None,
 ) -> Outcome:
     """Run a loaded machine with the shared options: what to watch, when to stop, what to save."""
     stats = _attach_observers(m, args, trace)
@@ -331,7 +378,8 @@ def _run(
     if args.gdb is not None:
         if args.step:
             raise ValueError("--step and --gdb both single-step the guest: choose one")
-        stub = attach_gdb(m, args.gdb, wait=args.gdb_wait)
+        wait = args.gdb_wait or (args.start_paused and control is None)
+        stub = attach_gdb(m, args.gdb, wait=wait)
     elif args.gdb_wait:
         raise ValueError("--gdb-wait needs --gdb")
     if stdin.serial is None:
@@ -342,7 +390,7 @@ def _run(
     session = open_display(m, args.display, args.screenshot)
     session.start()
     try:
-        outcome = m.run(timeout=timeout)
+        outcome = m.run(timeout=timeout) if control is None else control.run(timeout)
     finally:
         session.finish()  # before any report, so it does not land on the live screen
         if stub is not None:
@@ -375,6 +423,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             cmdline=args.append,
             kvm_path=args.kvm,
         ) as m,
+        _control(m, args) as control,
     ):
         while True:
             m.boot(
@@ -385,11 +434,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                 entry=args.entry,
                 modules=modules,
             )
-            outcome = _run(m, args, stdin, trace, deadline)
+            outcome = _run(m, args, stdin, trace, deadline, control)
             rebooting = args.reboot and outcome.kind in (
                 OutcomeKind.RESET,
                 OutcomeKind.TRIPLE_FAULT,
             )
+            rebooting = rebooting or (control is not None and control.take_reset_request())
             if not rebooting:
                 _report(outcome, m, args.verbose)
                 return outcome.status
@@ -403,8 +453,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
         _trace_output(args.trace_file) as trace,
         _terminal_input(),
         Machine.restore(args.directory, serial_output=_write_stdout, kvm_path=args.kvm) as m,
+        _control(m, args) as control,
     ):
-        outcome = _run(m, args, _StdinPump(), trace, deadline)
+        outcome = _run(m, args, _StdinPump(), trace, deadline, control)
         _report(outcome, m, args.verbose)
         return outcome.status
 
