@@ -353,15 +353,22 @@ def _control(m: Machine, args: argparse.Namespace) -> Iterator[RunControl | None
     from kvmpy.qmp import attach_qmp
 
     control = RunControl(m, start_paused=args.start_paused, reboot=getattr(args, "reboot", False))
-    server = attach_qmp(m, control, args.qmp)
-    try:
+    servers = []
+
+    def listen() -> None:  # when the guest is loaded, before it first runs
+        server = attach_qmp(m, control, args.qmp)
+        servers.append(server)
         if server.address.wait:
             where = server.address.describe()
             print(f"kvmpy: waiting for a QMP client on {where}", file=sys.stderr)
             server.wait_for_client()
+
+    control.before_first_run.append(listen)
+    try:
         yield control
     finally:
-        server.close()
+        for server in servers:
+            server.close()
 
 
 def _run(

@@ -90,6 +90,9 @@ class RunControl:
         self._reset_requested = False
         self._restart_requested = False
         self._reset_event: dict[str, Any] | None = None  # sent when the next run starts
+        # Called once, when the first run() begins: the guest is loaded by then
+        # (a control socket starts listening here, so no client sees empty RAM).
+        self.before_first_run: list[Callable[[], None]] = []
         # Set by an S3 model: wakes a suspended guest (QMP ``system_wakeup``).
         self.wakeup_handler: Callable[[], None] | None = None
 
@@ -99,6 +102,9 @@ class RunControl:
         """Run until the guest stops, ``timeout`` seconds pass (paused time included),
         a control thread asks to quit or reset, or Ctrl-C."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        hooks, self.before_first_run = self.before_first_run, []
+        for hook in hooks:
+            hook()
         with self._cond:
             self._ended = False
             reset, self._reset_event = self._reset_event, None

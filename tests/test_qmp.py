@@ -212,8 +212,8 @@ def _event(qmp: QEMUMonitorProtocol, name: str) -> dict[str, Any]:
     except EOFError:
         # kvmpy closes the socket right after SHUTDOWN (as QEMU does); the legacy
         # client then raises before it hands out what it had already queued.
-        queue = qmp._qmp.events  # the client's default event listener
-        event = None if queue.empty() else dict(queue.get_nowait())
+        pending = qmp._qmp.events.clear()  # the client's default listener: what it queued
+        event = dict(pending[0]) if pending else None
     assert event is not None and event["event"] == name, event
     assert set(event["timestamp"]) == {"seconds", "microseconds"}
     return event
