@@ -87,6 +87,7 @@ bench: all
 	$(BIN)/python bench/lifecycle.py
 	$(BIN)/python bench/snapshot_restore.py
 	$(BIN)/python bench/qemu_compare.py
+	$(BIN)/python bench/startup.py
 
 clean:
 	rm -rf $(OUT) build *.egg-info kvmpy/backends/kvm/*.so kvmpy/backends/kvm/_kvm.c

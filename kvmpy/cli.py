@@ -22,13 +22,10 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 from kvmpy.backends.base import KVM_PATH, BackendError, open_backend
 from kvmpy.bus import BusError
-from kvmpy.control import RunControl
-from kvmpy.debug.gdbstub import attach_gdb
-from kvmpy.debug.step import SingleStepper
 from kvmpy.debug.trace import (
     TRACE_KINDS,
     CompositeObserver,
@@ -45,8 +42,10 @@ from kvmpy.machine import DEFAULT_MEM_SIZE, Machine
 from kvmpy.memory import GuestMemoryError, parse_size
 from kvmpy.outcome import STATUS_ERROR, STATUS_INTERRUPTED, Outcome, OutcomeKind
 from kvmpy.runloop import ExitObserver
-from kvmpy.snapshot import SnapshotError
 from kvmpy.x86.modes import MODES
+
+if TYPE_CHECKING:
+    from kvmpy.control import RunControl
 
 
 def _address(text: str) -> int:
@@ -331,6 +330,8 @@ def _attach_observers(m: Machine, args: argparse.Namespace, trace: TextIO) -> Ex
         stats = ExitStats(m.ports, m.mmio)
         observers.append(stats)
     if args.step:
+        from kvmpy.debug.step import SingleStepper
+
         stepper = SingleStepper(
             m.memory, trace, m.stop, max_steps=args.max_steps, has_irqchip=m.has_irqchip
         )
@@ -350,6 +351,7 @@ def _control(m: Machine, args: argparse.Namespace) -> Iterator[RunControl | None
             raise ValueError("-S needs --qmp or --gdb (-s): nothing could continue the guest")
         yield None
         return
+    from kvmpy.control import RunControl
     from kvmpy.qmp import attach_qmp
 
     control = RunControl(m, start_paused=args.start_paused, reboot=getattr(args, "reboot", False))
@@ -385,6 +387,8 @@ def _run(
     if args.gdb is not None:
         if args.step:
             raise ValueError("--step and --gdb both single-step the guest: choose one")
+        from kvmpy.debug.gdbstub import attach_gdb  # sockets, the protocol: only for --gdb
+
         wait = args.gdb_wait or (args.start_paused and control is None)
         stub = attach_gdb(m, args.gdb, wait=wait)
     elif args.gdb_wait:
@@ -394,12 +398,16 @@ def _run(
     stdin.lock = m.device_lock("serial")
     stdin.serial = m.serial
     timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-    session = open_display(m, args.display, args.screenshot)
-    session.start()
+    # No display asked for: no session, and the screen modules stay unloaded.
+    wants_display = args.display not in (None, "none") or args.screenshot is not None
+    session = open_display(m, args.display, args.screenshot) if wants_display else None
+    if session is not None:
+        session.start()
     try:
         outcome = m.run(timeout=timeout) if control is None else control.run(timeout)
     finally:
-        session.finish()  # before any report, so it does not land on the live screen
+        if session is not None:
+            session.finish()  # before any report, so it does not land on the live screen
         if stub is not None:
             stub.close()
     if stats is not None:
@@ -484,7 +492,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "restore":
             return cmd_restore(args)
         return cmd_info(args)
-    except (BackendError, LoaderError, GuestMemoryError, BusError, SnapshotError, ValueError) as e:
+    # A SnapshotError is a ValueError (kvmpy.snapshot loads only when a snapshot is used).
+    except (BackendError, LoaderError, GuestMemoryError, BusError, ValueError) as e:
         exc = e
         print(f"kvmpy: error: {exc}", file=sys.stderr)
         return STATUS_ERROR
