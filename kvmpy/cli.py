@@ -17,6 +17,7 @@ import argparse
 import contextlib
 import os
 import sys
+import tempfile
 import termios
 import threading
 import time
@@ -24,6 +25,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
+import kvmpy
 from kvmpy.backends.base import KVM_PATH, BackendError, open_backend
 from kvmpy.bus import BusError
 from kvmpy.debug.trace import (
@@ -42,7 +44,7 @@ from kvmpy.machine import DEFAULT_MEM_SIZE, Machine
 from kvmpy.memory import GuestMemoryError, parse_size
 from kvmpy.outcome import STATUS_ERROR, STATUS_INTERRUPTED, Outcome, OutcomeKind
 from kvmpy.runloop import ExitObserver
-from kvmpy.x86.modes import MODES
+from kvmpy.x86.modes import MODES, CpuSetup, default_load_addr
 
 if TYPE_CHECKING:
     from kvmpy.control import RunControl
@@ -111,8 +113,11 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         nargs="?",
         const="",
         type=_trace_kinds,
-        metavar="KINDS",
-        help=f"log every exit with its instruction (KINDS: {','.join(TRACE_KINDS)}; default all)",
+        metavar="=KINDS",
+        help=(
+            "log every exit with its instruction; --trace=KINDS (with '=') for some: "
+            f"{','.join(TRACE_KINDS)}"
+        ),
     )
     debug.add_argument("--trace-file", metavar="FILE", help="write the trace to FILE, not stderr")
     debug.add_argument(
@@ -168,14 +173,38 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kvm", default=KVM_PATH, metavar="PATH", help=argparse.SUPPRESS)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Takes --trace's kinds only as --trace=KINDS, so `--trace IMAGE` keeps its image;
+    ``run`` needs an image, positional or -kernel's."""
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        words = list(sys.argv[1:] if args is None else args)
+        if "--" in words:
+            end = words.index("--")
+            words[:end] = ["--trace=" if word == "--trace" else word for word in words[:end]]
+        else:
+            words = ["--trace=" if word == "--trace" else word for word in words]
+        parsed, rest = super().parse_known_args(words, namespace)
+        if getattr(parsed, "command", None) == "run" and parsed.image is parsed.kernel is None:
+            self.error("the following arguments are required: image (or -kernel IMAGE)")
+        return parsed, rest
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvmpy", description="A KVM micro-hypervisor in Python.")
+    parser = _Parser(prog="kvmpy", description="A KVM micro-hypervisor in Python.")
+    parser.add_argument("--version", action="version", version=f"kvmpy {kvmpy.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="run a guest image", description="Run a guest image.")
-    run.add_argument("image", help="a multiboot kernel, an ELF executable or a flat binary")
     run.add_argument(
-        "--format", choices=FORMATS, help="the image format (default: detect multiboot, ELF, flat)"
+        "image", nargs="?", help="a multiboot or PVH kernel, an ELF executable or a flat binary"
+    )
+    run.add_argument(
+        "--format",
+        choices=FORMATS,
+        help="the image format (default: detect multiboot, PVH, ELF, flat)",
     )
     run.add_argument(
         "--mode",
@@ -184,13 +213,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--mem",
+        "-m",
         type=_size,
         default=DEFAULT_MEM_SIZE,
         metavar="SIZE",
         help="guest RAM (default: 128M)",
     )
-    run.add_argument("--cpus", type=_count, default=1, metavar="N", help="vCPUs (default: 1)")
-    run.add_argument("--append", default="", metavar="ARGS", help="the kernel command line")
+    run.add_argument(
+        "--cpus", "-smp", type=_count, default=1, metavar="N", help="vCPUs (default: 1)"
+    )
+    run.add_argument(
+        "--append", "-append", default="", metavar="ARGS", help="the kernel command line"
+    )
+    qemu = run.add_argument_group("QEMU's spellings")
+    qemu.add_argument("-kernel", metavar="IMAGE", help="the image, as QEMU's -kernel")
+    qemu.add_argument(
+        "-initrd",
+        metavar="FILE[,FILE...]",
+        help="multiboot modules, as QEMU's -initrd for a multiboot kernel",
+    )
     run.add_argument(
         "--module",
         action="append",
@@ -295,7 +336,12 @@ class _StdinPump:
 
 
 def _report(outcome: Outcome, machine: Machine, verbose: bool) -> None:
-    if outcome.report is not None:
+    report = outcome.report
+    if report is not None and outcome.kind is OutcomeKind.INTERRUPTED and not verbose:
+        # Ctrl-C or gdb's kill: one line; the registers only with -v.
+        where = f" at RIP={report.regs.rip:#x} ({report.mode} mode)" if report.regs else ""
+        print(f"kvmpy: vCPU {report.vcpu}: {outcome.message}{where}", file=sys.stderr)
+    elif outcome.report is not None:
         print(f"kvmpy: {outcome.report.format()}", file=sys.stderr)
     elif outcome.kind is not OutcomeKind.EXIT or verbose:
         print(f"kvmpy: {outcome.message}", file=sys.stderr)
@@ -422,7 +468,117 @@ def _deadline(args: argparse.Namespace) -> float | None:
     return None if args.timeout is None else time.monotonic() + args.timeout
 
 
+def _qemu_spellings(args: argparse.Namespace) -> None:
+    """-kernel IMAGE for the positional image; -initrd's comma list as --module entries."""
+    if args.kernel is not None:
+        if args.image is not None:
+            raise ValueError(f"two images: {args.image} and -kernel {args.kernel}")
+        args.image = args.kernel
+    if args.image is None:
+        raise ValueError("no image to run: kvmpy run IMAGE (or -kernel IMAGE)")
+    if args.initrd is not None:
+        # QEMU: "file1 args,file2" (a space before a module's arguments).
+        for item in args.initrd.split(","):
+            path, _, module_args = item.strip().partition(" ")
+            args.module.append(f"{path},{module_args}" if module_args else path)
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Refuse an unwritable --screenshot or --snapshot-at-exit before the guest runs.
+
+    Permissions alone do not say (root ignores them), so this tries: it
+    creates the screenshot file (removed again) and the snapshot directory.
+    """
+    if args.screenshot is not None:
+        path = Path(args.screenshot)
+        existed = path.exists()
+        try:
+            with open(path, "ab"):
+                pass
+        except OSError as exc:
+            raise ValueError(f"cannot write the screenshot to {path}: {exc.strerror}") from None
+        if not existed:
+            path.unlink()
+    if args.snapshot_at_exit is not None:
+        directory = Path(args.snapshot_at_exit)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=directory):
+                pass
+        except OSError as exc:
+            raise ValueError(f"cannot write the snapshot to {directory}: {exc.strerror}") from None
+
+
+# What a flat image's load address may be in each mode: real mode reaches 1 MiB,
+# and the others the 4 GiB that kvmpy's segments and identity map cover.
+_ADDRESSABLE = {"real": 1 << 20, "protected": 1 << 32, "paged32": 1 << 32, "long": 1 << 32}
+
+
+def _check_load_addr(args: argparse.Namespace) -> None:
+    if args.load_addr is None:
+        return
+    mode = args.mode or "real"
+    limit = _ADDRESSABLE.get(mode)
+    if limit is not None and args.load_addr >= limit:
+        raise ValueError(
+            f"--load-addr {args.load_addr:#x} is beyond what {mode} mode can address "
+            f"(below {limit:#x}); give --mode for a flat image that runs above it"
+        )
+
+
+def _describe_boot(args: argparse.Namespace, m: Machine, setup: CpuSetup) -> None:
+    """-v: one line on what was detected and where it starts."""
+    from kvmpy.debug.guestview import code_address
+    from kvmpy.loaders.detect import detect_format, load_image
+
+    image_format = args.format or detect_format(args.image)
+    load_addr = args.load_addr
+    if load_addr is None:
+        load_addr = default_load_addr(args.mode or "real")
+    plan = load_image(
+        args.image,
+        ram=[(region.gpa, region.size) for region in m.memory],
+        image_format=image_format,
+        load_addr=load_addr,
+        entry=args.entry,
+        cmdline=m.cmdline,
+        modules=[parse_module(text) for text in args.module],
+        rsdp=m.acpi_rsdp,
+    )
+    # The image itself, not the boot data a loader adds (the multiboot information).
+    image = [
+        segment.gpa
+        for segment in plan.segments
+        if not any(start <= segment.gpa < end for start, end in plan.reserved)
+    ]
+    low = min(image, default=plan.entry)
+    entry = code_address(setup.sregs, setup.regs.rip)
+    print(
+        f"kvmpy: {args.image}: {image_format} image, {setup.mode} mode, "
+        f"loaded at {low:#x}, entry {entry:#x}",
+        file=sys.stderr,
+    )
+
+
+def _hint(args: argparse.Namespace, m: Machine, outcome: Outcome) -> None:
+    """A flat image that crashed before it printed anything may be 32- or 64-bit code."""
+    from kvmpy.loaders.detect import detect_format
+
+    crashed = outcome.kind in (OutcomeKind.CRASH, OutcomeKind.TRIPLE_FAULT)
+    if not crashed or args.mode is not None or m.console:
+        return
+    if (args.format or detect_format(args.image)) == "flat":
+        print(
+            "kvmpy: hint: a flat image starts in 16-bit real mode at 0x7c00; "
+            "for 32- or 64-bit code give --mode protected or --mode long",
+            file=sys.stderr,
+        )
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    _qemu_spellings(args)
+    _check_outputs(args)
+    _check_load_addr(args)
     modules = [parse_module(text) for text in args.module]
     deadline = _deadline(args)
     stdin = _StdinPump()
@@ -440,8 +596,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         ) as m,
         _control(m, args) as control,
     ):
+        described = False
         while True:
-            m.boot(
+            setup = m.boot(
                 args.image,
                 image_format=args.format,
                 mode=args.mode,
@@ -449,6 +606,9 @@ def cmd_run(args: argparse.Namespace) -> int:
                 entry=args.entry,
                 modules=modules,
             )
+            if args.verbose and not described:
+                _describe_boot(args, m, setup)
+                described = True
             outcome = _run(m, args, stdin, trace, deadline, control)
             rebooting = args.reboot and outcome.kind in (
                 OutcomeKind.RESET,
@@ -457,12 +617,14 @@ def cmd_run(args: argparse.Namespace) -> int:
             rebooting = rebooting or (control is not None and control.take_reset_request())
             if not rebooting:
                 _report(outcome, m, args.verbose)
+                _hint(args, m, outcome)
                 return outcome.status
             print("kvmpy: guest reset: restarting", file=sys.stderr)
             m.reset()  # in place: devices, vCPUs, irqchip and RAM to power-on state
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    _check_outputs(args)
     deadline = _deadline(args)
     with (
         _trace_output(args.trace_file) as trace,

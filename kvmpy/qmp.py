@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import kvmpy
 from kvmpy.control import ControlError, RunControl
 from kvmpy.memory import PAGE_SIZE, GuestMemoryError
 from kvmpy.outcome import Outcome, OutcomeKind
@@ -46,7 +47,8 @@ if TYPE_CHECKING:
 MAX_MESSAGE = 64 * 1024  # bytes in one JSON object from a client
 MAX_QUEUED = 8  # complete commands parsed ahead of their replies (as QEMU)
 MAX_DUMP = 1 << 30  # memsave/pmemsave: bytes in one dump
-KVMPY_VERSION = (0, 1, 0)
+_MAJOR, _MINOR, _MICRO = (int(part) for part in kvmpy.__version__.split(".")[:3])
+KVMPY_VERSION = (_MAJOR, _MINOR, _MICRO)
 SEND_TIMEOUT = 5.0  # a client that does not read its replies for this long is dropped
 
 
