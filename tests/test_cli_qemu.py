@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from kvmpy.cli import _check_load_addr, _check_outputs, _qemu_spellings, build_parser, main
+from kvmpy.cli import _check_outputs, _qemu_spellings, build_parser, main
 from tests.helpers import ROOT, Assembler, guest
 
 MiB = 1 << 20
@@ -50,19 +50,6 @@ def test_version(capsys: pytest.CaptureFixture[str]) -> None:
         main(["--version"])
     assert exited.value.code == 0
     assert capsys.readouterr().out.strip() == "kvmpy 0.1.0"
-
-
-@pytest.mark.parametrize(
-    ("argv", "message"),
-    [
-        (("--load-addr", "0x100000", "i.bin"), "beyond what real mode can address"),
-        (("--mode", "long", "--load-addr", "0x100000000", "i.bin"), "long mode"),
-    ],
-)
-def test_load_addr_beyond_the_mode_is_refused(argv: tuple[str, ...], message: str) -> None:
-    with pytest.raises(ValueError, match=message):
-        _check_load_addr(_run_args(*argv))
-    _check_load_addr(_run_args("--load-addr", "0xff000", "i.bin"))
 
 
 def test_output_paths_are_checked_before_the_run(tmp_path: Path) -> None:
