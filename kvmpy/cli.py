@@ -53,6 +53,7 @@ from kvmpy.machine import DEFAULT_MEM_SIZE, Machine
 from kvmpy.memory import MAX_RAM_SIZE, GuestMemoryError, parse_size
 from kvmpy.outcome import STATUS_ERROR, STATUS_INTERRUPTED, Outcome, OutcomeKind
 from kvmpy.runloop import ExitObserver
+from kvmpy.serialio import SerialPorts
 from kvmpy.x86.modes import IDENTITY_MAP_SIZE, MODES, CpuSetup, default_load_addr
 
 if TYPE_CHECKING:
@@ -176,6 +177,16 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         "--gdb-wait",
         action="store_true",
         help="with --gdb: hold the guest before its first instruction until gdb continues it",
+    )
+    parser.add_argument(
+        "--serial",
+        action="append",
+        metavar="SPEC",
+        help=(
+            "COM1's host side, then COM2's (repeat): stdio (default), mon:stdio (raw terminal, "
+            "C-a h for help), file:PATH, pty, unix:PATH,server, tcp:HOST:PORT,server, null; "
+            "stdio,raw passes escape sequences to a terminal"
+        ),
     )
     control = parser.add_argument_group("controlling the guest")
     control.add_argument(
@@ -375,9 +386,10 @@ class _StdinPump:
         self.serial: Serial16550 | None = None
         # The serial device's lock: stdin is a host thread calling into it.
         self.lock: threading.Lock | None = None
+        self.enabled = True  # False when stdin is not COM1's (--serial)
 
     def start(self) -> None:
-        if sys.stdin is not None and not sys.stdin.closed:
+        if self.enabled and sys.stdin is not None and not sys.stdin.closed:
             threading.Thread(target=self._pump, name="kvmpy-stdin", daemon=True).start()
 
     def _pump(self) -> None:
@@ -465,11 +477,26 @@ def _attach_observers(m: Machine, args: argparse.Namespace, trace: TextIO) -> Ex
 
 
 @contextlib.contextmanager
-def _control(m: Machine, args: argparse.Namespace) -> Iterator[RunControl | None]:
-    """--qmp and -S: a RunControl (None when nothing controls the run) and its QMP server."""
-    if args.qmp is None:
+def _serial(args: argparse.Namespace, output: _GuestOutput) -> Iterator[SerialPorts]:
+    """--serial: the host side of COM1 and COM2 (stdio by default), closed on every way out."""
+    ports = SerialPorts(args.serial, output)
+    try:
+        with _terminal_input() if ports.plain_stdin else contextlib.nullcontext():
+            yield ports
+    finally:
+        ports.close()  # mon:stdio restores the terminal here
+
+
+@contextlib.contextmanager
+def _control(
+    m: Machine, args: argparse.Namespace, ports: SerialPorts
+) -> Iterator[RunControl | None]:
+    """--qmp, -S and mon:stdio's monitor: a RunControl (None when nothing controls the
+    run) and its QMP server; the serial ports are wired to the machine here."""
+    if args.qmp is None and not ports.monitor:
         if args.start_paused and args.gdb is None:
             raise ValueError("-S needs --qmp or --gdb (-s): nothing could continue the guest")
+        _attach_serial(m, ports, None)
         yield None
         return
     from kvmpy.control import RunControl
@@ -486,12 +513,43 @@ def _control(m: Machine, args: argparse.Namespace) -> Iterator[RunControl | None
             print(f"kvmpy: waiting for a QMP client on {where}", file=sys.stderr)
             server.wait_for_client()
 
-    control.before_first_run.append(listen)
+    if args.qmp is not None:
+        control.before_first_run.append(listen)
+    _attach_serial(m, ports, control)
     try:
         yield control
     finally:
         for server in servers:
             server.close()
+
+
+def _attach_serial(m: Machine, ports: SerialPorts, control: RunControl | None) -> None:
+    """COM2's output and both ports' input; mon:stdio's quit key and monitor commands."""
+    serials = []
+    for name in ("serial", "serial2"):
+        device = m.device(name, Serial16550)
+        serials.append((device, m.device_lock(name), device.set_output))
+    quit_outcome = Outcome(OutcomeKind.STOPPED, "quit from the console (C-a x)")
+
+    def quit_run() -> None:
+        if control is None:
+            m.stop(quit_outcome)
+            return
+        from kvmpy.control import ControlError
+
+        with contextlib.suppress(ControlError):  # the run is ending anyway
+            control.end(quit_outcome)
+
+    monitor = None
+    if control is not None and ports.monitor:
+        from kvmpy.qmp import MachineCommands, monitor_command
+
+        commands = MachineCommands(m, control)
+
+        def monitor(line: str) -> str:
+            return monitor_command(commands, line)
+
+    ports.attach(serials, quit_run, monitor)
 
 
 def _run(
@@ -665,19 +723,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     output = _GuestOutput()
     with (
         _trace_output(args.trace_file) as trace,
-        _terminal_input(),
+        _serial(args, output) as ports,
         Machine(
             mem_size=args.mem,
             cpus=args.cpus,
             irqchip=args.irqchip,
             strict=args.strict,
-            serial_output=output,
+            serial_output=ports.com1_output,
             cmdline=args.append,
             kvm_path=args.kvm,
         ) as m,
-        _control(m, args) as control,
+        _control(m, args, ports) as control,
     ):
         output.machine = m
+        stdin.enabled = ports.plain_stdin
         described = False
         while True:
             setup = m.boot(
@@ -698,8 +757,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             )
             rebooting = rebooting or (control is not None and control.take_reset_request())
             if not rebooting or output.error is not None:
-                _hint(args, m, outcome)
-                return _result(outcome, m, args, output)
+                status = _result(outcome, m, args, output)
+                _hint(args, m, outcome)  # after the report, as its last line
+                return status
             print("kvmpy: guest reset: restarting", file=sys.stderr)
             m.reset()  # in place: devices, vCPUs, irqchip and RAM to power-on state
 
@@ -710,12 +770,14 @@ def cmd_restore(args: argparse.Namespace) -> int:
     output = _GuestOutput()
     with (
         _trace_output(args.trace_file) as trace,
-        _terminal_input(),
-        Machine.restore(args.directory, serial_output=output, kvm_path=args.kvm) as m,
-        _control(m, args) as control,
+        _serial(args, output) as ports,
+        Machine.restore(args.directory, serial_output=ports.com1_output, kvm_path=args.kvm) as m,
+        _control(m, args, ports) as control,
     ):
         output.machine = m
-        outcome = _run(m, args, _StdinPump(), trace, deadline, control)
+        stdin = _StdinPump()
+        stdin.enabled = ports.plain_stdin
+        outcome = _run(m, args, stdin, trace, deadline, control)
         return _result(outcome, m, args, output)
 
 

@@ -681,6 +681,27 @@ class MachineCommands:
         return "\n".join(lines) + "\n"
 
 
+def monitor_command(commands: MachineCommands, line: str) -> str:
+    """One line typed at mon:stdio's monitor prompt: HMP's stop, cont, quit,
+    system_reset and system_powerdown, or a human-monitor-command."""
+    words = line.split()
+    name = {"c": "cont", "q": "quit"}.get(words[0], words[0]) if words else ""
+    if name in ("stop", "cont", "quit", "system_reset", "system_powerdown") and len(words) == 1:
+        handler = commands.table()[name]
+        try:
+            handler({})
+        except (QmpError, ControlError) as exc:
+            return f"{exc}\n"
+        actions, commands.after_reply = commands.after_reply, []
+        for action in actions:
+            with contextlib.suppress(ControlError):
+                action()
+        return ""
+    if name == "help":
+        return "stop, cont (c), quit (q), system_reset, system_powerdown\n" + HMP_HELP
+    return commands.human_monitor_command({"command-line": line})
+
+
 SCI_IRQ = 9  # the FADT's SCI_INT
 HMP_HELP = """\
 info registers [-a]  -- the CPU registers (-a: every vCPU)

@@ -172,6 +172,11 @@ class Serial16550:
 
     # Host side ------------------------------------------------------------
 
+    def set_output(self, output: Callable[[bytes], None] | None) -> None:
+        """Send transmitted bytes to ``output`` from now on (a front end wiring COM2)."""
+        with self._lock:
+            self._output = output
+
     def feed(self, data: bytes) -> int:
         """Queue ``data`` for the guest; return how many bytes were accepted."""
         with self._lock:
