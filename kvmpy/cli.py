@@ -24,6 +24,7 @@ import tempfile
 import termios
 import threading
 import time
+from _thread import LockType
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
@@ -385,7 +386,7 @@ class _StdinPump:
     def __init__(self) -> None:
         self.serial: Serial16550 | None = None
         # The serial device's lock: stdin is a host thread calling into it.
-        self.lock: threading.Lock | None = None
+        self.lock: LockType | None = None
         self.enabled = True  # False when stdin is not COM1's (--serial)
 
     def start(self) -> None:

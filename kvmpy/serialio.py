@@ -26,6 +26,7 @@ import sys
 import termios
 import threading
 import time
+from _thread import LockType
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -233,7 +234,7 @@ class GuestInput:
 
     def __init__(self) -> None:
         self.serial: Serial16550 | None = None
-        self.lock: threading.Lock | None = None
+        self.lock: LockType | None = None
         self.closed = threading.Event()
 
     def feed(self, data: bytes) -> None:
