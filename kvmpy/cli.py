@@ -77,6 +77,11 @@ class _OutputError(Exception):
     """Stdout failed while the guest wrote to it."""
 
 
+# The CLI streams serial output to stdout as it comes; the machine's copy is
+# only a recent tail, so a guest that talks for days costs no more memory.
+CLI_CONSOLE_LIMIT = 256 << 10
+
+
 def _address(text: str) -> int:
     try:
         value = int(text, 0)
@@ -594,7 +599,14 @@ def _run(
     if stats is not None:
         print(stats.format(), file=sys.stderr)
     if args.snapshot_at_exit:
-        m.snapshot(args.snapshot_at_exit)
+        from kvmpy.snapshot import SnapshotError  # loaded only when a snapshot is taken
+
+        try:
+            m.snapshot(args.snapshot_at_exit)
+        except SnapshotError:
+            # Say how the run ended before the error line, so its status is not lost.
+            print(f"kvmpy: the run ended: {outcome.message}", file=sys.stderr)
+            raise
         print(f"kvmpy: snapshot saved to {args.snapshot_at_exit}", file=sys.stderr)
     return outcome
 
@@ -733,6 +745,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             serial_output=ports.com1_output,
             cmdline=args.append,
             kvm_path=args.kvm,
+            console_limit=CLI_CONSOLE_LIMIT,
         ) as m,
         _control(m, args, ports) as control,
     ):
@@ -772,7 +785,12 @@ def cmd_restore(args: argparse.Namespace) -> int:
     with (
         _trace_output(args.trace_file) as trace,
         _serial(args, output) as ports,
-        Machine.restore(args.directory, serial_output=ports.com1_output, kvm_path=args.kvm) as m,
+        Machine.restore(
+            args.directory,
+            serial_output=ports.com1_output,
+            kvm_path=args.kvm,
+            console_limit=CLI_CONSOLE_LIMIT,
+        ) as m,
         _control(m, args, ports) as control,
     ):
         output.machine = m

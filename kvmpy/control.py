@@ -12,8 +12,8 @@ is paused (or held by ``vcpus_stopped``), any thread may read registers and
 translate addresses, since no vCPU is inside the backend.
 
 Events (``STOP``, ``RESUME``, ``RESET``, ``SHUTDOWN``, ``POWERDOWN``,
-``SUSPEND``, ``WAKEUP``) go to ``listeners`` as ``(name, data)``, named and
-shaped as QMP's.
+``SUSPEND``, ``WAKEUP``: the machine's S3 state, watched while it runs) go to
+``listeners`` as ``(name, data)``, named and shaped as QMP's.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 EventListener = Callable[[str, dict[str, Any]], None]
 _WAIT_SLICE = 0.25  # a paused main thread wakes this often (Ctrl-C, the deadline)
+_SLEEP_POLL = 0.05  # how often a running machine is asked whether it sleeps in S3
 
 
 class RunState(str, enum.Enum):
@@ -83,7 +84,8 @@ class RunControl:
         self._prelaunch = start_paused  # -S: never ran yet
         self._live = False  # vCPU threads are running
         self._holds = 0  # vcpus_stopped() sections in progress
-        self._suspended = False
+        self._suspended = False  # what SUSPEND/WAKEUP last said
+        self._sleep_lock = threading.Lock()
         self._ended = False
         self._pause = Outcome(OutcomeKind.STOPPED, "paused")
         self._end: Outcome | None = None  # quit or reset asked for by a control thread
@@ -93,7 +95,7 @@ class RunControl:
         # Called once, when the first run() begins: the guest is loaded by then
         # (a control socket starts listening here, so no client sees empty RAM).
         self.before_first_run: list[Callable[[], None]] = []
-        # Set by an S3 model: wakes a suspended guest (QMP ``system_wakeup``).
+        # Wakes a guest sleeping in S3 (QMP ``system_wakeup``); the front end sets it.
         self.wakeup_handler: Callable[[], None] | None = None
 
     # -- the main thread ---------------------------------------------------------------
@@ -136,6 +138,7 @@ class RunControl:
             # Started under the lock, so a pause cannot slip in before the run exists.
             self.machine.start()
             self._live = True
+            threading.Thread(target=self._watch_sleep, name="kvmpy-s3-watch", daemon=True).start()
             self._prelaunch = False
             self._pause = Outcome(OutcomeKind.STOPPED, "paused")
             pause = self._pause
@@ -146,12 +149,32 @@ class RunControl:
             with self._cond:
                 self._live = False
                 self._cond.notify_all()
+        self._sync_sleep()  # a wake-up shortly before the end still gets its WAKEUP
         if outcome is pause:
             return None  # paused (or held): wait above for resume, quit or reset
         if outcome is self._end:
             with self._cond:
                 self._end = None
         return outcome
+
+    def _watch_sleep(self) -> None:
+        """SUSPEND and WAKEUP as the machine enters and leaves S3 (Machine.suspended),
+        looked at every _SLEEP_POLL while the vCPU threads run."""
+        while True:
+            with self._cond:
+                if not self._live:
+                    return
+            self._sync_sleep()
+            time.sleep(_SLEEP_POLL)
+
+    def _sync_sleep(self) -> None:
+        """Emit SUSPEND or WAKEUP if the machine's S3 state changed since the last look."""
+        with self._sleep_lock:
+            asleep = self.is_suspended
+            if asleep == self._suspended:
+                return
+            self._suspended = asleep
+            self.emit("SUSPEND" if asleep else "WAKEUP")
 
     def _wait(self, timeout: float | None) -> Outcome:
         from kvmpy.machine import CTRL_C
@@ -193,7 +216,7 @@ class RunControl:
         with self._cond:
             if self._ended:
                 return RunState.SHUTDOWN
-            if self._suspended:
+            if self._want_running and self.is_suspended:
                 return RunState.SUSPENDED
             if self._want_running:
                 return RunState.RUNNING
@@ -226,8 +249,6 @@ class RunControl:
         with self._cond:
             if self._ended:
                 raise ControlError("the guest has shut down: it cannot continue")
-            if self._suspended:
-                raise ControlError("the guest is suspended: use system_wakeup")
             was_running = self._want_running
             self._want_running = True
             self._cond.notify_all()
@@ -259,30 +280,19 @@ class RunControl:
                 self.machine.stop(outcome)
             self._cond.notify_all()
 
-    # -- ACPI sleep states (the S3 model calls these) ----------------------------------
-
-    def suspended(self) -> None:
-        """The guest entered S3: query-status says "suspended"; emits SUSPEND."""
-        with self._cond:
-            self._suspended = True
-        self.emit("SUSPEND")
-
-    def woken(self) -> None:
-        """The guest left S3 (``system_wakeup`` or a wake event); emits WAKEUP."""
-        with self._cond:
-            was, self._suspended = self._suspended, False
-        if was:
-            self.emit("WAKEUP")
+    # -- ACPI S3 --------------------------------------------------------------------
 
     def wakeup(self) -> None:
-        """QMP ``system_wakeup``: wake a guest sleeping in S3."""
+        """QMP ``system_wakeup``: wake a guest sleeping in S3 (``wakeup_handler``)."""
         handler = self.wakeup_handler
         if not self.is_suspended or handler is None:
             raise ControlError("the guest is not suspended")
         handler()
-        self.woken()
+        deadline = time.monotonic() + 2.0  # the machine notices the wake event on its timer
+        while self.is_suspended and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self._sync_sleep()
 
     @property
     def is_suspended(self) -> bool:
-        with self._cond:
-            return self._suspended
+        return bool(getattr(self.machine, "suspended", False))

@@ -45,6 +45,9 @@ if TYPE_CHECKING:
     from kvmpy.machine import Machine
 
 MAX_MESSAGE = 64 * 1024  # bytes in one JSON object from a client
+# Nesting in one object: json.loads recurses, and a RecursionError can upset
+# the interpreter for later code, so deep input never reaches it.
+MAX_DEPTH = 32
 MAX_QUEUED = 8  # complete commands parsed ahead of their replies (as QEMU)
 MAX_DUMP = 1 << 30  # memsave/pmemsave: bytes in one dump
 _MAJOR, _MINOR, _MICRO = (int(part) for part in kvmpy.__version__.split(".")[:3])
@@ -185,6 +188,9 @@ class JsonStream:
                 self._in_string = True
             elif byte in b"{[":
                 self._depth += 1
+                if self._depth > MAX_DEPTH and not self._skipping:
+                    self._skipping = True
+                    return QmpError(f"JSON parse error: nested deeper than {MAX_DEPTH}")
             elif byte in b"}]":
                 self._depth -= 1
                 if self._depth == 0:
@@ -389,6 +395,11 @@ class MachineCommands:
         self.machine = machine
         self.control = control
         self.after_reply: list[Callable[[], None]] = []
+        if control.wakeup_handler is None and getattr(machine.board, "wake", None) is not None:
+            from kvmpy.x86.pc import press_power_button
+
+            # The PC wakes from S3 on the power button or the RTC alarm.
+            control.wakeup_handler = lambda: press_power_button(machine)
 
     def table(self) -> dict[str, Handler]:
         commands: dict[str, Handler] = {
@@ -435,19 +446,11 @@ class MachineCommands:
         return {}
 
     def system_powerdown(self, arguments: dict[str, Any]) -> dict[str, Any]:
-        """Press the ACPI power button: PWRBTN_STS in PM1a_STS, and SCI if the guest enabled it."""
+        """Press the ACPI power button: PWRBTN_STS, and the SCI if the guest enabled it."""
         _no_extra(arguments)
-        from kvmpy.devices.acpi_pm import AcpiPmEvent
+        from kvmpy.x86.pc import press_power_button
 
-        machine = self.machine
-        with machine.locked("acpi_events") as events:
-            assert isinstance(events, AcpiPmEvent)
-            events.registers[1] |= 0x01  # PWRBTN_STS, bit 8 of PM1a_STS
-            enabled = bool(events.registers[3] & 0x01)  # PWRBTN_EN, bit 8 of PM1a_EN
-        if enabled:
-            line = machine.irq_line(SCI_IRQ)
-            line(True)
-            line(False)
+        press_power_button(self.machine)
         self.control.emit("POWERDOWN")
         return {}
 
@@ -702,7 +705,6 @@ def monitor_command(commands: MachineCommands, line: str) -> str:
     return commands.human_monitor_command({"command-line": line})
 
 
-SCI_IRQ = 9  # the FADT's SCI_INT
 HMP_HELP = """\
 info registers [-a]  -- the CPU registers (-a: every vCPU)
 info status          -- the run state
