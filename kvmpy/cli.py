@@ -20,7 +20,6 @@ import contextlib
 import math
 import os
 import sys
-import tempfile
 import termios
 import threading
 import time
@@ -647,6 +646,8 @@ def _check_outputs(args: argparse.Namespace) -> None:
         if not existed:
             path.unlink()
     if args.snapshot_at_exit is not None:
+        import tempfile  # here: it loads shutil, bz2, lzma and random (start-up time)
+
         directory = Path(args.snapshot_at_exit)
         try:
             directory.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,6 @@ come from the guest, which is untrusted: an out-of-range access raises
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import mmap
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,8 +23,6 @@ MAX_RAM_SIZE = 1 << 40
 # zero() compares file-backed RAM with this many zero bytes at a time.
 _ZERO_CHUNK = bytes(1 << 20)
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 
 _SIZE_UNITS = {"B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
@@ -184,6 +181,10 @@ class GuestMemory:
         Read-only rather than QEMU's no-access, so host threads reading guest
         memory meanwhile cannot fault.  False if ``gpa`` is not RAM.
         """
+        import ctypes  # here: only pc-testdev's flush port needs it (start-up time)
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
         for region in self.regions:
             if region.gpa <= gpa < region.end:
                 offset = (gpa - region.gpa) & ~(PAGE_SIZE - 1)
@@ -193,8 +194,8 @@ class GuestMemory:
                 finally:
                     del anchor  # release the buffer export: the mapping may be closed later
                 page = ctypes.c_void_p(address)
-                _libc.mprotect(page, PAGE_SIZE, mmap.PROT_READ)
-                _libc.mprotect(page, PAGE_SIZE, mmap.PROT_READ | mmap.PROT_WRITE)
+                libc.mprotect(page, PAGE_SIZE, mmap.PROT_READ)
+                libc.mprotect(page, PAGE_SIZE, mmap.PROT_READ | mmap.PROT_WRITE)
                 return True
         return False
 

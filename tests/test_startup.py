@@ -24,6 +24,8 @@ LAZY = (
     "kvmpy.control",
     "socket",
     "json",
+    "ctypes",
+    "tempfile",
 )
 
 _PROBE = """
