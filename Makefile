@@ -15,7 +15,7 @@ OUT := guests/out
 REAL_GUESTS := real_hello pio_loop counter runner_pass runner_fail runner_skip vga_colors chatty \
 	s3_resume
 PROTECTED_GUESTS := protected_hello paged32_hello exit_cycles
-LONG_GUESTS := long_hello triple_fault mmio_hello interrupts gdb_target stress_io
+LONG_GUESTS := long_hello triple_fault mmio_hello interrupts gdb_target stress_io cpl0_loop cpl3_loop
 MULTIBOOT_GUESTS := multiboot_hello
 PVH_GUESTS := pvh_hello
 GUESTS := $(REAL_GUESTS:%=$(OUT)/%.bin) $(PROTECTED_GUESTS:%=$(OUT)/%.bin) \
@@ -97,6 +97,7 @@ bench: all
 	$(BIN)/python bench/handler_path.py
 	$(BIN)/python bench/guest_exit_cycles.py
 	$(BIN)/python bench/rss_stress.py
+	$(BIN)/python bench/hw_vs_sw.py
 	$(BIN)/python bench/startup.py
 
 # The hypothesis tests (tests/test_*fuzz*.py) run a short budget in `make test`;

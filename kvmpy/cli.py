@@ -35,7 +35,7 @@ from kvmpy._process import (
     fill_closed_std_fds,
     terminated,
 )
-from kvmpy.backends.base import KVM_PATH, BackendError, open_backend
+from kvmpy.backends.base import BACKENDS, KVM_PATH, Backend, BackendError, open_backend
 from kvmpy.bus import BusError
 from kvmpy.debug.trace import (
     TRACE_KINDS,
@@ -225,6 +225,25 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         help="write the guest's final VGA text screen as a 720x400 PNG",
     )
     parser.add_argument("--kvm", default=KVM_PATH, metavar="PATH", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--accel",
+        choices=BACKENDS,
+        default="kvm",
+        help="who runs the guest: kvm, soft (the CPU emulator) or auto (KVM if it opens)",
+    )
+
+
+def _open_accel(args: argparse.Namespace) -> Backend:
+    """The backend --accel names; with -v, say which one runs the guest.
+
+    Option mistakes come first: they must not wait for (or hide behind) a backend.
+    """
+    if args.max_steps is not None and not args.step:
+        raise ValueError("--max-steps needs --step")
+    backend = open_backend(args.accel, path=args.kvm)
+    if args.verbose:
+        print(f"kvmpy: accelerator: {backend.name}", file=sys.stderr)
+    return backend
 
 
 class _Parser(argparse.ArgumentParser):
@@ -307,7 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-irqchip",
         dest="irqchip",
         action="store_false",
-        help="no in-kernel LAPIC/IOAPIC/PIC/PIT: HLT exits to kvmpy and ends the run",
+        default=None,
+        help="no in-kernel LAPIC/IOAPIC/PIC/PIT: HLT exits to kvmpy and ends the run "
+        "(the default with --accel soft)",
     )
     run.add_argument(
         "--strict",
@@ -327,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser(
         "info", help="describe the host's KVM", description="Describe the host's KVM."
     )
-    info.add_argument("--kvm", default=KVM_PATH, metavar="PATH", help=argparse.SUPPRESS)
+    info.add_argument("--kvm", metavar="PATH", help=argparse.SUPPRESS)
     return parser
 
 
@@ -736,6 +757,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     stdin = _StdinPump()
     output = _GuestOutput()
     with (
+        contextlib.closing(_open_accel(args)) as backend,
         _trace_output(args.trace_file) as trace,
         _serial(args, output) as ports,
         Machine(
@@ -745,7 +767,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             strict=args.strict,
             serial_output=ports.com1_output,
             cmdline=args.append,
-            kvm_path=args.kvm,
+            backend=backend,
             console_limit=CLI_CONSOLE_LIMIT,
         ) as m,
         _control(m, args, ports) as control,
@@ -784,12 +806,13 @@ def cmd_restore(args: argparse.Namespace) -> int:
     deadline = _deadline(args)
     output = _GuestOutput()
     with (
+        contextlib.closing(_open_accel(args)) as backend,
         _trace_output(args.trace_file) as trace,
         _serial(args, output) as ports,
         Machine.restore(
             args.directory,
             serial_output=ports.com1_output,
-            kvm_path=args.kvm,
+            backend=backend,
             console_limit=CLI_CONSOLE_LIMIT,
         ) as m,
         _control(m, args, ports) as control,
@@ -802,13 +825,27 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    backend = open_backend("kvm", path=args.kvm)
-    try:
-        text = backend.describe()
-    finally:
-        backend.close()
-    _print_stdout(text)
-    return 0
+    """Describe every backend: KVM and the CPU emulator (or why one cannot run here).
+
+    A KVM device named with --kvm must open: that is what was asked about.
+    """
+    sections = []
+    opened = 0
+    for name in ("kvm", "soft"):
+        try:
+            backend = open_backend(name, path=args.kvm or KVM_PATH)
+        except BackendError as exc:
+            if name == "kvm" and args.kvm is not None:
+                raise
+            sections.append(f"{name}: unavailable: {exc}")
+            continue
+        try:
+            sections.append(backend.describe())
+            opened += 1
+        finally:
+            backend.close()
+    _print_stdout("\n\n".join(sections))
+    return 0 if opened else STATUS_ERROR
 
 
 def _error(message: str) -> int:

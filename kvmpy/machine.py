@@ -79,7 +79,7 @@ class Machine:
         *,
         mem_size: int = DEFAULT_MEM_SIZE,
         cpus: int = 1,
-        irqchip: bool = True,
+        irqchip: bool | None = None,
         strict: bool = False,
         serial_output: Callable[[bytes], None] | None = None,
         cmdline: str = "",
@@ -93,14 +93,13 @@ class Machine:
             raise ValueError(f"guest RAM must be at least 1 MiB, not {mem_size} bytes")
         if cpus < 1:
             raise ValueError(f"need at least one vCPU, not {cpus}")
-        if cpus > 1 and not irqchip:
+        if cpus > 1 and irqchip is False:
             raise ValueError("more than one vCPU needs the in-kernel irqchip")
         self.board = board
         # Serial output, bounded (kvmpy.console): a chatty guest cannot grow kvmpy.
         self.console = ConsoleLog(console_limit)
         self.serial_output = serial_output
         self.cmdline = cmdline
-        self.has_irqchip = irqchip
         self._stopping = threading.Event()
         # What the vCPU loops watch: set by stop(), and by a suspend (S3) too.
         self._vcpus_stop = threading.Event()
@@ -126,6 +125,9 @@ class Machine:
                 stack.callback(self.backend.close)
             else:
                 self.backend = backend
+            if irqchip is None:  # the default follows the backend (none in the CPU emulator)
+                irqchip = Capability.IRQCHIP in self.backend.capabilities or cpus > 1
+            self.has_irqchip = irqchip
             wanted = [Capability.IRQCHIP] if irqchip else []
             if cpus > 1:
                 wanted.append(Capability.SMP)

@@ -82,10 +82,11 @@ def _kvmpy(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
 def test_verbose_says_what_was_detected() -> None:
     result = _kvmpy("run", "-v", "-kernel", str(guest("multiboot_hello", ".elf")))
     assert result.returncode == 1
-    first = result.stderr.splitlines()[0]
-    assert first.endswith("multiboot image, protected mode, loaded at 0x100000, entry 0x10000c"), (
-        result.stderr
-    )
+    detected = [line for line in result.stderr.splitlines() if " image, " in line]
+    assert detected == [
+        f"kvmpy: {guest('multiboot_hello', '.elf')}: multiboot image, protected mode, "
+        "loaded at 0x100000, entry 0x10000c"
+    ], result.stderr
 
 
 @pytest.mark.kvm

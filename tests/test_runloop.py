@@ -156,8 +156,13 @@ def test_strict_bus_turns_unhandled_ports_into_a_crash() -> None:
 def test_a_machine_needs_what_it_asks_the_backend_for() -> None:
     bare = FakeBackend([], capabilities=frozenset())
     with pytest.raises(BackendError, match="lacks irqchip"):
-        Machine(mem_size=1 << 20, backend=bare)
+        Machine(mem_size=1 << 20, irqchip=True, backend=bare)
     Machine(mem_size=1 << 20, irqchip=False, backend=bare).close()
+    # Without a word about it, the irqchip follows the backend: none here.
+    with Machine(mem_size=1 << 20, backend=bare) as m:
+        assert not m.has_irqchip
+    with Machine(mem_size=1 << 20, backend=FakeBackend([])) as m:
+        assert m.has_irqchip
     two = FakeBackend([], [], capabilities=frozenset({Capability.IRQCHIP}))
     with pytest.raises(BackendError, match="lacks smp"):
         Machine(mem_size=1 << 20, cpus=2, backend=two)
