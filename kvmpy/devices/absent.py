@@ -6,11 +6,11 @@ absent, without each probe counting as an unhandled access (or ending a
 ``--strict`` run).  Seen in Linux 6.1's boot under kvmpy:
 
     0x87           DMA page register: read once during early boot
-    0x2e8-0x2ef    COM4 \\
-    0x2f8-0x2ff    COM2  } the 8250 driver probes the legacy UARTs
-    0x3e8-0x3ef    COM3 /
+    0x2e8-0x2ef    COM4  \\ the 8250 driver probes the legacy UARTs
+    0x3e8-0x3ef    COM3  /
 
-(The PCI configuration ports, also probed, belong to the PCI host bridge.)
+(COM2, also probed, is a real UART on the board; the PCI configuration
+ports belong to the PCI host bridge.)
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from .base import all_ones, check_state
 LINUX_PROBED_PORTS: tuple[tuple[int, int, str], ...] = (
     (0x87, 1, "DMA page register"),
     (0x2E8, 8, "COM4 (absent)"),
-    (0x2F8, 8, "COM2 (absent)"),
     (0x3E8, 8, "COM3 (absent)"),
 )
 

@@ -55,6 +55,15 @@ def bad_multiboot_magic(head: bytes) -> int | None:
     return None
 
 
+def initrd_modules(text: str) -> list[tuple[str, str]]:
+    """QEMU's -initrd for a multiboot kernel: "file1 args,file2" -> (path, args) modules."""
+    modules = []
+    for item in text.split(","):
+        path, _, args = item.strip().partition(" ")
+        modules.append((path, args.strip()))
+    return modules
+
+
 def detect_format(path: str | Path, data: bytes | None = None) -> str:
     """The format of the image at ``path`` (``data``: its bytes, if already read).
 
@@ -98,11 +107,11 @@ def load_image(
     ``path`` is read, once.  ``load_addr`` and ``entry`` apply to flat images;
     ``cmdline`` to bzImage, multiboot and PVH kernels, ``modules`` to
     multiboot ones (other formats get the command line through fw_cfg only),
-    ``initrd`` to bzImage and PVH kernels (a multiboot kernel gets it as its
-    first module, as from QEMU's -initrd); ``rsdp``, the ACPI tables'
-    address, to PVH and bzImage kernels.  ``e820`` is the board's memory map
-    as (start, size, type) entries; by default, ``ram`` with the firmware
-    areas reserved.
+    ``initrd`` to bzImage and PVH kernels (for a multiboot kernel it is
+    QEMU's -initrd list of modules, "file1 args,file2", before ``modules``);
+    ``rsdp``, the ACPI tables' address, to PVH and bzImage kernels.  ``e820``
+    is the board's memory map as (start, size, type) entries; by default,
+    ``ram`` with the firmware areas reserved.
     """
     if image_format is not None and image_format not in FORMATS:
         raise LoaderError(
@@ -126,7 +135,7 @@ def load_image(
             path, e820=memory, cmdline=cmdline, initrd=initrd, rsdp=rsdp, data=data
         )
     if image_format == "multiboot":
-        mods = [(str(initrd), "")] if initrd is not None else []
+        mods = initrd_modules(str(initrd)) if initrd is not None else []
         return load_multiboot(
             path, ram=ram, cmdline=cmdline, modules=mods + list(modules or []), data=data
         )
