@@ -12,6 +12,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvmpy.backends.base import IrqRoute
 from kvmpy.devices.base import IrqCallback
 
 
@@ -98,6 +99,8 @@ class Board:
     logged_window: tuple[int, int] | None = None
     # Where the ACPI RSDP is when the firmware tables are written (0: none).
     acpi_rsdp: int = 0
+    # With the irqchip: which controller pins each GSI drives (empty: the backend's default).
+    irq_routes: tuple[IrqRoute, ...] = ()
     port_space: int = 0x10000
     mmio_space: int = 1 << 52
     min_ram: int = 1 << 20

@@ -138,6 +138,8 @@ class Machine:
             self.arch = X86Arch(self.backend.supported_cpuid())
             self.vm: Vm = self.backend.create_vm(irqchip=irqchip, scratch_base=board.scratch_base)
             stack.callback(self.vm.close)
+            if irqchip and board.irq_routes:
+                self.vm.set_irq_routes(list(board.irq_routes))
             self.memory = stack.enter_context(
                 GuestMemory.with_ram(
                     mem_size,

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvmpy.backends.base import Capability, MpState, StatsTable, Translation
+from kvmpy.backends.base import Capability, IrqRoute, MpState, StatsTable, Translation
 from kvmpy.backends.exits import ExitKind, ExitRecord, SystemEvent
 from kvmpy.x86.cpuid import CpuidEntry
 from kvmpy.x86.registers import Fpu, Regs, Sregs
@@ -178,6 +178,7 @@ class FakeVm:
         self.irqchip = irqchip
         self.slots: dict[int, tuple[int, int, bool]] = {}
         self.irq_levels: list[tuple[int, bool]] = []
+        self.irq_routes: list[IrqRoute] = []
         self.vcpus: list[FakeVcpu] = []
         self.closed = False
 
@@ -191,6 +192,9 @@ class FakeVm:
 
     def irq_line(self, irq: int, level: bool) -> None:
         self.irq_levels.append((irq, level))
+
+    def set_irq_routes(self, routes: list[IrqRoute]) -> None:
+        self.irq_routes = list(routes)
 
     def create_vcpu(self, index: int) -> FakeVcpu:
         scripts = self.backend.scripts

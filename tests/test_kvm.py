@@ -11,6 +11,7 @@ import pytest
 from kvmpy.backends.exits import ExitKind
 from kvmpy.backends.kvm._kvm import ffi, lib
 from kvmpy.backends.kvm.ioctls import Kvm, KvmError
+from kvmpy.machine import Machine
 from kvmpy.memory import GuestMemory
 from kvmpy.x86.cpuid import vcpu_cpuid
 from kvmpy.x86.modes import long_mode
@@ -114,3 +115,24 @@ def test_exit_struct_comes_from_the_shim() -> None:
     # The shim returns the generic exit kinds, numbered as kvmpy.backends.exits says.
     for kind in ExitKind:
         assert getattr(lib, f"KVMSHIM_EXIT_{kind.name}") == kind
+
+
+def _ioapic_irr(machine: Machine) -> int:
+    """The IOAPIC's interrupt request register, from KVM's own state of it."""
+    state = machine.vm.get_irqchip(lib.KVM_IRQCHIP_IOAPIC)  # type: ignore[attr-defined]
+    # struct kvm_irqchip: u32 chip_id, u32 pad, then the chip's state, here
+    # struct kvm_ioapic_state: u64 base_address, u32 ioregsel, u32 id, u32 irr.
+    chip = 8
+    return int.from_bytes(state[chip + 16 : chip + 20], "little")
+
+
+@pytest.mark.kvm
+def test_isa_irq0_reaches_ioapic_pin_2_as_on_qemus_pc() -> None:
+    # The redirection entries start masked, so a raised line stays in the IRR.
+    with Machine(mem_size=1 << 20) as m:
+        m.vm.irq_line(0, True)
+        m.vm.irq_line(4, True)
+        irr = _ioapic_irr(m)
+        assert irr & (1 << 2), f"IRQ 0 should reach pin 2 (IRR {irr:#x})"
+        assert not irr & 1, "nothing is wired to pin 0"
+        assert irr & (1 << 4), "IRQ 4 (COM1) reaches pin 4"

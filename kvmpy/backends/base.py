@@ -71,6 +71,23 @@ class Translation:
     usermode: bool
 
 
+class InterruptController(str, enum.Enum):
+    """The in-kernel interrupt controllers a GSI can be routed to."""
+
+    PIC_MASTER = "pic-master"
+    PIC_SLAVE = "pic-slave"
+    IOAPIC = "ioapic"
+
+
+@dataclass(frozen=True)
+class IrqRoute:
+    """Global system interrupt ``gsi`` drives ``pin`` of ``controller``."""
+
+    gsi: int
+    controller: InterruptController
+    pin: int
+
+
 # One exit-statistics row: [count, ns in run(), ns in kvmpy's handlers].
 StatsTable = dict[int, list[int]]
 
@@ -166,6 +183,9 @@ class Vm(Protocol):
         """Which pages of a logged slot the guest wrote since the last call (a bitmap)."""
 
     def irq_line(self, irq: int, level: bool) -> None: ...
+
+    def set_irq_routes(self, routes: list[IrqRoute]) -> None:
+        """Replace the irqchip's GSI routing: each GSI drives these controller pins."""
 
     def create_vcpu(self, index: int) -> Vcpu: ...
 

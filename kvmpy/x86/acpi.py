@@ -37,7 +37,15 @@ from kvmpy.devices.acpi_pm import (
     SLEEP_TYPE_SUSPEND,
 )
 from kvmpy.devices.cmos import RTC_CENTURY
-from kvmpy.x86.layout import ACPI_TABLES_ADDR, IOAPIC_ADDR, LAPIC_ADDR, SCI_IRQ, checksum8
+from kvmpy.x86.layout import (
+    ACPI_TABLES_ADDR,
+    IOAPIC_ADDR,
+    LAPIC_ADDR,
+    SCI_IRQ,
+    TIMER_IOAPIC_PIN,
+    TIMER_IRQ,
+    checksum8,
+)
 
 OEM_ID = b"KVMPY "
 OEM_TABLE_ID = b"KVMPY PC"
@@ -153,8 +161,6 @@ def _table(signature: bytes, revision: int, body: bytes) -> bytes:
 _INTERRUPT_SOURCE_OVERRIDE = 2
 _MPS_INTI_CONFORMING = 0x0
 _MPS_INTI_LEVEL_HIGH = 0xD  # polarity 01 (active high), trigger 11 (level)
-TIMER_IRQ = 0
-TIMER_GSI_OVERRIDE = 2
 
 
 def _override(source_irq: int, gsi: int, flags: int) -> bytes:
@@ -168,7 +174,7 @@ def _madt(cpus: int, irq0_on_pin2: bool = False) -> bytes:
         body += struct.pack("<BBBBI", 0, 8, apic_id, apic_id, 1)  # enabled local APIC
     body += struct.pack("<BBBBII", 1, 12, cpus, 0, IOAPIC_ADDR, 0)  # IOAPIC, GSI base 0
     if irq0_on_pin2:
-        body += _override(TIMER_IRQ, TIMER_GSI_OVERRIDE, _MPS_INTI_CONFORMING)
+        body += _override(TIMER_IRQ, TIMER_IOAPIC_PIN, _MPS_INTI_CONFORMING)
     body += _override(SCI_IRQ, SCI_IRQ, _MPS_INTI_LEVEL_HIGH)
     body += struct.pack("<BBBHB", 4, 6, 0xFF, 0, 1)  # every CPU's LINT1 is NMI
     return _table(b"APIC", 1, body)

@@ -28,6 +28,9 @@ HYPERVISOR_SCRATCH_ADDR = 0xFFFB_C000
 
 # ISA interrupt lines.
 TIMER_IRQ = 0
+CASCADE_IRQ = 2  # the slave PIC's output on the master
+TIMER_IOAPIC_PIN = 2  # where IRQ 0 reaches the IOAPIC on a PC
+IOAPIC_PINS = 24
 KEYBOARD_IRQ = 1
 COM2_IRQ = 3
 COM1_IRQ = 4

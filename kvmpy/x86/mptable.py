@@ -18,14 +18,19 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 
-from kvmpy.x86.layout import IOAPIC_ADDR, LAPIC_ADDR, MP_TABLE_ADDR, checksum8
+from kvmpy.x86.layout import (
+    IOAPIC_ADDR,
+    LAPIC_ADDR,
+    MP_TABLE_ADDR,
+    TIMER_IOAPIC_PIN,
+    TIMER_IRQ,
+    checksum8,
+)
 
 LAPIC_VERSION = 0x14
 IOAPIC_VERSION = 0x11
 SPEC_REVISION = 4  # 1.4
 ISA_IRQS = 16
-TIMER_IRQ = 0
-TIMER_PIN_OVERRIDE = 2  # where QEMU's PC wires ISA IRQ 0 on the IOAPIC
 PCI_BUS_ID = 0
 ISA_BUS_ID = 1
 # Interrupt entry flags: PCI interrupts are active low (polarity 3), level (trigger 3).
@@ -71,7 +76,7 @@ def mp_tables(
     for irq in range(ISA_IRQS):
         if irq == 2:  # the cascade: IRQ 2 never comes from the ISA bus
             continue
-        pin = TIMER_PIN_OVERRIDE if irq == TIMER_IRQ and irq0_on_pin2 else irq
+        pin = TIMER_IOAPIC_PIN if irq == TIMER_IRQ and irq0_on_pin2 else irq
         entries.append(
             struct.pack("<BBHBBBB", _IO_INTERRUPT, _INT, 0, ISA_BUS_ID, irq, ioapic_id, pin)
         )

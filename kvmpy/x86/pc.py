@@ -13,6 +13,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
+from kvmpy.backends.base import InterruptController, IrqRoute
 from kvmpy.board import Board, DeviceEntry, FirmwareContext, FirmwareTable, IoRange, Wiring
 from kvmpy.devices.absent import LINUX_PROBED_PORTS, AbsentPorts
 from kvmpy.devices.acpi_pm import (
@@ -80,17 +81,21 @@ from kvmpy.x86.layout import (
     ACPI_TABLES_SIZE,
     BDA_ADDR,
     BDA_SIZE,
+    CASCADE_IRQ,
     COM1_IRQ,
     COM1_PORT,
     COM2_IRQ,
     COM2_PORT,
     HYPERVISOR_SCRATCH_ADDR,
+    IOAPIC_PINS,
     KEYBOARD_IRQ,
     MOUSE_IRQ,
     MP_TABLE_ADDR,
     MP_TABLE_SIZE,
     RTC_IRQ,
     SCI_IRQ,
+    TIMER_IOAPIC_PIN,
+    TIMER_IRQ,
 )
 from kvmpy.x86.modes import CpuSetup, protected_mode, real_mode_vector
 from kvmpy.x86.mptable import mp_tables
@@ -231,7 +236,9 @@ def _pci_interrupts() -> list[tuple[int, int, int]]:
 
 
 def _mp_tables(context: FirmwareContext) -> bytes:
-    return mp_tables(context.cpus, *context.cpu_signature, pci_interrupts=_pci_interrupts())
+    return mp_tables(
+        context.cpus, *context.cpu_signature, pci_interrupts=_pci_interrupts(), irq0_on_pin2=True
+    )
 
 
 FIRMWARE = (
@@ -241,7 +248,7 @@ FIRMWARE = (
         "ACPI tables",
         ACPI_TABLES_ADDR,
         ACPI_TABLES_SIZE,
-        lambda c: acpi_tables(c.cpus),
+        lambda c: acpi_tables(c.cpus, irq0_on_pin2=True),
         needs_irqchip=True,
     ),
 )
@@ -282,6 +289,25 @@ def _resume_setup(memory: Any, reset_sregs: Sregs) -> CpuSetup:
     return real_mode_vector(reset_sregs, vector)
 
 
+def _irq_routes() -> tuple[IrqRoute, ...]:
+    """QEMU's PC routing: ISA IRQs to both PICs and the IOAPIC, IRQ 0 (the PIT) to pin 2.
+
+    The MP table and the MADT say so too (their interrupt source overrides).
+    GSI 2 is the PICs' cascade and drives nothing.
+    """
+    routes = [
+        IrqRoute(gsi, InterruptController.PIC_MASTER, gsi) for gsi in range(8) if gsi != CASCADE_IRQ
+    ]
+    routes += [IrqRoute(gsi, InterruptController.PIC_SLAVE, gsi - 8) for gsi in range(8, 16)]
+    routes.append(IrqRoute(TIMER_IRQ, InterruptController.IOAPIC, TIMER_IOAPIC_PIN))
+    routes += [
+        IrqRoute(gsi, InterruptController.IOAPIC, gsi)
+        for gsi in range(IOAPIC_PINS)
+        if gsi not in (TIMER_IRQ, CASCADE_IRQ)
+    ]
+    return tuple(routes)
+
+
 PC = Board(
     name="pc",
     ram_layout=pc_ram_layout,
@@ -290,6 +316,7 @@ PC = Board(
     scratch_base=HYPERVISOR_SCRATCH_ADDR,
     logged_window=(VGA_TEXT_BASE, VGA_TEXT_BASE + VGA_TEXT_WINDOW),
     acpi_rsdp=ACPI_TABLES_ADDR,
+    irq_routes=_irq_routes(),
     wake=_wake,
     resume_setup=_resume_setup,
 )

@@ -25,6 +25,7 @@ IOCTLS = """
     KVM_GET_XSAVE KVM_SET_XSAVE KVM_GET_XCRS KVM_SET_XCRS KVM_GET_LAPIC KVM_SET_LAPIC
     KVM_GET_VCPU_EVENTS KVM_SET_VCPU_EVENTS KVM_GET_DEBUGREGS KVM_SET_DEBUGREGS
     KVM_GET_IRQCHIP KVM_SET_IRQCHIP KVM_GET_PIT2 KVM_SET_PIT2 KVM_GET_CLOCK KVM_SET_CLOCK
+    KVM_SET_GSI_ROUTING
 """.split()
 
 EXIT_REASONS = """
@@ -45,7 +46,7 @@ OTHER_CONSTANTS = """
     KVM_GUESTDBG_ENABLE KVM_GUESTDBG_SINGLESTEP KVM_GUESTDBG_USE_SW_BP
     KVM_GUESTDBG_USE_HW_BP
     KVM_IRQCHIP_PIC_MASTER KVM_IRQCHIP_PIC_SLAVE KVM_IRQCHIP_IOAPIC
-    KVM_MEM_LOG_DIRTY_PAGES KVM_MEM_READONLY KVM_PIT_SPEAKER_DUMMY
+    KVM_MEM_LOG_DIRTY_PAGES KVM_MEM_READONLY KVM_PIT_SPEAKER_DUMMY KVM_IRQ_ROUTING_IRQCHIP
     MAP_NORESERVE
 """.split()
 
@@ -121,6 +122,15 @@ struct kvm_debugregs { ...; };
 struct kvm_irqchip { __u32 chip_id; ...; };
 struct kvm_pit_state2 { ...; };
 struct kvm_clock_data { __u64 clock; __u32 flags; ...; };
+/* GSI routing: only the irqchip kind of entry is used.  The union's other
+   members are never touched, and pad[8] gives it its full size. */
+struct kvm_irq_routing_irqchip { uint32_t irqchip; uint32_t pin; };
+struct kvm_irq_routing_entry {
+    __u32 gsi; __u32 type; __u32 flags;
+    union { struct kvm_irq_routing_irqchip irqchip; uint32_t pad[8]; } u;
+    ...;
+};
+struct kvm_irq_routing { __u32 nr; __u32 flags; ...; };
 struct kvm_guest_debug {
     __u32 control; struct kvm_guest_debug_arch arch;
     ...;

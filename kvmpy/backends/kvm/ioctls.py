@@ -21,7 +21,16 @@ from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
 
-from kvmpy.backends.base import KVM_PATH, BackendError, Capability, MpState, StatsTable, Translation
+from kvmpy.backends.base import (
+    KVM_PATH,
+    BackendError,
+    Capability,
+    InterruptController,
+    IrqRoute,
+    MpState,
+    StatsTable,
+    Translation,
+)
 from kvmpy.backends.exits import IO_DIRECTION_OUT, ExitKind, SystemEvent
 from kvmpy.backends.kvm._kvm import ffi, lib
 from kvmpy.x86.cpuid import CpuidEntry
@@ -75,6 +84,11 @@ _SYSTEM_EVENTS = {
     lib.KVM_SYSTEM_EVENT_CRASH: SystemEvent.CRASH,
 }
 _IRQCHIPS = (lib.KVM_IRQCHIP_PIC_MASTER, lib.KVM_IRQCHIP_PIC_SLAVE, lib.KVM_IRQCHIP_IOAPIC)
+_IRQCHIP_IDS = {
+    InterruptController.PIC_MASTER: lib.KVM_IRQCHIP_PIC_MASTER,
+    InterruptController.PIC_SLAVE: lib.KVM_IRQCHIP_PIC_SLAVE,
+    InterruptController.IOAPIC: lib.KVM_IRQCHIP_IOAPIC,
+}
 
 
 def _check_exit_kinds() -> None:
@@ -381,6 +395,21 @@ class Vm(_Fd):
         config = ffi.new("struct kvm_pit_config *")
         config.flags = lib.KVM_PIT_SPEAKER_DUMMY
         _check("KVM_CREATE_PIT2", lib.kvmshim_ioctl(self.fd, lib.KVM_CREATE_PIT2, config))
+
+    def set_irq_routes(self, routes: list[IrqRoute]) -> None:
+        """KVM_SET_GSI_ROUTING with irqchip entries (it replaces KVM's default table)."""
+        size = ffi.sizeof("struct kvm_irq_routing")
+        entry_size = ffi.sizeof("struct kvm_irq_routing_entry")
+        buf = ffi.new("char[]", size + len(routes) * entry_size)
+        header = ffi.cast("struct kvm_irq_routing *", buf)
+        header.nr = len(routes)
+        entries = ffi.cast("struct kvm_irq_routing_entry *", buf + size)
+        for i, route in enumerate(routes):
+            entries[i].gsi = route.gsi
+            entries[i].type = lib.KVM_IRQ_ROUTING_IRQCHIP
+            entries[i].u.irqchip.irqchip = _IRQCHIP_IDS[route.controller]
+            entries[i].u.irqchip.pin = route.pin
+        _check("KVM_SET_GSI_ROUTING", lib.kvmshim_ioctl(self.fd, lib.KVM_SET_GSI_ROUTING, buf))
 
     def irq_line(self, irq: int, level: bool) -> None:
         line = ffi.new("struct kvm_irq_level *")

@@ -45,7 +45,14 @@ from unicorn import (
 )
 from unicorn import x86_const as x86
 
-from kvmpy.backends.base import BackendError, Capability, MpState, StatsTable, Translation
+from kvmpy.backends.base import (
+    BackendError,
+    Capability,
+    IrqRoute,
+    MpState,
+    StatsTable,
+    Translation,
+)
 from kvmpy.backends.exits import EXIT_NAMES, ExitKind, ExitRecord, SystemEvent
 from kvmpy.backends.soft import events
 from kvmpy.backends.soft.paging import translate
@@ -400,6 +407,9 @@ class SoftVm:
 
     def irq_line(self, irq: int, level: bool) -> None:
         raise BackendError("irq_line", errno.EOPNOTSUPP, "the CPU emulator has no irqchip")
+
+    def set_irq_routes(self, routes: list[IrqRoute]) -> None:
+        raise BackendError("set_irq_routes", errno.EOPNOTSUPP, "the CPU emulator has no irqchip")
 
     def create_vcpu(self, index: int) -> SoftVcpu:
         if index != 0 or self.vcpus:
