@@ -119,6 +119,11 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         "--stats", action="store_true", help="print exit statistics (count, time) at the end"
     )
     debug.add_argument(
+        "--no-complete",
+        action="store_true",
+        help="do not complete instructions the host's KVM cannot emulate (see its raw behaviour)",
+    )
+    debug.add_argument(
         "--step", action="store_true", help="single-step vCPU 0, printing every instruction"
     )
     debug.add_argument(
@@ -305,6 +310,12 @@ def _attach_observers(m: Machine, args: argparse.Namespace, trace: TextIO) -> Ex
     """Set up --trace, --stats and --step on ``m``; return the statistics, if asked for."""
     observers: list[ExitObserver] = []
     stats = None
+    completer = m.arch.completer
+    completer.enabled = not args.no_complete
+    if args.trace is not None and "emulated" in args.trace:
+        completer.on_complete = lambda index, rip, text, done: print(
+            f"vCPU {index} {rip:#x} completed: {text} ({done})", file=trace, flush=True
+        )
     if args.trace is not None:
         observers.append(ExitTracer(m.memory, trace, args.trace))
     if args.stats:
@@ -349,6 +360,10 @@ def _run(
             stub.close()
     if stats is not None:
         print(stats.format(), file=sys.stderr)
+        counts = m.arch.completer.counts
+        if counts:
+            listed = ", ".join(f"{name} {count}" for name, count in counts.most_common())
+            print(f"completed instructions: {listed}", file=sys.stderr)
     if args.snapshot_at_exit:
         m.snapshot(args.snapshot_at_exit)
         print(f"kvmpy: snapshot saved to {args.snapshot_at_exit}", file=sys.stderr)
@@ -413,6 +428,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     backend = open_backend("kvm", path=args.kvm)
     try:
         print(backend.describe())
+        print(
+            "instruction completion: on (instructions KVM cannot emulate are finished by "
+            "kvmpy, one exit each; --no-complete turns it off)"
+        )
     finally:
         backend.close()
     return 0

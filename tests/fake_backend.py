@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvmpy.backends.base import Capability, MpState, StatsTable, Translation
+from kvmpy.backends.base import BackendError, Capability, MpState, StatsTable, Translation
 from kvmpy.backends.exits import ExitKind, ExitRecord, SystemEvent
 from kvmpy.x86.cpuid import CpuidEntry
 from kvmpy.x86.registers import Fpu, Regs, Sregs
@@ -62,6 +62,8 @@ class FakeVcpu:
         # The data the loop left in io_buffer after each exit: (kind, bytes).
         self.replies: list[tuple[ExitKind, bytes]] = []
         self._last: Step | None = None
+        # Events handed to inject_exception/inject_interrupt: (how, vector, error code).
+        self.injected: list[tuple[str, int, int | None]] = []
 
     def run(self) -> int:
         self._record_reply()
@@ -148,6 +150,22 @@ class FakeVcpu:
 
     def describe_exit(self) -> tuple[str, bytes | None]:
         return self._detail
+
+    def failed_instruction(self) -> bytes | None:
+        # The fake reports no instruction bytes: completion never applies to it.
+        return None
+
+    def inject_exception(self, vector: int, error_code: int | None = None) -> None:
+        self.injected.append(("exception", vector, error_code))
+
+    def inject_interrupt(self, vector: int) -> None:
+        self.injected.append(("interrupt", vector, None))
+
+    def get_xcr(self, index: int) -> int | None:
+        return None
+
+    def set_xcr(self, index: int, value: int) -> None:
+        raise BackendError("set_xcr", errno.EOPNOTSUPP)
 
     def exit_name(self) -> str:
         return f"FAKE_EXIT_{self.exit.reason}"

@@ -603,6 +603,75 @@ class Vcpu(_Fd):
     def set_vcpu_events(self, state: bytes) -> None:
         _set_state(self.fd, "KVM_SET_VCPU_EVENTS", "struct kvm_vcpu_events", state)
 
+    # -- completing instructions KVM could not emulate ------------------------------------
+
+    def failed_instruction(self) -> bytes | None:
+        """The bytes KVM handed over with an emulation failure; None for any other exit."""
+        e = self.exit
+        if e.reason != lib.KVM_EXIT_INTERNAL_ERROR:
+            return None
+        if e.suberror != lib.KVM_INTERNAL_ERROR_EMULATION:
+            return None
+        return self.describe_exit()[1]
+
+    def inject_exception(self, vector: int, error_code: int | None = None) -> None:
+        """KVM_SET_VCPU_EVENTS: deliver exception ``vector`` (0-31) at the next entry.
+
+        The guest's RIP must already be what the exception pushes (the
+        faulting instruction for faults).
+        """
+        if not 0 <= vector < 32 or vector == 2:
+            raise ValueError(f"exception vector {vector} (0-31, not NMI)")
+        events = self._get_events()
+        events.exception.injected = 1
+        events.exception.pending = 0
+        events.exception.nr = vector
+        events.exception.has_error_code = int(error_code is not None)
+        events.exception.error_code = error_code or 0
+        self._set_events(events)
+
+    def inject_interrupt(self, vector: int) -> None:
+        """KVM_SET_VCPU_EVENTS: deliver ``vector`` through the IDT as an external interrupt.
+
+        It pushes RIP unchanged and no error code, on every vendor (a "soft"
+        one would use a hardware instruction length user space cannot set);
+        see tools/probe_soft_events.py for what this host does with each kind.
+        """
+        if not 0 <= vector < 256:
+            raise ValueError(f"interrupt vector {vector} (0-255)")
+        events = self._get_events()
+        events.interrupt.injected = 1
+        events.interrupt.nr = vector
+        events.interrupt.soft = 0
+        self._set_events(events)
+
+    def _get_events(self) -> Any:
+        c = ffi.new("struct kvm_vcpu_events *")
+        ffi.buffer(c)[:] = self.get_vcpu_events()
+        return c
+
+    def _set_events(self, events: Any) -> None:
+        # Only the exception and interrupt fields change; NMI and SIPI state is left alone.
+        events.flags = 0
+        self.set_vcpu_events(bytes(ffi.buffer(events)))
+
+    def get_xcr(self, index: int) -> int | None:
+        """KVM_GET_XCRS: extended control register ``index`` (0: XCR0); None if KVM has none."""
+        xcrs = ffi.new("struct kvm_xcrs *")
+        ffi.buffer(xcrs)[:] = self.get_xcrs()
+        for i in range(min(xcrs.nr_xcrs, 16)):
+            if xcrs.xcrs[i].xcr == index:
+                return int(xcrs.xcrs[i].value)
+        return None
+
+    def set_xcr(self, index: int, value: int) -> None:
+        """KVM_SET_XCRS for one register; KVM refuses (EINVAL) values the CPU would not take."""
+        xcrs = ffi.new("struct kvm_xcrs *")
+        xcrs.nr_xcrs = 1
+        xcrs.xcrs[0].xcr = index
+        xcrs.xcrs[0].value = value
+        self.set_xcrs(bytes(ffi.buffer(xcrs)))
+
     def get_debugregs(self) -> bytes:
         return _get_state(self.fd, "KVM_GET_DEBUGREGS", "struct kvm_debugregs")
 

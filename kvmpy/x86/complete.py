@@ -1,0 +1,691 @@
+"""Instruction completion: finish in kvmpy what the backend could not emulate.
+
+Some KVMs (PVM, see docs/completion.md) run CPL0 guest code through an
+instruction emulator that gives up on instructions a CPU runs fine: int3,
+int $n, popcnt, cmpxchg16b, clac/stac, xgetbv, fwait and more.  The vCPU
+then stops with an internal error that carries the instruction's bytes.
+``Completer.complete`` decodes them, and when it knows the instruction it
+does exactly what the Intel SDM says (results, flags, faults), advances RIP
+and lets the guest go on.  Whatever it does not know stays a crash report.
+
+Faults are raised into the guest, as the CPU would: #PF with CR2 for an
+unmapped or forbidden page, #GP, #UD, #NM, #MF.  Software interrupts go
+through the guest's IDT by injection (``Vcpu.inject_interrupt``) after the
+gate's DPL check done here.  Memory instructions run under one process-wide
+lock; KVM's own accesses from other vCPUs are not ordered against it (see
+the docs).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from kvmpy.memory import PAGE_SIZE, GuestMemoryError
+from kvmpy.x86.registers import (
+    CR0_EM,
+    CR0_MP,
+    CR0_NE,
+    CR0_PG,
+    CR0_TS,
+    CR0_WP,
+    Regs,
+    Segment,
+    Sregs,
+    cpu_mode,
+)
+
+if TYPE_CHECKING:
+    from kvmpy.backends.base import Vcpu
+    from kvmpy.memory import GuestMemory
+
+# Exception vectors (SDM Vol. 3A, 6.3.1).
+DE, DB, BP, OF, UD, NM, GP, NP, SS_FAULT, PF, MF = 0, 1, 3, 4, 6, 7, 13, 11, 12, 14, 16
+
+# RFLAGS bits.
+CF, PF_FLAG, AF, ZF, SF, OF_FLAG, AC = 1, 1 << 2, 1 << 4, 1 << 6, 1 << 7, 1 << 11, 1 << 18
+ARITH_FLAGS = CF | PF_FLAG | AF | ZF | SF | OF_FLAG
+
+CR4_SMAP = 1 << 21
+CR4_OSXSAVE = 1 << 18
+
+# #PF error code bits.
+PF_PRESENT, PF_WRITE, PF_USER = 1, 2, 4
+
+_LEGACY_PREFIXES = frozenset((0x66, 0x67, 0xF0, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65))
+
+# One lock for every completed memory access: completions on different vCPUs
+# are atomic against each other (not against code KVM runs meanwhile).
+_MEMORY_LOCK = threading.Lock()
+
+
+class GuestFault(Exception):
+    """The instruction faults: deliver ``vector`` to the guest with RIP unchanged."""
+
+    def __init__(self, vector: int, error_code: int | None = None, cr2: int | None = None) -> None:
+        super().__init__(vector, error_code, cr2)
+        self.vector = vector
+        self.error_code = error_code
+        self.cr2 = cr2
+
+
+# General-purpose register names as capstone spells them: (kvm_regs field, bit shift, bits).
+_GPRS: dict[str, tuple[str, int, int]] = {}
+for _full, _names in {
+    "rax": ("eax", "ax", "al", "ah"),
+    "rbx": ("ebx", "bx", "bl", "bh"),
+    "rcx": ("ecx", "cx", "cl", "ch"),
+    "rdx": ("edx", "dx", "dl", "dh"),
+    "rsi": ("esi", "si", "sil", ""),
+    "rdi": ("edi", "di", "dil", ""),
+    "rsp": ("esp", "sp", "spl", ""),
+    "rbp": ("ebp", "bp", "bpl", ""),
+}.items():
+    _GPRS[_full] = (_full, 0, 64)
+    _GPRS[_names[0]] = (_full, 0, 32)
+    _GPRS[_names[1]] = (_full, 0, 16)
+    _GPRS[_names[2]] = (_full, 0, 8)
+    if _names[3]:
+        _GPRS[_names[3]] = (_full, 8, 8)
+for _n in range(8, 16):
+    _GPRS[f"r{_n}"] = (f"r{_n}", 0, 64)
+    _GPRS[f"r{_n}d"] = (f"r{_n}", 0, 32)
+    _GPRS[f"r{_n}w"] = (f"r{_n}", 0, 16)
+    _GPRS[f"r{_n}b"] = (f"r{_n}", 0, 8)
+
+# x87 constants as 80-bit values (sign+exponent, significand) rounded to nearest,
+# and the rounding control values (down = 1, up = 2, chop = 3) that give one less or more.
+_X87_CONSTANTS: dict[str, tuple[int, int, tuple[int, ...], int]] = {
+    "fldz": (0x0000, 0, (), 0),
+    "fld1": (0x3FFF, 0x8000000000000000, (), 0),
+    "fldpi": (0x4000, 0xC90FDAA22168C235, (1, 3), -1),
+    "fldl2e": (0x3FFF, 0xB8AA3B295C17F0BC, (1, 3), -1),
+    "fldl2t": (0x4000, 0xD49A784BCD1B8AFE, (2,), +1),
+    "fldlg2": (0x3FFD, 0x9A209A84FBCFF799, (1, 3), -1),
+    "fldln2": (0x3FFE, 0xB17217F7D1CF79AC, (1, 3), -1),
+}
+_X87_INDEFINITE = (0xFFFF, 0xC000000000000000)
+
+
+@dataclass
+class _Insn:
+    mnemonic: str
+    size: int
+    operands: list[Any]
+    prefixes: list[int]
+    raw: Any  # the capstone instruction
+
+
+def _decoder(bits: int) -> Any:
+    import capstone
+
+    mode = {16: capstone.CS_MODE_16, 32: capstone.CS_MODE_32, 64: capstone.CS_MODE_64}[bits]
+    decoder = capstone.Cs(capstone.CS_ARCH_X86, mode)
+    decoder.detail = True
+    return decoder
+
+
+class Completer:
+    """Finishes instructions the backend gave up on; counts and reports each one."""
+
+    def __init__(self) -> None:
+        self.enabled = True
+        self.memory: GuestMemory | None = None
+        self.counts: Counter[str] = Counter()
+        # Called with (vCPU index, RIP, "mnemonic operands", what was done) after each one.
+        self.on_complete: Callable[[int, int, str, str], None] | None = None
+        self._lock = threading.Lock()
+        self._decoders: dict[int, Any] = {}
+
+    def complete(self, vcpu: Vcpu) -> bool:
+        """True if the failed instruction was completed (or faulted into the guest)."""
+        if not self.enabled or self.memory is None:
+            return False
+        code = vcpu.failed_instruction()
+        if not code:
+            return False
+        regs = vcpu.get_regs()
+        sregs = vcpu.get_sregs()
+        mode = cpu_mode(sregs)
+        if mode == "real":
+            return False  # not seen failing on real-mode code; leave it to the report
+        bits = 64 if mode == "long" else (32 if sregs.cs.db else 16)
+        state = _State(vcpu, self.memory, regs, sregs, bits)
+        insn = self._decode(code, bits, regs.rip)
+        if insn is None:
+            if not _undefined_encoding(code, bits):
+                return False
+            name, text = "(undefined)", code.hex(" ")
+        else:
+            name = insn.mnemonic.removeprefix("lock ").removeprefix("rep ")
+            text = f"{insn.mnemonic} {insn.raw.op_str}".strip()
+            if name not in _HANDLERS:
+                return False
+        state.insn = insn
+        try:
+            if insn is None:
+                raise GuestFault(UD)
+            done = _HANDLERS[name](state, insn)
+            if done is None:
+                return False
+        except GuestFault as fault:
+            state.deliver(fault)
+            done = f"#{_VECTOR_NAMES.get(fault.vector, str(fault.vector))}"
+        except GuestMemoryError:
+            return False  # MMIO or outside RAM: not something to finish here
+        with self._lock:
+            self.counts[name] += 1
+        if self.on_complete is not None:
+            self.on_complete(vcpu.index, regs.rip, text, done)
+        return True
+
+    def _decode(self, code: bytes, bits: int, rip: int) -> _Insn | None:
+        decoder = self._decoders.get(bits)
+        if decoder is None:
+            decoder = self._decoders[bits] = _decoder(bits)
+        for raw in decoder.disasm(code, rip, 1):
+            return _Insn(raw.mnemonic, raw.size, list(raw.operands), list(raw.prefix), raw)
+        return None
+
+
+_VECTOR_NAMES = {DE: "DE", DB: "DB", BP: "BP", OF: "OF", UD: "UD", NM: "NM", NP: "NP"}
+_VECTOR_NAMES.update({SS_FAULT: "SS", GP: "GP", PF: "PF", MF: "MF"})
+
+
+def _undefined_encoding(code: bytes, bits: int) -> bool:
+    """Encodings capstone rejects that a CPU answers with #UD (register-form movbe, 64-bit into)."""
+    at = 0
+    while at < len(code) and code[at] in _LEGACY_PREFIXES:
+        at += 1
+    if bits == 64 and at < len(code) and 0x40 <= code[at] <= 0x4F:
+        at += 1
+    rest = code[at:]
+    if bits == 64 and rest[:1] == b"\xce":
+        return True  # into is invalid in 64-bit mode
+    return rest[:3] in (b"\x0f\x38\xf0", b"\x0f\x38\xf1") and len(rest) > 3 and rest[3] >= 0xC0
+
+
+class _State:
+    """One completion's view of the vCPU: registers, modes, and checked guest memory."""
+
+    def __init__(self, vcpu: Vcpu, memory: GuestMemory, regs: Regs, sregs: Sregs, bits: int):
+        self.vcpu = vcpu
+        self.memory = memory
+        self.regs = regs
+        self.sregs = sregs
+        self.bits = bits
+        self.cpl = sregs.cs.selector & 3
+        self.insn: _Insn | None = None
+
+    # -- finishing ------------------------------------------------------------------
+
+    def advance(self) -> None:
+        """Step RIP past the instruction and write the registers back."""
+        assert self.insn is not None
+        self.regs.rip = (self.regs.rip + self.insn.size) & self.ip_mask
+        self.vcpu.set_regs(self.regs)
+
+    @property
+    def ip_mask(self) -> int:
+        return (1 << 64) - 1 if self.bits == 64 else (1 << self.bits) - 1
+
+    def deliver(self, fault: GuestFault) -> None:
+        """A fault: RIP stays at the instruction; CR2 first for a page fault."""
+        if fault.cr2 is not None:
+            sregs = self.vcpu.get_sregs()
+            sregs.cr2 = fault.cr2
+            self.vcpu.set_sregs(sregs)
+        self.vcpu.inject_exception(fault.vector, fault.error_code)
+
+    # -- registers ------------------------------------------------------------------
+
+    def read_reg(self, name: str) -> int:
+        field, shift, width = _GPRS[name]
+        return int(getattr(self.regs, field) >> shift) & ((1 << width) - 1)
+
+    def write_reg(self, name: str, value: int) -> None:
+        """Write as the CPU does: 32-bit writes zero-extend, 8/16-bit ones merge."""
+        field, shift, width = _GPRS[name]
+        mask = (1 << width) - 1
+        if width == 32 or width == 64:
+            setattr(self.regs, field, value & mask)
+        else:
+            old = getattr(self.regs, field)
+            setattr(self.regs, field, (old & ~(mask << shift)) | ((value & mask) << shift))
+
+    def set_flags(self, changed: int, set_bits: int) -> None:
+        self.regs.rflags = (self.regs.rflags & ~changed) | (set_bits & changed)
+
+    # -- memory operands -------------------------------------------------------------
+
+    def address(self, operand: Any) -> int:
+        """The linear address of a memory operand (segment base + effective address)."""
+        assert self.insn is not None
+        raw = self.insn.raw
+        mem = operand.mem
+        address_bits = self.bits
+        if 0x67 in self.insn.prefixes:
+            address_bits = 32 if self.bits == 64 else 48 - self.bits
+        base_name = str(raw.reg_name(mem.base)) if mem.base else ""
+        if base_name in ("rip", "eip"):
+            base = raw.address + raw.size
+        else:
+            base = self.read_reg(base_name) if base_name else 0
+        index = self.read_reg(str(raw.reg_name(mem.index))) * mem.scale if mem.index else 0
+        effective = int(base + index + mem.disp) & ((1 << address_bits) - 1)
+        segment = str(raw.reg_name(mem.segment)) if mem.segment else ""
+        if not segment:
+            segment = "ss" if base_name in ("rsp", "esp", "sp", "rbp", "ebp", "bp") else "ds"
+        if self.bits == 64:
+            if segment not in ("fs", "gs"):
+                return effective
+            return int(getattr(self.sregs, segment).base + effective) & ((1 << 64) - 1)
+        descriptor: Segment = getattr(self.sregs, segment)
+        if effective + operand.size - 1 > descriptor.limit:
+            raise GuestFault(SS_FAULT if segment == "ss" else GP, 0)
+        return (descriptor.base + effective) & 0xFFFFFFFF
+
+    def _physical(self, linear: int, write: bool, implicit_supervisor: bool = False) -> int:
+        """Translate with the CPU's permission checks, or raise the #PF it would take."""
+        if not self.sregs.cr0 & CR0_PG:
+            return linear
+        user = self.cpl == 3 and not implicit_supervisor
+        error = (PF_WRITE if write else 0) | (PF_USER if user else 0)
+        found = self.vcpu.translate(linear)
+        if found is None:
+            raise GuestFault(PF, error, cr2=linear)
+        if user and not found.usermode:
+            raise GuestFault(PF, error | PF_PRESENT, cr2=linear)
+        if write and not found.writeable and (user or self.sregs.cr0 & CR0_WP):
+            raise GuestFault(PF, error | PF_PRESENT, cr2=linear)
+        if (
+            not user
+            and found.usermode
+            and self.sregs.cr4 & CR4_SMAP
+            and (implicit_supervisor or not self.regs.rflags & AC)
+        ):
+            raise GuestFault(PF, error | PF_PRESENT, cr2=linear)
+        return found.physical_address
+
+    def _pieces(
+        self, linear: int, size: int, write: bool, implicit: bool = False
+    ) -> list[tuple[int, int]]:
+        """(guest-physical address, length) per page touched; every page checked first."""
+        pieces = []
+        done = 0
+        while done < size:
+            at = linear + done
+            length = min(size - done, PAGE_SIZE - at % PAGE_SIZE)
+            pieces.append((self._physical(at, write, implicit), length))
+            done += length
+        return pieces
+
+    def read(self, linear: int, size: int, implicit: bool = False) -> int:
+        return self.load(self._pieces(linear, size, False, implicit))
+
+    def check_write(self, linear: int, size: int) -> list[tuple[int, int]]:
+        return self._pieces(linear, size, True)
+
+    def store(self, pieces: list[tuple[int, int]], value: int) -> None:
+        data = value.to_bytes(sum(n for _, n in pieces), "little")
+        at = 0
+        for gpa, n in pieces:
+            self.memory.write(gpa, data[at : at + n])
+            at += n
+
+    def load(self, pieces: list[tuple[int, int]]) -> int:
+        return int.from_bytes(b"".join(self.memory.read(gpa, n) for gpa, n in pieces), "little")
+
+    def operand_value(self, operand: Any) -> int:
+        """A register or memory source operand's value."""
+        assert self.insn is not None
+        if operand.type == _OP_REG:
+            return self.read_reg(str(self.insn.raw.reg_name(operand.reg)))
+        return self.read(self.address(operand), int(operand.size))
+
+    def reg_name(self, operand: Any) -> str:
+        assert self.insn is not None
+        return str(self.insn.raw.reg_name(operand.reg))
+
+
+_OP_REG, _OP_IMM, _OP_MEM = 1, 2, 3  # capstone's X86_OP_* values
+
+
+# -- software interrupts (SDM Vol. 2A "INT n/INTO/INT3/INT1", Vol. 3A 6.12) --------------
+
+
+def _software_interrupt(state: _State, vector: int, check_dpl: bool = True) -> str:
+    """Check the IDT gate as INT n does, then have the backend deliver through it."""
+    sregs = state.sregs
+    entry_size = 16 if sregs.efer & (1 << 10) else 8
+    error = vector * 8 + 2  # IDT bit set, EXT clear
+    offset = vector * entry_size
+    if offset + entry_size - 1 > sregs.idt.limit:
+        raise GuestFault(GP, error)
+    gate = state.read(sregs.idt.base + offset, 8, implicit=True)
+    access = (gate >> 40) & 0xFF
+    gate_type = access & 0x1F
+    valid = (0x0E, 0x0F) if entry_size == 16 else (0x05, 0x06, 0x07, 0x0E, 0x0F)
+    if gate_type not in valid:
+        raise GuestFault(GP, error)
+    if check_dpl and state.cpl > (access >> 5) & 3:
+        raise GuestFault(GP, error)
+    if not access & 0x80:
+        raise GuestFault(NP, error)
+    state.advance()
+    state.vcpu.inject_interrupt(vector)
+    return f"vector {vector} through the IDT"
+
+
+def _int(state: _State, insn: _Insn) -> str:
+    return _software_interrupt(state, insn.operands[0].imm & 0xFF)
+
+
+def _int3(state: _State, insn: _Insn) -> str:
+    return _software_interrupt(state, BP)
+
+
+def _int1(state: _State, insn: _Insn) -> str:
+    return _software_interrupt(state, DB, check_dpl=False)
+
+
+def _into(state: _State, insn: _Insn) -> str:
+    if not state.regs.rflags & OF_FLAG:
+        state.advance()
+        return "OF clear: no interrupt"
+    return _software_interrupt(state, OF)
+
+
+# -- flags and pure-register instructions -----------------------------------------------
+
+
+def _bit_count(state: _State, insn: _Insn) -> str:
+    """popcnt, lzcnt, tzcnt: destination register, register or memory source."""
+    destination, source = insn.operands
+    width = source.size * 8
+    value = state.operand_value(source) & ((1 << width) - 1)
+    if insn.mnemonic == "popcnt":
+        result = bin(value).count("1")
+        flags = ZF if value == 0 else 0
+    else:
+        if insn.mnemonic == "lzcnt":
+            result = width - value.bit_length()
+        else:
+            result = (value & -value).bit_length() - 1 if value else width
+        flags = (CF if value == 0 else 0) | (ZF if result == 0 else 0)
+    state.write_reg(state.reg_name(destination), result)
+    # popcnt clears OF, SF, AF, PF.  For lzcnt/tzcnt the SDM leaves them undefined; the
+    # AMD family 0x1a CPU these hosts run keeps OF and clears the rest, and so does this.
+    changed = ARITH_FLAGS if insn.mnemonic == "popcnt" else ARITH_FLAGS & ~OF_FLAG
+    state.set_flags(changed, flags)
+    state.advance()
+    return f"= {result}"
+
+
+def _movbe(state: _State, insn: _Insn) -> str:
+    destination, source = insn.operands
+    size = destination.size
+    if destination.type == _OP_REG:
+        value = state.read(state.address(source), size)
+        swapped = int.from_bytes(value.to_bytes(size, "little"), "big")
+        state.write_reg(state.reg_name(destination), swapped)
+    else:
+        value = state.read_reg(state.reg_name(source))
+        swapped = int.from_bytes(value.to_bytes(size, "little"), "big")
+        state.store(state.check_write(state.address(destination), size), swapped)
+    state.advance()
+    return f"{swapped:#x}"
+
+
+def _clac_stac(state: _State, insn: _Insn) -> str:
+    if state.cpl > 0 or 0xF0 in insn.prefixes:
+        raise GuestFault(UD)
+    state.set_flags(AC, AC if insn.mnemonic == "stac" else 0)
+    state.advance()
+    return "AC=" + ("1" if insn.mnemonic == "stac" else "0")
+
+
+# -- memory instructions -----------------------------------------------------------------
+
+
+def _cmpxchg8b_16b(state: _State, insn: _Insn) -> str:
+    (operand,) = insn.operands
+    size = 16 if insn.mnemonic.endswith("16b") else 8
+    half = size * 4
+    wide = "r" if size == 16 else "e"
+    linear = state.address(operand)
+    if size == 16 and linear % 16:
+        raise GuestFault(GP, 0)
+    expected = state.read_reg(wide + "dx") << half | state.read_reg(wide + "ax")
+    replacement = state.read_reg(wide + "cx") << half | state.read_reg(wide + "bx")
+    with _MEMORY_LOCK:
+        pieces = state.check_write(linear, size)  # the CPU checks for a write either way
+        current = state.load(pieces)
+        equal = current == expected
+        # Without a match the CPU still writes: it stores back what it read.
+        state.store(pieces, replacement if equal else current)
+    if not equal:
+        state.write_reg(wide + "ax", current & ((1 << half) - 1))
+        state.write_reg(wide + "dx", current >> half)
+    state.set_flags(ZF, ZF if equal else 0)
+    state.advance()
+    return "exchanged" if equal else "not equal"
+
+
+def _cache_line(state: _State, insn: _Insn) -> str:
+    """clwb, clflushopt, clflush: guest RAM is coherent host memory, so nothing to write back.
+
+    The CPU still translates the address (as a read) and faults where it would.
+    """
+    state.read(state.address(insn.operands[0]), 1)
+    state.advance()
+    return "no-op (coherent memory)"
+
+
+def _invpcid(state: _State, insn: _Insn) -> str:
+    if state.cpl > 0:
+        raise GuestFault(GP, 0)
+    kind_reg, descriptor = insn.operands
+    kind = state.read_reg(state.reg_name(kind_reg))
+    linear = state.address(descriptor)
+    value = state.read(linear, 16)
+    pcid, address = value & 0xFFF, value >> 64
+    if kind > 3 or value >> 12 & ((1 << 52) - 1):
+        raise GuestFault(GP, 0)
+    if kind == 0 and state.bits == 64 and not _canonical(address):
+        raise GuestFault(GP, 0)
+    if kind in (0, 1) and pcid and not state.sregs.cr4 & (1 << 17):
+        raise GuestFault(GP, 0)
+    # Rewriting the special registers makes KVM drop its cached translations.
+    state.vcpu.set_sregs(state.vcpu.get_sregs())
+    state.advance()
+    return f"type {kind}: KVM's TLB flushed"
+
+
+def _canonical(address: int) -> bool:
+    top = address >> 47
+    return top in (0, (1 << 17) - 1)
+
+
+# -- state instructions ------------------------------------------------------------------
+
+
+def _xgetbv(state: _State, insn: _Insn) -> str:
+    if not state.sregs.cr4 & CR4_OSXSAVE:
+        raise GuestFault(UD)
+    index = state.read_reg("ecx")
+    xcr0 = state.vcpu.get_xcr(0)
+    if xcr0 is None or index not in (0, 1):
+        raise GuestFault(GP, 0)
+    # XINUSE (index 1) is reported conservatively: every enabled component in use.
+    value = xcr0
+    state.write_reg("eax", value & 0xFFFFFFFF)
+    state.write_reg("edx", value >> 32)
+    state.advance()
+    return f"XCR{index}={value:#x}"
+
+
+def _xsetbv(state: _State, insn: _Insn) -> str:
+    if not state.sregs.cr4 & CR4_OSXSAVE:
+        raise GuestFault(UD)
+    if state.cpl > 0 or state.read_reg("ecx") != 0:
+        raise GuestFault(GP, 0)
+    value = state.read_reg("edx") << 32 | state.read_reg("eax")
+    try:
+        state.vcpu.set_xcr(0, value)
+    except OSError:  # KVM refuses what the CPU would refuse: a #GP
+        raise GuestFault(GP, 0) from None
+    state.advance()
+    return f"XCR0={value:#x}"
+
+
+def _fwait(state: _State, insn: _Insn) -> str:
+    cr0 = state.sregs.cr0
+    if cr0 & CR0_MP and cr0 & CR0_TS:
+        raise GuestFault(NM)
+    fpu = state.vcpu.get_fpu()
+    if fpu.fsw & 0x80 and cr0 & CR0_NE:  # ES: an unmasked x87 exception is pending
+        raise GuestFault(MF)
+    state.advance()
+    return "no pending x87 exception"
+
+
+def _x87_available(state: _State) -> None:
+    if state.sregs.cr0 & (CR0_EM | CR0_TS):
+        raise GuestFault(NM)
+
+
+def _fninit(state: _State, insn: _Insn) -> str:
+    _x87_available(state)
+    fpu = state.vcpu.get_fpu()
+    fpu.fcw, fpu.fsw, fpu.ftwx = 0x37F, 0, 0
+    fpu.last_opcode = fpu.last_ip = fpu.last_dp = 0
+    state.vcpu.set_fpu(fpu)
+    state.advance()
+    return "x87 reset"
+
+
+def _fld_constant(state: _State, insn: _Insn) -> str:
+    """fldz, fld1, fldpi...: push a constant onto the x87 stack (SDM Vol. 1, 8.3.3)."""
+    _x87_available(state)
+    fpu = state.vcpu.get_fpu()
+    exponent, significand, rounding, adjust = _X87_CONSTANTS[insn.mnemonic]
+    if (fpu.fcw >> 10) & 3 in rounding:
+        significand += adjust
+    top = (fpu.fsw >> 11) & 7
+    new_top = (top - 1) & 7
+    fsw = fpu.fsw & ~(0x0200)  # C1 = 0 unless the stack overflows
+    if fpu.ftwx & (1 << new_top):  # stack overflow: IE and SF, C1 = 1
+        fsw |= 0x0041 | 0x0200
+        if not fpu.fcw & 1:  # unmasked: the exception is pending, the stack unchanged
+            fpu.fsw = fsw | 0x8080
+            state.vcpu.set_fpu(fpu)
+            state.advance()
+            return "stack overflow (unmasked)"
+        exponent, significand = _X87_INDEFINITE
+    value = significand.to_bytes(8, "little") + exponent.to_bytes(2, "little") + bytes(6)
+    fpu.fpr = value + fpu.fpr[:112]
+    fpu.ftwx |= 1 << new_top
+    fpu.fsw = (fsw & ~0x3800) | new_top << 11
+    assert state.insn is not None
+    code = state.insn.raw.bytes
+    fpu.last_opcode = ((code[-2] & 7) << 8) | code[-1]
+    fpu.last_ip = state.regs.rip
+    state.vcpu.set_fpu(fpu)
+    state.advance()
+    return f"ST0={exponent:04x}:{significand:016x}"
+
+
+def _fnstsw(state: _State, insn: _Insn) -> str:
+    _x87_available(state)
+    (operand,) = insn.operands
+    status = state.vcpu.get_fpu().fsw & 0xFFFF
+    if operand.type == _OP_REG:
+        state.write_reg("ax", status)
+    else:
+        state.store(state.check_write(state.address(operand), 2), status)
+    state.advance()
+    return f"FSW={status:#06x}"
+
+
+def _fnstcw(state: _State, insn: _Insn) -> str:
+    _x87_available(state)
+    control = state.vcpu.get_fpu().fcw & 0xFFFF
+    state.store(state.check_write(state.address(insn.operands[0]), 2), control)
+    state.advance()
+    return f"FCW={control:#06x}"
+
+
+def _fldcw(state: _State, insn: _Insn) -> str:
+    _x87_available(state)
+    control = state.read(state.address(insn.operands[0]), 2)
+    fpu = state.vcpu.get_fpu()
+    fpu.fcw = control
+    # ES and B follow whether any pending exception is now unmasked.
+    pending = fpu.fsw & 0x3F & ~control
+    fpu.fsw = (fpu.fsw | 0x8080) if pending else (fpu.fsw & ~0x8080)
+    state.vcpu.set_fpu(fpu)
+    state.advance()
+    return f"FCW={control:#06x}"
+
+
+def _fstp(state: _State, insn: _Insn) -> str | None:
+    """fstp m80 (fstpt): store ST0 unchanged and pop; other forms convert, so not here."""
+    (operand,) = insn.operands
+    if operand.type != _OP_MEM or operand.size != 10:
+        return None
+    _x87_available(state)
+    fpu = state.vcpu.get_fpu()
+    top = (fpu.fsw >> 11) & 7
+    value = fpu.fpr[:10]
+    fsw = fpu.fsw & ~0x0200
+    if not fpu.ftwx & (1 << top):  # stack underflow: IE and SF, C1 = 0
+        fsw |= 0x0041
+        if not fpu.fcw & 1:
+            fpu.fsw = fsw | 0x8080
+            state.vcpu.set_fpu(fpu)
+            state.advance()
+            return "stack underflow (unmasked)"
+        exponent, significand = _X87_INDEFINITE
+        value = significand.to_bytes(8, "little") + exponent.to_bytes(2, "little")
+    state.store(state.check_write(state.address(operand), 10), int.from_bytes(value, "little"))
+    fpu.fpr = fpu.fpr[16:] + bytes(16)
+    fpu.ftwx &= ~(1 << top)
+    fpu.fsw = (fsw & ~0x3800) | ((top + 1) & 7) << 11
+    state.vcpu.set_fpu(fpu)
+    state.advance()
+    return "stored ST0 and popped"
+
+
+_HANDLERS: dict[str, Callable[[_State, _Insn], str | None]] = {
+    "int": _int,
+    "int3": _int3,
+    "int1": _int1,
+    "into": _into,
+    "popcnt": _bit_count,
+    "lzcnt": _bit_count,
+    "tzcnt": _bit_count,
+    "movbe": _movbe,
+    "clac": _clac_stac,
+    "stac": _clac_stac,
+    "cmpxchg8b": _cmpxchg8b_16b,
+    "cmpxchg16b": _cmpxchg8b_16b,
+    "clwb": _cache_line,
+    "clflushopt": _cache_line,
+    "clflush": _cache_line,
+    "invpcid": _invpcid,
+    "xgetbv": _xgetbv,
+    "xsetbv": _xsetbv,
+    "wait": _fwait,
+    "fninit": _fninit,
+    "fnstsw": _fnstsw,
+    "fnstcw": _fnstcw,
+    "fldcw": _fldcw,
+    "fstp": _fstp,
+    **dict.fromkeys(_X87_CONSTANTS, _fld_constant),
+}
+
+COMPLETED_MNEMONICS = tuple(sorted(_HANDLERS))
