@@ -64,6 +64,9 @@ class FakeVcpu:
         self._last: Step | None = None
         # Events handed to inject_exception/inject_interrupt: (how, vector, error code).
         self.injected: list[tuple[str, int, int | None]] = []
+        # Page (linear, 4 KiB aligned) -> its translation (None: not present), for translate().
+        self.pages: dict[int, Translation | None] = {}
+        self.xcr0 = 1
 
     def run(self) -> int:
         self._record_reply()
@@ -131,6 +134,14 @@ class FakeVcpu:
         self.cpuid = table
 
     def translate(self, linear_address: int) -> Translation | None:
+        """Identity, writeable supervisor pages, unless ``pages`` says otherwise for a page."""
+        page = linear_address & ~0xFFF
+        if page in self.pages:
+            found = self.pages[page]
+            if found is None:
+                return None
+            address = found.physical_address | linear_address & 0xFFF
+            return Translation(address, found.writeable, found.usermode)
         return Translation(linear_address, True, False)
 
     def get_mp_state(self) -> MpState:
@@ -152,8 +163,10 @@ class FakeVcpu:
         return self._detail
 
     def failed_instruction(self) -> bytes | None:
-        # The fake reports no instruction bytes: completion never applies to it.
-        return None
+        """An INTERNAL_ERROR step's ``code``: the bytes of the instruction that "failed"."""
+        if self._last is None or self._last.kind != ExitKind.INTERNAL_ERROR:
+            return None
+        return self._detail[1]
 
     def inject_exception(self, vector: int, error_code: int | None = None) -> None:
         self.injected.append(("exception", vector, error_code))
@@ -162,10 +175,12 @@ class FakeVcpu:
         self.injected.append(("interrupt", vector, None))
 
     def get_xcr(self, index: int) -> int | None:
-        return None
+        return self.xcr0 if index == 0 else None
 
     def set_xcr(self, index: int, value: int) -> None:
-        raise BackendError("set_xcr", errno.EOPNOTSUPP)
+        if index != 0 or not value & 1:
+            raise BackendError("set_xcr", errno.EINVAL)
+        self.xcr0 = value
 
     def exit_name(self) -> str:
         return f"FAKE_EXIT_{self.exit.reason}"
