@@ -11,7 +11,7 @@ LD ?= ld
 
 OUT := guests/out
 REAL_GUESTS := real_hello pio_loop counter runner_pass runner_fail runner_skip vga_colors
-PROTECTED_GUESTS := protected_hello paged32_hello
+PROTECTED_GUESTS := protected_hello paged32_hello iret32
 LONG_GUESTS := long_hello triple_fault mmio_hello interrupts gdb_target complete64
 MULTIBOOT_GUESTS := multiboot_hello
 PVH_GUESTS := pvh_hello

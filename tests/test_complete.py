@@ -306,3 +306,27 @@ def test_the_run_loop_completes_and_goes_on_or_crashes_when_disabled() -> None:
         m.vm.vcpus[0].sregs = long_mode()  # type: ignore[attr-defined]
         m.arch.completer.enabled = False
         assert m.run(timeout=5).kind is OutcomeKind.CRASH
+
+
+def protected_mode() -> Sregs:
+    code = Segment(selector=0x08, type=0xB, dpl=0, db=1, limit=0xFFFFFFFF, g=1)
+    data = Segment(selector=0x10, type=0x3, dpl=0, db=1, limit=0xFFFFFFFF, g=1)
+    sregs = Sregs(cs=code, ds=data, es=data, ss=data, fs=data, gs=data)
+    sregs.cr0 = CR0_PE
+    sregs.gdt.base, sregs.gdt.limit = 0x1000, 5 * 8 - 1
+    return sregs
+
+
+def test_iret32_same_level_and_a_bad_code_selector(memory: GuestMemory) -> None:
+    memory.write(0x1000, struct.pack("<5Q", 0, 0x00CF9A000000FFFF, 0x00CF92000000FFFF, 0, 0))
+    memory.write(0x7000, struct.pack("<3I", 0x123456, 0x08, 0x0ED7))
+    vcpu = vcpu_at(b"\xcf", protected_mode(), rsp=0x7000)
+    assert completer(memory).complete(vcpu)
+    assert (vcpu.regs.rip, vcpu.regs.rsp, vcpu.regs.rflags) == (0x123456, 0x700C, 0x0ED7)
+    assert memory.read(0x1000 + 8 + 5, 1) == b"\x9b"  # the accessed bit, set on load
+    memory.write(0x7000, struct.pack("<3I", 0x123456, 0x10, 0x2))  # a data segment as CS
+    vcpu = vcpu_at(b"\xcf", protected_mode(), rsp=0x7000)
+    assert completer(memory).complete(vcpu)
+    assert (vcpu.injected, vcpu.regs.rip) == ([("exception", 13, 0x10)], RIP)
+    vcpu = vcpu_at(b"\xcf", protected_mode(), rsp=0x7000, rflags=0x4002)  # NT: a task return
+    assert not completer(memory).complete(vcpu)

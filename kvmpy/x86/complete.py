@@ -55,6 +55,7 @@ CR4_OSXSAVE = 1 << 18
 # #PF error code bits.
 PF_PRESENT, PF_WRITE, PF_USER = 1, 2, 4
 
+_DECODE_CACHE_SIZE = 4096  # decoded instructions kept, by (mode, RIP, bytes)
 _LEGACY_PREFIXES = frozenset((0x66, 0x67, 0xF0, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65))
 
 # One lock for every completed memory access: completions on different vCPUs
@@ -139,6 +140,7 @@ class Completer:
         self.on_complete: Callable[[int, int, str, str], None] | None = None
         self._lock = threading.Lock()
         self._decoders: dict[int, Any] = {}
+        self._decoded: dict[tuple[int, int, bytes], _Insn] = {}
 
     def complete(self, vcpu: Vcpu) -> bool:
         """True if the failed instruction was completed (or faulted into the guest)."""
@@ -153,6 +155,7 @@ class Completer:
         if mode == "real":
             return False  # not seen failing on real-mode code; leave it to the report
         bits = 64 if mode == "long" else (32 if sregs.cs.db else 16)
+        at = regs.rip
         state = _State(vcpu, self.memory, regs, sregs, bits)
         insn = self._decode(code, bits, regs.rip)
         if insn is None:
@@ -179,15 +182,24 @@ class Completer:
         with self._lock:
             self.counts[name] += 1
         if self.on_complete is not None:
-            self.on_complete(vcpu.index, regs.rip, text, done)
+            self.on_complete(vcpu.index, at, text, done)
         return True
 
     def _decode(self, code: bytes, bits: int, rip: int) -> _Insn | None:
+        """Decode one instruction; the same bytes at the same RIP (a loop) decode once."""
+        key = (bits, rip, code)
+        cached = self._decoded.get(key)
+        if cached is not None:
+            return cached
         decoder = self._decoders.get(bits)
         if decoder is None:
             decoder = self._decoders[bits] = _decoder(bits)
         for raw in decoder.disasm(code, rip, 1):
-            return _Insn(raw.mnemonic, raw.size, list(raw.operands), list(raw.prefix), raw)
+            insn = _Insn(raw.mnemonic, raw.size, list(raw.operands), list(raw.prefix), raw)
+            if len(self._decoded) >= _DECODE_CACHE_SIZE:
+                self._decoded.clear()
+            self._decoded[key] = insn
+            return insn
         return None
 
 
@@ -660,6 +672,136 @@ def _fstp(state: _State, insn: _Insn) -> str | None:
     return "stored ST0 and popped"
 
 
+# -- a 32-bit iret (SDM Vol. 2A "IRET/IRETD", protected mode) ------------------------------
+
+# RFLAGS bits iret loads at any CPL: CF PF AF ZF SF TF DF OF NT RF AC ID.
+_IRET_FLAGS = 0x254DD5
+_IF, _IOPL, _NT, _VM = 1 << 9, 3 << 12, 1 << 14, 1 << 17
+
+
+def _segment_for(state: _State, selector: int) -> tuple[Segment, int, int]:
+    """The GDT descriptor for ``selector``: (segment cache, access byte, descriptor address).
+
+    Raises #GP(selector) for a selector past the GDT limit; LDT selectors are not handled.
+    """
+    gdt = state.sregs.gdt
+    index = selector & ~7
+    if selector & 4:
+        raise _NotHandled("an LDT selector")
+    if index + 7 > gdt.limit:
+        raise GuestFault(GP, selector & ~3)
+    at = gdt.base + index
+    descriptor = state.read(at, 8, implicit=True)
+    access = (descriptor >> 40) & 0xFF
+    flags = (descriptor >> 52) & 0xF
+    limit = (descriptor & 0xFFFF) | ((descriptor >> 48) & 0xF) << 16
+    segment = Segment(
+        base=((descriptor >> 16) & 0xFFFFFF) | ((descriptor >> 56) & 0xFF) << 24,
+        limit=(limit << 12) | 0xFFF if flags & 8 else limit,
+        selector=selector,
+        type=access & 0xF,
+        present=access >> 7,
+        dpl=(access >> 5) & 3,
+        s=(access >> 4) & 1,
+        avl=flags & 1,
+        l=(flags >> 1) & 1,
+        db=(flags >> 2) & 1,
+        g=flags >> 3,
+    )
+    return segment, access, at
+
+
+class _NotHandled(Exception):
+    """A case completion leaves to the crash report (task returns, LDTs, virtual-8086)."""
+
+
+def _iretd(state: _State, insn: _Insn) -> str | None:
+    if state.bits != 32 or state.sregs.efer & (1 << 10):
+        return None  # iretq works on this host; 16-bit and compatibility mode are not done here
+    try:
+        return _protected_iret(state)
+    except _NotHandled:
+        return None
+
+
+def _protected_iret(state: _State) -> str:
+    regs, sregs = state.regs, state.sregs
+    if regs.rflags & _NT:
+        raise _NotHandled("a task return")
+    ss = sregs.ss
+    stack_mask = 0xFFFFFFFF if ss.db else 0xFFFF
+    esp = regs.rsp & stack_mask
+
+    def pop(offset: int) -> int:
+        return state.read(ss.base + ((esp + offset) & stack_mask), 4)
+
+    new_eip, new_cs, new_flags = pop(0), pop(4) & 0xFFFF, pop(8)
+    if new_flags & _VM and state.cpl == 0:
+        raise _NotHandled("a return to virtual-8086 mode")
+    if new_cs & ~3 == 0:
+        raise GuestFault(GP, 0)
+    code, access, at = _segment_for(state, new_cs)
+    rpl = new_cs & 3
+    conforming = code.type & 4
+    if not code.s or not code.type & 8 or rpl < state.cpl:
+        raise GuestFault(GP, new_cs & ~3)
+    if (conforming and code.dpl > rpl) or (not conforming and code.dpl != rpl):
+        raise GuestFault(GP, new_cs & ~3)
+    if not code.present:
+        raise GuestFault(NP, new_cs & ~3)
+    if new_eip > code.limit:
+        raise GuestFault(GP, 0)
+    new_esp = (esp + 12) & stack_mask
+    new_ss = None
+    if rpl > state.cpl:  # to an outer level: SS:ESP come off the stack too
+        new_esp, new_ss_selector = pop(12), pop(16) & 0xFFFF
+        if new_ss_selector & ~3 == 0:
+            raise GuestFault(GP, 0)
+        new_ss, ss_access, ss_at = _segment_for(state, new_ss_selector)
+        if (
+            new_ss_selector & 3 != rpl
+            or new_ss.dpl != rpl
+            or not new_ss.s
+            or new_ss.type & 8
+            or not new_ss.type & 2
+        ):
+            raise GuestFault(GP, new_ss_selector & ~3)
+        if not new_ss.present:
+            raise GuestFault(SS_FAULT, new_ss_selector & ~3)
+        _mark_accessed(state, ss_access, ss_at)
+    _mark_accessed(state, access, at)
+    # RFLAGS: IOPL only at CPL0, IF only where CPL <= IOPL; VM, VIF, VIP stay (CPL0 aside).
+    changed = _IRET_FLAGS
+    if state.cpl <= (regs.rflags & _IOPL) >> 12:
+        changed |= _IF
+    if state.cpl == 0:
+        changed |= _IOPL | (3 << 19)
+    regs.rflags = (regs.rflags & ~changed) | (new_flags & changed) | 2
+    regs.rip = new_eip
+    sregs.cs = code
+    if new_ss is None:
+        regs.rsp = (regs.rsp & ~stack_mask) | new_esp
+    else:
+        regs.rsp = new_esp
+        sregs.ss = new_ss
+        # Data segments the new, outer level may not use become null.
+        for name in ("ds", "es", "fs", "gs"):
+            segment: Segment = getattr(sregs, name)
+            data_or_plain_code = not segment.type & 8 or not segment.type & 4
+            if segment.dpl < rpl and data_or_plain_code:
+                setattr(sregs, name, Segment(selector=0, present=0, unusable=1))
+    state.vcpu.set_sregs(sregs)
+    state.vcpu.set_regs(regs)
+    return f"to {new_cs:#x}:{new_eip:#x}" + (" (outer level)" if new_ss is not None else "")
+
+
+def _mark_accessed(state: _State, access: int, at: int) -> None:
+    """The CPU sets a descriptor's accessed bit when it loads it."""
+    if not access & 1:
+        pieces = state._pieces(at + 5, 1, True, implicit=True)
+        state.store(pieces, access | 1)
+
+
 _HANDLERS: dict[str, Callable[[_State, _Insn], str | None]] = {
     "int": _int,
     "int3": _int3,
@@ -681,6 +823,7 @@ _HANDLERS: dict[str, Callable[[_State, _Insn], str | None]] = {
     "xsetbv": _xsetbv,
     "wait": _fwait,
     "fninit": _fninit,
+    "iretd": _iretd,
     "fnstsw": _fnstsw,
     "fnstcw": _fnstcw,
     "fldcw": _fldcw,

@@ -157,7 +157,16 @@ def _set_state(fd: int, ioctl: str, ctype: str, data: bytes) -> None:
 
 
 def _segment_from(c: Any) -> Segment:
-    return Segment(**{name: getattr(c, name) for name in SEGMENT_FIELDS})
+    # Positional, in SEGMENT_FIELDS order: instruction completion reads sregs on every exit.
+    return Segment(
+        c.base, c.limit, c.selector, c.type, c.present, c.dpl, c.db, c.s, c.l, c.g, c.avl,
+        c.unusable,
+    )  # fmt: skip
+
+
+assert SEGMENT_FIELDS == (
+    "base", "limit", "selector", "type", "present", "dpl", "db", "s", "l", "g", "avl", "unusable",
+)  # fmt: skip
 
 
 class _Fd:
@@ -610,9 +619,12 @@ class Vcpu(_Fd):
         e = self.exit
         if e.reason != lib.KVM_EXIT_INTERNAL_ERROR:
             return None
-        if e.suberror != lib.KVM_INTERNAL_ERROR_EMULATION:
+        if e.suberror != lib.KVM_INTERNAL_ERROR_EMULATION or e.ndata < 3:
             return None
-        return self.describe_exit()[1]
+        if not e.data[0] & lib.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES:
+            return None
+        blob = e.data[1].to_bytes(8, "little") + e.data[2].to_bytes(8, "little")
+        return bytes(blob[1 : 1 + min(blob[0], 15)])
 
     def inject_exception(self, vector: int, error_code: int | None = None) -> None:
         """KVM_SET_VCPU_EVENTS: deliver exception ``vector`` (0-31) at the next entry.
