@@ -75,7 +75,9 @@ def build(body: str, count: int, workdir: Path, name: str) -> Path:
     src.write_text(SOURCE.replace("BODY", body).replace("COUNT", str(count)))
     subprocess.run(["as", "--64", "-o", str(obj), str(src)], check=True)
     script = ROOT / "guests" / "long.ld"
-    subprocess.run(["ld", "-m", "elf_x86_64", "-T", str(script), "-o", str(binary), str(obj)], check=True)
+    subprocess.run(
+        ["ld", "-m", "elf_x86_64", "-T", str(script), "-o", str(binary), str(obj)], check=True
+    )
     return binary
 
 
