@@ -2,6 +2,7 @@
 #   make demo   venv + shim + guests, then run the default guest
 #   make test   the same set-up, then ruff, mypy and pytest
 #   make bench  the benchmarks in bench/
+#   make fuzz   the property-based (hypothesis) tests with a long budget
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -18,7 +19,7 @@ PVH_GUESTS := pvh_hello
 GUESTS := $(REAL_GUESTS:%=$(OUT)/%.bin) $(PROTECTED_GUESTS:%=$(OUT)/%.bin) \
 	$(LONG_GUESTS:%=$(OUT)/%.bin) $(MULTIBOOT_GUESTS:%=$(OUT)/%.elf) $(PVH_GUESTS:%=$(OUT)/%.elf)
 
-.PHONY: all setup guests demo test lint unit bench clean
+.PHONY: all setup guests demo test lint unit bench fuzz clean
 .DELETE_ON_ERROR:
 
 all: setup guests
@@ -87,6 +88,12 @@ bench: all
 	$(BIN)/python bench/lifecycle.py
 	$(BIN)/python bench/snapshot_restore.py
 	$(BIN)/python bench/qemu_compare.py
+
+# The hypothesis tests (tests/test_*fuzz*.py) run a short budget in `make test`;
+# this runs them long: FUZZ_EXAMPLES examples per test.
+FUZZ_EXAMPLES ?= 20000
+fuzz: all
+	KVMPY_FUZZ=1 KVMPY_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(BIN)/pytest -q $(wildcard tests/test_*fuzz*.py)
 
 clean:
 	rm -rf $(OUT) build *.egg-info kvmpy/backends/kvm/*.so kvmpy/backends/kvm/_kvm.c

@@ -2,9 +2,11 @@
 
 The run loop hands each I/O exit to a bus, and the bus hands it to the device
 that owns the address, with the offset into the device's range.  Accesses that
-no device claims read as all-ones and are dropped on write, like an ISA bus
-with nothing answering; they are counted, and with ``strict`` they raise
-``UnhandledAccess`` so a test can fail on them.
+no device claims, and MMIO accesses that run past the end of a device's range
+(an 8-byte read that KVM split at a page boundary, say), read as all-ones and
+are dropped on write, like an ISA bus with nothing answering; they are
+counted, and with ``strict`` they raise ``UnhandledAccess`` so a test can fail
+on them.
 """
 
 from __future__ import annotations
@@ -113,14 +115,14 @@ class Bus:
 
     def read(self, address: int, size: int) -> int:
         mapping = self.find(address)
-        if mapping is None:
+        if mapping is None or (not self._dense and address + size > mapping.end):
             return self._unhandled("read", address, size, (1 << (8 * size)) - 1)
         with mapping.lock:
             return mapping.device.read(address - mapping.base, size)
 
     def write(self, address: int, size: int, value: int) -> None:
         mapping = self.find(address)
-        if mapping is None:
+        if mapping is None or (not self._dense and address + size > mapping.end):
             self._unhandled("write", address, size, 0)
             return
         with mapping.lock:

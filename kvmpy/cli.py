@@ -8,13 +8,16 @@
 serial port, and exits with the guest's status: ``(code << 1) | 1`` for a
 debug-exit write (as QEMU), 0 when the guest halts or powers off, 4 when it
 crashes (with a report on stderr), 6 on a guest reset, 124 on timeout, 130 on
-Ctrl-C and 2 for bad input or an unusable /dev/kvm.
+Ctrl-C, 143 on SIGTERM (which also stops the run cleanly: --snapshot-at-exit
+still saves), and 2 for bad input, an unusable /dev/kvm, or a stdout that
+cannot take the guest's output (closed, a pipe whose reader left, a full disk).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import sys
 import termios
@@ -24,6 +27,12 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TextIO
 
+from kvmpy._process import (
+    STATUS_TERMINATED,
+    Terminated,
+    fill_closed_std_fds,
+    terminated,
+)
 from kvmpy.backends.base import KVM_PATH, BackendError, open_backend
 from kvmpy.bus import BusError
 from kvmpy.debug.gdbstub import attach_gdb
@@ -41,11 +50,27 @@ from kvmpy.loaders import LoaderError
 from kvmpy.loaders.detect import FORMATS
 from kvmpy.loaders.multiboot import parse_module
 from kvmpy.machine import DEFAULT_MEM_SIZE, Machine
-from kvmpy.memory import GuestMemoryError, parse_size
+from kvmpy.memory import MAX_RAM_SIZE, GuestMemoryError, parse_size
 from kvmpy.outcome import STATUS_ERROR, STATUS_INTERRUPTED, Outcome, OutcomeKind
 from kvmpy.runloop import ExitObserver
 from kvmpy.snapshot import SnapshotError
-from kvmpy.x86.modes import MODES
+from kvmpy.x86.modes import IDENTITY_MAP_SIZE, MODES
+
+# The longest --timeout: a year.  Longer waits overflow the timers below, and
+# a run without --timeout has no limit at all.
+MAX_TIMEOUT = 365 * 24 * 3600.0
+# Where each CPU mode can start: real mode below 1 MiB, the others in the 4 GiB
+# that 32-bit addresses (and long mode's identity map) reach.
+ENTRY_LIMITS = {
+    "real": 1 << 20,
+    "protected": 1 << 32,
+    "paged32": 1 << 32,
+    "long": IDENTITY_MAP_SIZE,
+}
+
+
+class _OutputError(Exception):
+    """Stdout failed while the guest wrote to it."""
 
 
 def _address(text: str) -> int:
@@ -55,14 +80,21 @@ def _address(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not an address: {text!r} (try 0x7c00)") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"address must not be negative: {text!r}")
+    if value >= 1 << 64:
+        raise argparse.ArgumentTypeError(f"address is wider than 64 bits: {text!r}")
     return value
 
 
-def _size(text: str) -> int:
+def _ram_size(text: str) -> int:
     try:
-        return parse_size(text)
+        size = parse_size(text)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+    if size > MAX_RAM_SIZE:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is more guest RAM than the {MAX_RAM_SIZE >> 30}G kvmpy allows"
+        )
+    return size
 
 
 def _count(text: str) -> int:
@@ -87,8 +119,14 @@ def _seconds(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if math.isnan(value):
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}")
     if value <= 0:
         raise argparse.ArgumentTypeError(f"timeout must be positive: {text!r}")
+    if value > MAX_TIMEOUT:  # inf too
+        raise argparse.ArgumentTypeError(
+            f"timeout {text!r} is more than a year ({MAX_TIMEOUT:.0f} s); leave it out for no limit"
+        )
     return value
 
 
@@ -170,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--mem",
-        type=_size,
+        type=_ram_size,
         default=DEFAULT_MEM_SIZE,
         metavar="SIZE",
         help="guest RAM (default: 128M)",
@@ -222,14 +260,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _write_stdout(data: bytes) -> None:
-    os.write(sys.stdout.fileno(), data)
+class _GuestOutput:
+    """Writes the guest's serial output to stdout (fd 1).
+
+    Python ignores SIGPIPE, so a pipe whose reader left gives EPIPE here
+    rather than killing kvmpy before it can report and save a snapshot.
+
+    A write that fails (a closed pipe, a full disk) stops the run and is
+    reported once the run is over: a guest that "passed" while its output was
+    lost must not look like success.
+    """
+
+    def __init__(self) -> None:
+        self.machine: Machine | None = None
+        self.error: OSError | None = None
+
+    def __call__(self, data: bytes) -> None:
+        if self.error is not None:
+            return  # the run is stopping; drop what comes meanwhile
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(1, view) :]
+        except OSError as exc:
+            self.error = exc
+            if self.machine is not None:
+                self.machine.stop(Outcome(OutcomeKind.HOST_ERROR, "stdout failed"))
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise _OutputError(
+                f"cannot write the guest's output to stdout: {self.error.strerror or self.error}"
+            )
 
 
 @contextlib.contextmanager
 def _terminal_input() -> Iterator[None]:
     """Turn off line buffering and echo on a terminal stdin (Ctrl-C still stops kvmpy)."""
-    if not sys.stdin.isatty():
+    if sys.stdin is None or not sys.stdin.isatty():
         yield
         return
     fd = sys.stdin.fileno()
@@ -281,6 +349,12 @@ class _StdinPump:
 
 
 def _report(outcome: Outcome, machine: Machine, verbose: bool) -> None:
+    if terminated() and outcome.kind is OutcomeKind.INTERRUPTED:
+        # SIGTERM: one line, unless asked for more.
+        where = outcome.report.summary() if outcome.report is not None else outcome.message
+        print(f"kvmpy: terminated (SIGTERM): {where}", file=sys.stderr)
+        if not verbose:
+            return
     if outcome.report is not None:
         print(f"kvmpy: {outcome.report.format()}", file=sys.stderr)
     elif outcome.kind is not OutcomeKind.EXIT or verbose:
@@ -337,6 +411,7 @@ def _run(
     m: Machine, args: argparse.Namespace, stdin: _StdinPump, trace: TextIO, deadline: float | None
 ) -> Outcome:
     """Run a loaded machine with the shared options: what to watch, when to stop, what to save."""
+    m.observer = None  # a reboot runs again with fresh observers, not the last run's
     stats = _attach_observers(m, args, trace)
     stub = None
     if args.gdb is not None:
@@ -374,10 +449,33 @@ def _deadline(args: argparse.Namespace) -> float | None:
     return None if args.timeout is None else time.monotonic() + args.timeout
 
 
+def _check_addresses(args: argparse.Namespace) -> None:
+    """--entry and --load-addr must be addresses the CPU mode can start at or reach."""
+    if args.mode is None:
+        return  # the image's format decides the mode; check_plan checks the entry
+    limit = ENTRY_LIMITS[args.mode]
+    for option, value in (("--entry", args.entry), ("--load-addr", args.load_addr)):
+        if value is not None and value >= limit:
+            raise ValueError(
+                f"{option} {value:#x} is out of reach in {args.mode} mode (below {limit:#x})"
+            )
+
+
+def _result(outcome: Outcome, m: Machine, args: argparse.Namespace, output: _GuestOutput) -> int:
+    """Report how the run ended and give the process status."""
+    output.check()
+    _report(outcome, m, args.verbose)
+    if terminated() and outcome.kind is OutcomeKind.INTERRUPTED:
+        return STATUS_TERMINATED
+    return outcome.status
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    _check_addresses(args)
     modules = [parse_module(text) for text in args.module]
     deadline = _deadline(args)
     stdin = _StdinPump()
+    output = _GuestOutput()
     with (
         _trace_output(args.trace_file) as trace,
         _terminal_input(),
@@ -386,11 +484,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             cpus=args.cpus,
             irqchip=args.irqchip,
             strict=args.strict,
-            serial_output=_write_stdout,
+            serial_output=output,
             cmdline=args.append,
             kvm_path=args.kvm,
         ) as m,
     ):
+        output.machine = m
         while True:
             m.boot(
                 args.image,
@@ -405,50 +504,89 @@ def cmd_run(args: argparse.Namespace) -> int:
                 OutcomeKind.RESET,
                 OutcomeKind.TRIPLE_FAULT,
             )
-            if not rebooting:
-                _report(outcome, m, args.verbose)
-                return outcome.status
+            if not rebooting or output.error is not None:
+                return _result(outcome, m, args, output)
             print("kvmpy: guest reset: restarting", file=sys.stderr)
             m.reset()  # in place: devices, vCPUs, irqchip and RAM to power-on state
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
     deadline = _deadline(args)
+    output = _GuestOutput()
     with (
         _trace_output(args.trace_file) as trace,
         _terminal_input(),
-        Machine.restore(args.directory, serial_output=_write_stdout, kvm_path=args.kvm) as m,
+        Machine.restore(args.directory, serial_output=output, kvm_path=args.kvm) as m,
     ):
+        output.machine = m
         outcome = _run(m, args, _StdinPump(), trace, deadline)
-        _report(outcome, m, args.verbose)
-        return outcome.status
+        return _result(outcome, m, args, output)
 
 
 def cmd_info(args: argparse.Namespace) -> int:
     backend = open_backend("kvm", path=args.kvm)
     try:
-        print(backend.describe())
-        print(
-            "instruction completion: on (instructions KVM cannot emulate are finished by "
+        text = backend.describe()
+        text += (
+            "\ninstruction completion: on (instructions KVM cannot emulate are finished by "
             "kvmpy, one exit each; --no-complete turns it off)"
         )
     finally:
         backend.close()
+    _print_stdout(text)
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def _error(message: str) -> int:
+    with contextlib.suppress(OSError, ValueError):  # a broken stderr: the status still says it
+        print(f"kvmpy: error: {message}", file=sys.stderr, flush=True)
+    return STATUS_ERROR
+
+
+def _stdout_failed(exc: OSError) -> _OutputError:
+    """The error to report for a failed stdout, which is replaced by /dev/null so that the
+    flush at interpreter exit has nothing left to fail on."""
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.close(null)
+    return _OutputError(f"cannot write to stdout: {exc.strerror or exc}")
+
+
+def _print_stdout(text: str) -> None:
     try:
+        print(text)
+        sys.stdout.flush()
+    except OSError as exc:
+        raise _stdout_failed(exc) from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``kvmpy`` command; returns the process status (see the module docstring)."""
+    try:
+        closed = fill_closed_std_fds()  # done by entry() already; here for callers of main()
+        args = build_parser().parse_args(argv)
+        if 1 in closed:
+            return _error("stdout is closed (use >/dev/null to discard the guest's output)")
         if args.command == "run":
-            return cmd_run(args)
-        if args.command == "restore":
-            return cmd_restore(args)
-        return cmd_info(args)
-    except (BackendError, LoaderError, GuestMemoryError, BusError, SnapshotError, ValueError) as e:
-        exc = e
-        print(f"kvmpy: error: {exc}", file=sys.stderr)
-        return STATUS_ERROR
+            status = cmd_run(args)
+        elif args.command == "restore":
+            status = cmd_restore(args)
+        else:
+            status = cmd_info(args)
+        return status
+    except (
+        BackendError,
+        LoaderError,
+        GuestMemoryError,
+        BusError,
+        SnapshotError,
+        ValueError,
+        _OutputError,
+    ) as exc:
+        return _error(str(exc))
+    except Terminated:  # SIGTERM outside a run (a run reports it itself)
+        print("kvmpy: terminated", file=sys.stderr)
+        return STATUS_TERMINATED
     except KeyboardInterrupt:  # Ctrl-C outside a run (a run reports it itself)
         print("kvmpy: interrupted", file=sys.stderr)
         return STATUS_INTERRUPTED

@@ -27,16 +27,8 @@ from typing import Any, TypeVar
 from kvmpy.backends.base import Backend, BackendError, Capability, Vcpu, Vm, open_backend, require
 from kvmpy.board import Board, DeviceEntry, FirmwareContext, Wiring
 from kvmpy.bus import Bus
-from kvmpy.devices.acpi_pm import AcpiPmControl, AcpiPmEvent
+from kvmpy.console import DEFAULT_CONSOLE_LIMIT, ConsoleLog
 from kvmpy.devices.base import IrqCallback, no_irq
-from kvmpy.devices.cmos import Cmos
-from kvmpy.devices.debug_exit import DebugExit
-from kvmpy.devices.fw_cfg import FwCfg
-from kvmpy.devices.post import PostCode
-from kvmpy.devices.reset import I8042, SystemControlPortA
-from kvmpy.devices.serial import Serial16550
-from kvmpy.devices.testdev import TestDevice
-from kvmpy.devices.vga import Vga
 from kvmpy.hostinfo import kvm_modules
 from kvmpy.loaders import LoaderError, LoadPlan, check_plan
 from kvmpy.loaders.detect import load_image
@@ -51,8 +43,8 @@ from kvmpy.x86.registers import CR0_PG
 
 DEFAULT_MEM_SIZE = PC.default_ram
 MIN_MEM_SIZE = PC.min_ram
-# How often the timer thread looks whether the guest enabled an RTC interrupt.
-RTC_IDLE_POLL = 0.05
+# How often the timer thread looks whether the guest enabled a timed interrupt.
+TIMER_IDLE_POLL = 0.05
 
 D = TypeVar("D")
 CTRL_C = Outcome(OutcomeKind.INTERRUPTED, "interrupted", signal=signal.SIGINT)
@@ -86,6 +78,7 @@ class Machine:
         memory_file: int | None = None,
         backend: str | Backend = "kvm",
         board: Board = PC,
+        console_limit: int = DEFAULT_CONSOLE_LIMIT,
     ) -> None:
         if mem_size < board.min_ram:
             raise ValueError(f"guest RAM must be at least 1 MiB, not {mem_size} bytes")
@@ -94,7 +87,8 @@ class Machine:
         if cpus > 1 and not irqchip:
             raise ValueError("more than one vCPU needs the in-kernel irqchip")
         self.board = board
-        self.console = bytearray()
+        # Serial output, bounded (kvmpy.console): a chatty guest cannot grow kvmpy.
+        self.console = ConsoleLog(console_limit)
         self.serial_output = serial_output
         self.cmdline = cmdline
         self.has_irqchip = irqchip
@@ -206,49 +200,13 @@ class Machine:
         """The lock every caller holds around a call into device ``name``."""
         return self._device_locks[name]
 
-    @property
-    def serial(self) -> Serial16550:
-        return self.device("serial", Serial16550)
-
-    @property
-    def debug_exit(self) -> DebugExit:
-        return self.device("debug_exit", DebugExit)
-
-    @property
-    def post(self) -> PostCode:
-        return self.device("post", PostCode)
-
-    @property
-    def fw_cfg(self) -> FwCfg:
-        return self.device("fw_cfg", FwCfg)
-
-    @property
-    def cmos(self) -> Cmos:
-        return self.device("cmos", Cmos)
-
-    @property
-    def i8042(self) -> I8042:
-        return self.device("i8042", I8042)
-
-    @property
-    def port92(self) -> SystemControlPortA:
-        return self.device("port92", SystemControlPortA)
-
-    @property
-    def acpi_pm(self) -> AcpiPmControl:
-        return self.device("acpi_pm", AcpiPmControl)
-
-    @property
-    def acpi_events(self) -> AcpiPmEvent:
-        return self.device("acpi_events", AcpiPmEvent)
-
-    @property
-    def testdev(self) -> TestDevice:
-        return self.device("testdev", TestDevice)
-
-    @property
-    def vga(self) -> Vga:
-        return self.device("vga", Vga)
+    def __getattr__(self, name: str) -> Any:
+        """Devices by their board name (``machine.serial``, ``machine.cmos``), untyped;
+        ``device(name, Type)`` gives a typed one."""
+        devices = self.__dict__.get("_devices")
+        if devices is not None and name in devices:
+            return devices[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     # -- memory ----------------------------------------------------------------------------
 
@@ -522,14 +480,20 @@ class Machine:
             thread.start()
             self._threads.append(thread)
         if self.has_irqchip:
-            rtc = threading.Thread(target=self._rtc_thread, name="kvmpy-rtc", daemon=True)
-            rtc.start()
-            self._threads.append(rtc)
+            timers = threading.Thread(target=self._timer_thread, name="kvmpy-timers", daemon=True)
+            timers.start()
+            self._threads.append(timers)
 
     @property
     def stopped(self) -> bool:
         """True once the run has ended (or is ending), whatever the reason."""
         return self._stopping.is_set()
+
+    @property
+    def outcome(self) -> Outcome | None:
+        """How the run ended (the first ``stop``), once it is ending; None while it runs."""
+        with self._lock:
+            return self._outcome if self._stopping.is_set() else None
 
     def wait(self, timeout: float | None = None) -> Outcome:
         """Wait for the run started by ``start`` to end; stop it after ``timeout`` seconds."""
@@ -597,20 +561,26 @@ class Machine:
         finally:
             vcpu.thread_ident = None
 
-    def _rtc_thread(self) -> None:
-        """Raise the RTC's interrupts on time: the CMOS model has no clock of its own.
+    def _timer_thread(self) -> None:
+        """Raise the devices' timed interrupts on time: device models have no clocks.
 
-        It sleeps until the next enabled RTC event, or a while when none is
-        enabled (the guest may enable one at any time), until the run ends.
+        Every device with ``poll()`` (the RTC on a PC) is asked, under its
+        lock, to raise what is due and say when it next needs a look; the
+        thread sleeps until the earliest of those, or a while when none has
+        anything enabled (the guest may enable one at any time).
         """
-        cmos = self.cmos
-        lock = self.device_lock("cmos")
-        while not self._stopping.is_set():
-            with lock:
-                due = cmos.poll()
-            delay = (
-                RTC_IDLE_POLL if due is None else min(max(due - time.time(), 0.0), RTC_IDLE_POLL)
-            )
+        timed = [
+            (device.poll, self._device_locks[name])
+            for name, device in self._devices.items()
+            if callable(getattr(device, "poll", None))
+        ]
+        while timed and not self._stopping.is_set():
+            delay = TIMER_IDLE_POLL
+            for poll, lock in timed:
+                with lock:
+                    due = poll()
+                if due is not None:
+                    delay = min(delay, max(due - time.time(), 0.0))
             self._stopping.wait(delay)
 
     def _guest_exit(self, value: int) -> None:
@@ -623,7 +593,7 @@ class Machine:
 
     def _serial_out(self, data: bytes) -> None:
         with self.console_changed:
-            self.console += data
+            self.console.append(data)
             self.console_changed.notify_all()
             listeners = self._console_listeners
             for listener in listeners:

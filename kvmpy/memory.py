@@ -16,6 +16,12 @@ from dataclasses import dataclass, field
 LOW_RAM_END = 0xC000_0000
 HIGH_RAM_START = 0x1_0000_0000
 PAGE_SIZE = 0x1000
+# The most guest RAM kvmpy will map (1 TiB): far beyond any test guest, and far
+# below the 128 TiB of address space a process has, so that a typo such as
+# 100000G gets a clear refusal rather than a failed mmap.
+MAX_RAM_SIZE = 1 << 40
+# zero() compares file-backed RAM with this many zero bytes at a time.
+_ZERO_CHUNK = bytes(1 << 20)
 
 _SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
@@ -63,6 +69,8 @@ class MemoryRegion:
     size: int
     mapping: mmap.mmap = field(repr=False)
     view: memoryview = field(repr=False)
+    # A copy-on-write map of a file (a snapshot's memory.bin), not anonymous memory.
+    file_backed: bool = False
 
     @property
     def end(self) -> int:
@@ -96,6 +104,10 @@ class GuestMemory:
         """
         if size <= 0 or size % PAGE_SIZE:
             raise GuestMemoryError(f"RAM size must be a positive multiple of 4 KiB, not {size:#x}")
+        if size > MAX_RAM_SIZE:
+            raise GuestMemoryError(
+                f"RAM size {size:#x} is more than the {MAX_RAM_SIZE >> 30} GiB kvmpy allows"
+            )
         memory = cls()
         memory.map_flags = map_flags
         offset = 0
@@ -123,18 +135,24 @@ class GuestMemory:
         for other in self.regions:
             if gpa < other.end and other.gpa < gpa + size:
                 raise GuestMemoryError(f"region {gpa:#x}+{size:#x} overlaps {other.gpa:#x}")
-        if backing is None:
-            flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | self.map_flags
-            mapping = mmap.mmap(-1, size, flags=flags)
-        else:
-            mapping = mmap.mmap(
-                backing,
-                size,
-                flags=mmap.MAP_PRIVATE | self.map_flags,
-                prot=mmap.PROT_READ | mmap.PROT_WRITE,
-                offset=offset,
-            )
-        region = MemoryRegion(gpa, size, mapping, memoryview(mapping))
+        try:
+            if backing is None:
+                flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | self.map_flags
+                mapping = mmap.mmap(-1, size, flags=flags)
+            else:
+                mapping = mmap.mmap(
+                    backing,
+                    size,
+                    flags=mmap.MAP_PRIVATE | self.map_flags,
+                    prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                    offset=offset,
+                )
+        except (OSError, OverflowError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise GuestMemoryError(
+                f"cannot map {size >> 20} MiB of guest RAM at {gpa:#x}: {reason}"
+            ) from None
+        region = MemoryRegion(gpa, size, mapping, memoryview(mapping), backing is not None)
         self.regions.append(region)
         self.regions.sort(key=lambda r: r.gpa)
         return region
@@ -174,6 +192,43 @@ class GuestMemory:
                 start = gpa - region.gpa
                 return region.view[start : start + length]
         raise GuestMemoryError(f"guest physical range {gpa:#x}+{length:#x} is not in RAM")
+
+    def zero(self, gpa: int, length: int) -> None:
+        """Set ``length`` bytes at ``gpa`` (in one region) to zero without committing host RAM.
+
+        RAM is never assumed fresh (a reboot in place or a restore leaves data
+        behind), so every byte is cleared, but whole pages are discarded rather
+        than written: in anonymous RAM, MADV_DONTNEED gives them back and they
+        read as zero again.  In a snapshot's copy-on-write file map the same
+        call would bring back the file's bytes, so there a page is written only
+        when it is not already zero; pages that are (the file's holes, mostly)
+        stay shared with the page cache.  Partial pages at either end are written.
+        """
+        if length == 0:
+            return
+        self.view(gpa, length).release()  # checks that the range lies in one region
+        region = next(r for r in self.regions if r.gpa <= gpa and gpa + length <= r.end)
+        start = gpa - region.gpa
+        end = start + length
+        first_page = -(-start // PAGE_SIZE) * PAGE_SIZE
+        last_page = end // PAGE_SIZE * PAGE_SIZE
+        if first_page >= last_page:
+            region.view[start:end] = bytes(length)
+            return
+        region.view[start:first_page] = bytes(first_page - start)
+        region.view[last_page:end] = bytes(end - last_page)
+        if not region.file_backed:
+            region.mapping.madvise(mmap.MADV_DONTNEED, first_page, last_page - first_page)
+            return
+        zero_page = _ZERO_CHUNK[:PAGE_SIZE]
+        for chunk in range(first_page, last_page, len(_ZERO_CHUNK)):
+            chunk_end = min(chunk + len(_ZERO_CHUNK), last_page)
+            # Slicing the mmap copies into bytes, whose comparison is a memcmp.
+            if region.mapping[chunk:chunk_end] == _ZERO_CHUNK[: chunk_end - chunk]:
+                continue
+            for page in range(chunk, chunk_end, PAGE_SIZE):
+                if region.mapping[page : page + PAGE_SIZE] != zero_page:
+                    region.view[page : page + PAGE_SIZE] = zero_page
 
     def read(self, gpa: int, length: int) -> bytes:
         return bytes(self.view(gpa, length))

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kvmpy.console import ConsoleOverrun
 from kvmpy.debug.crash import CrashReport, crash_report
 from kvmpy.loaders.multiboot import parse_module
 from kvmpy.machine import Machine
@@ -214,15 +215,21 @@ class SerialConsole:
         )
 
     def _search(self, regex: re.Pattern[bytes]) -> re.Match[bytes] | None:
-        """Search the console (lock held) from the read position; advance past a match."""
+        """Search the console (lock held) from the read position; advance past a match.
+
+        Positions are absolute byte counts; the console keeps only its most
+        recent output, so a search that fell behind it fails clearly.
+        """
         console = self._owner.machine.console
-        if regex.search(console, self._position) is None:  # no copy until there is a match
+        try:
+            found = console.search(regex, self._position)
+        except ConsoleOverrun as exc:
+            raise SerialTimeout(f"expect fell behind the console: {exc}", bytes(console)) from None
+        if found is None:
             return None
-        data = bytes(console)
-        match = regex.search(data, self._position)
-        assert match is not None
-        self.before = data[self._position : match.start()]
-        self._position = match.end()
+        match, absolute_start = found
+        self.before = console.since(self._position)[: absolute_start - self._position]
+        self._position = absolute_start + (match.end() - match.start())
         return match
 
     def send(self, data: bytes | str, timeout: float | None = None) -> None:

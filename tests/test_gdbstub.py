@@ -15,9 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from kvmpy.debug.gdblisten import parse_gdb_spec
 from kvmpy.debug.gdbproto import (
-    AMD64,
-    I386,
     SIGSEGV,
     SIGTRAP,
     Ack,
@@ -36,21 +35,16 @@ from kvmpy.debug.gdbproto import (
     frame,
     unescape,
 )
-from kvmpy.debug.gdbstub import (
-    DebugRegisters,
-    DebugSupport,
-    GdbStub,
-    _abridged_tag,
-    _full_tag_word,
-    attach_gdb,
-    parse_gdb_spec,
-    probe_debug_support,
-    split_watch,
-)
+from kvmpy.debug.gdbstub import GdbStub, attach_gdb
+from kvmpy.debug.hostprobe import DebugSupport, probe_debug_support
 from kvmpy.debug.trace import CompositeObserver, ExitStats
 from kvmpy.loaders.flat import load_flat
 from kvmpy.machine import Machine
 from kvmpy.outcome import Outcome, OutcomeKind
+from kvmpy.x86.debugregs import DebugRegisters, split_watch
+from kvmpy.x86.gdb_registers import AMD64, I386
+from kvmpy.x86.gdb_registers import abridged_tag as _abridged_tag
+from kvmpy.x86.gdb_registers import full_tag_word as _full_tag_word
 from kvmpy.x86.modes import default_load_addr
 from kvmpy.x86.registers import Fpu
 from tests.helpers import ROOT, Assembler, guest, host_kvm_module

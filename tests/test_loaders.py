@@ -27,7 +27,8 @@ def ram() -> Iterator[GuestMemory]:
 
 
 def plan(*segments: LoadSegment, source: str = "kernel.bin") -> LoadPlan:
-    return LoadPlan(source=source, entry=0x100000, segments=list(segments))
+    entry = segments[0].gpa if segments else 0x100000  # check_plan wants it in the image
+    return LoadPlan(source=source, entry=entry, segments=list(segments))
 
 
 # -- load_flat -------------------------------------------------------------------------
@@ -100,7 +101,7 @@ def test_load_flat_too_large(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     image.write_bytes(bytes(17))
     with pytest.raises(LoaderError) as info:
         load_flat(image, 0)
-    assert str(info.value) == f"{image}: 17 bytes is too large for a flat image"
+    assert str(info.value) == f"{image}: image is 17 bytes, more than the 16 allowed"
     image.write_bytes(bytes(16))
     assert load_flat(image, 0).segments[0].memsz == 16
 
@@ -114,7 +115,8 @@ def test_loader_error_is_a_value_error() -> None:
 
 def test_check_plan_ok(ram: GuestMemory) -> None:
     check_plan(plan(LoadSegment(0x100000, b"\x90" * 0x100, 0x1000)), ram, RESERVED)
-    check_plan(plan(), ram, RESERVED)
+    with pytest.raises(LoaderError, match="entry 0x100000 is not inside the loaded image"):
+        check_plan(plan(), ram, RESERVED)  # nothing loaded: nowhere to start
     # Touching the reserved ranges and the end of RAM is fine.
     check_plan(
         plan(

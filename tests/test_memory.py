@@ -527,3 +527,66 @@ def test_mapping_flags_are_private_anonymous() -> None:
         mapping = memory.regions[0].mapping
         assert isinstance(mapping, mmap.mmap)
         assert len(mapping) == PAGE_SIZE
+
+
+# -- zero: clearing ranges without committing host RAM ----------------------------------
+
+
+def vm_rss() -> int:
+    """This process's resident set size, in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * KiB
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
+@pytest.mark.parametrize(
+    ("gpa", "length"),
+    [(0x123, 0x5000), (0x1000, 0x3000), (0x10, 0x20), (0x0, 0x10000), (0xFFF, 2), (0x5000, 0)],
+)
+def test_zero_clears_exactly_the_range(mem: GuestMemory, gpa: int, length: int) -> None:
+    """RAM is not assumed fresh: old bytes go, and the bytes around the range stay."""
+    mem.write(0, b"\xaa" * 0x10000)
+    mem.zero(gpa, length)
+    expected = bytearray(b"\xaa" * 0x10000)
+    expected[gpa : gpa + length] = bytes(length)
+    assert mem.read(0, 0x10000) == expected
+
+
+def test_zero_outside_ram_raises(mem: GuestMemory) -> None:
+    mem.write(0xF000, b"\xaa" * 0x1000)
+    with pytest.raises(GuestMemoryError):
+        mem.zero(0xF000, 0x1001)
+    assert mem.read(0xF000, 0x1000) == b"\xaa" * 0x1000  # nothing cleared
+    with pytest.raises(GuestMemoryError):
+        mem.zero(-0x1000, 0x2000)
+
+
+def test_zero_of_a_large_range_discards_pages() -> None:
+    """Zeroing 1 GiB neither writes it (committing 1 GiB) nor keeps what was there."""
+    with GuestMemory.with_ram(GiB + 2 * PAGE_SIZE) as memory:
+        for gpa in range(0, 64 * MiB, PAGE_SIZE):  # commit 64 MiB
+            memory.write_u8(gpa + 7, 0x5A)
+        before = vm_rss()
+        memory.zero(5, GiB)
+        after = vm_rss()
+        assert after < before + 32 * MiB, (before, after)
+        assert after < before - 32 * MiB, "the committed pages were not given back"
+        assert memory.read(0, 8) == bytes(8)
+        assert memory.read(63 * MiB, 8) == bytes(8)
+        assert memory.read_u8(GiB + 5) == 0
+
+
+def test_zero_in_copy_on_write_file_ram_clears_without_touching_the_file(
+    tmp_path: Path,
+) -> None:
+    """In a snapshot's file-backed RAM, discarding would bring back the file's bytes."""
+    backing = tmp_path / "memory.bin"
+    content = bytes(range(256)) * (0x40000 // 256)
+    content = content[:0x10000] + bytes(0x20000) + content[0x30000:]  # a zero run in the middle
+    backing.write_bytes(content)
+    with backing.open("rb") as f, GuestMemory.with_ram(0x40000, f.fileno()) as memory:
+        assert memory.regions[0].file_backed
+        memory.zero(0x800, 0x3F000)
+        assert memory.read(0, 0x40000) == content[:0x800] + bytes(0x3F000) + content[0x3F800:]
+    assert backing.read_bytes() == content

@@ -192,3 +192,14 @@ def test_reset_in_place_clears_ram_and_devices() -> None:
         assert m.memory.read(0x2000, 10) == bytes(10)
         assert m.serial.read(7, 1) == 0
         assert m.vm.vcpus[0].regs.rip == 0  # type: ignore[attr-defined]
+
+
+def test_a_chatty_guest_cannot_grow_the_console_without_bound() -> None:
+    chatter = [out(COM1, ord("x")) for _ in range(5000)]
+    with Machine(
+        mem_size=1 << 20, backend=FakeBackend([*chatter, guest_exit()]), console_limit=1000
+    ) as m:
+        assert m.run(timeout=30).kind is OutcomeKind.EXIT
+        assert m.console.end == 5000
+        assert len(m.console) < 2000
+        assert m.console.dropped == 5000 - len(m.console)

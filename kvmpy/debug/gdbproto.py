@@ -12,15 +12,18 @@ writes, ``qXfer`` replies) escapes ``$ # } *`` as ``}`` then the byte XOR
 
 Registers: gdb learns the register set from the target description that
 ``qXfer:features:read:target.xml`` returns, and ``g``/``G``/``p``/``P``
-carry register values in that order, each little-endian in hex.  There are
-two layouts, chosen once per connection (gdb cannot change architecture in
-the middle of a session): ``AMD64`` (``i386:x86-64``) and ``I386``
-(``i386``, for 32- and 16-bit code).
+carry register values in that order, each little-endian in hex.  A
+``RegisterLayout`` describes one set; the x86 ones are in
+``kvmpy.x86.gdb_registers``.
+
+Every number gdb sends is untrusted: it must be plain hex and fit in 64
+bits, or the reply is an error.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -169,6 +172,11 @@ class PacketDecoder:
             # anything else between packets is line noise
         return events
 
+    @property
+    def buffered(self) -> int:
+        """Bytes held of a packet not yet complete (at most ``max_size`` + 2)."""
+        return len(self._body or b"") + len(self._sum or b"")
+
     def _finish(self) -> Packet | BadPacket:
         assert self._body is not None and self._sum is not None
         body, digits = bytes(self._body), bytes(self._sum)
@@ -270,128 +278,6 @@ def encode_register(reg: Register, value: int | None) -> str:
     return (value & ((1 << reg.bits) - 1)).to_bytes(reg.size, "little").hex()
 
 
-_EFLAGS_TYPE = """\
-    <flags id="x86_eflags" size="4">
-      <field name="CF" start="0" end="0"/>
-      <field name="" start="1" end="1"/>
-      <field name="PF" start="2" end="2"/>
-      <field name="AF" start="4" end="4"/>
-      <field name="ZF" start="6" end="6"/>
-      <field name="SF" start="7" end="7"/>
-      <field name="TF" start="8" end="8"/>
-      <field name="IF" start="9" end="9"/>
-      <field name="DF" start="10" end="10"/>
-      <field name="OF" start="11" end="11"/>
-      <field name="IOPL" start="12" end="13"/>
-      <field name="NT" start="14" end="14"/>
-      <field name="RF" start="16" end="16"/>
-      <field name="VM" start="17" end="17"/>
-      <field name="AC" start="18" end="18"/>
-      <field name="VIF" start="19" end="19"/>
-      <field name="VIP" start="20" end="20"/>
-      <field name="ID" start="21" end="21"/>
-    </flags>"""
-
-_SSE_TYPES = """\
-    <vector id="v4f" type="ieee_single" count="4"/>
-    <vector id="v2d" type="ieee_double" count="2"/>
-    <vector id="v16i8" type="int8" count="16"/>
-    <vector id="v8i16" type="int16" count="8"/>
-    <vector id="v4i32" type="int32" count="4"/>
-    <vector id="v2i64" type="int64" count="2"/>
-    <union id="vec128">
-      <field name="v4_float" type="v4f"/>
-      <field name="v2_double" type="v2d"/>
-      <field name="v16_int8" type="v16i8"/>
-      <field name="v8_int16" type="v8i16"/>
-      <field name="v4_int32" type="v4i32"/>
-      <field name="v2_int64" type="v2i64"/>
-      <field name="uint128" type="uint128"/>
-    </union>
-    <flags id="x86_mxcsr" size="4">
-      <field name="IE" start="0" end="0"/>
-      <field name="DE" start="1" end="1"/>
-      <field name="ZE" start="2" end="2"/>
-      <field name="OE" start="3" end="3"/>
-      <field name="UE" start="4" end="4"/>
-      <field name="PE" start="5" end="5"/>
-      <field name="DAZ" start="6" end="6"/>
-      <field name="IM" start="7" end="7"/>
-      <field name="DM" start="8" end="8"/>
-      <field name="ZM" start="9" end="9"/>
-      <field name="OM" start="10" end="10"/>
-      <field name="UM" start="11" end="11"/>
-      <field name="PM" start="12" end="12"/>
-      <field name="FZ" start="15" end="15"/>
-    </flags>"""
-
-SEGMENT_REGISTERS = ("cs", "ss", "ds", "es", "fs", "gs")
-X87_CONTROL = ("fctrl", "fstat", "ftag", "fiseg", "fioff", "foseg", "fooff", "fop")
-AMD64_GPRS = (
-    "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
-    "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15",
-)  # fmt: skip
-# The i386 order is the instruction encoding's, not amd64's.
-I386_GPRS = ("eax", "ecx", "edx", "ebx", "esp", "ebp", "esi", "edi")
-
-
-def _core(gprs: tuple[str, ...], pc: str, bits: int) -> Feature:
-    def gpr(name: str) -> Register:
-        kind = "data_ptr" if name[1:] in ("sp", "bp") else f"int{bits}"
-        return Register(name, bits, kind, "general")
-
-    regs = [gpr(name) for name in gprs]
-    regs.append(Register(pc, bits, "code_ptr", "general"))
-    regs.append(Register("eflags", 32, "x86_eflags", "general"))
-    regs += [Register(name, 32, "int32", "general") for name in SEGMENT_REGISTERS]
-    regs += [Register(f"st{i}", 80, "i387_ext", "float") for i in range(8)]
-    regs += [Register(name, 32, "int", "float") for name in X87_CONTROL]
-    return Feature("org.gnu.gdb.i386.core", tuple(regs), _EFLAGS_TYPE)
-
-
-def _sse(count: int) -> Feature:
-    regs = [Register(f"xmm{i}", 128, "vec128", "vector") for i in range(count)]
-    regs.append(Register("mxcsr", 32, "x86_mxcsr", "vector"))
-    return Feature("org.gnu.gdb.i386.sse", tuple(regs), _SSE_TYPES)
-
-
-def _segments() -> Feature:
-    return Feature(
-        "org.gnu.gdb.i386.segments",
-        (Register("fs_base", 64, "int", "system"), Register("gs_base", 64, "int", "system")),
-    )
-
-
-def _system(names: Iterable[str]) -> Feature:
-    # Not a gdb standard feature: gdb shows its registers ($cr3, info registers cr0).
-    return Feature(
-        "org.kvmpy.x86.system", tuple(Register(name, 64, "int", "system") for name in names)
-    )
-
-
-AMD64 = RegisterLayout(
-    "i386:x86-64",
-    (
-        _core(AMD64_GPRS, "rip", 64),
-        _sse(16),
-        _segments(),
-        _system(("cr0", "cr2", "cr3", "cr4", "cr8", "efer")),
-    ),
-    pc="rip",
-)
-# No org.gnu.gdb.i386.segments here: gdb 13 fails an internal assertion on a
-# 32-bit description that has it.
-I386 = RegisterLayout(
-    "i386",
-    (
-        _core(I386_GPRS, "eip", 32),
-        _sse(8),
-        _system(("cr0", "cr2", "cr3", "cr4", "efer")),
-    ),
-    pc="eip",
-)
-
-
 # -- what a target must do ---------------------------------------------------------------
 
 
@@ -461,10 +347,17 @@ class GdbTarget(Protocol):
 # -- the session ---------------------------------------------------------------------
 
 
+_HEX = re.compile(r"[0-9a-fA-F]{1,64}")
+NUMBER_LIMIT = 1 << 64  # every address, length and thread fits in 64 bits
+
+
 def _hex_int(text: str) -> int:
+    """Plain hex (no sign, prefix, spaces or underscores) below 2^64, else ValueError."""
+    if not _HEX.fullmatch(text):
+        raise ValueError(f"not a hex number: {text[:20]!r}")
     value = int(text, 16)
-    if value < 0:
-        raise ValueError(text)
+    if value >= NUMBER_LIMIT:
+        raise ValueError(f"{text[:20]!r}... does not fit in 64 bits")
     return value
 
 
@@ -527,7 +420,7 @@ class GdbSession:
             return ""
         except TargetError as exc:
             return exc.reply
-        except (ValueError, IndexError, KeyError):
+        except (ValueError, IndexError, KeyError, OverflowError):
             return E_INVAL
 
     def _dispatch(self, payload: bytes) -> str | None:
@@ -706,7 +599,7 @@ class GdbSession:
 
     def _breakpoint(self, text: str, insert: bool) -> str:
         fields = text.split(";")[0].split(",")
-        kind, address, length = int(fields[0]), _hex_int(fields[1]), _hex_int(fields[2])
+        kind, address, length = _hex_int(fields[0]), _hex_int(fields[1]), _hex_int(fields[2])
         if kind not in BREAKPOINT_TYPES:
             raise Unsupported(f"breakpoint type {kind}")
         if insert:
@@ -784,6 +677,7 @@ class GdbSession:
         if annex != "target.xml":
             return E_FAIL
         offset, length = self._address_length(span)
+        length = min(length, PACKET_SIZE // 2)  # escaping may double it
         document = self.layout.target_xml().encode()
         chunk = document[offset : offset + length]
         marker = "l" if offset + length >= len(document) else "m"

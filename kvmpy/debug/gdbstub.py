@@ -34,6 +34,13 @@ for the code's linear address).  gdb cannot change architecture within a
 session: after the guest switches to long mode, reconnect (or force the
 layout with ``arch=``).  Memory addresses are linear: they go through the
 guest's paging (KVM_TRANSLATE), as the vCPU sees them.
+
+Elsewhere: the protocol in ``gdbproto``, the x86 register layouts in
+``x86.gdb_registers``, DR0-DR7 in ``x86.debugregs``, int3 breakpoints in
+``softbreak``, the host probe in ``hostprobe``, the listening socket in
+``gdblisten``.  A gdb connection is untrusted: packets sent while the guest
+runs are kept up to ``MAX_DEFERRED``, a gdb that stops reading is cut off
+after ``send_timeout``, and listening beyond loopback prints a warning.
 """
 
 from __future__ import annotations
@@ -49,27 +56,25 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
-from kvmpy.backends.base import BackendError, Vcpu
-from kvmpy.backends.exits import ExitKind
+from kvmpy.debug.coreapi import (
+    CRASH_EXITS,
+    BackendError,
+    ExitObserver,
+    Outcome,
+    OutcomeKind,
+    Vcpu,
+)
+from kvmpy.debug.gdblisten import DEFAULT_HOST, exposure_warning, listen, parse_gdb_spec
 from kvmpy.debug.gdbproto import (
-    AMD64,
-    AMD64_GPRS,
-    BP_HARDWARE,
     BP_SOFTWARE,
     E_FAULT,
     E_INVAL,
     E_NOSPC,
-    I386,
-    I386_GPRS,
-    SEGMENT_REGISTERS,
     SIGINT,
     SIGKILL,
     SIGSEGV,
     SIGTRAP,
-    WATCH_ACCESS,
-    WATCH_READ,
     WATCH_REASONS,
-    WATCH_WRITE,
     Ack,
     BadPacket,
     Exited,
@@ -83,280 +88,32 @@ from kvmpy.debug.gdbproto import (
     TargetError,
     frame,
 )
-from kvmpy.debug.guestview import read_linear, translate
-from kvmpy.devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_PORTS
-from kvmpy.memory import PAGE_SIZE, GuestMemory, GuestMemoryError
-from kvmpy.outcome import Outcome, OutcomeKind
-from kvmpy.runloop import ExitObserver
-from kvmpy.x86.registers import EFER_LMA, Fpu, Regs, Sregs, cpu_mode
+from kvmpy.debug.guestview import code_address, read_linear, translate, write_linear
+from kvmpy.debug.hostprobe import DebugSupport, probe_debug_support
+from kvmpy.debug.softbreak import SoftBreakpoints
+from kvmpy.memory import GuestMemoryError
+from kvmpy.x86.debugregs import BREAKPOINT_VECTOR, DEBUG_VECTOR, DebugRegisters
+from kvmpy.x86.gdb_registers import (
+    AMD64,
+    I386,
+    layout_for,
+    mask_linear,
+    mask_linear_for,
+    read_registers,
+    write_registers,
+)
+from kvmpy.x86.registers import cpu_mode
 
 if TYPE_CHECKING:
     from kvmpy.machine import Machine
 
 T = TypeVar("T")
 
-DEFAULT_HOST = "127.0.0.1"
 REQUEST_TIMEOUT = 10.0  # seconds a parked vCPU has to answer a register/memory request
 PARK_POLL = 0.1  # how often a parked vCPU looks for the machine stopping
 STOP_TIMEOUT = 10.0  # how long a new connection waits for the vCPUs to stop
-
-# DR6 and DR7 (SDM Vol. 3B, 18.2).
-DR6_BS = 1 << 14  # single-step
-DR_SLOTS = 4
-_DR7_RW = {BP_SOFTWARE: 0b00, BP_HARDWARE: 0b00, WATCH_WRITE: 0b01}
-_DR7_RW.update({WATCH_READ: 0b11, WATCH_ACCESS: 0b11})
-_DR7_LEN = {1: 0b00, 2: 0b01, 8: 0b10, 4: 0b11}
-DEBUG_VECTOR = 1
-BREAKPOINT_VECTOR = 3
-INT3 = 0xCC
-
-_CRASH_EXITS = (ExitKind.INTERNAL_ERROR, ExitKind.SHUTDOWN, ExitKind.FAIL_ENTRY)
-
-
-# -- where to listen ---------------------------------------------------------------------
-
-
-def parse_gdb_spec(spec: str) -> tuple[str, int]:
-    """``tcp::1234``, ``tcp:HOST:1234``, ``:1234`` or ``1234`` -> (host, port).
-
-    An empty host means 127.0.0.1: the stub can read and write all guest
-    memory, so it listens on all interfaces only when asked (``tcp:0.0.0.0:1234``).
-    """
-    text = spec.removeprefix("tcp:")
-    host, sep, port_text = text.rpartition(":")
-    if not sep:
-        host, port_text = "", text
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise ValueError(
-            f"bad --gdb address {spec!r}: expected tcp::PORT or tcp:HOST:PORT"
-        ) from None
-    if not 0 <= port <= 0xFFFF:
-        raise ValueError(f"bad --gdb port {port} in {spec!r}")
-    return host.strip("[]") or DEFAULT_HOST, port
-
-
-# -- what this host's KVM can do -------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DebugSupport:
-    """Which KVM_SET_GUEST_DEBUG features a probe guest (long mode, CPL0) saw work."""
-
-    single_step: bool = True
-    hw_breakpoints: bool = True
-    watchpoints: bool = True
-    sw_breakpoints: bool = False
-
-    def describe(self) -> str:
-        def word(ok: bool) -> str:
-            return "yes" if ok else "no"
-
-        return (
-            f"single-step {word(self.single_step)}, hardware breakpoints "
-            f"{word(self.hw_breakpoints)}, watchpoints {word(self.watchpoints)}, "
-            f"int3 breakpoints {word(self.sw_breakpoints)}"
-        )
-
-
-# movl $1, 0x101000 ; nop ; int3 ; hlt  -- at 1 MiB, in long mode
-_PROBE_CODE = bytes.fromhex("c70425001010000100000090ccf4")
-_PROBE_ENTRY = 0x100000
-_PROBE_DATA = 0x101000
-_PROBE_NOP = _PROBE_ENTRY + 11
-
-
-class _Probe(ExitObserver):
-    def __init__(self) -> None:
-        self.seen: set[str] = set()
-
-    def on_start(self, vcpu: Vcpu) -> None:
-        self._arm(vcpu, step=True, exec_bp=True)
-
-    @staticmethod
-    def _arm(vcpu: Vcpu, step: bool, exec_bp: bool) -> None:
-        dr7 = 1 | _DR7_RW[WATCH_WRITE] << 16 | _DR7_LEN[4] << 18
-        if exec_bp:
-            dr7 |= 1 << 2
-        vcpu.set_guest_debug(
-            single_step=step,
-            breakpoints=[_PROBE_DATA, _PROBE_NOP, 0, 0, 0, 0, 0, dr7],
-            software_breakpoints=True,
-        )
-
-    def on_exit(self, vcpu: Vcpu, reason: int, run_ns: int, handle_ns: int) -> None:
-        pass
-
-    def on_debug(self, vcpu: Vcpu) -> bool:
-        exit_ = vcpu.exit
-        if exit_.debug_exception == BREAKPOINT_VECTOR:
-            self.seen.add("int3")
-            regs = vcpu.get_regs()
-            if regs.rip == _PROBE_NOP + 1:  # still on the int3: skip it
-                regs.rip += 1
-                vcpu.set_regs(regs)
-            vcpu.set_guest_debug(enable=False)
-            return True
-        if exit_.debug_dr6 & DR6_BS:
-            self.seen.add("step")
-        if exit_.debug_dr6 & 1:
-            self.seen.add("watch")
-        if exit_.debug_dr6 & 2:
-            self.seen.add("break")
-        self._arm(vcpu, step=False, exec_bp="break" not in self.seen)
-        return True
-
-    def on_interrupt(self, vcpu: Vcpu) -> None:
-        pass
-
-
-def probe_debug_support(kvm_path: str | None = None, timeout: float = 2.0) -> DebugSupport:
-    """Run a tiny guest to see which debug features this host's KVM delivers.
-
-    It writes a watched word with single-step on, runs into an instruction
-    breakpoint, then executes int3 with USE_SW_BP.  Takes a few milliseconds.
-    """
-    from kvmpy.loaders import LoadPlan, LoadSegment
-    from kvmpy.machine import Machine
-
-    probe = _Probe()
-    try:
-        with Machine(mem_size=4 << 20, irqchip=False, kvm_path=kvm_path) as machine:
-            plan = LoadPlan(
-                "debug probe",
-                _PROBE_ENTRY,
-                [LoadSegment(_PROBE_ENTRY, _PROBE_CODE, len(_PROBE_CODE))],
-            )
-            machine.load(plan, mode="long")
-            machine.observer = probe
-            machine.run(timeout=timeout)
-    except OSError:
-        return DebugSupport(False, False, False, False)
-    seen = probe.seen
-    return DebugSupport("step" in seen, "break" in seen, "watch" in seen, "int3" in seen)
-
-
-# -- debug registers -------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Slot:
-    """One debug register's worth of a gdb breakpoint or watchpoint."""
-
-    kind: int  # the Z packet type
-    address: int  # what gdb asked for (reported back on a watchpoint hit)
-    length: int
-    linear: int  # the aligned piece this register covers
-    size: int
-
-    @property
-    def is_data(self) -> bool:
-        return self.kind in WATCH_REASONS
-
-
-def split_watch(address: int, length: int, allow_8: bool) -> list[tuple[int, int]]:
-    """Cover [address, address+length) with aligned 1/2/4(/8)-byte pieces."""
-    if length <= 0:
-        raise ValueError(f"watch length {length}")
-    sizes = (8, 4, 2, 1) if allow_8 else (4, 2, 1)
-    pieces = []
-    end = address + length
-    while address < end:
-        size = next(s for s in sizes if address % s == 0 and address + s <= end)
-        pieces.append((address, size))
-        address += size
-    return pieces
-
-
-class DebugRegisters:
-    """DR0-DR3 shared out among gdb's hardware breakpoints and watchpoints."""
-
-    def __init__(self, slots: int = DR_SLOTS) -> None:
-        self.slots: list[Slot | None] = [None] * slots
-
-    def insert(self, kind: int, address: int, length: int, allow_8: bool = True) -> None:
-        if self.find(kind, address, length):
-            return
-        is_data = kind in WATCH_REASONS
-        pieces = split_watch(address, length, allow_8) if is_data else [(address, 1)]
-        free = [i for i, slot in enumerate(self.slots) if slot is None]
-        if len(pieces) > len(free):
-            raise TargetError(f"{len(pieces)} debug registers needed, {len(free)} free", E_NOSPC)
-        for i, (linear, size) in zip(free, pieces, strict=False):
-            self.slots[i] = Slot(kind, address, length, linear, size)
-
-    def find(self, kind: int, address: int, length: int) -> list[int]:
-        return [
-            i
-            for i, slot in enumerate(self.slots)
-            if slot is not None
-            and (slot.kind, slot.address, slot.length) == (kind, address, length)
-        ]
-
-    def remove(self, kind: int, address: int, length: int) -> None:
-        for i in self.find(kind, address, length):
-            self.slots[i] = None
-
-    def clear(self) -> None:
-        self.slots = [None] * len(self.slots)
-
-    @property
-    def active(self) -> bool:
-        return any(slot is not None for slot in self.slots)
-
-    def has_exec_at(self, linear: int) -> bool:
-        return any(
-            slot is not None and not slot.is_data and slot.linear == linear for slot in self.slots
-        )
-
-    def debugreg(self, with_exec: bool = True) -> list[int]:
-        """``kvm_guest_debug.arch.debugreg``: DR0-DR3 and DR7 (L bits, R/W, LEN)."""
-        regs = [0] * 8
-        dr7 = 0
-        for i, slot in enumerate(self.slots):
-            if slot is None or (not with_exec and not slot.is_data):
-                continue
-            regs[i] = slot.linear
-            length = _DR7_LEN[slot.size] if slot.is_data else 0
-            dr7 |= 1 << (2 * i) | _DR7_RW[slot.kind] << (16 + 4 * i) | length << (18 + 4 * i)
-        regs[7] = dr7
-        return regs
-
-    def hit(self, dr6: int) -> Slot | None:
-        """The slot DR6 names; a watchpoint wins over an instruction breakpoint."""
-        hits = [slot for i, slot in enumerate(self.slots) if slot is not None and dr6 & (1 << i)]
-        hits.sort(key=lambda slot: not slot.is_data)
-        return hits[0] if hits else None
-
-
-# -- x87 helpers -------------------------------------------------------------------------
-
-
-def _full_tag_word(fpu: Fpu) -> int:
-    """gdb's ftag (2 bits per register) from FXSAVE's abridged tag byte."""
-    top = (fpu.fsw >> 11) & 7
-    tag = 0
-    for physical in range(8):
-        stack = (physical - top) & 7
-        if not fpu.ftwx & (1 << physical):
-            value = 3  # empty
-        else:
-            raw = int.from_bytes(fpu.fpr[stack * 16 : stack * 16 + 10], "little")
-            exponent = (raw >> 64) & 0x7FFF
-            integer_bit = (raw >> 63) & 1
-            if exponent == 0x7FFF:
-                value = 2  # special
-            elif exponent == 0:
-                value = 1 if raw & ((1 << 64) - 1) == 0 else 2  # zero, or denormal
-            else:
-                value = 0 if integer_bit else 2
-        tag |= value << (2 * physical)
-    return tag
-
-
-def _abridged_tag(full: int) -> int:
-    return sum(1 << i for i in range(8) if (full >> (2 * i)) & 3 != 3)
+SEND_TIMEOUT = 10.0  # a gdb that reads nothing for this long is disconnected
+MAX_DEFERRED = 64  # packets kept while the guest runs (all-stop gdb sends none)
 
 
 # -- the stub ----------------------------------------------------------------------------
@@ -383,12 +140,6 @@ class _VcpuState:
     requests: deque[_Request] = field(default_factory=deque)
 
 
-@dataclass(frozen=True)
-class _SoftBreakpoint:
-    gpa: int
-    original: int
-
-
 def _stderr_log(message: str) -> None:
     print(f"kvmpy: gdb: {message}", file=sys.stderr, flush=True)
 
@@ -413,6 +164,7 @@ class GdbStub(ExitObserver):
         support: DebugSupport | None = None,
         arch: str | None = None,
         log: Callable[[str], None] = _stderr_log,
+        send_timeout: float = SEND_TIMEOUT,
     ) -> None:
         if arch not in (None, AMD64.architecture, I386.architecture):
             raise ValueError(f"unknown gdb architecture {arch!r}")
@@ -423,6 +175,8 @@ class GdbStub(ExitObserver):
         self.support = support
         self.arch = arch
         self.log = log
+        self.send_timeout = send_timeout
+        self.dropped_packets = 0  # sent while the guest ran, past MAX_DEFERRED
         self._states = [_VcpuState(vcpu) for vcpu in machine.vcpus]
         self._cond = threading.Condition()
         self._pausing = wait  # vCPUs park at their next chance
@@ -433,8 +187,7 @@ class GdbStub(ExitObserver):
         self._last: Status = Stop(SIGTRAP, 1)
         self._layout: RegisterLayout = AMD64
         self._dregs = DebugRegisters()
-        self._soft: dict[int, _SoftBreakpoint] = {}
-        self._exit_value: int | None = None
+        self._soft = SoftBreakpoints(machine.memory)
         self._crashed = False
         self._killed = False
         self._closed = False
@@ -451,16 +204,11 @@ class GdbStub(ExitObserver):
         """Probe the host (if ``support`` is None), listen, and serve in a thread."""
         if self.support is None:
             self.support = probe_debug_support(getattr(self.machine.backend, "path", None))
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        try:
-            listener = socket.create_server((self.host, self.port), family=family)
-        except OSError as exc:
-            raise ValueError(
-                f"cannot listen for gdb on {self.host}:{self.port}: {exc.strerror or exc}"
-            ) from None
-        listener.settimeout(0.2)
-        self._listener = listener
+        self._listener = listener = listen(self.host, self.port)
         self.port = listener.getsockname()[1]
+        warning = exposure_warning(listener, self.host)
+        if warning is not None:
+            self.log(warning)
         self._server = threading.Thread(target=self._serve, name="kvmpy-gdb", daemon=True)
         self._server.start()
 
@@ -499,10 +247,7 @@ class GdbStub(ExitObserver):
         self._arm(state, action)
 
     def on_exit(self, vcpu: Vcpu, reason: int, run_ns: int, handle_ns: int) -> None:
-        if reason == ExitKind.PORT_OUT:
-            if DEBUG_EXIT_PORT <= vcpu.exit.io_port < DEBUG_EXIT_PORT + DEBUG_EXIT_PORTS:
-                self._exit_value = vcpu.exit.value
-        elif reason in _CRASH_EXITS and self._attached and not self.machine.stopped:
+        if reason in CRASH_EXITS and self._attached and not self.machine.stopped:
             # Let gdb look at the crash before the run loop ends the VM.
             self._crashed = True
             state = self._state(vcpu)
@@ -559,9 +304,8 @@ class GdbStub(ExitObserver):
         thread = state.vcpu.index + 1
         regs = state.vcpu.get_regs()
         sregs = state.vcpu.get_sregs()
-        linear = _code_linear(sregs, regs.rip)
-        with self._cond:
-            ours = linear in self._soft or linear - 1 in self._soft
+        linear = code_address(sregs, regs.rip)
+        ours = linear in self._soft or linear - 1 in self._soft
         if ours and linear - 1 in self._soft and linear not in self._soft:
             regs.rip -= 1  # report (and resume) at the breakpoint, not after it
             state.vcpu.set_regs(regs)
@@ -628,7 +372,7 @@ class GdbStub(ExitObserver):
             dregs = self._dregs
             soft = bool(self._soft)
             over = dregs.active and dregs.has_exec_at(
-                _code_linear(vcpu.get_sregs(), vcpu.get_regs().rip)
+                code_address(vcpu.get_sregs(), vcpu.get_regs().rip)
             )
             debugreg = dregs.debugreg(with_exec=not over)
             hardware = debugreg[7] != 0
@@ -670,18 +414,24 @@ class GdbStub(ExitObserver):
             with conn:
                 try:
                     self._connection(conn, f"{peer[0]}:{peer[1]}")
+                except TimeoutError:
+                    self.log(f"gdb read nothing for {self.send_timeout:g} s: disconnected")
                 except OSError as exc:
                     self.log(f"connection lost: {exc}")
+                except Exception as exc:  # a bug must not stop the stub serving the next gdb
+                    self.log(f"internal error, connection closed: {exc!r}")
                 finally:
                     self._end_session()
 
     def _connection(self, conn: socket.socket, peer: str) -> None:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn.settimeout(self.send_timeout)  # bounds sendall; recv runs only when readable
         self._begin_session(peer)
         session = GdbSession(self)
         decoder = PacketDecoder()
         last = b""
         deferred: deque[bytes] = deque()
+        dropped = 0
 
         def reply(payload: bytes) -> bytes:
             text = session.handle(payload)
@@ -704,10 +454,15 @@ class GdbStub(ExitObserver):
                     if isinstance(event, Packet):
                         if not session.no_ack:
                             conn.sendall(b"+")
-                        if session.running:
+                        if not session.running:
+                            last = reply(event.payload)
+                        elif len(deferred) < MAX_DEFERRED:
                             deferred.append(event.payload)
                         else:
-                            last = reply(event.payload)
+                            dropped += 1
+                            self.dropped_packets += 1
+                            if dropped == 1:
+                                self.log(f"more than {MAX_DEFERRED} packets while running: dropped")
                     elif isinstance(event, BadPacket):
                         if not session.no_ack:
                             conn.sendall(b"-")
@@ -740,13 +495,12 @@ class GdbStub(ExitObserver):
                 self._cond.wait(PARK_POLL)
         try:
             sregs = self._call(1, lambda vcpu: vcpu.get_sregs())
-            mode = cpu_mode(sregs)
-            long_mode = bool(sregs.efer & EFER_LMA)
+            mode, layout = cpu_mode(sregs), layout_for(sregs)
         except TargetError:
-            mode, long_mode = "unknown", True
+            mode, layout = "unknown", AMD64
         if self.arch is not None:
-            long_mode = self.arch == AMD64.architecture
-        self._layout = AMD64 if long_mode else I386
+            layout = AMD64 if self.arch == AMD64.architecture else I386
+        self._layout = layout
         self._last = self._status_now() if self.machine.stopped else Stop(SIGTRAP, 1)
         support = self.support.describe() if self.support else "not probed"
         self.log(
@@ -792,8 +546,9 @@ class GdbStub(ExitObserver):
         return last.thread if isinstance(last, Stop) else 1
 
     def _status_now(self) -> Exited:
-        if self._exit_value is not None:
-            return Exited(code=self._exit_value)
+        outcome = self.machine.outcome
+        if outcome is not None and outcome.exit_code is not None:
+            return Exited(code=outcome.exit_code)
         if self._killed:
             return Exited(signal=SIGKILL)
         if self._crashed:
@@ -827,7 +582,7 @@ class GdbStub(ExitObserver):
         if request.error is not None:
             if isinstance(request.error, TargetError):
                 raise request.error
-            if isinstance(request.error, BackendError | GuestMemoryError | ValueError):
+            if isinstance(request.error, BackendError | ValueError | OverflowError):
                 raise TargetError(str(request.error))
             raise request.error
         return request.result  # type: ignore[return-value]
@@ -841,35 +596,33 @@ class GdbStub(ExitObserver):
         return [state.vcpu.index + 1 for state in self._states]
 
     def read_registers(self, thread: int) -> dict[str, int]:
-        return self._call(thread, _read_registers)
+        return self._call(thread, read_registers)
 
     def write_registers(self, thread: int, values: dict[str, int]) -> None:
-        self._call(thread, lambda vcpu: _write_registers(vcpu, values))
+        self._call(thread, lambda vcpu: write_registers(vcpu, values))
 
     def read_memory(self, thread: int, address: int, length: int) -> bytes:
         def read(vcpu: Vcpu) -> bytes:
             sregs = vcpu.get_sregs()
-            start = _mask_linear(sregs, address)
-            data = bytearray(read_linear(vcpu, self.machine.memory, sregs, start, length))
-            with self._cond:
-                for linear, soft in self._soft.items():
-                    if start <= linear < start + len(data):
-                        data[linear - start] = soft.original
-            return bytes(data)
+            start = mask_linear(sregs, address)
+            return self._soft.hide(
+                start, read_linear(vcpu, self.machine.memory, sregs, start, length)
+            )
 
         return self._call(thread, read)
 
     def write_memory(self, thread: int, address: int, data: bytes) -> None:
         def write(vcpu: Vcpu) -> None:
             sregs = vcpu.get_sregs()
-            start = _mask_linear(sregs, address)
-            buffer = bytearray(data)
-            with self._cond:
-                for linear, soft in list(self._soft.items()):
-                    if start <= linear < start + len(buffer):
-                        self._soft[linear] = _SoftBreakpoint(soft.gpa, buffer[linear - start])
-                        buffer[linear - start] = INT3
-            _write_linear(vcpu, self.machine.memory, sregs, start, bytes(buffer))
+            start = mask_linear(sregs, address)
+            try:
+                self._soft.write(
+                    start,
+                    data,
+                    lambda out: write_linear(vcpu, self.machine.memory, sregs, start, out),
+                )
+            except GuestMemoryError as exc:
+                raise TargetError(str(exc), E_FAULT) from None
 
         self._call(thread, write)
 
@@ -896,35 +649,23 @@ class GdbStub(ExitObserver):
                 "`break` uses a hardware debug register, like `hbreak` (4 at most)",
             )
         with self._cond:
-            linear = _mask_linear_for(self._layout, address)
+            linear = mask_linear_for(self._layout, address)
             self._dregs.insert(kind, linear, length, allow_8=self._layout is AMD64)
 
     def remove_breakpoint(self, kind: int, address: int, length: int) -> None:
+        linear = mask_linear_for(self._layout, address)
+        if kind == BP_SOFTWARE and self._soft.remove(linear):
+            return
         with self._cond:
-            linear = _mask_linear_for(self._layout, address)
-            soft = self._soft.pop(linear, None) if kind == BP_SOFTWARE else None
-            if soft is None:
-                self._dregs.remove(kind, linear, length)
-                return
-        self.machine.memory.write_u8(soft.gpa, soft.original)
+            self._dregs.remove(kind, linear, length)
 
     def _insert_soft(self, address: int) -> None:
-        thread = self._current_thread()
-        address = _mask_linear_for(self._layout, address)
-
-        def locate(vcpu: Vcpu) -> int | None:
-            return translate(vcpu, vcpu.get_sregs(), address)
-
-        with self._cond:
-            if address in self._soft:
-                return
-        gpa = self._call(thread, locate)
-        memory = self.machine.memory
-        if gpa is None or not memory.contains(gpa):
-            raise TargetError(f"{address:#x} is not mapped to RAM", E_FAULT)
-        with self._cond:
-            self._soft[address] = _SoftBreakpoint(gpa, memory.read_u8(gpa))
-        memory.write_u8(gpa, INT3)
+        linear = mask_linear_for(self._layout, address)
+        if linear not in self._soft:
+            gpa = self._call(
+                self._current_thread(), lambda vcpu: translate(vcpu, vcpu.get_sregs(), linear)
+            )
+            self._soft.insert(linear, gpa)
 
     def _warn(self, key: str, message: str) -> None:
         if key not in self._warned:
@@ -976,9 +717,8 @@ class GdbStub(ExitObserver):
         """Remove every breakpoint and let the guest run on without debugging."""
         if self._attached and not self.machine.stopped:
             self.log("detached: the guest runs on without breakpoints")
+        self._soft.clear()
         with self._cond:
-            soft = list(self._soft.values())
-            self._soft.clear()
             self._dregs.clear()
             self._attached = False
             self._running = False
@@ -986,9 +726,6 @@ class GdbStub(ExitObserver):
             for state in self._states:
                 state.pending = None
             self._release_all()
-        for breakpoint_ in soft:
-            with contextlib.suppress(GuestMemoryError, ValueError):
-                self.machine.memory.write_u8(breakpoint_.gpa, breakpoint_.original)
 
 
 def attach_gdb(machine: Machine, spec: str, wait: bool = False) -> GdbStub:
@@ -1007,154 +744,3 @@ def attach_gdb(machine: Machine, spec: str, wait: bool = False) -> GdbStub:
     existing = machine.observer
     machine.observer = stub if existing is None else CompositeObserver([existing, stub])
     return stub
-
-
-# -- registers and memory through one vCPU (run in its thread) ------------------------
-
-_I386_TO_AMD64 = dict(
-    zip(I386_GPRS, ("rax", "rcx", "rdx", "rbx", "rsp", "rbp", "rsi", "rdi"), strict=True)
-)
-_I386_TO_AMD64["eip"] = "rip"
-_FPU_SCALARS = ("fctrl", "fstat", "ftag", "fiseg", "fioff", "foseg", "fooff", "fop", "mxcsr")
-_SYSTEM = ("cr0", "cr2", "cr3", "cr4", "cr8", "efer")
-_LOW32 = 0xFFFF_FFFF
-
-
-def _code_linear(sregs: Sregs, rip: int) -> int:
-    if cpu_mode(sregs) == "long":
-        return rip
-    return (sregs.cs.base + rip) & _LOW32
-
-
-def _mask_linear(sregs: Sregs, address: int) -> int:
-    return address if sregs.efer & EFER_LMA else address & _LOW32
-
-
-def _mask_linear_for(layout: RegisterLayout, address: int) -> int:
-    return address if layout is AMD64 else address & _LOW32
-
-
-def _read_registers(vcpu: Vcpu) -> dict[str, int]:
-    regs, sregs, fpu = vcpu.get_regs(), vcpu.get_sregs(), vcpu.get_fpu()
-    values = {name: getattr(regs, name) for name in (*AMD64_GPRS, "rip")}
-    for short, name in _I386_TO_AMD64.items():
-        values[short] = values[name] & _LOW32
-    values["eflags"] = regs.rflags & _LOW32
-    for name in SEGMENT_REGISTERS:
-        values[name] = getattr(sregs, name).selector
-    for i in range(8):
-        values[f"st{i}"] = int.from_bytes(fpu.fpr[16 * i : 16 * i + 10], "little")
-    for i in range(16):
-        values[f"xmm{i}"] = int.from_bytes(fpu.xmm[16 * i : 16 * i + 16], "little")
-    values.update(
-        fctrl=fpu.fcw,
-        fstat=fpu.fsw,
-        ftag=_full_tag_word(fpu),
-        fiseg=fpu.last_ip >> 32,
-        fioff=fpu.last_ip & _LOW32,
-        foseg=fpu.last_dp >> 32,
-        fooff=fpu.last_dp & _LOW32,
-        fop=fpu.last_opcode & 0x7FF,
-        mxcsr=fpu.mxcsr,
-        fs_base=sregs.fs.base,
-        gs_base=sregs.gs.base,
-    )
-    for name in _SYSTEM:
-        values[name] = getattr(sregs, name)
-    return values
-
-
-def _merge32(old: int, value: int) -> int:
-    return (old & ~_LOW32) | (value & _LOW32)
-
-
-def _write_registers(vcpu: Vcpu, values: dict[str, int]) -> None:
-    regs: Regs | None = None
-    sregs: Sregs | None = None
-    fpu: Fpu | None = None
-    for name, value in values.items():
-        if name in AMD64_GPRS or name == "rip" or name in _I386_TO_AMD64 or name == "eflags":
-            regs = regs or vcpu.get_regs()
-            if name == "eflags":
-                regs.rflags = _merge32(regs.rflags, value)
-            elif name in _I386_TO_AMD64:
-                full = _I386_TO_AMD64[name]
-                setattr(regs, full, _merge32(getattr(regs, full), value))
-            else:
-                setattr(regs, name, value)
-        elif name in SEGMENT_REGISTERS or name in ("fs_base", "gs_base") or name in _SYSTEM:
-            sregs = sregs or vcpu.get_sregs()
-            _set_system(sregs, name, value)
-        elif name.startswith(("st", "xmm")) or name in _FPU_SCALARS:
-            fpu = fpu or vcpu.get_fpu()
-            _set_fpu(fpu, name, value)
-        else:
-            raise TargetError(f"no register {name}", E_INVAL)
-    if regs is not None:
-        vcpu.set_regs(regs)
-    if sregs is not None:
-        vcpu.set_sregs(sregs)
-    if fpu is not None:
-        vcpu.set_fpu(fpu)
-
-
-def _set_system(sregs: Sregs, name: str, value: int) -> None:
-    if name in ("fs_base", "gs_base"):
-        getattr(sregs, name[:2]).base = value
-    elif name in _SYSTEM:
-        setattr(sregs, name, value)
-    else:
-        segment = getattr(sregs, name)
-        value &= 0xFFFF
-        if segment.selector == value:
-            return
-        if cpu_mode(sregs) != "real":
-            raise TargetError(
-                f"cannot load {name} outside real mode (its descriptor would not change)", E_INVAL
-            )
-        segment.selector = value
-        segment.base = value << 4
-
-
-def _set_fpu(fpu: Fpu, name: str, value: int) -> None:
-    if name.startswith("st") and name[2:].isdigit():
-        i = int(name[2:])
-        fpr = bytearray(fpu.fpr)
-        fpr[16 * i : 16 * i + 10] = value.to_bytes(10, "little")
-        fpu.fpr = bytes(fpr)
-    elif name.startswith("xmm"):
-        i = int(name[3:])
-        xmm = bytearray(fpu.xmm)
-        xmm[16 * i : 16 * i + 16] = value.to_bytes(16, "little")
-        fpu.xmm = bytes(xmm)
-    elif name == "fctrl":
-        fpu.fcw = value & 0xFFFF
-    elif name == "fstat":
-        fpu.fsw = value & 0xFFFF
-    elif name == "ftag":
-        fpu.ftwx = _abridged_tag(value)
-    elif name == "fioff":
-        fpu.last_ip = _merge32(fpu.last_ip, value)
-    elif name == "fiseg":
-        fpu.last_ip = (fpu.last_ip & _LOW32) | (value & _LOW32) << 32
-    elif name == "fooff":
-        fpu.last_dp = _merge32(fpu.last_dp, value)
-    elif name == "foseg":
-        fpu.last_dp = (fpu.last_dp & _LOW32) | (value & _LOW32) << 32
-    elif name == "fop":
-        fpu.last_opcode = value & 0x7FF
-    elif name == "mxcsr":
-        fpu.mxcsr = value & _LOW32
-
-
-def _write_linear(vcpu: Vcpu, memory: GuestMemory, sregs: Sregs, linear: int, data: bytes) -> None:
-    """Write ``data`` at ``linear`` through the guest's paging; all of it or an error."""
-    done = 0
-    while done < len(data):
-        address = linear + done
-        chunk = min(len(data) - done, PAGE_SIZE - address % PAGE_SIZE)
-        gpa = translate(vcpu, sregs, address)
-        if gpa is None or not memory.contains(gpa, chunk):
-            raise TargetError(f"{address:#x} is not mapped to RAM", E_FAULT)
-        memory.write(gpa, data[done : done + chunk])
-        done += chunk

@@ -12,6 +12,8 @@ from kvmpy.x86.registers import CR0_PG, Sregs, cpu_mode
 if TYPE_CHECKING:
     from kvmpy.backends.base import Vcpu
 
+LINEAR_LIMIT = 1 << 64  # no linear address reaches this
+
 
 def code_address(sregs: Sregs, rip: int) -> int:
     """The linear address of CS:RIP (segment bases are ignored in 64-bit mode)."""
@@ -31,6 +33,7 @@ def translate(vcpu: Vcpu, sregs: Sregs, linear: int) -> int | None:
 def read_linear(vcpu: Vcpu, memory: GuestMemory, sregs: Sregs, linear: int, length: int) -> bytes:
     """Up to ``length`` bytes at ``linear``; stops early at an unmapped page or outside RAM."""
     out = bytearray()
+    length = min(length, max(LINEAR_LIMIT - linear, 0)) if linear >= 0 else 0
     while len(out) < length:
         address = linear + len(out)
         chunk = min(length - len(out), PAGE_SIZE - (address % PAGE_SIZE))
@@ -42,6 +45,27 @@ def read_linear(vcpu: Vcpu, memory: GuestMemory, sregs: Sregs, linear: int, leng
         except GuestMemoryError:
             break
     return bytes(out)
+
+
+def write_linear(vcpu: Vcpu, memory: GuestMemory, sregs: Sregs, linear: int, data: bytes) -> None:
+    """Write all of ``data`` at ``linear`` through the guest's paging, or nothing.
+
+    Raises GuestMemoryError naming the first address that is unmapped or not RAM.
+    """
+    if not 0 <= linear <= LINEAR_LIMIT - len(data):
+        raise GuestMemoryError(f"{linear:#x}+{len(data):#x} is past the address space")
+    pieces: list[tuple[int, int, int]] = []  # guest-physical address, offset in data, length
+    done = 0
+    while done < len(data):
+        address = linear + done
+        chunk = min(len(data) - done, PAGE_SIZE - address % PAGE_SIZE)
+        gpa = translate(vcpu, sregs, address)
+        if gpa is None or not memory.contains(gpa, chunk):
+            raise GuestMemoryError(f"{address:#x} is not mapped to RAM")
+        pieces.append((gpa, done, chunk))
+        done += chunk
+    for gpa, offset, chunk in pieces:
+        memory.write(gpa, data[offset : offset + chunk])
 
 
 def capstone_mode(sregs: Sregs) -> int:

@@ -45,7 +45,8 @@ class LoadPlan:
 
 
 def check_plan(plan: LoadPlan, memory: GuestMemory, reserved: list[tuple[int, int]]) -> None:
-    """Raise LoaderError unless every segment lies in RAM and clear of ``reserved``."""
+    """Raise LoaderError unless every segment lies in RAM and clear of ``reserved``,
+    and the entry lies in the loaded bytes of a segment that is not boot data."""
     for seg in plan.segments:
         if seg.memsz < len(seg.data):
             raise LoaderError(f"{plan.source}: segment at {seg.gpa:#x} has memsz < filesz")
@@ -60,3 +61,26 @@ def check_plan(plan: LoadPlan, memory: GuestMemory, reserved: list[tuple[int, in
                     f"{plan.source}: segment {seg.gpa:#x}-{seg.end - 1:#x} overlaps the boot "
                     f"structures at {start:#x}-{end - 1:#x}"
                 )
+    boot_data = plan.reserved
+    if not any(
+        seg.gpa <= plan.entry < seg.gpa + len(seg.data)
+        and not any(start <= seg.gpa < end for start, end in boot_data)
+        for seg in plan.segments
+    ):
+        # The vCPU would start in memory nothing was loaded into (or outside RAM).
+        raise LoaderError(
+            f"{plan.source}: entry {plan.entry:#x} is not inside the loaded image "
+            f"({_describe_segments(plan)})"
+        )
+
+
+def _describe_segments(plan: LoadPlan) -> str:
+    ranges = [
+        f"{seg.gpa:#x}-{seg.gpa + len(seg.data) - 1:#x}"
+        for seg in plan.segments
+        if seg.data and not any(start <= seg.gpa < end for start, end in plan.reserved)
+    ]
+    if not ranges:
+        return "no bytes loaded"
+    shown = ", ".join(ranges[:4])
+    return f"loaded: {shown}" + (f" and {len(ranges) - 4} more" if len(ranges) > 4 else "")

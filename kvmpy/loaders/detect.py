@@ -1,12 +1,18 @@
 """Pick the loader for an image, in QEMU's -kernel order: multiboot, then an ELF
-with a PVH entry note, then (beyond QEMU) any ELF, then a flat binary."""
+with a PVH entry note, then (beyond QEMU) any ELF, then a flat binary.
+
+The image is read once, with a size cap, and the same bytes go to detection
+and to the loader: a pipe (``kvmpy run <(cat kernel)``) or a FIFO can only be
+read once, and a file that changes between two reads would be checked in one
+state and loaded in another.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from kvmpy.loaders import LoaderError, LoadPlan
-from kvmpy.loaders.elf import is_elf, load_elf, read_image
+from kvmpy.loaders.elf import MAX_IMAGE_SIZE, is_elf, load_elf, read_image
 from kvmpy.loaders.flat import load_flat
 from kvmpy.loaders.multiboot import is_multiboot, load_multiboot
 from kvmpy.loaders.pvh import is_pvh, load_pvh
@@ -16,16 +22,14 @@ FORMATS = ("multiboot", "pvh", "elf", "flat")
 _DETECT_BYTES = 8192
 
 
-def detect_format(path: str | Path) -> str:
-    try:
-        with open(path, "rb") as image:
-            head = image.read(_DETECT_BYTES)
-    except OSError as exc:
-        raise LoaderError(f"{path}: cannot read image: {exc.strerror}") from None
-    if is_multiboot(head):
+def detect_format(path: str | Path, data: bytes | None = None) -> str:
+    """The format of the image at ``path`` (``data``: its bytes, if already read)."""
+    if data is None:
+        data = read_image(path, MAX_IMAGE_SIZE, "image")
+    if is_multiboot(data[:_DETECT_BYTES]):
         return "multiboot"
-    if is_elf(head):
-        return "pvh" if is_pvh(read_image(path, what="ELF image"), str(path)) else "elf"
+    if is_elf(data):
+        return "pvh" if is_pvh(data, str(path)) else "elf"
     return "flat"
 
 
@@ -39,27 +43,31 @@ def load_image(
     cmdline: str = "",
     modules: list[tuple[str, str]] | None = None,
     rsdp: int = 0,
+    data: bytes | None = None,
 ) -> LoadPlan:
     """Load ``path`` with the loader for ``image_format`` (detected when None).
 
-    ``load_addr`` and ``entry`` apply to flat images; ``cmdline`` to
-    multiboot and PVH kernels, ``modules`` to multiboot ones (other formats
-    get the command line through fw_cfg only); ``rsdp``, the ACPI tables'
-    address, to PVH kernels.
+    ``data`` is the image's bytes when the caller has them already; otherwise
+    ``path`` is read, once.  ``load_addr`` and ``entry`` apply to flat images;
+    ``cmdline`` to multiboot and PVH kernels, ``modules`` to multiboot ones
+    (other formats get the command line through fw_cfg only); ``rsdp``, the
+    ACPI tables' address, to PVH kernels.
     """
-    image_format = image_format or detect_format(path)
+    if image_format is not None and image_format not in FORMATS:
+        raise LoaderError(
+            f"{path}: unknown image format {image_format!r} (choose from {', '.join(FORMATS)})"
+        )
+    if data is None:
+        data = read_image(path, MAX_IMAGE_SIZE, "image")
+    image_format = image_format or detect_format(path, data)
     if modules and image_format != "multiboot":
         raise LoaderError(
             f"{path}: boot modules need a multiboot kernel, not a {image_format} image"
         )
     if image_format == "multiboot":
-        return load_multiboot(path, ram=ram, cmdline=cmdline, modules=modules or [])
+        return load_multiboot(path, ram=ram, cmdline=cmdline, modules=modules or [], data=data)
     if image_format == "pvh":
-        return load_pvh(path, ram=ram, cmdline=cmdline, rsdp=rsdp)
+        return load_pvh(path, ram=ram, cmdline=cmdline, rsdp=rsdp, data=data)
     if image_format == "elf":
-        return load_elf(path)
-    if image_format == "flat":
-        return load_flat(path, load_addr, entry)
-    raise LoaderError(
-        f"{path}: unknown image format {image_format!r} (choose from {', '.join(FORMATS)})"
-    )
+        return load_elf(path, data)
+    return load_flat(path, load_addr, entry, data)

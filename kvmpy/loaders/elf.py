@@ -34,7 +34,10 @@ override it.
 
 from __future__ import annotations
 
+import errno
 import itertools
+import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +59,8 @@ PN_XNUM = 0xFFFF
 
 # Reading a file bigger than this whole would only waste host memory.
 MAX_IMAGE_SIZE = 1 << 30
+# How much read_image asks the kernel for at a time.
+_READ_CHUNK = 1 << 20
 # The sum of all segments' p_memsz; no guest of ours has more RAM for one image.
 MAX_LOAD_SIZE = 4 << 30
 # Where segments must end: 32-bit addresses, or x86's widest physical address.
@@ -103,21 +108,70 @@ def is_elf(data: bytes) -> bool:
     return data[:4] == ELF_MAGIC
 
 
+def _file_kind(mode: int) -> str:
+    """What kind of file ``st_mode`` describes, in words."""
+    if stat.S_ISREG(mode):
+        return "regular file"
+    if stat.S_ISFIFO(mode):
+        return "pipe"
+    if stat.S_ISDIR(mode):
+        return "directory"
+    if stat.S_ISCHR(mode):
+        return "character device"
+    if stat.S_ISBLK(mode):
+        return "block device"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    return "special file"
+
+
+def _check_kind(path: Path, mode: int, what: str) -> None:
+    kind = _file_kind(mode)
+    if kind == "directory":
+        raise LoaderError(f"{path}: cannot read {what}: {os.strerror(errno.EISDIR)}")
+    if kind not in ("regular file", "pipe"):
+        # A device such as /dev/zero never ends and has no size to check first.
+        raise LoaderError(
+            f"{path}: cannot read {what}: it is a {kind}, not a regular file or a pipe"
+        )
+
+
 def read_image(path: str | Path, limit: int = MAX_IMAGE_SIZE, what: str = "image") -> bytes:
-    """Read a whole file, refusing (before reading) one bigger than ``limit``."""
+    """Read a whole regular file or pipe (``<(cmd)``, a FIFO) once, at most ``limit`` bytes.
+
+    A regular file bigger than ``limit`` is refused before reading; a pipe is
+    read until it ends or passes ``limit``.  Devices, directories and sockets
+    are refused without being opened.
+    """
     path = Path(path)
     try:
-        size = path.stat().st_size
-        if size > limit:
-            raise LoaderError(f"{path}: {what} is {size} bytes, more than the {limit} allowed")
-        with path.open("rb") as f:
-            # Read at most one byte past the limit: a file growing meanwhile is still capped.
-            data = f.read(limit + 1)
+        _check_kind(path, os.stat(path).st_mode, what)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
     except OSError as exc:
         raise LoaderError(f"{path}: cannot read {what}: {exc.strerror}") from None
-    if len(data) > limit:
-        raise LoaderError(f"{path}: {what} grew past {limit} bytes while being read")
-    return data
+    chunks: list[bytes] = []
+    total = 0
+    try:
+        info = os.fstat(fd)  # what was opened: the path may have changed since stat()
+        _check_kind(path, info.st_mode, what)
+        if stat.S_ISREG(info.st_mode) and info.st_size > limit:
+            raise LoaderError(
+                f"{path}: {what} is {info.st_size} bytes, more than the {limit} allowed"
+            )
+        # Read at most one byte past the limit: a growing file or endless pipe is still capped.
+        while total <= limit:
+            chunk = os.read(fd, min(_READ_CHUNK, limit + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+    except OSError as exc:
+        raise LoaderError(f"{path}: cannot read {what}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    if total > limit:
+        raise LoaderError(f"{path}: {what} is more than the {limit} bytes allowed")
+    return b"".join(chunks)
 
 
 def parse_elf(data: bytes, name: str = "<elf>") -> ElfImage:

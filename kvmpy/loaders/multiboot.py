@@ -49,6 +49,7 @@ and 0x9fc00-0x9ffff and 0xf0000-0xfffff as reserved (type 2).
 from __future__ import annotations
 
 import os
+import stat
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -395,8 +396,11 @@ def load_multiboot(
     ram: Sequence[tuple[int, int]],
     cmdline: str = "",
     modules: Sequence[tuple[str, str]] = (),
+    data: bytes | None = None,
 ) -> LoadPlan:
     """Plan to boot the Multiboot kernel at ``path`` in a VM with ``ram`` (gpa, size) regions.
+
+    ``data`` is the kernel already read from ``path``, if it was (each file is read once).
 
     ``modules`` are (file path, arguments) pairs, loaded in order after the kernel.
     """
@@ -405,7 +409,8 @@ def load_multiboot(
     entries = memory_map(ram)
     ram_size = sum(end - start for start, end in runs)
 
-    data = read_image(path, MAX_IMAGE_SIZE, "kernel")
+    if data is None:
+        data = read_image(path, MAX_IMAGE_SIZE, "kernel")
     header = find_header(data, name)
     if header is None:
         raise LoaderError(f"{name}: not a multiboot kernel: {_explain_missing(data)}")
@@ -428,19 +433,32 @@ def load_multiboot(
         string = module_path + (" " + args if args else "")
         raw_string = _c_string(name, "module string", string)
         try:
-            size = Path(module_path).stat().st_size
+            file_info = os.stat(module_path)
         except OSError as exc:
             raise LoaderError(f"{label}: cannot read: {exc.strerror}") from None
         start = _align(cursor, PAGE_SIZE)
+
+        def check_fits(size: int, label: str = label, start: int = start) -> None:
+            end = start + size
+            if size > ram_size or end > ADDRESS_LIMIT_32 or not _available(entries, start, end):
+                raise LoaderError(
+                    f"{label}: {size:#x} bytes at {start:#x} do not fit in available guest RAM "
+                    f"below 4 GiB"
+                )
+
+        if stat.S_ISREG(file_info.st_mode):
+            # A regular file's size is known: one too big for the guest is never read.
+            check_fits(file_info.st_size)
+            content = read_image(module_path, file_info.st_size, "module")
+            if len(content) != file_info.st_size:
+                raise LoaderError(
+                    f"{label}: size changed from {file_info.st_size} to {len(content)} while read"
+                )
+        else:  # a pipe has no size before it is read: read it, capped, then check
+            content = read_image(module_path, min(ram_size, MAX_IMAGE_SIZE), "module")
+            check_fits(len(content))
+        size = len(content)
         end = start + size
-        if size > ram_size or end > ADDRESS_LIMIT_32 or not _available(entries, start, end):
-            raise LoaderError(
-                f"{label}: {size:#x} bytes at {start:#x} do not fit in available guest RAM "
-                f"below 4 GiB"
-            )
-        content = read_image(module_path, size, "module")
-        if len(content) != size:
-            raise LoaderError(f"{label}: size changed from {size} to {len(content)} while read")
         if size:
             module_segments.append(LoadSegment(start, content, size))
         placed.append((start, end, raw_string, module_path))

@@ -71,15 +71,30 @@ def is_pvh(data: bytes, name: str = "<elf>") -> bool:
 
 
 def load_pvh(
-    path: str | Path, *, ram: Sequence[tuple[int, int]], cmdline: str = "", rsdp: int = 0
+    path: str | Path,
+    *,
+    ram: Sequence[tuple[int, int]],
+    cmdline: str = "",
+    rsdp: int = 0,
+    data: bytes | None = None,
 ) -> LoadPlan:
-    """Plan a PVH boot of the ELF at ``path``; ``rsdp``: the ACPI RSDP's address (0: none)."""
+    """Plan a PVH boot of the ELF at ``path`` (or ``data``, already read from it).
+
+    ``rsdp``: the ACPI RSDP's address (0: none).
+    """
     name = str(path)
-    data = read_image(path, what="ELF image")
+    if data is None:
+        data = read_image(path, what="ELF image")
     entry = pvh_entry(data, name)
     if entry is None:
         raise LoaderError(f"{name}: no Xen PHYS32_ENTRY note: not a PVH kernel")
     plan = load_elf(path, data)
+    if not any(seg.gpa <= entry < seg.gpa + len(seg.data) for seg in plan.segments):
+        # As for e_entry: the vCPU must start in the kernel's bytes, not in zeros.
+        raise LoaderError(
+            f"{name}: PHYS32_ENTRY {entry:#x} is not inside the file-backed part of any "
+            f"PT_LOAD segment"
+        )
 
     entries = memory_map(ram)
     memmap_at = START_INFO_ADDR + _START_INFO.size
