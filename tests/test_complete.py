@@ -330,3 +330,25 @@ def test_iret32_same_level_and_a_bad_code_selector(memory: GuestMemory) -> None:
     assert (vcpu.injected, vcpu.regs.rip) == ([("exception", 13, 0x10)], RIP)
     vcpu = vcpu_at(b"\xcf", protected_mode(), rsp=0x7000, rflags=0x4002)  # NT: a task return
     assert not completer(memory).complete(vcpu)
+
+
+def test_into_and_int_n_in_protected_mode_use_8_byte_gates(memory: GuestMemory) -> None:
+    sregs = protected_mode()
+    sregs.idt.base, sregs.idt.limit = IDT, 256 * 8 - 1
+    for vector in (4, 0x80):  # 32-bit interrupt gates (type 0xE), present, DPL 0
+        memory.write(IDT + vector * 8, struct.pack("<HHBBH", 0x1000, 0x08, 0, 0x8E, 0))
+    vcpu = vcpu_at(b"\xce", sregs, rflags=0x2)  # into, OF clear: nothing but RIP
+    assert completer(memory).complete(vcpu)
+    assert (vcpu.injected, vcpu.regs.rip) == ([], RIP + 1)
+    vcpu = vcpu_at(b"\xce", sregs, rflags=0x2 | OF_FLAG)
+    assert completer(memory).complete(vcpu)
+    assert (vcpu.injected, vcpu.regs.rip) == ([("interrupt", 4, None)], RIP + 1)
+    vcpu = vcpu_at(b"\xcd\x80", sregs)
+    assert completer(memory).complete(vcpu)
+    assert vcpu.injected == [("interrupt", 0x80, None)]
+
+
+def test_into_is_undefined_in_64_bit_mode(memory: GuestMemory) -> None:
+    vcpu = vcpu_at(b"\xce")
+    assert completer(memory).complete(vcpu)
+    assert vcpu.injected == [("exception", 6, None)]
