@@ -79,6 +79,30 @@ at_int90:
 	cmpq	$0x90 * 8 + 2, np_error(%rip)
 	check	e, msg_np
 
+	/* popcnt from an unmapped page (8 GiB: past kvmpy's page tables): #PF, CR2, error 0. */
+	gate	14, on_pf
+	lea	at_pf(%rip), %rax
+	mov	%rax, fault_skip_from(%rip)
+	movb	$5, skip_length(%rip)
+	movabs	$0x200000010, %rsi
+at_pf:	popcnt	(%rsi), %rax
+	movabs	$0x200000010, %rax
+	cmp	%rax, pf_cr2(%rip)
+	check	e, msg_pf
+	cmpq	$0, pf_error(%rip)
+	check	e, msg_pf
+
+	/* A non-canonical address is a #GP(0), not a #PF. */
+	gate	13, on_gp
+	lea	at_noncanonical(%rip), %rax
+	mov	%rax, fault_skip_from(%rip)
+	movabs	$0x0000800000000000, %rsi
+at_noncanonical:
+	popcnt	(%rsi), %rax
+	cmpl	$1, gp_count(%rip)
+	check	e, msg_noncanonical
+	movl	$0, gp_count(%rip)
+
 	/* Register-form movbe is #UD. */
 	movl	$0, ud_count(%rip)
 	.byte	0x0f, 0x38, 0xf0, 0xc0
@@ -317,6 +341,12 @@ on_ud:	incl	ud_count(%rip)
 /* #NP and #GP with an error code: record it, resume at the instruction after. */
 on_np:	pop	np_error(%rip)
 	jmp	skip
+on_pf:	pop	pf_error(%rip)
+	push	%rax
+	mov	%cr2, %rax
+	mov	%rax, pf_cr2(%rip)
+	pop	%rax
+	jmp	skip
 on_gp:	pop	gp_error(%rip)
 	incl	gp_count(%rip)
 skip:	push	%rax
@@ -349,6 +379,8 @@ msg_xgetbv:	.asciz	"FAIL: xgetbv: XCR0 lacks x87\n"
 msg_xsetbv:	.asciz	"FAIL: xsetbv 3 did not stick\n"
 msg_xsetbv_gp:	.asciz	"FAIL: xsetbv 2 did not raise #GP\n"
 msg_fninit:	.asciz	"FAIL: fninit did not reset FSW/FCW\n"
+msg_pf:		.asciz	"FAIL: popcnt from an unmapped page: no #PF with CR2 and error 0\n"
+msg_noncanonical: .asciz "FAIL: popcnt from a non-canonical address: no #GP\n"
 msg_fault_rip:	.asciz	"FAIL: a fault came from an unexpected RIP\n"
 msg_differential: .asciz "FAIL: CPL0 (completed) and CPL3 (native) results differ\n"
 
@@ -371,6 +403,8 @@ ud_count:	.long	0
 gp_count:	.long	0
 frame_rip:	.quad	0
 np_error:	.quad	0
+pf_error:	.quad	-1
+pf_cr2:		.quad	0
 gp_error:	.quad	-1
 fault_skip_from: .quad	0
 skip_length:	.byte	2

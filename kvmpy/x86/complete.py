@@ -292,9 +292,12 @@ class _State:
         if not segment:
             segment = "ss" if base_name in ("rsp", "esp", "sp", "rbp", "ebp", "bp") else "ds"
         if self.bits == 64:
-            if segment not in ("fs", "gs"):
-                return effective
-            return int(getattr(self.sregs, segment).base + effective) & ((1 << 64) - 1)
+            linear = effective
+            if segment in ("fs", "gs"):
+                linear = int(getattr(self.sregs, segment).base + effective) & ((1 << 64) - 1)
+            if not _canonical(linear) or not _canonical(linear + operand.size - 1):
+                raise GuestFault(SS_FAULT if segment == "ss" else GP, 0)
+            return linear
         descriptor: Segment = getattr(self.sregs, segment)
         if effective + operand.size - 1 > descriptor.limit:
             raise GuestFault(SS_FAULT if segment == "ss" else GP, 0)
@@ -518,7 +521,7 @@ def _invpcid(state: _State, insn: _Insn) -> str:
 
 
 def _canonical(address: int) -> bool:
-    top = address >> 47
+    top = (address & ((1 << 64) - 1)) >> 47
     return top in (0, (1 << 17) - 1)
 
 
