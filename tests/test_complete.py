@@ -352,3 +352,13 @@ def test_into_is_undefined_in_64_bit_mode(memory: GuestMemory) -> None:
     vcpu = vcpu_at(b"\xce")
     assert completer(memory).complete(vcpu)
     assert vcpu.injected == [("exception", 6, None)]
+
+
+def test_a_lock_prefix_where_the_cpu_takes_none_is_undefined(memory: GuestMemory) -> None:
+    vcpu = vcpu_at(b"\xf0\xf3\x48\x0f\xb8\x06", rsi=0x3000)  # lock popcnt rax, [rsi]
+    assert completer(memory).complete(vcpu)
+    assert (vcpu.injected, vcpu.regs.rip) == ([("exception", 6, None)], RIP)
+
+
+def test_virtual_8086_mode_is_left_to_the_report(memory: GuestMemory) -> None:
+    assert not completer(memory).complete(vcpu_at(b"\xcc", protected_mode(), rflags=0x20002))

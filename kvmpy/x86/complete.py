@@ -55,6 +55,8 @@ CR4_OSXSAVE = 1 << 18
 # #PF error code bits.
 PF_PRESENT, PF_WRITE, PF_USER = 1, 2, 4
 
+# Of what completes, only these take a lock prefix; on anything else it is #UD.
+_LOCKABLE = frozenset(("cmpxchg8b", "cmpxchg16b"))
 _DECODE_CACHE_SIZE = 4096  # decoded instructions kept, by (mode, RIP, bytes)
 _LEGACY_PREFIXES = frozenset((0x66, 0x67, 0xF0, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65))
 
@@ -152,8 +154,8 @@ class Completer:
         regs = vcpu.get_regs()
         sregs = vcpu.get_sregs()
         mode = cpu_mode(sregs)
-        if mode == "real":
-            return False  # not seen failing on real-mode code; leave it to the report
+        if mode == "real" or regs.rflags & _VM:
+            return False  # not seen failing in real or virtual-8086 mode; leave it to the report
         bits = 64 if mode == "long" else (32 if sregs.cs.db else 16)
         at = regs.rip
         state = _State(vcpu, self.memory, regs, sregs, bits)
@@ -169,7 +171,7 @@ class Completer:
                 return False
         state.insn = insn
         try:
-            if insn is None:
+            if insn is None or (0xF0 in insn.prefixes and name not in _LOCKABLE):
                 raise GuestFault(UD)
             done = _HANDLERS[name](state, insn)
             if done is None:
@@ -191,11 +193,17 @@ class Completer:
         cached = self._decoded.get(key)
         if cached is not None:
             return cached
+        with self._lock:  # one capstone handle per mode, shared by the vCPU threads
+            return self._decode_new(key, code, bits, rip)
+
+    def _decode_new(
+        self, key: tuple[int, int, bytes], code: bytes, bits: int, rip: int
+    ) -> _Insn | None:
         decoder = self._decoders.get(bits)
         if decoder is None:
             decoder = self._decoders[bits] = _decoder(bits)
         for raw in decoder.disasm(code, rip, 1):
-            insn = _Insn(raw.mnemonic, raw.size, list(raw.operands), list(raw.prefix), raw)
+            insn = _Insn(raw.mnemonic, raw.size, list(raw.operands), _prefixes(code), raw)
             if len(self._decoded) >= _DECODE_CACHE_SIZE:
                 self._decoded.clear()
             self._decoded[key] = insn
@@ -205,6 +213,16 @@ class Completer:
 
 _VECTOR_NAMES = {DE: "DE", DB: "DB", BP: "BP", OF: "OF", UD: "UD", NM: "NM", NP: "NP"}
 _VECTOR_NAMES.update({SS_FAULT: "SS", GP: "GP", PF: "PF", MF: "MF"})
+
+
+def _prefixes(code: bytes) -> list[int]:
+    """The legacy prefix bytes an instruction starts with (capstone's list misses some)."""
+    found = []
+    for byte in code:
+        if byte not in _LEGACY_PREFIXES:
+            break
+        found.append(byte)
+    return found
 
 
 def _undefined_encoding(code: bytes, bits: int) -> bool:
