@@ -174,6 +174,14 @@ class FakeVcpu:
     def inject_interrupt(self, vector: int) -> None:
         self.injected.append(("interrupt", vector, None))
 
+    def compare_exchange(
+        self, memory: memoryview, expected: int, replacement: int
+    ) -> tuple[bool, int]:
+        found = int.from_bytes(memory, "little")  # one thread per fake vCPU: no race to fear
+        if found == expected:
+            memory[:] = replacement.to_bytes(len(memory), "little")
+        return found == expected, found
+
     def get_xcr(self, index: int) -> int | None:
         return self.xcr0 if index == 0 else None
 

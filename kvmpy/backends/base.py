@@ -141,6 +141,12 @@ class Vcpu(Protocol):
         """Deliver ``vector`` through the guest's IDT at the next run(), as an external
         interrupt does: RIP pushed as it is, no error code, whatever RFLAGS.IF says."""
 
+    def compare_exchange(
+        self, memory: memoryview, expected: int, replacement: int
+    ) -> tuple[bool, int]:
+        """Atomically, against every vCPU: if the 8 or 16 bytes of guest RAM in ``memory``
+        hold ``expected``, store ``replacement``.  Returns (exchanged, the value found)."""
+
     def get_xcr(self, index: int) -> int | None:
         """Extended control register ``index`` (0: XCR0); None if the backend has none."""
 

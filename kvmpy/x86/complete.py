@@ -11,9 +11,9 @@ and lets the guest go on.  Whatever it does not know stays a crash report.
 Faults are raised into the guest, as the CPU would: #PF with CR2 for an
 unmapped or forbidden page, #GP, #UD, #NM, #MF.  Software interrupts go
 through the guest's IDT by injection (``Vcpu.inject_interrupt``) after the
-gate's DPL check done here.  Memory instructions run under one process-wide
-lock; KVM's own accesses from other vCPUs are not ordered against it (see
-the docs).
+gate's DPL check done here.  cmpxchg8b/16b run as the host CPU's own locked
+instruction on guest RAM (``Vcpu.compare_exchange``), so they are atomic
+against every vCPU.
 """
 
 from __future__ import annotations
@@ -60,8 +60,9 @@ _LOCKABLE = frozenset(("cmpxchg8b", "cmpxchg16b"))
 _DECODE_CACHE_SIZE = 4096  # decoded instructions kept, by (mode, RIP, bytes)
 _LEGACY_PREFIXES = frozenset((0x66, 0x67, 0xF0, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65))
 
-# One lock for every completed memory access: completions on different vCPUs
-# are atomic against each other (not against code KVM runs meanwhile).
+# For a cmpxchg8b split across pages: such completions are atomic against each
+# other (not against code KVM runs meanwhile); all others use the host's own
+# locked instruction (Vcpu.compare_exchange).
 _MEMORY_LOCK = threading.Lock()
 
 
@@ -494,12 +495,18 @@ def _cmpxchg8b_16b(state: _State, insn: _Insn) -> str:
         raise GuestFault(GP, 0)
     expected = state.read_reg(wide + "dx") << half | state.read_reg(wide + "ax")
     replacement = state.read_reg(wide + "cx") << half | state.read_reg(wide + "bx")
-    with _MEMORY_LOCK:
-        pieces = state.check_write(linear, size)  # the CPU checks for a write either way
-        current = state.load(pieces)
-        equal = current == expected
-        # Without a match the CPU still writes: it stores back what it read.
-        state.store(pieces, replacement if equal else current)
+    pieces = state.check_write(linear, size)  # the CPU checks for a write either way
+    if len(pieces) == 1:
+        # The host CPU's own locked instruction on guest RAM: atomic against every vCPU.
+        view = state.memory.view(pieces[0][0], size)
+        equal, current = state.vcpu.compare_exchange(view, expected, replacement)
+    else:
+        # A cmpxchg8b split across two pages: atomic only against other completions.
+        with _MEMORY_LOCK:
+            current = state.load(pieces)
+            equal = current == expected
+            # Without a match the CPU still writes: it stores back what it read.
+            state.store(pieces, replacement if equal else current)
     if not equal:
         state.write_reg(wide + "ax", current & ((1 << half) - 1))
         state.write_reg(wide + "dx", current >> half)

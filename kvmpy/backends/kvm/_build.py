@@ -169,6 +169,8 @@ struct kvmshim_vcpu {
 int kvmshim_run(struct kvmshim_vcpu *vcpu);
 void kvmshim_set_immediate_exit(void *run, int value);
 int kvmshim_install_kick_handler(int signo);
+int kvmshim_compare_exchange(void *address, int size, uint64_t *value,
+                             const uint64_t *replacement);
 """
 
 

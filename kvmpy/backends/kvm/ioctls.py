@@ -426,6 +426,7 @@ class Vm(_Fd):
             raise
 
 
+_U64 = (1 << 64) - 1
 _FPU_SCALARS = ("fcw", "fsw", "ftwx", "last_opcode", "last_ip", "last_dp", "mxcsr")
 
 
@@ -666,6 +667,19 @@ class Vcpu(_Fd):
         # Only the exception and interrupt fields change; NMI and SIPI state is left alone.
         events.flags = 0
         self.set_vcpu_events(bytes(ffi.buffer(events)))
+
+    def compare_exchange(
+        self, memory: memoryview, expected: int, replacement: int
+    ) -> tuple[bool, int]:
+        """The CPU's own lock cmpxchg8b/16b on guest RAM (8 or 16 bytes of ``memory``)."""
+        size = len(memory)
+        value = ffi.new("uint64_t[2]", [expected & _U64, expected >> 64])
+        new = ffi.new("uint64_t[2]", [replacement & _U64, replacement >> 64])
+        with ffi.from_buffer(memory, require_writable=True) as pointer:
+            done = lib.kvmshim_compare_exchange(pointer, size, value, new)
+        if done < 0:
+            raise KvmError("compare_exchange", -done, f"{size} bytes at a bad size or alignment")
+        return bool(done), value[0] | (value[1] << 64 if size == 16 else 0)
 
     def get_xcr(self, index: int) -> int | None:
         """KVM_GET_XCRS: extended control register ``index`` (0: XCR0); None if KVM has none."""
