@@ -134,3 +134,15 @@ def test_pvm_runs_lzcnt_as_bsr_without_an_exit(tmp_path: Path) -> None:
         outcome = m.run(timeout=10)
     assert outcome.exit_code == 0x55  # bsr with a zero source leaves the destination
     assert m.arch.completer.counts == {}
+
+
+def test_compare_exchange_is_the_cpus_own_on_guest_ram() -> None:
+    with Machine(mem_size=1 << 20, irqchip=False) as m:
+        m.memory.write(0x3000, struct.pack("<QQ", 1, 2))
+        view = m.memory.view(0x3000, 16)
+        assert m.vcpu.compare_exchange(view, 2 << 64 | 1, 4 << 64 | 3) == (True, 2 << 64 | 1)
+        assert m.vcpu.compare_exchange(view, 0, 5) == (False, 4 << 64 | 3)
+        assert struct.unpack("<QQ", m.memory.read(0x3000, 16)) == (3, 4)
+        assert m.vcpu.compare_exchange(m.memory.view(0x3004, 8), 4 << 32, 7) == (True, 4 << 32)
+        with pytest.raises(OSError, match="alignment"):
+            m.vcpu.compare_exchange(m.memory.view(0x3008, 16), 0, 0)
