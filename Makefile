@@ -88,6 +88,7 @@ bench: all
 	$(BIN)/python bench/lifecycle.py
 	$(BIN)/python bench/snapshot_restore.py
 	$(BIN)/python bench/qemu_compare.py
+	$(BIN)/python bench/completion.py
 
 # The hypothesis tests (tests/test_*fuzz*.py) run a short budget in `make test`;
 # this runs them long: FUZZ_EXAMPLES examples per test.
