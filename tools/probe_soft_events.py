@@ -4,7 +4,8 @@ A 64-bit CPL0 guest runs one instruction KVM cannot emulate (int3, int $n),
 and this script injects the event in several ways, with RIP left at the
 instruction or advanced past it.  The guest's handler records the RIP and the
 word below it that it found on its stack; the script prints what it saw.
-Run: .venv/bin/python tools/probe_soft_events.py
+Run: .venv/bin/python tools/probe_soft_events.py [INSN...]
+(default: int3, int $0x80, int $13, int1).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from kvmpy.backends.exits import ExitKind
+from kvmpy.backends.kvm.ioctls import Vcpu as KvmVcpu
 from kvmpy.loaders.flat import load_flat
 from kvmpy.machine import Machine
 
@@ -94,16 +96,13 @@ def build(insn: str, workdir: Path) -> Path:
     return binary
 
 
-def stub_vector(stub_offset: int) -> int:
-    return stub_offset
-
-
 def probe(insn: str, how: str, advance: bool, workdir: Path) -> str:
     image = build(insn, workdir)
     with Machine(mem_size=8 << 20, irqchip=False) as m:
         m.load(load_flat(image, 0x100000), mode="long")
-        m._capture_power_on()
+        # The raw KVM vCPU: this probe sets kvm_vcpu_events fields the boundary does not name.
         vcpu = m.vcpu
+        assert isinstance(vcpu, KvmVcpu)
         for _ in range(4):
             reason = vcpu.run()
             if reason != ExitKind.INTERNAL_ERROR:
