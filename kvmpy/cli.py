@@ -388,9 +388,9 @@ def _attach_observers(m: Machine, args: argparse.Namespace, trace: TextIO) -> Ex
     completer.enabled = not args.no_complete
     if args.trace is not None and "emulated" in args.trace:
         completer.on_complete = lambda index, rip, text, done: print(
-            f"vCPU {index} {rip:#x} completed: {text} ({done})", file=trace, flush=True
+            f"[vcpu{index}] COMPLETED  {rip:#x}  {text}  ({done})", file=trace, flush=True
         )
-    if args.trace is not None:
+    if args.trace is not None and args.trace - {"emulated"}:  # emulated alone: no exit tracer
         observers.append(ExitTracer(m.memory, trace, args.trace))
     if args.stats:
         stats = ExitStats(m.ports, m.mmio)

@@ -35,11 +35,11 @@ def test_complete64_passes_and_says_what_it_completed() -> None:
     assert "complete64 OK: all checks passed" in done.stdout
     assert done.returncode == 1, done.stderr
     if host_kvm_module() == "kvm_pvm":
-        assert "completed: int3 (vector 3 through the IDT)" in done.stderr
+        assert "[vcpu0] COMPLETED  0x10011b  int3  (vector 3 through the IDT)" in done.stderr
         assert "completed instructions: " in done.stderr
         # 12 in the differential block, 2 faulting (#PF, #GP).
         assert " int3 1" in done.stderr and "popcnt 14" in done.stderr
-        assert "completed: popcnt rax, qword ptr [rsi] (#PF)" in done.stderr
+        assert "COMPLETED  0x100206  popcnt rax, qword ptr [rsi]  (#PF)" in done.stderr
 
 
 def test_no_complete_shows_the_hosts_raw_behaviour() -> None:
