@@ -67,6 +67,8 @@ class FakeVcpu:
         # Page (linear, 4 KiB aligned) -> its translation (None: not present), for translate().
         self.pages: dict[int, Translation | None] = {}
         self.xcr0 = 1
+        # The XSAVE area at power-on: FCW 0x37F, MXCSR 0x1F80, nothing in use.
+        self.xsave = b"\x7f\x03" + bytes(22) + (0x1F80).to_bytes(4, "little") + bytes(4068)
 
     def run(self) -> int:
         self._record_reply()
@@ -181,6 +183,12 @@ class FakeVcpu:
         if found == expected:
             memory[:] = replacement.to_bytes(len(memory), "little")
         return found == expected, found
+
+    def get_xsave(self) -> bytes:
+        return self.xsave
+
+    def set_xsave(self, state: bytes) -> None:
+        self.xsave = state
 
     def get_xcr(self, index: int) -> int | None:
         return self.xcr0 if index == 0 else None

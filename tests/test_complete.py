@@ -17,7 +17,7 @@ from kvmpy.backends.exits import ExitKind
 from kvmpy.machine import Machine
 from kvmpy.memory import GuestMemory
 from kvmpy.outcome import OutcomeKind
-from kvmpy.x86.complete import AC, CF, OF_FLAG, ZF, Completer
+from kvmpy.x86.complete import AC, CF, OF_FLAG, ZF, Completer, fpu_from_xsave, xsave_with_fpu
 from kvmpy.x86.registers import CR0_PE, CR0_PG, EFER_LMA, EFER_LME, Fpu, Segment, Sregs
 from tests.fake_backend import FakeBackend, FakeVcpu, Step
 
@@ -57,6 +57,14 @@ def vcpu_at(code: bytes, sregs: Sregs | None = None, **regs: int) -> FakeVcpu:
     for name, value in regs.items():
         setattr(vcpu.regs, name, value)
     return vcpu
+
+
+def put_fpu(vcpu: FakeVcpu, fpu: Fpu) -> None:
+    vcpu.xsave = xsave_with_fpu(vcpu.xsave, fpu)
+
+
+def fpu_of(vcpu: FakeVcpu) -> Fpu:
+    return fpu_from_xsave(vcpu.xsave)
 
 
 def gate(memory: GuestMemory, vector: int, dpl: int = 0, present: bool = True) -> None:
@@ -253,7 +261,7 @@ def test_fwait_raises_pending_x87_exceptions_and_nm(memory: GuestMemory) -> None
     sregs = long_mode()
     sregs.cr0 |= 1 << 5  # NE
     vcpu = vcpu_at(b"\x9b", sregs)
-    vcpu.fpu = Fpu(fsw=0x8081)
+    put_fpu(vcpu, Fpu(fsw=0x8081))
     assert completer(memory).complete(vcpu)
     assert vcpu.injected == [("exception", 16, None)]
     sregs.cr0 |= 0b1010  # MP, TS
@@ -264,29 +272,30 @@ def test_fwait_raises_pending_x87_exceptions_and_nm(memory: GuestMemory) -> None
 
 def test_x87_constants_follow_the_rounding_control(memory: GuestMemory) -> None:
     vcpu = vcpu_at(b"\xd9\xeb")  # fldpi
-    vcpu.fpu = Fpu(fcw=0x37F)
+    put_fpu(vcpu, Fpu(fcw=0x37F))
     assert completer(memory).complete(vcpu)
-    assert vcpu.fpu.fpr[:10] == bytes.fromhex("35c26821a2da0fc90040")
-    assert (vcpu.fpu.fsw >> 11) & 7 == 7 and vcpu.fpu.ftwx == 0x80
+    assert fpu_of(vcpu).fpr[:10] == bytes.fromhex("35c26821a2da0fc90040")
+    assert (fpu_of(vcpu).fsw >> 11) & 7 == 7 and fpu_of(vcpu).ftwx == 0x80
+    assert vcpu.xsave[512] & 1  # x87 in use, or the CPU's XRSTOR would load its initial state
     vcpu = vcpu_at(b"\xd9\xeb")
-    vcpu.fpu = Fpu(fcw=0xF7F)  # round toward zero
+    put_fpu(vcpu, Fpu(fcw=0xF7F))  # round toward zero
     assert completer(memory).complete(vcpu)
-    assert vcpu.fpu.fpr[:2] == b"\x34\xc2"
+    assert fpu_of(vcpu).fpr[:2] == b"\x34\xc2"
 
 
 def test_fstp_m80_pops_and_underflow_stores_the_indefinite(memory: GuestMemory) -> None:
     vcpu = vcpu_at(b"\xd9\xe8")  # fld1
     assert completer(memory).complete(vcpu)
-    fpu = vcpu.fpu
+    area = vcpu.xsave
     vcpu = vcpu_at(b"\xdb\x3f", rdi=0x3000)  # fstp tbyte [rdi]
-    vcpu.fpu = fpu
+    vcpu.xsave = area
     assert completer(memory).complete(vcpu)
     assert memory.read(0x3000, 10) == bytes.fromhex("0000000000000080ff3f")
-    assert (vcpu.fpu.fsw >> 11) & 7 == 0 and vcpu.fpu.ftwx == 0
+    assert (fpu_of(vcpu).fsw >> 11) & 7 == 0 and fpu_of(vcpu).ftwx == 0
     vcpu = vcpu_at(b"\xdb\x3f", rdi=0x3000)  # empty stack, IM masked
     assert completer(memory).complete(vcpu)
     assert memory.read(0x3000, 10) == bytes.fromhex("00000000000000c0ffff")
-    assert vcpu.fpu.fsw & 0x41 == 0x41  # IE, SF
+    assert fpu_of(vcpu).fsw & 0x41 == 0x41  # IE, SF
 
 
 # -- through the run loop ---------------------------------------------------------------------
@@ -362,3 +371,55 @@ def test_a_lock_prefix_where_the_cpu_takes_none_is_undefined(memory: GuestMemory
 
 def test_virtual_8086_mode_is_left_to_the_report(memory: GuestMemory) -> None:
     assert not completer(memory).complete(vcpu_at(b"\xcc", protected_mode(), rflags=0x20002))
+
+
+def xsave_sregs() -> Sregs:
+    sregs = long_mode()
+    sregs.cr4 |= 1 << 18  # OSXSAVE
+    return sregs
+
+
+def test_xsave_writes_what_rfbm_selects_and_merges_xstate_bv(memory: GuestMemory) -> None:
+    kvm = bytearray(4096)
+    kvm[160:176] = bytes(range(16))  # XMM0
+    kvm[32:42] = bytes.fromhex("0000000000000080ff3f")  # ST0 = 1.0
+    kvm[512] = 0b11
+    memory.write(0x4000 + 512, (1 << 5).to_bytes(8, "little"))  # a bit RFBM does not select
+    vcpu = vcpu_at(b"\x48\x0f\xae\x27", xsave_sregs(), rdi=0x4000, rax=3, rdx=0)  # xsave64 [rdi]
+    vcpu.xcr0, vcpu.xsave = 3, bytes(kvm)
+    assert completer(memory).complete(vcpu)
+    assert memory.read(0x4000 + 160, 16) == bytes(range(16))
+    assert memory.read(0x4000 + 32, 10) == bytes.fromhex("0000000000000080ff3f")
+    assert int.from_bytes(memory.read(0x4000 + 512, 8), "little") == (1 << 5) | 0b11
+    assert vcpu.regs.rip == RIP + 4
+
+
+def test_xrstor_loads_or_initialises_each_component(memory: GuestMemory) -> None:
+    area = bytearray(576)
+    area[160:176] = b"\xaa" * 16
+    area[24:28] = (0x1F80).to_bytes(4, "little")
+    area[512] = 0b10  # SSE from memory, x87 to its initial state
+    memory.write(0x4000, bytes(area))
+    vcpu = vcpu_at(b"\x48\x0f\xae\x2f", xsave_sregs(), rdi=0x4000, rax=3, rdx=0)  # xrstor64
+    vcpu.xcr0 = 3
+    old = bytearray(4096)
+    old[0:2] = b"\x12\x34"  # an x87 control word that must go back to 0x37F
+    old[32:42] = b"\x01" * 10
+    vcpu.xsave = bytes(old)
+    assert completer(memory).complete(vcpu)
+    assert vcpu.xsave[160:176] == b"\xaa" * 16
+    assert vcpu.xsave[0:2] == b"\x7f\x03" and vcpu.xsave[32:42] == bytes(10)
+    assert vcpu.xsave[512] == 0b10
+
+
+@pytest.mark.parametrize(
+    ("address", "header_bv", "why"), [(0x4008, 1, "misaligned"), (0x4000, 1 << 2, "not in XCR0")]
+)
+def test_xrstor_general_protection(
+    memory: GuestMemory, address: int, header_bv: int, why: str
+) -> None:
+    memory.write(0x4000 + 512, header_bv.to_bytes(8, "little"))
+    vcpu = vcpu_at(b"\x48\x0f\xae\x2f", xsave_sregs(), rdi=address, rax=3, rdx=0)
+    vcpu.xcr0 = 3
+    assert completer(memory).complete(vcpu), why
+    assert vcpu.injected == [("exception", 13, 0)]

@@ -147,6 +147,12 @@ class Vcpu(Protocol):
         """Atomically, against every vCPU: if the 8 or 16 bytes of guest RAM in ``memory``
         hold ``expected``, store ``replacement``.  Returns (exchanged, the value found)."""
 
+    def get_xsave(self) -> bytes:
+        """The XSAVE area in the standard (non-compacted) format, as the CPU's XSAVE writes it."""
+
+    def set_xsave(self, state: bytes) -> None:
+        """Load an XSAVE area in the standard format (as from get_xsave, changed)."""
+
     def get_xcr(self, index: int) -> int | None:
         """Extended control register ``index`` (0: XCR0); None if the backend has none."""
 

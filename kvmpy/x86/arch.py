@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from kvmpy.backends.base import MpState
 from kvmpy.outcome import Outcome, OutcomeKind
-from kvmpy.x86.complete import Completer
+from kvmpy.x86.complete import Completer, xsave_layout
 from kvmpy.x86.cpuid import CpuidEntry, vcpu_cpuid
 from kvmpy.x86.registers import RFLAGS_IF
 
@@ -31,7 +31,7 @@ class X86Arch:
         # (EAX, EDX) of leaf 1: the CPU signature and features the MP table records.
         self.cpu_signature = (leaf1.eax, leaf1.edx) if leaf1 else (0, 0)
         # Finishes instructions the backend could not emulate (kvmpy/x86/complete.py).
-        self.completer = Completer()
+        self.completer = Completer(xsave_layout(supported_cpuid))
 
     def attach_memory(self, memory: GuestMemory) -> None:
         """Guest RAM, which completing memory instructions and IDT checks need."""

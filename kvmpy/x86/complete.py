@@ -18,6 +18,7 @@ against every vCPU.
 
 from __future__ import annotations
 
+import struct
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -32,6 +33,7 @@ from kvmpy.x86.registers import (
     CR0_PG,
     CR0_TS,
     CR0_WP,
+    Fpu,
     Regs,
     Segment,
     Sregs,
@@ -41,6 +43,7 @@ from kvmpy.x86.registers import (
 if TYPE_CHECKING:
     from kvmpy.backends.base import Vcpu
     from kvmpy.memory import GuestMemory
+    from kvmpy.x86.cpuid import CpuidEntry
 
 # Exception vectors (SDM Vol. 3A, 6.3.1).
 DE, DB, BP, OF, UD, NM, GP, NP, SS_FAULT, PF, MF = 0, 1, 3, 4, 6, 7, 13, 11, 12, 14, 16
@@ -135,9 +138,11 @@ def _decoder(bits: int) -> Any:
 class Completer:
     """Finishes instructions the backend gave up on; counts and reports each one."""
 
-    def __init__(self) -> None:
+    def __init__(self, xsave_layout: dict[int, tuple[int, int]] | None = None) -> None:
         self.enabled = True
         self.memory: GuestMemory | None = None
+        # XSAVE component -> (offset, size) in the standard format (CPUID leaf 0xD).
+        self.xsave_layout = xsave_layout or {}
         self.counts: Counter[str] = Counter()
         # Called with (vCPU index, RIP, "mnemonic operands", what was done) after each one.
         self.on_complete: Callable[[int, int, str, str], None] | None = None
@@ -160,6 +165,7 @@ class Completer:
         bits = 64 if mode == "long" else (32 if sregs.cs.db else 16)
         at = regs.rip
         state = _State(vcpu, self.memory, regs, sregs, bits)
+        state.xsave_layout = self.xsave_layout
         insn = self._decode(code, bits, regs.rip)
         if insn is None:
             if not _undefined_encoding(code, bits):
@@ -250,6 +256,7 @@ class _State:
         self.bits = bits
         self.cpl = sregs.cs.selector & 3
         self.insn: _Insn | None = None
+        self.xsave_layout: dict[int, tuple[int, int]] = {}
 
     # -- finishing ------------------------------------------------------------------
 
@@ -372,6 +379,17 @@ class _State:
 
     def load(self, pieces: list[tuple[int, int]]) -> int:
         return int.from_bytes(b"".join(self.memory.read(gpa, n) for gpa, n in pieces), "little")
+
+    def read_bytes(self, linear: int, size: int) -> bytes:
+        return b"".join(self.memory.read(gpa, n) for gpa, n in self._pieces(linear, size, False))
+
+    def write_bytes(self, linear: int, data: bytes) -> None:
+        """Write ``data`` at ``linear``; every page is checked before any byte is written."""
+        pieces = self.check_write(linear, len(data))
+        at = 0
+        for gpa, n in pieces:
+            self.memory.write(gpa, data[at : at + n])
+            at += n
 
     def operand_value(self, operand: Any) -> int:
         """A register or memory source operand's value."""
@@ -586,11 +604,42 @@ def _fwait(state: _State, insn: _Insn) -> str:
     cr0 = state.sregs.cr0
     if cr0 & CR0_MP and cr0 & CR0_TS:
         raise GuestFault(NM)
-    fpu = state.vcpu.get_fpu()
+    fpu = _get_x87(state.vcpu)
     if fpu.fsw & 0x80 and cr0 & CR0_NE:  # ES: an unmasked x87 exception is pending
         raise GuestFault(MF)
     state.advance()
     return "no pending x87 exception"
+
+
+# The x87/SSE part of the standard XSAVE area (the FXSAVE layout): FCW, FSW, abridged
+# FTW, FOP, FIP, FDP, MXCSR (MXCSR_MASK not kept), then ST0-ST7 at 32, XMM0-15 at 160.
+_LEGACY = struct.Struct("<HHBxHQQI")
+
+
+def fpu_from_xsave(area: bytes) -> Fpu:
+    fcw, fsw, ftwx, fop, fip, fdp, mxcsr = _LEGACY.unpack_from(area, 0)
+    return Fpu(fcw, fsw, ftwx, fop, fip, fdp, mxcsr, bytes(area[32:160]), bytes(area[160:416]))
+
+
+def xsave_with_fpu(area: bytes, fpu: Fpu) -> bytes:
+    """``area`` with the x87 state of ``fpu``, and XSTATE_BV saying x87 is in use."""
+    out = bytearray(area)
+    _LEGACY.pack_into(
+        out, 0, fpu.fcw, fpu.fsw, fpu.ftwx, fpu.last_opcode, fpu.last_ip, fpu.last_dp, fpu.mxcsr
+    )
+    out[32:160] = fpu.fpr
+    out[512] |= 1
+    return bytes(out)
+
+
+def _get_x87(vcpu: Vcpu) -> Fpu:
+    return fpu_from_xsave(vcpu.get_xsave())
+
+
+def _set_x87(vcpu: Vcpu, fpu: Fpu) -> None:
+    # Through the XSAVE area, not KVM_SET_FPU: that one leaves XSTATE_BV's x87 bit as it
+    # was, and with the bit clear the CPU's XRSTOR loads the x87 initial state instead.
+    vcpu.set_xsave(xsave_with_fpu(vcpu.get_xsave(), fpu))
 
 
 def _x87_available(state: _State) -> None:
@@ -600,10 +649,10 @@ def _x87_available(state: _State) -> None:
 
 def _fninit(state: _State, insn: _Insn) -> str:
     _x87_available(state)
-    fpu = state.vcpu.get_fpu()
+    fpu = _get_x87(state.vcpu)
     fpu.fcw, fpu.fsw, fpu.ftwx = 0x37F, 0, 0
     fpu.last_opcode = fpu.last_ip = fpu.last_dp = 0
-    state.vcpu.set_fpu(fpu)
+    _set_x87(state.vcpu, fpu)
     state.advance()
     return "x87 reset"
 
@@ -611,7 +660,7 @@ def _fninit(state: _State, insn: _Insn) -> str:
 def _fld_constant(state: _State, insn: _Insn) -> str:
     """fldz, fld1, fldpi...: push a constant onto the x87 stack (SDM Vol. 1, 8.3.3)."""
     _x87_available(state)
-    fpu = state.vcpu.get_fpu()
+    fpu = _get_x87(state.vcpu)
     exponent, significand, rounding, adjust = _X87_CONSTANTS[insn.mnemonic]
     if (fpu.fcw >> 10) & 3 in rounding:
         significand += adjust
@@ -622,7 +671,7 @@ def _fld_constant(state: _State, insn: _Insn) -> str:
         fsw |= 0x0041 | 0x0200
         if not fpu.fcw & 1:  # unmasked: the exception is pending, the stack unchanged
             fpu.fsw = fsw | 0x8080
-            state.vcpu.set_fpu(fpu)
+            _set_x87(state.vcpu, fpu)
             state.advance()
             return "stack overflow (unmasked)"
         exponent, significand = _X87_INDEFINITE
@@ -634,7 +683,7 @@ def _fld_constant(state: _State, insn: _Insn) -> str:
     code = state.insn.raw.bytes
     fpu.last_opcode = ((code[-2] & 7) << 8) | code[-1]
     fpu.last_ip = state.regs.rip
-    state.vcpu.set_fpu(fpu)
+    _set_x87(state.vcpu, fpu)
     state.advance()
     return f"ST0={exponent:04x}:{significand:016x}"
 
@@ -642,7 +691,7 @@ def _fld_constant(state: _State, insn: _Insn) -> str:
 def _fnstsw(state: _State, insn: _Insn) -> str:
     _x87_available(state)
     (operand,) = insn.operands
-    status = state.vcpu.get_fpu().fsw & 0xFFFF
+    status = _get_x87(state.vcpu).fsw & 0xFFFF
     if operand.type == _OP_REG:
         state.write_reg("ax", status)
     else:
@@ -653,7 +702,7 @@ def _fnstsw(state: _State, insn: _Insn) -> str:
 
 def _fnstcw(state: _State, insn: _Insn) -> str:
     _x87_available(state)
-    control = state.vcpu.get_fpu().fcw & 0xFFFF
+    control = _get_x87(state.vcpu).fcw & 0xFFFF
     state.store(state.check_write(state.address(insn.operands[0]), 2), control)
     state.advance()
     return f"FCW={control:#06x}"
@@ -662,12 +711,12 @@ def _fnstcw(state: _State, insn: _Insn) -> str:
 def _fldcw(state: _State, insn: _Insn) -> str:
     _x87_available(state)
     control = state.read(state.address(insn.operands[0]), 2)
-    fpu = state.vcpu.get_fpu()
+    fpu = _get_x87(state.vcpu)
     fpu.fcw = control
     # ES and B follow whether any pending exception is now unmasked.
     pending = fpu.fsw & 0x3F & ~control
     fpu.fsw = (fpu.fsw | 0x8080) if pending else (fpu.fsw & ~0x8080)
-    state.vcpu.set_fpu(fpu)
+    _set_x87(state.vcpu, fpu)
     state.advance()
     return f"FCW={control:#06x}"
 
@@ -678,7 +727,7 @@ def _fstp(state: _State, insn: _Insn) -> str | None:
     if operand.type != _OP_MEM or operand.size != 10:
         return None
     _x87_available(state)
-    fpu = state.vcpu.get_fpu()
+    fpu = _get_x87(state.vcpu)
     top = (fpu.fsw >> 11) & 7
     value = fpu.fpr[:10]
     fsw = fpu.fsw & ~0x0200
@@ -686,7 +735,7 @@ def _fstp(state: _State, insn: _Insn) -> str | None:
         fsw |= 0x0041
         if not fpu.fcw & 1:
             fpu.fsw = fsw | 0x8080
-            state.vcpu.set_fpu(fpu)
+            _set_x87(state.vcpu, fpu)
             state.advance()
             return "stack underflow (unmasked)"
         exponent, significand = _X87_INDEFINITE
@@ -695,7 +744,7 @@ def _fstp(state: _State, insn: _Insn) -> str | None:
     fpu.fpr = fpu.fpr[16:] + bytes(16)
     fpu.ftwx &= ~(1 << top)
     fpu.fsw = (fsw & ~0x3800) | ((top + 1) & 7) << 11
-    state.vcpu.set_fpu(fpu)
+    _set_x87(state.vcpu, fpu)
     state.advance()
     return "stored ST0 and popped"
 
@@ -830,6 +879,112 @@ def _mark_accessed(state: _State, access: int, at: int) -> None:
         state.store(pieces, access | 1)
 
 
+# -- xsave and xrstor, standard format (SDM Vol. 1, 13.7-13.8) -------------------------------
+
+_XSAVE_HEADER = 512
+_XSAVE_LEGACY_END = 576  # the legacy area and the header
+_X87_INIT = bytes.fromhex("7f03") + bytes(22)  # FCW 0x37F, the rest of bytes 0-23 zero
+
+
+def _xsave_checks(state: _State, insn: _Insn) -> tuple[int, int, int]:
+    """(linear address, RFBM, XCR0) after the faults common to xsave and xrstor."""
+    if not state.sregs.cr4 & CR4_OSXSAVE:
+        raise GuestFault(UD)
+    if state.sregs.cr0 & CR0_TS:
+        raise GuestFault(NM)
+    linear = state.address(insn.operands[0])
+    if linear % 64:
+        raise GuestFault(GP, 0)
+    xcr0 = state.vcpu.get_xcr(0)
+    if xcr0 is None:
+        raise _NotHandled("no XCR0")
+    rfbm = xcr0 & (state.read_reg("edx") << 32 | state.read_reg("eax"))
+    return linear, rfbm, xcr0
+
+
+def _xsave_ranges(state: _State, rfbm: int) -> list[tuple[int, int]]:
+    """The (offset, end) byte ranges of the standard-format area that RFBM selects."""
+    ranges = []
+    if rfbm & 1:
+        ranges += [(0, 24), (32, 160)]  # x87: control and status, the eight registers
+    if rfbm & 6:
+        ranges.append((24, 32))  # MXCSR and MXCSR_MASK, with SSE or AVX
+    if rfbm & 2:
+        ranges.append((160, 416))  # XMM0-XMM15
+    for component in range(2, 64):
+        if rfbm >> component & 1:
+            if component not in state.xsave_layout:
+                raise _NotHandled(f"XSAVE component {component} has no known layout")
+            offset, size = state.xsave_layout[component]
+            ranges.append((offset, offset + size))
+    return ranges
+
+
+def _xsave(state: _State, insn: _Insn) -> str | None:
+    """xsave and xsaveopt (which may save more than it must): KVM's state to guest memory."""
+    try:
+        linear, rfbm, _ = _xsave_checks(state, insn)
+        ranges = _xsave_ranges(state, rfbm)
+    except _NotHandled:
+        return None
+    kvm = state.vcpu.get_xsave()
+    end = max([_XSAVE_LEGACY_END, *(stop for _, stop in ranges)])
+    state.check_write(linear, end)  # fault before writing anything
+    for start, stop in ranges:
+        state.write_bytes(linear + start, kvm[start:stop])
+    # XSTATE_BV: the bits RFBM selects say which components are in use; others stay.
+    in_use = int.from_bytes(kvm[_XSAVE_HEADER : _XSAVE_HEADER + 8], "little")
+    header = int.from_bytes(state.read_bytes(linear + _XSAVE_HEADER, 8), "little")
+    header = (header & ~rfbm) | (in_use & rfbm)
+    state.write_bytes(linear + _XSAVE_HEADER, header.to_bytes(8, "little"))
+    state.advance()
+    return f"RFBM={rfbm:#x}"
+
+
+def _xrstor(state: _State, insn: _Insn) -> str | None:
+    """xrstor, standard form: guest memory (or the init state) into KVM's state."""
+    try:
+        linear, rfbm, xcr0 = _xsave_checks(state, insn)
+        ranges = _xsave_ranges(state, rfbm)
+    except _NotHandled:
+        return None
+    header = state.read_bytes(linear + _XSAVE_HEADER, 64)
+    xstate_bv = int.from_bytes(header[:8], "little")
+    # The compacted form needs XSAVEC, which this CPUID does not offer; the rest of the
+    # header must be zero, and XSTATE_BV may only name enabled components.
+    if any(header[8:]) or xstate_bv & ~xcr0:
+        raise GuestFault(GP, 0)
+    kvm = bytearray(state.vcpu.get_xsave())
+    end = max([_XSAVE_LEGACY_END, *(stop for _, stop in ranges)])
+    image = state.read_bytes(linear, end)
+    if rfbm & 6:
+        mxcsr = int.from_bytes(image[24:28], "little")
+        mask = int.from_bytes(kvm[28:32], "little") or 0xFFBF
+        if mxcsr & ~mask:
+            raise GuestFault(GP, 0)
+    for start, stop in ranges:
+        if start == 24:
+            kvm[24:28] = image[24:28]  # MXCSR loads whatever XSTATE_BV says
+            continue
+        component = 0 if stop <= 160 else 1 if stop <= 416 else _component_at(state, start)
+        if xstate_bv >> component & 1:
+            kvm[start:stop] = image[start:stop]
+        elif start == 0:
+            kvm[0:24] = _X87_INIT
+        else:
+            kvm[start:stop] = bytes(stop - start)
+    in_use = int.from_bytes(kvm[_XSAVE_HEADER : _XSAVE_HEADER + 8], "little")
+    in_use = (in_use & ~rfbm) | (xstate_bv & rfbm)
+    kvm[_XSAVE_HEADER : _XSAVE_HEADER + 8] = in_use.to_bytes(8, "little")
+    state.vcpu.set_xsave(bytes(kvm))
+    state.advance()
+    return f"RFBM={rfbm:#x} XSTATE_BV={xstate_bv:#x}"
+
+
+def _component_at(state: _State, offset: int) -> int:
+    return next(c for c, (start, _) in state.xsave_layout.items() if start == offset)
+
+
 _HANDLERS: dict[str, Callable[[_State, _Insn], str | None]] = {
     "int": _int,
     "int3": _int3,
@@ -852,6 +1007,12 @@ _HANDLERS: dict[str, Callable[[_State, _Insn], str | None]] = {
     "wait": _fwait,
     "fninit": _fninit,
     "iretd": _iretd,
+    "xsave": _xsave,
+    "xsave64": _xsave,
+    "xsaveopt": _xsave,
+    "xsaveopt64": _xsave,
+    "xrstor": _xrstor,
+    "xrstor64": _xrstor,
     "fnstsw": _fnstsw,
     "fnstcw": _fnstcw,
     "fldcw": _fldcw,
@@ -860,3 +1021,12 @@ _HANDLERS: dict[str, Callable[[_State, _Insn], str | None]] = {
 }
 
 COMPLETED_MNEMONICS = tuple(sorted(_HANDLERS))
+
+
+def xsave_layout(cpuid: list[CpuidEntry]) -> dict[int, tuple[int, int]]:
+    """Extended XSAVE components -> (offset, size) in the standard format, from leaf 0xD."""
+    return {
+        entry.index: (entry.ebx, entry.eax)
+        for entry in cpuid
+        if entry.function == 0xD and 2 <= entry.index < 63 and entry.eax
+    }
