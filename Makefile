@@ -11,9 +11,11 @@ AS ?= as
 LD ?= ld
 
 OUT := guests/out
-REAL_GUESTS := real_hello pio_loop counter runner_pass runner_fail runner_skip vga_colors
-PROTECTED_GUESTS := protected_hello paged32_hello iret32
-LONG_GUESTS := long_hello triple_fault mmio_hello interrupts gdb_target complete64
+REAL_GUESTS := real_hello pio_loop counter runner_pass runner_fail runner_skip vga_colors chatty \
+	s3_resume
+PROTECTED_GUESTS := protected_hello paged32_hello exit_cycles iret32
+LONG_GUESTS := long_hello triple_fault mmio_hello interrupts gdb_target stress_io cpl0_loop cpl3_loop \
+	complete64
 MULTIBOOT_GUESTS := multiboot_hello
 PVH_GUESTS := pvh_hello
 GUESTS := $(REAL_GUESTS:%=$(OUT)/%.bin) $(PROTECTED_GUESTS:%=$(OUT)/%.bin) \
@@ -88,6 +90,10 @@ bench: all
 	$(BIN)/python bench/lifecycle.py
 	$(BIN)/python bench/snapshot_restore.py
 	$(BIN)/python bench/qemu_compare.py
+	$(BIN)/python bench/handler_path.py
+	$(BIN)/python bench/guest_exit_cycles.py
+	$(BIN)/python bench/rss_stress.py
+	$(BIN)/python bench/hw_vs_sw.py
 	$(BIN)/python bench/completion.py
 
 # The hypothesis tests (tests/test_*fuzz*.py) run a short budget in `make test`;

@@ -8,6 +8,7 @@ knows no board constants of its own.  A new device is one ``DeviceEntry``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +25,14 @@ class IoRange:
     part: str | None = None  # e.g. the i8042's "data_port"; None: the device itself
 
 
+def _no_flush(gpa: int) -> None:
+    """A flush_page for machines whose backend needs none."""
+
+
+def _no_suspend() -> None:
+    """A request_suspend for machines that cannot suspend: the request is ignored."""
+
+
 @dataclass(frozen=True)
 class Wiring:
     """What a device factory may connect a device to."""
@@ -37,6 +46,10 @@ class Wiring:
     low_ram: int  # RAM below the hole
     cpus: int
     cmdline: str
+    # Drop and re-create the host mapping of the RAM page at a guest-physical address.
+    flush_page: Callable[[int], None] = _no_flush
+    # The guest asked for ACPI sleep state S3 (suspend to RAM).
+    request_suspend: Callable[[], None] = _no_suspend
 
 
 @dataclass(frozen=True)
@@ -90,6 +103,13 @@ class Board:
     min_ram: int = 1 << 20
     default_ram: int = 128 << 20
     extra: dict[str, Any] = field(default_factory=dict)
+    # Suspend to RAM (ACPI S3).  ``wake(locked)`` is asked, while the machine
+    # sleeps, whether a wake event arrived (``locked(name)`` gives a device
+    # under its lock); ``resume_setup(memory, reset_sregs)`` says where the
+    # boot CPU resumes (a CpuSetup; its memory is not written).  None: the
+    # board cannot sleep, and a request to is ignored.
+    wake: Callable[[Callable[[str], AbstractContextManager[Any]]], bool] | None = None
+    resume_setup: Callable[[Any, Any], Any] | None = None
 
     def reserved_ranges(self) -> list[tuple[int, int, str]]:
         """Every range an image must leave alone: firmware tables and the board's own."""

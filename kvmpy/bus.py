@@ -52,14 +52,66 @@ class Mapping:
         return self.base + self.length
 
 
+PAGE_SHIFT = 12
+# A mapping of up to this many pages is indexed page by page (``pages``);
+# larger ones (a framebuffer of GiBs, say) are found by binary search.
+MAX_INDEXED_PAGES = 1 << 16
+
+
+class _Unclaimed:
+    """What an unclaimed port dispatches to once touched: all-ones, dropped, counted.
+
+    So the run loop handles a port nobody claims as it handles one a device
+    claims (one dict lookup), instead of searching the ranges and building a
+    counter key on every access.
+    """
+
+    def __init__(self, size_mask: Callable[[int], int]) -> None:
+        self.reads = 0
+        self.writes = 0
+        self._size_mask = size_mask
+
+    def read(self, offset: int, size: int) -> int:
+        self.reads += 1
+        return self._size_mask(size)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.writes += 1
+
+
+class _UnclaimedPage:
+    """What a 4 KiB MMIO page no device touches dispatches to: all-ones, dropped, counted."""
+
+    def __init__(self, base: int) -> None:
+        self.base = base
+        self.reads: dict[int, int] = {}  # offset -> count
+        self.writes: dict[int, int] = {}
+
+    def read(self, offset: int, size: int) -> int:
+        reads = self.reads
+        reads[offset] = reads.get(offset, 0) + 1
+        return (1 << (8 * size)) - 1
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        writes = self.writes
+        writes[offset] = writes.get(offset, 0) + 1
+
+
+def _all_ones(size: int) -> int:
+    return (1 << (8 * size)) - 1
+
+
 class Bus:
     """A set of non-overlapping ranges, each owned by one device.
 
     ``name`` is "port" or "mmio" (used in messages).  Port buses keep
     ``handlers``, a dict from every claimed port to its device's bound read and
     write methods, the range base and the device's lock, so the run loop
-    dispatches with one hash lookup; MMIO buses, whose ranges can be large,
-    binary-search the range starts.
+    dispatches with one hash lookup; a port nobody claims gets a counting
+    stub there on its first access (unless the bus is strict).  MMIO buses
+    keep ``pages``, a dict from each 4 KiB page that one mapping covers
+    alone to (read, write, base, end, lock), so the run loop dispatches MMIO
+    with one lookup too; anything else binary-searches the range starts.
 
     Devices take no locks of their own: the bus holds the device's lock
     (given at registration, one per device even when it spans several
@@ -74,8 +126,29 @@ class Bus:
         self._starts: list[int] = []
         self._dense = name == "port"
         self.handlers: dict[int, tuple[ReadHandler, WriteHandler, int, threading.Lock]] = {}
-        # (kind, address) -> count of accesses nobody handled.
-        self.unhandled: Counter[tuple[str, int]] = Counter()
+        self.pages: dict[int, tuple[ReadHandler, WriteHandler, int, int, threading.Lock]] = {}
+        self._shared_pages: set[int] = set()  # pages two mappings touch: not in ``pages``
+        # (kind, address) -> count of accesses nobody handled, but for the
+        # unclaimed ports' stubs (``unhandled`` adds them up).
+        self._misses: Counter[tuple[str, int]] = Counter()
+        self._unclaimed: dict[int, _Unclaimed] = {}
+        self._unclaimed_pages: dict[int, _UnclaimedPage] = {}
+        self._unclaimed_lock = threading.Lock()
+
+    @property
+    def unhandled(self) -> Counter[tuple[str, int]]:
+        """(kind, address) -> how many accesses nobody handled."""
+        counts = Counter(self._misses)
+        for port, stub in self._unclaimed.items():
+            if stub.reads:
+                counts[("read", port)] += stub.reads
+            if stub.writes:
+                counts[("write", port)] += stub.writes
+        for page in self._unclaimed_pages.values():
+            for kind, tally in (("read", page.reads), ("write", page.writes)):
+                for offset, count in tally.items():
+                    counts[(kind, page.base + offset)] += count
+        return counts
 
     def register(
         self,
@@ -103,6 +176,28 @@ class Bus:
         if self._dense:
             for address in range(base, base + length):
                 self.handlers[address] = (device.read, device.write, base, lock)
+        else:
+            self._index_pages(mapping)
+
+    def _index_pages(self, mapping: Mapping) -> None:
+        first = mapping.base >> PAGE_SHIFT
+        last = (mapping.end - 1) >> PAGE_SHIFT
+        if last - first >= MAX_INDEXED_PAGES:
+            for page in [page for page in self.pages if first <= page <= last]:
+                del self.pages[page]  # unclaimed-page stubs it now claims
+            return
+        entry = (mapping.device.read, mapping.device.write, mapping.base, mapping.end, mapping.lock)
+        for page in range(first, last + 1):
+            start, end = page << PAGE_SHIFT, (page + 1) << PAGE_SHIFT
+            shared = page in self._shared_pages or any(
+                other is not mapping and other.base < end and start < other.end
+                for other in self.mappings
+            )
+            if shared:  # two devices in one page: found by binary search
+                self._shared_pages.add(page)
+                self.pages.pop(page, None)
+            else:  # the callers check the access lies inside [base, end)
+                self.pages[page] = entry
 
     def find(self, address: int) -> Mapping | None:
         """The mapping that owns ``address``."""
@@ -114,22 +209,62 @@ class Bus:
         return None
 
     def read(self, address: int, size: int) -> int:
+        if self._dense:
+            handler = self.handlers.get(address)
+            if handler is None:
+                if self.strict or not 0 <= address < self.address_limit:
+                    return self._unhandled("read", address, size, _all_ones(size))
+                return self._unclaimed_port(address).read(0, size)
+            with handler[3]:
+                return handler[0](address - handler[2], size)
         mapping = self.find(address)
-        if mapping is None or (not self._dense and address + size > mapping.end):
+        if mapping is None or address + size > mapping.end:
+            self._claim_unclaimed_page(address, mapping)
             return self._unhandled("read", address, size, (1 << (8 * size)) - 1)
         with mapping.lock:
             return mapping.device.read(address - mapping.base, size)
 
     def write(self, address: int, size: int, value: int) -> None:
+        if self._dense:
+            handler = self.handlers.get(address)
+            if handler is None:
+                if self.strict or not 0 <= address < self.address_limit:
+                    self._unhandled("write", address, size, 0)
+                else:
+                    self._unclaimed_port(address).write(0, size, value)
+                return
+            with handler[3]:
+                handler[1](address - handler[2], size, value)
+            return
         mapping = self.find(address)
-        if mapping is None or (not self._dense and address + size > mapping.end):
+        if mapping is None or address + size > mapping.end:
+            self._claim_unclaimed_page(address, mapping)
             self._unhandled("write", address, size, 0)
             return
         with mapping.lock:
             mapping.device.write(address - mapping.base, size, value)
 
+    def _unclaimed_port(self, port: int) -> _Unclaimed:
+        """The counting stub for ``port``, installed in ``handlers`` (not on a strict bus)."""
+        stub = self._unclaimed.get(port)
+        if stub is None:
+            stub = self._unclaimed[port] = _Unclaimed(_all_ones)
+            self.handlers[port] = (stub.read, stub.write, port, self._unclaimed_lock)
+        return stub
+
+    def _claim_unclaimed_page(self, address: int, mapping: Mapping | None) -> None:
+        """Give an MMIO page no mapping touches a counting stub in ``pages`` (not if strict)."""
+        page = address >> PAGE_SHIFT
+        if self.strict or mapping is not None or page in self.pages or page in self._shared_pages:
+            return
+        start, end = page << PAGE_SHIFT, (page + 1) << PAGE_SHIFT
+        if end > self.address_limit or any(m.base < end and start < m.end for m in self.mappings):
+            return
+        stub = self._unclaimed_pages[page] = _UnclaimedPage(start)
+        self.pages[page] = (stub.read, stub.write, start, end, self._unclaimed_lock)
+
     def _unhandled(self, kind: str, address: int, size: int, result: int) -> int:
-        self.unhandled[(kind, address)] += 1
+        self._misses[(kind, address)] += 1
         if self.strict:
             raise UnhandledAccess(self.name, kind, address, size)
         return result

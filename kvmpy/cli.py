@@ -33,7 +33,7 @@ from kvmpy._process import (
     fill_closed_std_fds,
     terminated,
 )
-from kvmpy.backends.base import KVM_PATH, BackendError, open_backend
+from kvmpy.backends.base import BACKENDS, KVM_PATH, Backend, BackendError, open_backend
 from kvmpy.bus import BusError
 from kvmpy.debug.gdbstub import attach_gdb
 from kvmpy.debug.step import SingleStepper
@@ -71,6 +71,11 @@ ENTRY_LIMITS = {
 
 class _OutputError(Exception):
     """Stdout failed while the guest wrote to it."""
+
+
+# The CLI streams serial output to stdout as it comes; the machine's copy is
+# only a recent tail, so a guest that talks for days costs no more memory.
+CLI_CONSOLE_LIMIT = 256 << 10
 
 
 def _address(text: str) -> int:
@@ -190,6 +195,25 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         help="write the guest's final VGA text screen as a 720x400 PNG",
     )
     parser.add_argument("--kvm", default=KVM_PATH, metavar="PATH", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--accel",
+        choices=BACKENDS,
+        default="kvm",
+        help="who runs the guest: kvm, soft (the CPU emulator) or auto (KVM if it opens)",
+    )
+
+
+def _open_accel(args: argparse.Namespace) -> Backend:
+    """The backend --accel names; with -v, say which one runs the guest.
+
+    Option mistakes come first: they must not wait for (or hide behind) a backend.
+    """
+    if args.max_steps is not None and not args.step:
+        raise ValueError("--max-steps needs --step")
+    backend = open_backend(args.accel, path=args.kvm)
+    if args.verbose:
+        print(f"kvmpy: accelerator: {backend.name}", file=sys.stderr)
+    return backend
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -236,7 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-irqchip",
         dest="irqchip",
         action="store_false",
-        help="no in-kernel LAPIC/IOAPIC/PIC/PIT: HLT exits to kvmpy and ends the run",
+        default=None,
+        help="no in-kernel LAPIC/IOAPIC/PIC/PIT: HLT exits to kvmpy and ends the run "
+        "(the default with --accel soft)",
     )
     run.add_argument(
         "--strict",
@@ -256,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser(
         "info", help="describe the host's KVM", description="Describe the host's KVM."
     )
-    info.add_argument("--kvm", default=KVM_PATH, metavar="PATH", help=argparse.SUPPRESS)
+    info.add_argument("--kvm", metavar="PATH", help=argparse.SUPPRESS)
     return parser
 
 
@@ -440,7 +466,12 @@ def _run(
             listed = ", ".join(f"{name} {count}" for name, count in counts.most_common())
             print(f"completed instructions: {listed}", file=sys.stderr)
     if args.snapshot_at_exit:
-        m.snapshot(args.snapshot_at_exit)
+        try:
+            m.snapshot(args.snapshot_at_exit)
+        except SnapshotError:
+            # Say how the run ended before the error line, so its status is not lost.
+            print(f"kvmpy: the run ended: {outcome.message}", file=sys.stderr)
+            raise
         print(f"kvmpy: snapshot saved to {args.snapshot_at_exit}", file=sys.stderr)
     return outcome
 
@@ -477,6 +508,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     stdin = _StdinPump()
     output = _GuestOutput()
     with (
+        contextlib.closing(_open_accel(args)) as backend,
         _trace_output(args.trace_file) as trace,
         _terminal_input(),
         Machine(
@@ -486,7 +518,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             strict=args.strict,
             serial_output=output,
             cmdline=args.append,
-            kvm_path=args.kvm,
+            backend=backend,
+            console_limit=CLI_CONSOLE_LIMIT,
         ) as m,
     ):
         output.machine = m
@@ -514,9 +547,15 @@ def cmd_restore(args: argparse.Namespace) -> int:
     deadline = _deadline(args)
     output = _GuestOutput()
     with (
+        contextlib.closing(_open_accel(args)) as backend,
         _trace_output(args.trace_file) as trace,
         _terminal_input(),
-        Machine.restore(args.directory, serial_output=output, kvm_path=args.kvm) as m,
+        Machine.restore(
+            args.directory,
+            serial_output=output,
+            backend=backend,
+            console_limit=CLI_CONSOLE_LIMIT,
+        ) as m,
     ):
         output.machine = m
         outcome = _run(m, args, _StdinPump(), trace, deadline)
@@ -524,17 +563,33 @@ def cmd_restore(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    backend = open_backend("kvm", path=args.kvm)
-    try:
-        text = backend.describe()
-        text += (
-            "\ninstruction completion: on (instructions KVM cannot emulate are finished by "
-            "kvmpy, one exit each; --no-complete turns it off)"
-        )
-    finally:
-        backend.close()
-    _print_stdout(text)
-    return 0
+    """Describe every backend: KVM and the CPU emulator (or why one cannot run here).
+
+    A KVM device named with --kvm must open: that is what was asked about.
+    """
+    sections = []
+    opened = 0
+    for name in ("kvm", "soft"):
+        try:
+            backend = open_backend(name, path=args.kvm or KVM_PATH)
+        except BackendError as exc:
+            if name == "kvm" and args.kvm is not None:
+                raise
+            sections.append(f"{name}: unavailable: {exc}")
+            continue
+        try:
+            text = backend.describe()
+            if name == "kvm":
+                text += (
+                    "\ninstruction completion: on (instructions KVM cannot emulate are "
+                    "finished by kvmpy, one exit each; --no-complete turns it off)"
+                )
+            sections.append(text)
+            opened += 1
+        finally:
+            backend.close()
+    _print_stdout("\n\n".join(sections))
+    return 0 if opened else STATUS_ERROR
 
 
 def _error(message: str) -> int:

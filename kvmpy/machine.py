@@ -24,6 +24,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, TypeVar
 
+from kvmpy._process import Terminated
 from kvmpy.backends.base import Backend, BackendError, Capability, Vcpu, Vm, open_backend, require
 from kvmpy.board import Board, DeviceEntry, FirmwareContext, Wiring
 from kvmpy.bus import Bus
@@ -48,6 +49,12 @@ TIMER_IDLE_POLL = 0.05
 
 D = TypeVar("D")
 CTRL_C = Outcome(OutcomeKind.INTERRUPTED, "interrupted", signal=signal.SIGINT)
+SIGTERM = Outcome(OutcomeKind.INTERRUPTED, "terminated", signal=signal.SIGTERM)
+
+
+def _interrupted_by(exc: KeyboardInterrupt) -> Outcome:
+    """Ctrl-C, or a SIGTERM that kvmpy's handler turned into the same exception."""
+    return SIGTERM if isinstance(exc, Terminated) else CTRL_C
 
 
 class Machine:
@@ -70,7 +77,7 @@ class Machine:
         *,
         mem_size: int = DEFAULT_MEM_SIZE,
         cpus: int = 1,
-        irqchip: bool = True,
+        irqchip: bool | None = None,
         strict: bool = False,
         serial_output: Callable[[bytes], None] | None = None,
         cmdline: str = "",
@@ -84,15 +91,20 @@ class Machine:
             raise ValueError(f"guest RAM must be at least 1 MiB, not {mem_size} bytes")
         if cpus < 1:
             raise ValueError(f"need at least one vCPU, not {cpus}")
-        if cpus > 1 and not irqchip:
+        if cpus > 1 and irqchip is False:
             raise ValueError("more than one vCPU needs the in-kernel irqchip")
         self.board = board
         # Serial output, bounded (kvmpy.console): a chatty guest cannot grow kvmpy.
         self.console = ConsoleLog(console_limit)
         self.serial_output = serial_output
         self.cmdline = cmdline
-        self.has_irqchip = irqchip
         self._stopping = threading.Event()
+        # What the vCPU loops watch: set by stop(), and by a suspend (S3) too.
+        self._vcpus_stop = threading.Event()
+        self._sleep = threading.Condition()  # guards the suspend state below
+        self._suspended = False
+        self._parked = 0
+        self._resumes = 0
         self._lock = threading.Lock()
         self._outcome: Outcome | None = None
         self._thread_error: BaseException | None = None
@@ -111,6 +123,9 @@ class Machine:
                 stack.callback(self.backend.close)
             else:
                 self.backend = backend
+            if irqchip is None:  # the default follows the backend (none in the CPU emulator)
+                irqchip = Capability.IRQCHIP in self.backend.capabilities or cpus > 1
+            self.has_irqchip = irqchip
             wanted = [Capability.IRQCHIP] if irqchip else []
             if cpus > 1:
                 wanted.append(Capability.SMP)
@@ -152,6 +167,8 @@ class Machine:
             low_ram=self.memory.regions[0].size,
             cpus=cpus,
             cmdline=cmdline,
+            flush_page=self._flush_page,
+            request_suspend=self._request_suspend,
         )
         self._devices: dict[str, Any] = {}
         self._device_locks: dict[str, threading.Lock] = {}
@@ -251,6 +268,13 @@ class Machine:
         if self.logged_slot is None or window is None:
             return True
         return any(self.vm.dirty_pages(self.logged_slot, (window[1] - window[0]) // PAGE_SIZE))
+
+    def _flush_page(self, gpa: int) -> None:
+        """pc-testdev's flush: re-create the host mapping of a RAM page (content kept).
+
+        A guest-given address outside RAM is ignored, as QEMU ignores it.
+        """
+        self.memory.remap_page(gpa)
 
     def irq_line(self, irq: int) -> IrqCallback:
         """An interrupt callback for a device wired to ``irq`` (a no-op without irqchip)."""
@@ -446,16 +470,15 @@ class Machine:
 
     def run(self, timeout: float | None = None) -> Outcome:
         """Run every vCPU until the guest stops, ``timeout`` seconds pass, or Ctrl-C."""
-        interrupted = CTRL_C
         try:
             self.start()
-        except KeyboardInterrupt:  # Ctrl-C while the threads were starting
-            self.stop(interrupted)
+        except KeyboardInterrupt as exc:  # Ctrl-C while the threads were starting
+            self.stop(_interrupted_by(exc))
         while True:
             try:
                 return self.wait(timeout)
-            except KeyboardInterrupt:  # Ctrl-C between start and wait, or while joining
-                self.stop(interrupted)
+            except KeyboardInterrupt as exc:  # Ctrl-C between start and wait, or joining
+                self.stop(_interrupted_by(exc))
 
     def start(self) -> None:
         """Start the vCPU threads and return at once; ``wait`` collects the outcome."""
@@ -463,9 +486,11 @@ class Machine:
             raise RuntimeError("the machine is already running")
         self._capture_power_on()
         self._stopping.clear()
+        self._vcpus_stop.clear()
+        self._suspended = False
         self._outcome = None
         self._thread_error = None
-        context = LoopContext(self.ports, self.mmio, self.arch, self._stopping, self.has_irqchip)
+        context = LoopContext(self.ports, self.mmio, self.arch, self._vcpus_stop, self.has_irqchip)
         # Clear every kick before starting any thread: a vCPU that stops the
         # run at once kicks the others, and that kick must not be lost.
         for vcpu in self.vcpus:
@@ -500,8 +525,8 @@ class Machine:
         try:
             if not self._stopping.wait(timeout):
                 self.stop(Outcome(OutcomeKind.TIMEOUT, f"timeout: no guest exit after {timeout} s"))
-        except KeyboardInterrupt:
-            self.stop(CTRL_C)
+        except KeyboardInterrupt as exc:
+            self.stop(_interrupted_by(exc))
         finally:
             for thread in self._threads:
                 thread.join()
@@ -532,8 +557,11 @@ class Machine:
             if self._outcome is None:
                 self._outcome = outcome
             self._stopping.set()
+            self._vcpus_stop.set()
         for vcpu in self.vcpus:
             vcpu.kick()
+        with self._sleep:  # parked vCPUs (S3) leave too
+            self._sleep.notify_all()
         self._wake_console_waiters()
 
     def request_reset(self) -> None:
@@ -551,9 +579,13 @@ class Machine:
     def _vcpu_thread(self, vcpu: Vcpu, context: LoopContext) -> None:
         vcpu.thread_ident = threading.get_ident()
         try:
-            outcome = run_vcpu(vcpu, context, self.observer)
-            if outcome is not None:
-                self.stop(outcome)
+            while True:
+                outcome = run_vcpu(vcpu, context, self.observer)
+                if outcome is not None:
+                    self.stop(outcome)
+                    break
+                if not self._park_while_suspended(vcpu):
+                    break
         except BaseException as exc:  # handed to the main thread by run()
             with self._lock:
                 self._thread_error = self._thread_error or exc
@@ -581,7 +613,83 @@ class Machine:
                     due = poll()
                 if due is not None:
                     delay = min(delay, max(due - time.time(), 0.0))
+            self._poll_wake()
             self._stopping.wait(delay)
+
+    # -- ACPI S3: suspend to RAM ----------------------------------------------------------
+    #
+    # The guest writes SLP_TYP 1 with SLP_EN: every vCPU thread leaves its run
+    # loop and parks (RAM, devices and the timer thread keep going, so the RTC
+    # ticks).  The timer thread asks the board whether a wake event arrived;
+    # on one, the interrupt controllers and every vCPU return to their
+    # power-on state, the boot CPU is pointed where the board says (the FACS
+    # waking vector), the others wait for INIT/SIPI, and the threads go on.
+
+    @property
+    def suspended(self) -> bool:
+        """True while the guest sleeps in S3."""
+        return self._suspended
+
+    def _request_suspend(self) -> None:
+        """The guest entered S3 (from a vCPU thread, under the PM device's lock)."""
+        if self.board.wake is None or self.board.resume_setup is None or not self.has_irqchip:
+            return  # nothing could wake it: ignored, as a request for an unknown state
+        with self._sleep:
+            if self._stopping.is_set() or self._suspended:
+                return
+            self._suspended = True
+            self._parked = 0
+            self._vcpus_stop.set()
+        for vcpu in self.vcpus:
+            vcpu.kick()
+
+    def _park_while_suspended(self, vcpu: Vcpu) -> bool:
+        """The vCPU's loop returned without an outcome: park it if the guest sleeps.
+
+        True when the machine woke (the vCPU was set up to resume), False when
+        the run is over.
+        """
+        with self._sleep:
+            if self._stopping.is_set() or not self._suspended:
+                return False
+            resumes = self._resumes
+            self._parked += 1
+            while self._resumes == resumes and not self._stopping.is_set():
+                self._sleep.wait()
+            if self._stopping.is_set():
+                return False
+        self._resume_vcpu(vcpu)
+        vcpu.clear_kick()
+        return not self._stopping.is_set()
+
+    def _poll_wake(self) -> None:
+        """From the timer thread: wake a sleeping guest if the board sees a wake event."""
+        wake = self.board.wake
+        with self._sleep:
+            asleep = self._suspended and self._parked == len(self.vcpus)
+        if not asleep or wake is None or not wake(self.locked):
+            return
+        with self._sleep:
+            if self._stopping.is_set() or not self._suspended:
+                return
+            assert self._power_on is not None
+            load_interrupts = getattr(self.vm, "load_interrupt_state", None)
+            if load_interrupts is not None:  # S3 powers the interrupt controllers off
+                load_interrupts(self._power_on["vm"])
+            self._suspended = False
+            self._parked = 0
+            self._vcpus_stop.clear()
+            self._resumes += 1
+            self._sleep.notify_all()
+
+    def _resume_vcpu(self, vcpu: Vcpu) -> None:
+        """Power-on state; the boot CPU then starts where the board's resume_setup says."""
+        assert self._power_on is not None and self.board.resume_setup is not None
+        vcpu.load_state(self._power_on["vcpus"][vcpu.index])
+        if vcpu is self.vcpu:
+            setup = self.board.resume_setup(self.memory, vcpu.get_sregs())
+            vcpu.set_sregs(setup.sregs)
+            vcpu.set_regs(setup.regs)
 
     def _guest_exit(self, value: int) -> None:
         status = debug_exit_status(value)

@@ -8,6 +8,7 @@ come from the guest, which is untrusted: an out-of-range access raises
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import mmap
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -23,8 +24,10 @@ MAX_RAM_SIZE = 1 << 40
 # zero() compares file-backed RAM with this many zero bytes at a time.
 _ZERO_CHUNK = bytes(1 << 20)
 
-_SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 
+_SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 
 def pc_ram_layout(size: int) -> list[tuple[int, int]]:
@@ -159,6 +162,30 @@ class GuestMemory:
 
     def __iter__(self) -> Iterator[MemoryRegion]:
         return iter(self.regions)
+
+    def remap_page(self, gpa: int) -> bool:
+        """Make the host re-create its mapping of the RAM page at ``gpa``, keeping its content.
+
+        Changing the page's protection to read-only and back makes the kernel
+        drop its page-table entry, and KVM's MMU notifier drops the guest's
+        (EPT or shadow) entry with it, so the guest's next access faults in a
+        fresh one: what QEMU's pc-testdev flush port does with mprotect.
+        Read-only rather than QEMU's no-access, so host threads reading guest
+        memory meanwhile cannot fault.  False if ``gpa`` is not RAM.
+        """
+        for region in self.regions:
+            if region.gpa <= gpa < region.end:
+                offset = (gpa - region.gpa) & ~(PAGE_SIZE - 1)
+                anchor = ctypes.c_char.from_buffer(region.mapping)
+                try:
+                    address = ctypes.addressof(anchor) + offset
+                finally:
+                    del anchor  # release the buffer export: the mapping may be closed later
+                page = ctypes.c_void_p(address)
+                _libc.mprotect(page, PAGE_SIZE, mmap.PROT_READ)
+                _libc.mprotect(page, PAGE_SIZE, mmap.PROT_READ | mmap.PROT_WRITE)
+                return True
+        return False
 
     def close(self) -> None:
         regions = list(self.regions)

@@ -10,6 +10,9 @@ point (``-p no:kvmpy`` turns it off).  It gives
   skipped when /dev/kvm is unusable, and fails instead when
   ``KVMPY_REQUIRE_KVM=1`` (as in CI);
 - ``--kvm-timeout SECONDS``: how long a guest may run (default 60; 0: no limit);
+- ``--kvm-accel kvm|soft|auto``: who runs the guests (soft: the CPU emulator, no
+  /dev/kvm needed; auto: KVM when usable); ``kvm_machine(image, backend="soft")``
+  picks it for one machine;
 - ``--kvm-guests DIR`` (or ``[tool.kvmpy] guests = "DIR"`` in pyproject.toml):
   each guest image in DIR, or each ``[[guest]]`` of DIR/guests.toml, becomes a
   test item, judged by the kvm-unit-tests convention (debug-exit code 0 passes,
@@ -34,7 +37,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import pytest
 
-from kvmpy.backends.base import KVM_PATH, BackendError, open_backend
+from kvmpy.backends.base import BACKENDS, KVM_PATH, BackendError, open_backend
 from kvmpy.loaders import LoaderError
 from kvmpy.loaders.detect import FORMATS
 from kvmpy.memory import parse_size
@@ -126,12 +129,19 @@ def kvm_problem(config: pytest.Config) -> str | None:
     return cached[0]
 
 
+def accel(config: pytest.Config) -> str:
+    """The backend machines get: --kvm-accel, with auto resolved (KVM if usable, else soft)."""
+    chosen = str(config.getoption("kvm_accel"))
+    if chosen == "auto":
+        return "kvm" if kvm_problem(config) is None else "soft"
+    return chosen
+
+
 def needs_kvm(item: pytest.Item) -> bool:
-    return (
-        item.get_closest_marker("kvm") is not None
-        or "kvm_machine" in getattr(item, "fixturenames", ())
-        or isinstance(item, GuestItem)
-    )
+    if item.get_closest_marker("kvm") is not None:
+        return True
+    machines = "kvm_machine" in getattr(item, "fixturenames", ()) or isinstance(item, GuestItem)
+    return machines and accel(item.config) == "kvm"
 
 
 # -- hooks -------------------------------------------------------------------------------------
@@ -158,6 +168,13 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         metavar="PATH",
         default=KVM_PATH,
         help=f"the KVM device (default {KVM_PATH})",
+    )
+    group.addoption(
+        "--kvm-accel",
+        choices=BACKENDS,
+        default="kvm",
+        help="who runs kvm_machine guests: kvm, soft (the CPU emulator, no /dev/kvm) or auto "
+        "(KVM if usable); a test can still pass backend= to kvm_machine",
     )
 
 
@@ -272,6 +289,7 @@ def new_machine(item: pytest.Item, image: str | os.PathLike[str], **kwargs: Any)
         kwargs["timeout"] = item.config.getoption("kvm_timeout")
     kwargs["timeout"] = kwargs["timeout"] or None
     kwargs.setdefault("kvm_path", item.config.getoption("kvm_device"))
+    kwargs.setdefault("backend", accel(item.config))
     machine = load_machine(image, **kwargs)
     item.stash.setdefault(_MACHINES, []).append(machine)
     return machine
@@ -319,6 +337,8 @@ class GuestSpec:
     append: str = ""
     cpus: int = 1
     mem: int | str = "128M"
+    # True: the guest needs the in-kernel irqchip (and the ACPI/MP tables that come with it).
+    irqchip: bool = False
     mode: str | None = None
     image_format: str | None = None
     load_addr: int | None = None
@@ -337,6 +357,7 @@ _SPEC_TYPES: dict[str, tuple[type, ...]] = {
     "append": (str,),
     "args": (str,),
     "cpus": (int,),
+    "irqchip": (bool,),
     "mem": (int, str),
     "mode": (str,),
     "format": (str,),
@@ -359,7 +380,7 @@ def parse_guest(entry: object, base: Path, where: str, line: int = 1) -> GuestSp
         )
     for key, value in entry.items():
         types = _SPEC_TYPES[key]
-        if not isinstance(value, types) or isinstance(value, bool):
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             wanted = " or ".join(t.__name__ for t in types)
             raise ValueError(f"{where}: {key} must be {wanted}, not {value!r}")
     for key in ("name", "image"):
@@ -372,6 +393,7 @@ def parse_guest(entry: object, base: Path, where: str, line: int = 1) -> GuestSp
         image=base / entry["image"],
         append=entry.get("append") or entry.get("args") or "",
         cpus=entry.get("cpus", 1),
+        irqchip=entry.get("irqchip", False),
         mem=entry.get("mem", "128M"),
         mode=entry.get("mode"),
         image_format=entry.get("format"),
@@ -467,6 +489,9 @@ class GuestItem(pytest.Item):
         spec = self.spec
         if not spec.image.exists():
             raise GuestFailed(f"{spec.image} does not exist (is the guest built?)")
+        if accel(self.config) == "soft" and (spec.cpus > 1 or spec.irqchip):
+            need = f"{spec.cpus} vCPUs need SMP" if spec.cpus > 1 else "it needs the irqchip"
+            pytest.skip(f"{need}, which the software backend lacks")
         self.machine = new_machine(
             self,
             spec.image,

@@ -177,6 +177,7 @@ def _run_fast(vcpu: Vcpu, context: LoopContext) -> Outcome | None:
     mmio = context.mmio
     stopping = context.stopping
     handlers = ports.handlers
+    pages = mmio.pages
     port_out = _PORT_OUT
     port_in = _PORT_IN
     exit_mmio = _MMIO
@@ -203,7 +204,24 @@ def _run_fast(vcpu: Vcpu, context: LoopContext) -> Outcome | None:
                 value = ports.read(port, size)
             pack[size](buffer, exit_.data_offset, value & mask[size])
         elif reason == exit_mmio:
-            _mmio(vcpu, mmio)
+            # A page one device owns alone is one lookup, as a port is.
+            address = exit_.mmio_addr
+            size = exit_.mmio_len
+            page = pages.get(address >> 12)
+            if page is None or not page[2] <= address <= page[3] - size or not 0 < size <= 8:
+                _mmio(vcpu, mmio)  # shared pages, unclaimed addresses, odd sizes
+            elif exit_.mmio_is_write:
+                with page[4]:
+                    page[1](address - page[2], size, exit_.value & mask[size])
+            else:
+                with page[4]:
+                    value = page[0](address - page[2], size) & mask[size]
+                packer = pack[size]
+                if packer is not None:
+                    packer(buffer, exit_.data_offset, value)
+                else:
+                    offset = exit_.data_offset
+                    buffer[offset : offset + size] = value.to_bytes(size, "little")
         elif reason < 0:
             if _interrupted(vcpu, reason, stopping):
                 return None

@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import shutil
 import struct
+import subprocess
+from pathlib import Path
 
 import pytest
 
-from kvmpy.devices.acpi_pm import PM1A_CNT_PORT, AcpiPmEvent
+from kvmpy.devices.acpi_pm import (
+    PM1A_CNT_PORT,
+    PM_TIMER_PORT,
+    RTC_EN,
+    RTC_STS,
+    TMR_STS,
+    WAK_STS,
+    AcpiPmControl,
+    AcpiPmEvent,
+    AcpiPmTimer,
+)
 from kvmpy.loaders.flat import load_flat
 from kvmpy.machine import Machine
-from kvmpy.x86.acpi import acpi_tables
+from kvmpy.x86.acpi import FADT_TMR_VAL_EXT, acpi_tables, aml_pkg_length, eisa_id
 from kvmpy.x86.layout import ACPI_TABLES_ADDR, IOAPIC_ADDR
 from tests.helpers import Assembler
 
@@ -138,3 +151,183 @@ def test_a_guest_finds_its_cpus_and_powers_off_through_acpi(assemble: Assembler)
         m.load(load_flat(assemble(source), 0x7C00), mode="real")
         outcome = m.run(timeout=30)
         assert (outcome.reason, bytes(m.console)) == ("shutdown", b"2")
+
+
+# -- the PM timer, the FACS and the DSDT's AML -------------------------------------------
+
+
+def test_fadt_declares_the_24_bit_pm_timer() -> None:
+    fadt = tables(1)[b"FACP"]
+    assert struct.unpack_from("<I", fadt, 76)[0] == PM_TIMER_PORT == 0x608  # PM_TMR_BLK
+    assert fadt[91] == 4  # PM_TMR_LEN
+    flags = struct.unpack_from("<I", fadt, 112)[0]
+    assert not flags & FADT_TMR_VAL_EXT  # 24 bits, as the timer is
+
+
+def test_facs_is_version_1_with_empty_waking_vectors() -> None:
+    facs = tables(1)[b"FACS"]
+    assert struct.unpack_from("<4sI", facs) == (b"FACS", 64)
+    assert facs[32] == 1
+    assert struct.unpack_from("<IQ", facs, 12)[0] == 0
+    assert struct.unpack_from("<Q", facs, 24)[0] == 0
+
+
+def _pkg_length(aml: bytes, at: int) -> tuple[int, int]:
+    """(package length, bytes it took) of the PkgLength at ``at``."""
+    lead = aml[at]
+    extra = lead >> 6
+    if not extra:
+        return lead & 0x3F, 1
+    value = lead & 0xF
+    for i in range(extra):
+        value |= aml[at + 1 + i] << (4 + 8 * i)
+    return value, 1 + extra
+
+
+def _parse_terms(aml: bytes, scope: str, names: dict[str, object]) -> None:
+    """A walker for the few AML terms the DSDT uses; fails on anything else."""
+    at = 0
+    while at < len(aml):
+        op = aml[at]
+        if op == 0x08:  # Name
+            name = aml[at + 1 : at + 5].decode()
+            at += 5
+            value, at = _parse_data(aml, at)
+            names[f"{scope}.{name}"] = value
+        elif op == 0x10:  # Scope
+            length, took = _pkg_length(aml, at + 1)
+            end = at + 1 + length
+            body = aml[at + 1 + took : end]
+            assert body[0] == 0x5C  # a path from the root
+            path = "\\" + body[1:5].decode()
+            _parse_terms(body[5:], path, names)
+            at = end
+        elif op == 0x5B and aml[at + 1] == 0x82:  # Device
+            length, took = _pkg_length(aml, at + 2)
+            end = at + 2 + length
+            body = aml[at + 2 + took : end]
+            path = f"{scope}.{body[:4].decode()}"
+            names[path] = "Device"
+            _parse_terms(body[4:], path, names)
+            at = end
+        else:
+            raise AssertionError(f"unexpected AML opcode {op:#x} at {at}")
+        assert at <= len(aml)
+
+
+def _parse_data(aml: bytes, at: int) -> tuple[object, int]:
+    op = aml[at]
+    if op in (0x00, 0x01):
+        return op, at + 1
+    if op == 0x0A:
+        return aml[at + 1], at + 2
+    if op == 0x0C:
+        return struct.unpack_from("<I", aml, at + 1)[0], at + 5
+    if op == 0x12:  # Package
+        length, took = _pkg_length(aml, at + 1)
+        end = at + 1 + length
+        count = aml[at + 1 + took]
+        items, cursor = [], at + 2 + took
+        for _ in range(count):
+            item, cursor = _parse_data(aml, cursor)
+            items.append(item)
+        assert cursor == end
+        return tuple(items), end
+    raise AssertionError(f"unexpected data opcode {op:#x}")
+
+
+def test_dsdt_has_the_sleep_states_and_the_pci_root_bridge() -> None:
+    dsdt = tables(1)[b"DSDT"]
+    names: dict[str, object] = {}
+    _parse_terms(dsdt[36:], "\\", names)
+    assert names["\\._S3_"] == (1, 1, 0, 0)
+    assert names["\\._S5_"] == (0, 0, 0, 0)
+    assert names["\\_SB_.PCI0"] == "Device"
+    assert names["\\_SB_.PCI0._HID"] == eisa_id("PNP0A03") == 0x030AD041
+    assert names["\\_SB_.PCI0._ADR"] == 0
+
+
+def test_aml_package_lengths_of_every_size() -> None:
+    for size in (0, 0x3E, 0x3F, 0x40, 0xFFE, 0xFFF, 0x1000, 0xFFFFE):
+        encoded = aml_pkg_length(size)
+        assert _pkg_length(encoded + bytes(size), 0) == (size + len(encoded), len(encoded))
+
+
+@pytest.mark.skipif(shutil.which("iasl") is None, reason="iasl (acpica-tools) is not installed")
+def test_iasl_disassembles_the_dsdt(tmp_path: Path) -> None:
+    (tmp_path / "dsdt.dat").write_bytes(tables(1)[b"DSDT"])
+    subprocess.run(["iasl", "-d", "dsdt.dat"], cwd=tmp_path, check=True, capture_output=True)
+    text = (tmp_path / "dsdt.dsl").read_text()
+    assert "Name (_S3, Package (0x04)" in text
+    assert "Device (PCI0)" in text and 'EisaId ("PNP0A03")' in text
+
+
+def test_pm_timer_counts_at_3_579545_mhz_in_24_bits() -> None:
+    now = [0]
+    timer = AcpiPmTimer(clock=lambda: now[0])
+    assert timer.read(0, 4) == 0
+    now[0] = 1_000_000_000
+    assert timer.read(0, 4) == 3_579_545
+    assert timer.read(1, 2) == (3_579_545 >> 8) & 0xFFFF
+    now[0] = 5_000_000_000  # past 2**24 ticks: it wraps
+    assert timer.read(0, 4) == (5 * 3_579_545) & 0xFFFFFF
+    timer.write(0, 4, 0)  # read-only
+    assert timer.read(0, 4) == (5 * 3_579_545) & 0xFFFFFF
+
+
+def test_tmr_sts_follows_bit_23_and_clears_by_writing_1() -> None:
+    now = [0]
+    events = AcpiPmEvent(clock=lambda: now[0])
+    assert not events.read(0, 2) & TMR_STS
+    now[0] = (1 << 23) * 1_000_000_000 // 3_579_545 + 1000  # bit 23 flipped
+    assert events.read(0, 2) & TMR_STS
+    events.write(0, 2, TMR_STS)
+    assert not events.read(0, 2) & TMR_STS
+
+
+def test_sci_follows_status_and_enable() -> None:
+    levels: list[bool] = []
+    events = AcpiPmEvent(irq=levels.append)
+    events.raise_status(RTC_STS | WAK_STS)
+    assert levels == []  # not enabled
+    events.write(2, 2, RTC_EN)
+    assert levels == [True]
+    events.write(0, 2, RTC_STS)
+    assert levels == [True, False]
+    assert events.read(0, 2) & WAK_STS
+
+
+def test_sleep_types_5_and_3() -> None:
+    calls: list[str] = []
+    control = AcpiPmControl(lambda: calls.append("off"), lambda: calls.append("s3"))
+    control.write(0, 2, 1 << 10 | 1 << 13)
+    control.write(0, 2, 0 << 10 | 1 << 13)
+    control.write(0, 2, 5 << 10 | 1 << 13)  # S4 and others: ignored
+    control.write(0, 2, 1 << 10)  # no SLP_EN: nothing
+    assert calls == ["s3", "off"]
+    assert control.read(0, 2) == 1 << 10
+
+
+@pytest.mark.kvm
+def test_a_guest_reads_the_pm_timer_advancing_in_24_bits(assemble: Assembler) -> None:
+    # Two reads of the FADT's PM timer port, 100 reads apart: the count moved
+    # and bits 24-31 read 0 (TMR_VAL_EXT is clear).
+    source = """
+        mov $0x608, %dx
+        in %dx, %eax
+        mov %eax, %ebx
+        mov $100, %cx
+    1:  in %dx, %eax
+        loop 1b
+        test $0xff000000, %eax
+        jnz 2f
+        cmp %eax, %ebx
+        je 2f
+        mov $0x11, %al
+        out %al, $0xf4
+    2:  mov $0x22, %al
+        out %al, $0xf4
+    """
+    with Machine(mem_size=16 << 20) as m:
+        m.load(load_flat(assemble(source), 0x7C00), mode="real")
+        assert m.run(timeout=30).exit_code == 0x11

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from kvmpy.bus import Bus, BusError, UnhandledAccess
-from kvmpy.devices.base import Device
+from kvmpy.devices.base import Device, Stateless
 
 
-class Recorder:
+class Recorder(Stateless):
     """A device that records every access and reads back ``value``."""
 
     def __init__(self, value: int = 0) -> None:
@@ -24,7 +26,7 @@ class Recorder:
         self.writes.append((offset, size, value))
 
 
-class Echo:
+class Echo(Stateless):
     """Reads return ``tag | offset`` so a test sees which device and offset answered."""
 
     def __init__(self, tag: int) -> None:
@@ -347,3 +349,56 @@ def test_unhandled_access_is_not_a_bus_error() -> None:
     """Tests catch UnhandledAccess separately from registration errors."""
     assert not issubclass(UnhandledAccess, BusError)
     assert issubclass(UnhandledAccess, Exception)
+
+
+def test_mmio_pages_index_only_pages_one_mapping_owns() -> None:
+    bus = Bus("mmio", 1 << 52)
+    lock = threading.Lock()
+    a, b, c = Recorder(), Recorder(), Recorder()
+    bus.register(0x10000, 0x2000, a, "a", lock)  # two whole pages
+    bus.register(0x20800, 0x100, b, "b")  # part of a page, alone there
+    bus.register(0x30000, 0x800, c, "c")
+    assert set(bus.pages) == {0x10, 0x11, 0x20, 0x30}
+    assert bus.pages[0x20][2:4] == (0x20800, 0x20900)
+    bus.register(0x30800, 0x800, Recorder(), "d")  # shares c's page
+    assert 0x30 not in bus.pages
+    assert bus.read(0x30000, 4) == c.read(0, 4)  # still found, by binary search
+
+
+def test_unclaimed_ports_get_a_counting_stub() -> None:
+    bus = Bus("port", 0x10000)
+    assert bus.read(0x99, 2) == 0xFFFF
+    assert 0x99 in bus.handlers  # the next access is one lookup
+    read, _write, base, lock = bus.handlers[0x99]
+    with lock:
+        assert read(0x99 - base, 1) == 0xFF
+    bus.write(0x99, 1, 5)
+    assert bus.unhandled == {("read", 0x99): 2, ("write", 0x99): 1}
+    strict = Bus("port", 0x10000, strict=True)
+    with pytest.raises(UnhandledAccess):
+        strict.read(0x99, 1)
+    assert 0x99 not in strict.handlers
+
+
+def test_unclaimed_mmio_pages_get_a_counting_stub_until_claimed() -> None:
+    bus = Bus("mmio", 1 << 52)
+    assert bus.read(0xD000_0010, 4) == 0xFFFF_FFFF
+    read, write, _base, _end, lock = bus.pages[0xD0000]
+    with lock:
+        assert read(0x20, 2) == 0xFFFF
+        write(0x20, 1, 0)
+    assert bus.unhandled == {("read", 0xD000_0010): 1, ("read", 0xD000_0020): 1,
+                             ("write", 0xD000_0020): 1}  # fmt: skip
+    device = Recorder(7)
+    bus.register(0xD000_0000, 0x100, device, "late")  # claims the page: the stub goes
+    assert bus.pages[0xD0000][2:4] == (0xD000_0000, 0xD000_0100)
+    huge = Recorder(9)
+    bus.read(0x1_0000_0000, 1)
+    assert 0x100000 in bus.pages
+    bus.register(0x1_0000_0000, 1 << 30, huge, "huge")  # not indexed, and the stub goes
+    assert 0x100000 not in bus.pages
+    assert bus.read(0x1_0000_0000, 1) == 9
+    strict = Bus("mmio", 1 << 52, strict=True)
+    with pytest.raises(UnhandledAccess):
+        strict.read(0xD000_0000, 4)
+    assert not strict.pages

@@ -325,11 +325,15 @@ def test_reset_clears_interrupt_state(h: Harness) -> None:
     h.clock.now += 1
     h.cmos.poll()
     assert h.irqs == [True]
+    h.wr(0x40, 0x99)
     h.cmos.reset()
     assert h.irqs == [True, False]
-    assert h.rd(RTC_REG_B) == REG_B_24H | REG_B_UIE
+    # The power-on state: nothing the guest wrote survives a machine reset.
+    assert h.cmos.state() == Cmos(low_ram=128 * MiB, clock=h.clock).state()
+    assert h.rd(RTC_REG_B) == REG_B_24H
     assert h.rd(RTC_REG_C) == 0
     assert h.rd(0x0F) == 0
+    assert h.rd(0x40) == 0
 
 
 # CMOS memory ---------------------------------------------------------------------

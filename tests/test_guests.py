@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from kvmpy.backends.base import BackendError as KvmError
+from kvmpy.devices.base import Stateless
 from kvmpy.loaders.flat import load_flat
 from kvmpy.machine import Machine
 from kvmpy.outcome import STATUS_CRASH, STATUS_TIMEOUT, Outcome
@@ -183,7 +184,7 @@ def test_string_io_out_and_in(assemble: Assembler) -> None:
 
 
 def test_mmio_exit_reaches_the_mmio_bus(assemble: Assembler) -> None:
-    class Scratch:
+    class Scratch(Stateless):
         def __init__(self) -> None:
             self.writes: list[tuple[int, int, int]] = []
 

@@ -313,12 +313,56 @@ def test_kernel_outside_ram(tmp_path: Path) -> None:
     )
 
 
-def test_kernel_overlapping_the_boot_information(tmp_path: Path) -> None:
-    image = aout_image(load_addr=0x8000, bss_end_addr=0x9100)
-    message = error(tmp_path, image)
-    assert "kernel: kernel segment 0x8000-0x90ff overlaps the multiboot information at 0x9000-" in (
-        message
-    )
+def boot_base(plan: LoadPlan) -> int:
+    """Where the plan put the boot data, checked against EBX and ``reserved``."""
+    boot = plan.segments[-1]
+    assert plan.registers["rbx"] == boot.gpa
+    assert plan.reserved == [(boot.gpa, boot.end)]
+    return boot.gpa
+
+
+def assert_intact(plan: LoadPlan) -> None:
+    """EBX points at the information, and nothing else in the plan overlaps it."""
+    base = boot_base(plan)
+    assert u32(plan, base) == 0x24D
+    assert u32(plan, base + 4) == 639
+    assert c_string(plan, u32(plan, base + 64)) == b"kvmpy"
+    boot = plan.segments[-1]
+    for seg in plan.segments[:-1]:
+        assert seg.end <= boot.gpa or boot.end <= seg.gpa, (seg, boot)
+
+
+def test_kernel_linked_over_0x9000_moves_the_boot_information(tmp_path: Path) -> None:
+    # Linked at 0x8000-0xa86b, as a kernel QEMU boots: the data goes past its end.
+    plan = load(tmp_path, aout_image(load_addr=0x8000, bss_end_addr=0xA86C))
+    assert boot_base(plan) == 0xA870
+    assert_intact(plan)
+
+
+@pytest.mark.parametrize(
+    ("load_addr", "bss_end", "expected"),
+    [
+        (0x100000, 0, 0x9000),  # high: the usual place
+        (0x7000, 0x9000, 0x9000),  # ending right where the data goes
+        (0x9000, 0x70000, 0x80000),  # filling low memory up to the stack
+        (0x7000, 0x9FC00, 0x100000),  # filling all of it: above 1 MiB
+    ],
+)
+def test_boot_information_goes_where_there_is_room(
+    tmp_path: Path, load_addr: int, bss_end: int, expected: int
+) -> None:
+    plan = load(tmp_path, aout_image(load_addr=load_addr, bss_end_addr=bss_end))
+    assert boot_base(plan) == expected
+    assert_intact(plan)
+
+
+def test_boot_information_avoids_modules(tmp_path: Path) -> None:
+    module = write(tmp_path, b"M" * 0x2000, "module")
+    image = aout_image(load_addr=0x8000, bss_end_addr=0x9000)
+    plan = load(tmp_path, image, modules=[(str(module), "")])
+    assert plan.segments[1].gpa == 0x9000  # the module, page-aligned after the kernel
+    assert boot_base(plan) == 0xB000
+    assert_intact(plan)
 
 
 def test_kernel_below_the_boot_information_is_fine(tmp_path: Path) -> None:
@@ -504,15 +548,22 @@ def test_bad_ram_regions(tmp_path: Path) -> None:
     )
 
 
-def test_no_ram_for_the_boot_information(tmp_path: Path) -> None:
-    message = error(tmp_path, aout_image(), ram=[(0x100000, 0x100000)])
-    assert "kernel: guest RAM does not cover the boot data at 0x9000-" in message
+def test_boot_information_in_ram_that_starts_at_1_mib(tmp_path: Path) -> None:
+    plan = load(tmp_path, aout_image(), ram=[(0x100000, 0x100000)])
+    assert boot_base(plan) == 0x100030  # right after the kernel
 
 
-def test_cmdline_too_long_for_low_memory(tmp_path: Path) -> None:
-    message = error(tmp_path, aout_image(), cmdline="x" * 0x70000)
-    assert "the multiboot information, command line and module strings need" in message
-    assert "more than fit below 0x70000" in message
+def test_no_room_for_the_boot_information(tmp_path: Path) -> None:
+    image = aout_image(load_addr=0x8000, bss_end_addr=0x70000)
+    message = error(tmp_path, image, ram=[(0, 0xA0000)], cmdline="x" * 0x20000)
+    assert "kernel: no room for the 0x20" in message
+    assert "multiboot information, command line and module list" in message
+
+
+def test_a_long_cmdline_goes_above_the_kernel(tmp_path: Path) -> None:
+    plan = load(tmp_path, aout_image(), cmdline="x" * 0x70000)
+    assert boot_base(plan) == 0x100030
+    assert c_string(plan, u32(plan, 0x100030 + 16)).endswith(b" " + b"x" * 0x70000)
 
 
 def test_cmdline_with_nul_is_refused(tmp_path: Path) -> None:
@@ -586,11 +637,13 @@ def test_module_past_end_of_ram(tmp_path: Path) -> None:
     )
 
 
-def test_module_would_overlap_the_boot_information(tmp_path: Path) -> None:
+def test_module_at_0x9000_moves_the_boot_information(tmp_path: Path) -> None:
     mod = write(tmp_path, bytes(16), "mod")
-    image = aout_image(load_addr=0x8000)  # ends before 0x9000: the module would go to 0x9000
-    message = error(tmp_path, image, modules=[(str(mod), "")])
-    assert f"kernel: module {mod} at 0x9000-0x900f overlaps the multiboot information" in message
+    image = aout_image(load_addr=0x8000)  # ends before 0x9000: the module goes to 0x9000
+    plan = load(tmp_path, image, modules=[(str(mod), "")])
+    assert plan.segments[1].gpa == 0x9000
+    assert boot_base(plan) == 0x9010
+    assert_intact(plan)
 
 
 def test_module_in_the_legacy_hole_is_refused(tmp_path: Path) -> None:
@@ -652,3 +705,25 @@ def test_real_multiboot_elf_kernel(tmp_path: Path) -> None:
     assert c_string(plan, u32(plan, 0x9000 + 16)) == f"{kernel} hello".encode()
     with GuestMemory.with_ram(128 << 20) as memory:
         check_plan(plan, memory, [(0x500, 0x530), (0x1000, 0x7000)])
+
+
+# 32-bit code: exit 0x11 if EAX has the magic and EBX points at flags 0x24d and
+# mem_lower 639, else exit 0x22.
+CHECK_EBX = bytes.fromhex(
+    "3d02b0ad2b 7515 813b4d020000 750d 817b047f020000 7504 b011 e6f4 b022 e6f4 f4"
+)
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize(
+    ("load_addr", "bss_end"), [(0x8000, 0xA86C), (0x100000, 0), (0x7000, 0x9000)]
+)
+def test_kernel_finds_intact_information_at_ebx(
+    tmp_path: Path, load_addr: int, bss_end: int
+) -> None:
+    from kvmpy.machine import Machine
+
+    image = write(tmp_path, aout_image(load_addr=load_addr, code=CHECK_EBX, bss_end_addr=bss_end))
+    with Machine(mem_size=16 << 20) as m:
+        m.boot(image, image_format="multiboot")
+        assert m.run(timeout=30).exit_code == 0x11

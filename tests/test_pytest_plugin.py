@@ -531,3 +531,64 @@ def test_under_xdist_each_worker_owns_its_machines(
     result = pytester.runpytest("-p", "xdist", "-n", "2", "--kvm-guests=guests")
     result.assert_outcomes(passed=5, failed=2, skipped=1)
     result.stdout.fnmatch_lines(["*- kvm machine 1 (crashes.bin): crash, status 4 -*"])
+
+
+@pytest.mark.parametrize("accel", ["soft", "auto"])
+def test_kvm_accel_runs_kvm_machine_guests_without_kvm(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch, accel: str
+) -> None:
+    # With /dev/kvm unusable, soft (and auto, falling back to it) still run the
+    # fixture's guests; only the `kvm`-marked test is skipped, with the reason.
+    pytest.importorskip("unicorn", reason="the software backend needs kvmpy[soft] (unicorn)")
+    monkeypatch.delenv("KVMPY_REQUIRE_KVM", raising=False)
+    image = guest("real_hello")
+    pytester.makepyfile(
+        f"""
+        import pytest
+
+        @pytest.mark.kvm
+        def test_marked():
+            pass
+
+        def test_fixture(kvm_machine):
+            result = kvm_machine({str(image)!r}, mem="16M").run()
+            assert (result.status, result.exit_code) == (1, 0)
+            assert result.output.startswith(b"Hello from real mode!")
+
+        def test_backend_argument(kvm_machine):
+            machine = kvm_machine({str(image)!r}, mem="16M", backend="soft")
+            assert machine.machine.backend.name == "soft"
+        """
+    )
+    result = pytester.runpytest(f"--kvm-accel={accel}", "--kvm-device=/nonexistent/kvm", "-rs")
+    result.assert_outcomes(passed=2, skipped=1)
+    result.stdout.fnmatch_lines(["*KVM is unusable: open /nonexistent/kvm failed*"])
+
+
+def test_a_guest_that_needs_the_irqchip_is_skipped_on_the_soft_backend(
+    pytester: pytest.Pytester, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("unicorn", reason="the software backend needs kvmpy[soft] (unicorn)")
+    monkeypatch.delenv("KVMPY_REQUIRE_KVM", raising=False)
+    image = guest("real_hello")
+    pytester.makefile(
+        ".toml",
+        guests=f"""
+        [[guest]]
+        name = "plain"
+        image = {str(image)!r}
+
+        [[guest]]
+        name = "acpi"
+        image = {str(image)!r}
+        irqchip = true
+        """,
+    )
+    result = pytester.runpytest("--kvm-guests=.", "--kvm-accel=soft", "-rs")
+    result.assert_outcomes(passed=1, skipped=1)
+    result.stdout.fnmatch_lines(["*it needs the irqchip, which the software backend lacks*"])
+    bad_entry = f'[[guest]]\nname = "x"\nimage = {str(image)!r}\nirqchip = 1\n'
+    pytester.makefile(".toml", guests=bad_entry)
+    bad = pytester.runpytest("--kvm-guests=.", "--kvm-accel=soft")
+    assert bad.ret != 0
+    bad.stdout.fnmatch_lines(["*irqchip must be bool, not 1*"])

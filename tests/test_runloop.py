@@ -156,8 +156,13 @@ def test_strict_bus_turns_unhandled_ports_into_a_crash() -> None:
 def test_a_machine_needs_what_it_asks_the_backend_for() -> None:
     bare = FakeBackend([], capabilities=frozenset())
     with pytest.raises(BackendError, match="lacks irqchip"):
-        Machine(mem_size=1 << 20, backend=bare)
+        Machine(mem_size=1 << 20, irqchip=True, backend=bare)
     Machine(mem_size=1 << 20, irqchip=False, backend=bare).close()
+    # Without a word about it, the irqchip follows the backend: none here.
+    with Machine(mem_size=1 << 20, backend=bare) as m:
+        assert not m.has_irqchip
+    with Machine(mem_size=1 << 20, backend=FakeBackend([])) as m:
+        assert m.has_irqchip
     two = FakeBackend([], [], capabilities=frozenset({Capability.IRQCHIP}))
     with pytest.raises(BackendError, match="lacks smp"):
         Machine(mem_size=1 << 20, cpus=2, backend=two)
@@ -203,3 +208,22 @@ def test_a_chatty_guest_cannot_grow_the_console_without_bound() -> None:
         assert m.console.end == 5000
         assert len(m.console) < 2000
         assert m.console.dropped == 5000 - len(m.console)
+
+
+def test_mmio_of_every_length_and_across_a_device_end_never_raises() -> None:
+    # KVM splits an 8-byte access across a page boundary into pieces of any length.
+    steps = [
+        Step(ExitKind.MMIO, {"mmio_addr": TESTDEV_BASE + 0x1000 - 3, "mmio_len": 5})
+        for _ in range(2)
+    ]
+    steps += [
+        Step(ExitKind.MMIO, {"mmio_addr": TESTDEV_BASE + 0xFF8 + off, "mmio_len": size})
+        for size in range(1, 9)
+        for off in range(0, 8 - size + 1)
+    ]
+    with machine(*steps, guest_exit()) as m:
+        assert m.run(timeout=5).kind is OutcomeKind.EXIT
+        replies = m.vm.vcpus[0].replies  # type: ignore[attr-defined]
+        assert replies[0] == (ExitKind.MMIO, b"\xff" * 5)  # runs past the device: all ones
+        assert all(len(reply) == step for (_, reply), step in zip(replies, [5, 5], strict=False))
+        assert m.mmio.unhandled[("read", TESTDEV_BASE + 0xFFD)] == 2

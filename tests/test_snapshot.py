@@ -27,6 +27,12 @@ def kvmpy(*args: str, stdin: bytes = b"") -> subprocess.CompletedProcess[bytes]:
     )  # fmt: skip
 
 
+def memory_file(directory: Path) -> Path:
+    """The memory file the snapshot in ``directory`` names."""
+    name = json.loads((directory / "snapshot.json").read_text())["body"]["memory"]["file"]
+    return directory / str(name)
+
+
 def counted_halfway(directory: Path, lines: int = 8, cpus: int = 1) -> bytes:
     """Run the counter until it printed ``lines`` lines, stop it, snapshot it."""
     with Machine(cpus=cpus) as m:
@@ -87,7 +93,7 @@ def test_cli_snapshot_at_exit_then_restore(tmp_path: Path) -> None:
     rest = kvmpy("restore", str(tmp_path / "s"), stdin=b"x" * 17)
     assert part.stdout + rest.stdout == FULL_COUNT
     # Untouched RAM costs nothing: 128 MiB of guest memory, a few pages on disk.
-    memory = tmp_path / "s" / "memory.bin"
+    memory = memory_file(tmp_path / "s")
     assert memory.stat().st_size == 128 << 20
     assert memory.stat().st_blocks * 512 < 1 << 20
 
@@ -122,7 +128,7 @@ def test_corrupt_and_foreign_snapshots_are_refused(tmp_path: Path) -> None:
         Snapshot.load(tmp_path / "snap")
 
     header.write_text(original)
-    memory = tmp_path / "snap" / "memory.bin"
+    memory = memory_file(tmp_path / "snap")
     with open(memory, "r+b") as f:
         f.seek(0x7C00)
         f.write(b"\xff")

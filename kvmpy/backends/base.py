@@ -227,15 +227,58 @@ class Backend(Protocol):
     def close(self) -> None: ...
 
 
-BACKENDS = ("kvm",)
+BACKENDS = ("kvm", "soft", "auto")
+
+
+class BackendUnavailable(BackendError):
+    """A backend that cannot run on this host or install (no /dev/kvm, no shim, no Unicorn)."""
+
+
+def _open_kvm(**options: Any) -> Backend:
+    try:
+        from kvmpy.backends.kvm import KvmBackend
+    except ImportError as exc:
+        raise BackendUnavailable(
+            "opening the KVM backend",
+            errno.ENOENT,
+            f"kvmpy was installed without its KVM shim ({exc}); "
+            "reinstall where <linux/kvm.h> and a C compiler exist, or use --accel soft",
+        ) from None
+    return KvmBackend(**options)
+
+
+def _open_soft() -> Backend:
+    try:
+        from kvmpy.backends.soft import SoftBackend
+    except ImportError as exc:
+        raise BackendUnavailable(
+            "opening the software backend",
+            errno.ENOENT,
+            f"the CPU emulator is not installed ({exc}); pip install 'kvmpy[soft]'",
+        ) from None
+    return SoftBackend()
 
 
 def open_backend(name: str = "kvm", **options: Any) -> Backend:
-    """Open a backend by name; ``options`` go to it (``path`` for KVM)."""
-    if name == "kvm":
-        from kvmpy.backends.kvm import KvmBackend
+    """Open a backend by name: "kvm", "soft" (the CPU emulator), or "auto".
 
-        return KvmBackend(**options)
+    ``auto`` opens KVM when /dev/kvm opens and the software backend otherwise;
+    ``options`` go to KVM (``path``).  The backend's ``name`` says which one opened.
+    """
+    if name == "kvm":
+        return _open_kvm(**options)
+    if name == "soft":
+        return _open_soft()
+    if name == "auto":
+        try:
+            return _open_kvm(**options)
+        except OSError as kvm_error:
+            try:
+                return _open_soft()
+            except BackendUnavailable as soft_error:
+                raise BackendUnavailable(
+                    "opening a backend", errno.ENOENT, f"{kvm_error}; and {soft_error}"
+                ) from None
     raise ValueError(f"unknown backend {name!r} (choose from {', '.join(BACKENDS)})")
 
 

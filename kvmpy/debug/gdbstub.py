@@ -203,7 +203,8 @@ class GdbStub(ExitObserver):
     def start(self) -> None:
         """Probe the host (if ``support`` is None), listen, and serve in a thread."""
         if self.support is None:
-            self.support = probe_debug_support(getattr(self.machine.backend, "path", None))
+            backend = self.machine.backend
+            self.support = probe_debug_support(getattr(backend, "path", None), backend=backend.name)
         self._listener = listener = listen(self.host, self.port)
         self.port = listener.getsockname()[1]
         warning = exposure_warning(listener, self.host)

@@ -86,8 +86,10 @@ class _Probe(ExitObserver):
         pass
 
 
-def probe_debug_support(kvm_path: str | None = None, timeout: float = 2.0) -> DebugSupport:
-    """Run a tiny guest to see which debug features this host's KVM delivers.
+def probe_debug_support(
+    kvm_path: str | None = None, timeout: float = 2.0, backend: str = "kvm"
+) -> DebugSupport:
+    """Run a tiny guest to see which debug features this host's KVM (or ``backend``) delivers.
 
     It writes a watched word with single-step on, runs into an instruction
     breakpoint, then executes int3 with USE_SW_BP.  Takes a few milliseconds.
@@ -97,7 +99,9 @@ def probe_debug_support(kvm_path: str | None = None, timeout: float = 2.0) -> De
 
     probe = _Probe()
     try:
-        with Machine(mem_size=4 << 20, irqchip=False, kvm_path=kvm_path) as machine:
+        with Machine(
+            mem_size=4 << 20, irqchip=False, kvm_path=kvm_path, backend=backend
+        ) as machine:
             plan = LoadPlan(
                 "debug probe",
                 _PROBE_ENTRY,
@@ -106,7 +110,7 @@ def probe_debug_support(kvm_path: str | None = None, timeout: float = 2.0) -> De
             machine.load(plan, mode="long")
             machine.observer = probe
             machine.run(timeout=timeout)
-    except OSError:
+    except (OSError, ValueError):  # no such backend here, or it cannot run the probe
         return DebugSupport(False, False, False, False)
     seen = probe.seen
     return DebugSupport("step" in seen, "break" in seen, "watch" in seen, "int3" in seen)

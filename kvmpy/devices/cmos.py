@@ -35,15 +35,24 @@ battery-backed RAM, except the century at 0x32 (and its PS/2 alias 0x37).
 from __future__ import annotations
 
 import datetime
-import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
 
-from .base import IrqCallback, no_irq
+from .base import (
+    U8,
+    IrqCallback,
+    access_fits,
+    all_ones,
+    bounded,
+    check_state,
+    flags,
+    no_irq,
+)
 
 CMOS_PORT = 0x70
 CMOS_PORTS = 2
-RTC_IRQ = 8
 INDEX_PORT = 0  # offsets from CMOS_PORT
 DATA_PORT = 1
 NMI_DISABLE = 0x80  # bit 7 of the index: not part of the register number
@@ -110,7 +119,6 @@ REG_D_VRT = 0x80  # valid RAM and time: the battery is fine
 
 HOURS_PM = 0x80  # in 12-hour mode
 ALARM_DONT_CARE = 0xC0  # alarm register values at or above this match anything
-SHUTDOWN_S3_RESUME = 0xFE  # kept across reset, as QEMU does
 
 RTC_CLOCK_HZ = 32768
 NS = 1_000_000_000
@@ -129,10 +137,35 @@ CMOS_CPU_COUNT = 0x5F  # vCPUs minus one
 KiB = 1024
 MiB = 1024 * KiB
 GiB = 1024 * MiB
-BASE_MEMORY_KIB = 640
+# QEMU's CMOS reports all 640 KiB; the BDA (kvmpy/x86/bios.py) reports 639, less the EBDA.
+CMOS_BASE_MEMORY_KIB = 640
 MAX_CMOS_CPUS = 0xFF  # more and QEMU writes 0 so that firmware must use fw_cfg
 
 _EPOCH_ORDINAL = datetime.date(1970, 1, 1).toordinal()
+# Host times, in ns: far beyond any real date.
+NS_LOW = -(1 << 63)
+NS_HIGH = (1 << 63) - 1
+# The guest clock's offset from host time, in ns: a guest may set any date of
+# years 1-9999 (and more through day and month overflow), about 2**68 ns away.
+OFFSET_LIMIT = 1 << 72
+
+
+@dataclass(frozen=True)
+class CmosState:
+    """The CMOS RAM (with the stopped clock's registers) and the clock's bookkeeping.
+
+    ``offset`` is the guest time minus the host time, ``checked`` the host
+    time up to which register C is computed and ``periodic_start`` the host
+    time the periodic interrupt counts from, all in ns on ``clock``'s scale.
+    """
+
+    VERSION: ClassVar[int] = 1
+    ram: bytes = bounded(0, U8, length=CMOS_SIZE)
+    index: int = bounded(0, INDEX_MASK)
+    offset: int = bounded(-OFFSET_LIMIT, OFFSET_LIMIT)
+    flags: int = flags(REG_C_FLAGS)
+    checked: int = bounded(NS_LOW, NS_HIGH)
+    periodic_start: int = bounded(NS_LOW, NS_HIGH)
 
 
 def _days_since_epoch(year: int, month: int, day: int) -> int:
@@ -157,6 +190,13 @@ class Cmos:
     present.  ``clock`` gives the host time in seconds since the epoch (UTC)
     and ``irq`` is driven with the level of the RTC interrupt (IRQ 8), only
     when it changes.  Callbacks run under the device lock.
+
+    An access outside the two ports, or wider than 8 bytes, reads all ones,
+    is not written and is counted in ``ignored_accesses``.
+
+    Host entry points (take the device lock): :meth:`poll` (the RTC timer
+    thread), :meth:`alarm_wakes` (a sleeping machine's wake check) and
+    ``irq_level``.
     """
 
     def __init__(
@@ -176,7 +216,7 @@ class Cmos:
             raise ValueError("need at least one CPU")
         self._clock = clock
         self._irq = irq
-        self._lock = threading.Lock()
+        self.ignored_accesses = 0
         self._ram = bytearray(CMOS_SIZE)
         self._index = 0
         self._offset = 0  # guest RTC time minus host time, in ns
@@ -188,13 +228,14 @@ class Cmos:
         self._ram[RTC_REG_A] = REG_A_DEFAULT
         self._ram[RTC_REG_B] = REG_B_DEFAULT
         self._ram[CMOS_EQUIPMENT] = EQUIPMENT_FPU
-        self._put(CMOS_BASE_MEMORY, 2, min(low_ram // KiB, BASE_MEMORY_KIB))
+        self._put(CMOS_BASE_MEMORY, 2, min(low_ram // KiB, CMOS_BASE_MEMORY_KIB))
         extended = min(max(low_ram - MiB, 0) // KiB, 0xFFFF)
         self._put(CMOS_EXTENDED_MEMORY, 2, extended)
         self._put(CMOS_EXTENDED_MEMORY_COPY, 2, extended)
         self._put(CMOS_MEMORY_ABOVE_16M, 2, min(max(low_ram - 16 * MiB, 0) // (64 * KiB), 0xFFFF))
         self._put(CMOS_MEMORY_ABOVE_4G, 3, min(high_ram // (64 * KiB), 0xFFFFFF))
         self._ram[CMOS_CPU_COUNT] = cpus - 1 if cpus <= MAX_CMOS_CPUS else 0
+        self._power_on_ram = bytes(self._ram)
 
     def _put(self, index: int, size: int, value: int) -> None:
         self._ram[index : index + size] = value.to_bytes(size, "little")
@@ -211,27 +252,55 @@ class Cmos:
         interrupt source fires, or None when none is enabled, so a machine can
         arm a timer and call again then.
         """
-        with self._lock:
-            now = self._now()
-            self._advance(now)
-            self._update_irq()
-            due = self._next_due(now)
+        now = self._now()
+        self._advance(now)
+        self._update_irq()
+        due = self._next_due(now)
         return None if due is None else due / NS
 
-    def reset(self) -> None:
-        """What a system reset does to the chip (as in QEMU).
+    def alarm_wakes(self) -> bool:
+        """Whether the alarm has fired with its interrupt enabled: a wake-up from S3, as in QEMU.
 
-        The time, the RAM and the time format survive; interrupt enables other
-        than UIE and the pending flags do not, and the shutdown status byte
-        0x0f is cleared unless it asks for an S3 resume.
+        A host entry point: call it under the device lock.
         """
-        with self._lock:
-            self._advance(self._now())
-            if self._ram[RTC_SHUTDOWN_STATUS] != SHUTDOWN_S3_RESUME:
-                self._ram[RTC_SHUTDOWN_STATUS] = 0
-            self._ram[RTC_REG_B] &= ~(REG_B_PIE | REG_B_AIE | REG_B_SQWE) & 0xFF
-            self._flags = 0
-            self._update_irq()
+        self._advance(self._now())
+        return bool(self._flags & REG_C_AF and self._ram[RTC_REG_B] & REG_B_AIE)
+
+    def reset(self) -> None:
+        """Back to the power-on state: the RAM as built, the clock on host time.
+
+        Unlike a PC's battery-backed chip (and QEMU's reset), nothing the guest
+        wrote survives: a machine reset leaves nothing of the old guest.
+        """
+        now = self._now()
+        self._ram[:] = self._power_on_ram
+        self._index = 0
+        self._offset = 0
+        self._flags = 0
+        self._checked = now
+        self._periodic_start = now
+        self._update_irq()
+
+    def state(self) -> CmosState:
+        return CmosState(
+            ram=bytes(self._ram),
+            index=self._index,
+            offset=self._offset,
+            flags=self._flags,
+            checked=self._checked,
+            periodic_start=self._periodic_start,
+        )
+
+    def restore(self, state: CmosState) -> None:
+        """Take ``state``; the interrupt level it implies is taken as already driven."""
+        state = check_state("cmos", state, CmosState)
+        self._ram[:] = state.ram
+        self._index = state.index
+        self._offset = state.offset
+        self._flags = state.flags
+        self._checked = state.checked
+        self._periodic_start = state.periodic_start
+        self._irq_level = bool(self._flags & self._ram[RTC_REG_B] & REG_C_FLAGS)
 
     @property
     def irq_level(self) -> bool:
@@ -241,22 +310,26 @@ class Cmos:
     # Guest side -----------------------------------------------------------
 
     def read(self, offset: int, size: int) -> int:
-        with self._lock:
-            now = self._now()
-            self._advance(now)
-            value = 0
-            for i in range(size):
-                value |= self._read_port(offset + i, now) << (8 * i)
-            self._update_irq()
-            return value
+        if not access_fits(offset, size, CMOS_PORTS):
+            self.ignored_accesses += 1
+            return all_ones(size)
+        now = self._now()
+        self._advance(now)
+        value = 0
+        for i in range(size):
+            value |= self._read_port(offset + i, now) << (8 * i)
+        self._update_irq()
+        return value
 
     def write(self, offset: int, size: int, value: int) -> None:
-        with self._lock:
-            now = self._now()
-            self._advance(now)
-            for i in range(size):
-                self._write_port(offset + i, (value >> (8 * i)) & 0xFF, now)
-            self._update_irq()
+        if not access_fits(offset, size, CMOS_PORTS):
+            self.ignored_accesses += 1
+            return
+        now = self._now()
+        self._advance(now)
+        for i in range(size):
+            self._write_port(offset + i, (value >> (8 * i)) & 0xFF, now)
+        self._update_irq()
 
     def _read_port(self, port: int, now: int) -> int:
         if port != DATA_PORT:

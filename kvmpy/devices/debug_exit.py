@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from .base import Stateless, access_fits, all_ones
+
 DEBUG_EXIT_PORT = 0xF4
 DEBUG_EXIT_PORTS = 4
 
@@ -18,14 +20,26 @@ def exit_status(value: int) -> int:
     return ((value << 1) | 1) & 0xFF
 
 
-class DebugExit:
-    """Calls ``on_exit(value)`` when the guest writes ``value`` (1, 2 or 4 bytes)."""
+class DebugExit(Stateless):
+    """Calls ``on_exit(value)`` when the guest writes ``value`` (1 to 8 bytes).
+
+    Reads return 0.  It keeps no state: reset, state and restore do nothing.
+    ``on_exit`` runs on the calling thread with the device lock held, so it
+    must not call back into this device.
+    """
 
     def __init__(self, on_exit: Callable[[int], None]) -> None:
         self.on_exit = on_exit
+        self.ignored_accesses = 0
 
     def read(self, offset: int, size: int) -> int:
+        if not access_fits(offset, size, DEBUG_EXIT_PORTS):
+            self.ignored_accesses += 1
+            return all_ones(size)
         return 0
 
     def write(self, offset: int, size: int, value: int) -> None:
+        if not access_fits(offset, size, DEBUG_EXIT_PORTS):
+            self.ignored_accesses += 1
+            return
         self.on_exit(value)

@@ -29,7 +29,10 @@ cannot tell the difference.
 
 from __future__ import annotations
 
-import threading
+from dataclasses import dataclass
+from typing import ClassVar
+
+from .base import U16, U32, DeviceStateError, access_fits, all_ones, bounded, check_state
 
 FW_CFG_PORT = 0x510
 FW_CFG_PORTS = 2  # offset 0: selector (0x510), offset 1: data (0x511)
@@ -77,8 +80,20 @@ FILE_NAME_SIZE = 56  # including the terminating NUL
 FILE_ENTRY_SIZE = 4 + 2 + 2 + FILE_NAME_SIZE
 MAX_FILES = FW_CFG_ENTRY_MASK - FW_CFG_FILE_FIRST + 1
 
-U16_MAX = 0xFFFF
-U32_MAX = 0xFFFFFFFF
+U16_MAX = U16
+U32_MAX = U32
+
+
+@dataclass(frozen=True)
+class FwCfgState:
+    """The selected key and how far into its item the guest has read.
+
+    The items themselves are configuration, built by the machine again.
+    """
+
+    VERSION: ClassVar[int] = 1
+    key: int = bounded(0, U16)
+    offset: int = bounded(0, U32)
 
 
 def _u16(value: int) -> bytes:
@@ -105,6 +120,12 @@ class FwCfg:
 
     Also present, as in QEMU: a zero UUID, NOGRAPHIC = 1 and BOOT_MENU = 0.
     No files exist until :meth:`add_file` adds them.
+
+    Writes other than 16 bits and accesses outside the two ports (or wider
+    than 8 bytes) are ignored and counted in ``ignored_accesses``.
+
+    Host entry points (take the device lock): :meth:`add_item`,
+    :meth:`add_file` and :meth:`item`.
     """
 
     def __init__(
@@ -126,7 +147,7 @@ class FwCfg:
             raise ValueError(f"need 1 <= cpus ({cpus}) <= max_cpus ({max_cpus}) <= {U16_MAX}")
         if not 0 <= ram_size < 1 << 64:
             raise ValueError(f"ram_size {ram_size:#x} does not fit in 64 bits")
-        self._lock = threading.Lock()
+        self.ignored_accesses = 0
         self._items: dict[int, bytes] = {}
         # name -> (selector, data); the directory is rebuilt from it.
         self._files: dict[str, tuple[int, bytes]] = {}
@@ -158,6 +179,7 @@ class FwCfg:
                 cmdline + b"\0",
             )
         self._items[FW_CFG_FILE_DIR] = self._directory()
+        self._key = FW_CFG_SIGNATURE
         self._data = b""
         self._offset = 0
         self._select(FW_CFG_SIGNATURE)
@@ -187,8 +209,7 @@ class FwCfg:
             raise ValueError(f"fw_cfg key {key:#x} is managed by add_file")
         if len(data) > U32_MAX:
             raise ValueError("fw_cfg items are limited to 4 GiB")
-        with self._lock:
-            self._items[key] = bytes(data)
+        self._items[key] = bytes(data)
 
     def add_file(self, name: str, data: bytes) -> int:
         """Add a named file and return the selector that reads it."""
@@ -199,26 +220,36 @@ class FwCfg:
             raise ValueError(f"fw_cfg file name {name!r} is longer than {FILE_NAME_SIZE - 1} bytes")
         if len(data) > U32_MAX:
             raise ValueError("fw_cfg items are limited to 4 GiB")
-        with self._lock:
-            if name in self._files:
-                raise ValueError(f"duplicate fw_cfg file name {name!r}")
-            if len(self._files) >= MAX_FILES:
-                raise ValueError("no fw_cfg file selectors left")
-            selector = FW_CFG_FILE_FIRST + len(self._files)
-            self._files[name] = (selector, bytes(data))
-            self._items[selector] = bytes(data)
-            self._items[FW_CFG_FILE_DIR] = self._directory()
-            return selector
+        if name in self._files:
+            raise ValueError(f"duplicate fw_cfg file name {name!r}")
+        if len(self._files) >= MAX_FILES:
+            raise ValueError("no fw_cfg file selectors left")
+        selector = FW_CFG_FILE_FIRST + len(self._files)
+        self._files[name] = (selector, bytes(data))
+        self._items[selector] = bytes(data)
+        self._items[FW_CFG_FILE_DIR] = self._directory()
+        return selector
 
     def item(self, key: int) -> bytes | None:
         """The contents of item ``key`` (files included), or None if absent."""
-        with self._lock:
-            return self._items.get(key & FW_CFG_KEY_MASK)
+        return self._items.get(key & FW_CFG_KEY_MASK)
 
     def reset(self) -> None:
         """Select the signature again, as QEMU's device reset does."""
-        with self._lock:
-            self._select(FW_CFG_SIGNATURE)
+        self._select(FW_CFG_SIGNATURE)
+
+    def state(self) -> FwCfgState:
+        return FwCfgState(self._key, self._offset)
+
+    def restore(self, state: FwCfgState) -> None:
+        state = check_state("fw_cfg", state, FwCfgState)
+        data = self._items.get(state.key & FW_CFG_KEY_MASK, b"")
+        if state.offset > len(data):
+            raise DeviceStateError(
+                "fw_cfg", "offset", f"{state.offset} is past the {len(data)}-byte item"
+            )
+        self._select(state.key)
+        self._offset = state.offset
 
     def _directory(self) -> bytes:
         # Sorted by the bytes of the name, like QEMU's strcmp.
@@ -235,18 +266,22 @@ class FwCfg:
 
     def read(self, offset: int, size: int) -> int:
         """The next ``size`` bytes of the selected item, little-endian, 0 past its end."""
-        with self._lock:
-            chunk = self._data[self._offset : self._offset + size]
-            self._offset += len(chunk)
-            return int.from_bytes(chunk.ljust(size, b"\0"), "little")
+        if not access_fits(offset, size, FW_CFG_PORTS):
+            self.ignored_accesses += 1
+            return all_ones(size)
+        chunk = self._data[self._offset : self._offset + size]
+        self._offset += len(chunk)
+        return int.from_bytes(chunk.ljust(size, b"\0"), "little")
 
     def write(self, offset: int, size: int, value: int) -> None:
         """A 16-bit write selects; anything else is a (dropped) data write."""
-        if size == 2:
-            with self._lock:
-                self._select(value & U16_MAX)
+        if size == 2 and access_fits(offset, size, FW_CFG_PORTS):
+            self._select(value & U16_MAX)
+        else:
+            self.ignored_accesses += 1
 
     def _select(self, key: int) -> None:
+        self._key = key
         # An unknown key selects nothing, which reads as zeros.  The data is
         # captured now so that a file added meanwhile cannot shift the bytes.
         self._data = self._items.get(key & FW_CFG_KEY_MASK, b"")

@@ -2,24 +2,38 @@
 
 Both devices call ``on_reset()`` to request a system reset and otherwise
 carry on; the machine decides what a reset means and should then call each
-device's ``reset()``.  The callback runs after the device lock is released,
-so it may call back into the device.  Neither device masks address line A20
+device's ``reset()``.  The callback runs on the calling thread while the
+caller holds the device lock, so it must not call back into the device (it
+should only ask the machine to stop).  Neither device masks address line A20
 (KVM does not model the A20 gate); they only remember the gate's state.
 
 The i8042 occupies ports 0x60 and 0x64 while 0x61-0x63 belong to others
-(0x61 is the PC speaker / PIT gate), so :class:`I8042` is not itself a device:
-it holds the controller state and exposes two one-port devices,
-:attr:`I8042.data_port` (map at 0x60) and :attr:`I8042.command_port` (map at
-0x64); :meth:`I8042.mappings` lists them for a bus.
+(0x61 is the PC speaker / PIT gate), so :class:`I8042` is mapped as two
+one-port views, :attr:`I8042.data_port` (map at 0x60) and
+:attr:`I8042.command_port` (map at 0x64); :meth:`I8042.mappings` lists them
+for a bus.  Both views share the controller's state: a bus must serialise
+them with ONE lock, the one of their ``owner`` (the :class:`I8042`).
 """
 
 from __future__ import annotations
 
-import threading
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
-from .base import Device, IrqCallback, no_irq
+from .base import (
+    U8,
+    Device,
+    DeviceStateError,
+    IrqCallback,
+    access_fits,
+    all_ones,
+    boolean,
+    bounded,
+    check_state,
+    no_irq,
+)
 
 # System Control Port A.
 SYSTEM_CONTROL_PORT_A = 0x92
@@ -113,6 +127,32 @@ DEFAULT_SCAN_CODE_SET = 2
 # Scan code set numbers as reported through set-1 translation.
 TRANSLATED_SET_NUMBERS = {1: 0x43, 2: 0x41, 3: 0x3F}
 OUTPUT_QUEUE_LIMIT = 16  # bytes per device, like a PS/2 device's queue
+I8042_SPAN = I8042_COMMAND_PORT - I8042_DATA_PORT + 1  # offsets I8042.read/write decode
+
+
+@dataclass(frozen=True)
+class SystemControlPortAState:
+    VERSION: ClassVar[int] = 1
+    value: int = bounded(0, U8)
+
+
+@dataclass(frozen=True)
+class I8042State:
+    """The controller, the keyboard's pending command, and both output queues.
+
+    ``pending_command`` and ``kbd_pending`` are -1 when nothing is pending.
+    """
+
+    VERSION: ClassVar[int] = 1
+    command_byte: int = bounded(0, U8)
+    output_port: int = bounded(0, U8)
+    last_write_command: bool = boolean()
+    pending_command: int = bounded(-1, U8)
+    kbd_pending: int = bounded(-1, U8)
+    scan_code_set: int = bounded(1, 3)
+    last_read: int = bounded(0, U8)
+    kbd_out: tuple[int, ...] = bounded(0, U8, max_length=OUTPUT_QUEUE_LIMIT)
+    aux_out: tuple[int, ...] = bounded(0, U8, max_length=OUTPUT_QUEUE_LIMIT)
 
 
 class SystemControlPortA:
@@ -120,27 +160,38 @@ class SystemControlPortA:
 
     As in QEMU the register reads back what was last written, and only a
     0 -> 1 transition of bit 0 resets, so a guest writing back what it read
-    does not reset again; :meth:`reset` clears bit 0.
+    does not reset again.  :meth:`reset` returns to the power-on value 0
+    (A20 gate off, as the PC's power-on left it).  Wider accesses use the low byte;
+    anything beyond port 0x92 is ignored and counted in ``ignored_accesses``.
     """
 
     def __init__(self, on_reset: Callable[[], None]) -> None:
         self.on_reset = on_reset
-        self._lock = threading.Lock()
+        self.ignored_accesses = 0
         self._value = 0
 
     def read(self, offset: int, size: int) -> int:
+        if not access_fits(offset, size, 1):
+            self.ignored_accesses += 1
+            return all_ones(size)
         return self._value
 
     def write(self, offset: int, size: int, value: int) -> None:
-        with self._lock:
-            old, self._value = self._value, value & 0xFF
-            requested = bool(value & PORT_A_FAST_RESET and not old & PORT_A_FAST_RESET)
-        if requested:
+        if not access_fits(offset, size, 1):
+            self.ignored_accesses += 1
+            return
+        old, self._value = self._value, value & 0xFF
+        if value & PORT_A_FAST_RESET and not old & PORT_A_FAST_RESET:
             self.on_reset()
 
     def reset(self) -> None:
-        with self._lock:
-            self._value &= ~PORT_A_FAST_RESET
+        self._value = 0
+
+    def state(self) -> SystemControlPortAState:
+        return SystemControlPortAState(self._value)
+
+    def restore(self, state: SystemControlPortAState) -> None:
+        self._value = check_state("port92", state, SystemControlPortAState).value
 
     @property
     def a20(self) -> bool:
@@ -148,17 +199,36 @@ class SystemControlPortA:
 
 
 class I8042Port:
-    """One of the i8042's ports as a device of length 1; wider accesses use the low byte."""
+    """One of the i8042's ports as a device of length 1; wider accesses use the low byte.
 
-    def __init__(self, read: Callable[[], int], write: Callable[[int], None]) -> None:
-        self._read = read
-        self._write = write
+    ``owner`` is the controller: its lock serialises this view, and reset,
+    state and restore are the controller's.
+    """
+
+    def __init__(self, owner: I8042, port_offset: int) -> None:
+        self.owner = owner
+        self._port_offset = port_offset
 
     def read(self, offset: int, size: int) -> int:
-        return self._read()
+        if offset != 0:
+            self.owner.ignored_accesses += 1
+            return all_ones(size)
+        return self.owner.read(self._port_offset, size)
 
     def write(self, offset: int, size: int, value: int) -> None:
-        self._write(value & 0xFF)
+        if offset != 0:
+            self.owner.ignored_accesses += 1
+            return
+        self.owner.write(self._port_offset, size, value)
+
+    def reset(self) -> None:
+        self.owner.reset()
+
+    def state(self) -> I8042State:
+        return self.owner.state()
+
+    def restore(self, state: Any) -> None:
+        self.owner.restore(state)
 
 
 class I8042:
@@ -177,10 +247,12 @@ class I8042:
     ``irq_kbd`` (IRQ 1) and ``irq_aux`` (IRQ 12) follow QEMU: high while a
     byte waits and the command byte enables its interrupt, pulsed low after
     each read so that an edge-triggered PIC sees the next byte.
-    """
 
-    # Wiring to the bus, not state: what a snapshot leaves out.
-    SNAPSHOT_EXCLUDE = ("data_port", "command_port")
+    As a device, :meth:`read` and :meth:`write` decode offset 0 (port 0x60)
+    and offset 4 (port 0x64); other offsets and sizes above 8 are ignored
+    and counted in ``ignored_accesses``.  ``on_reset`` and the interrupt
+    callbacks run with the device lock held and must not call back into it.
+    """
 
     def __init__(
         self,
@@ -192,13 +264,13 @@ class I8042:
         self.on_reset = on_reset
         self._irq_kbd = irq_kbd
         self._irq_aux = irq_aux
-        self._lock = threading.Lock()
+        self.ignored_accesses = 0
         self._kbd_out: deque[int] = deque()
         self._aux_out: deque[int] = deque()
         self._kbd_level = False
         self._aux_level = False
-        self.data_port = I8042Port(self._read_data, self._write_data)
-        self.command_port = I8042Port(self._read_status, self._write_command)
+        self.data_port = I8042Port(self, 0)
+        self.command_port = I8042Port(self, I8042_COMMAND_PORT - I8042_DATA_PORT)
         self._power_on()
 
     def _power_on(self) -> None:
@@ -219,11 +291,62 @@ class I8042:
             (I8042_COMMAND_PORT, 1, self.command_port, "i8042-command"),
         )
 
+    def read(self, offset: int, size: int) -> int:
+        """Offset 0 reads the data port (0x60), offset 4 the status register (0x64)."""
+        if not access_fits(offset, size, I8042_SPAN) or offset not in (0, I8042_SPAN - 1):
+            self.ignored_accesses += 1
+            return all_ones(size)
+        return self._read_data() if offset == 0 else self._read_status()
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        """Offset 0 writes the data port (0x60), offset 4 a command (0x64); low byte only."""
+        if not access_fits(offset, size, I8042_SPAN) or offset not in (0, I8042_SPAN - 1):
+            self.ignored_accesses += 1
+            return
+        if offset == 0:
+            self._write_data(value & 0xFF)
+        else:
+            self._write_command(value & 0xFF)
+
     def reset(self) -> None:
         """Return to the power-on state, dropping queued bytes."""
-        with self._lock:
-            self._power_on()
-            self._update_irq()
+        self._power_on()
+        self._update_irq()
+
+    def state(self) -> I8042State:
+        return I8042State(
+            command_byte=self._command_byte,
+            output_port=self._output_port,
+            last_write_command=self._last_write_command,
+            pending_command=-1 if self._pending_command is None else self._pending_command,
+            kbd_pending=-1 if self._kbd_pending is None else self._kbd_pending,
+            scan_code_set=self._scan_code_set,
+            last_read=self._last_read,
+            kbd_out=tuple(self._kbd_out),
+            aux_out=tuple(self._aux_out),
+        )
+
+    def restore(self, state: I8042State) -> None:
+        """Take ``state``; the interrupt levels it implies are taken as already driven."""
+        state = check_state("i8042", state, I8042State)
+        if state.pending_command not in CMDS_WITH_DATA | {-1}:
+            raise DeviceStateError(
+                "i8042", "pending_command", f"{state.pending_command:#x} takes no data byte"
+            )
+        if state.kbd_pending not in KBD_CMDS_WITH_PARAMETER | {-1}:
+            raise DeviceStateError(
+                "i8042", "kbd_pending", f"{state.kbd_pending:#x} takes no parameter"
+            )
+        self._command_byte = state.command_byte
+        self._output_port = state.output_port
+        self._last_write_command = state.last_write_command
+        self._pending_command = None if state.pending_command < 0 else state.pending_command
+        self._kbd_pending = None if state.kbd_pending < 0 else state.kbd_pending
+        self._scan_code_set = state.scan_code_set
+        self._last_read = state.last_read
+        self._kbd_out = deque(state.kbd_out)
+        self._aux_out = deque(state.aux_out)
+        self._kbd_level, self._aux_level = self._irq_levels()
 
     @property
     def a20(self) -> bool:
@@ -236,53 +359,49 @@ class I8042:
     # Port handlers ----------------------------------------------------------
 
     def _read_status(self) -> int:
-        with self._lock:
-            status = STATUS_SYS | STATUS_UNLOCKED
-            if self._last_write_command:
-                status |= STATUS_CMD
-            if self._kbd_out or self._aux_out:
-                status |= STATUS_OBF
-                if not self._kbd_out:
-                    status |= STATUS_AUX_OBF
-            return status
+        status = STATUS_SYS | STATUS_UNLOCKED
+        if self._last_write_command:
+            status |= STATUS_CMD
+        if self._kbd_out or self._aux_out:
+            status |= STATUS_OBF
+            if not self._kbd_out:
+                status |= STATUS_AUX_OBF
+        return status
 
     def _read_data(self) -> int:
-        with self._lock:
-            # Keyboard bytes go first; an empty buffer repeats the last byte.
-            if self._kbd_out:
-                self._last_read = self._kbd_out.popleft()
-            elif self._aux_out:
-                self._last_read = self._aux_out.popleft()
-            self._lower_irqs()
-            self._update_irq()
-            return self._last_read
+        # Keyboard bytes go first; an empty buffer repeats the last byte.
+        if self._kbd_out:
+            self._last_read = self._kbd_out.popleft()
+        elif self._aux_out:
+            self._last_read = self._aux_out.popleft()
+        self._lower_irqs()
+        self._update_irq()
+        return self._last_read
 
     def _write_command(self, value: int) -> None:
-        with self._lock:
-            self._last_write_command = True
-            requested = self._command(value)
-            self._update_irq()
+        self._last_write_command = True
+        requested = self._command(value)
+        self._update_irq()
         if requested:
             self.on_reset()
 
     def _write_data(self, value: int) -> None:
-        with self._lock:
-            self._last_write_command = False
-            command, self._pending_command = self._pending_command, None
-            requested = False
-            if command is None:
-                self._keyboard_write(value)
-            elif command == CMD_WRITE_COMMAND_BYTE:
-                self._command_byte = value
-            elif command == CMD_WRITE_OUTPUT_PORT:
-                self._output_port = value
-                requested = not value & OUT_RESET
-            elif command == CMD_WRITE_KBD_BUFFER:
-                self._queue(self._kbd_out, value)
-            elif command == CMD_WRITE_AUX_BUFFER:
-                self._queue(self._aux_out, value)
-            # CMD_WRITE_AUX: no mouse to receive it.
-            self._update_irq()
+        self._last_write_command = False
+        command, self._pending_command = self._pending_command, None
+        requested = False
+        if command is None:
+            self._keyboard_write(value)
+        elif command == CMD_WRITE_COMMAND_BYTE:
+            self._command_byte = value
+        elif command == CMD_WRITE_OUTPUT_PORT:
+            self._output_port = value
+            requested = not value & OUT_RESET
+        elif command == CMD_WRITE_KBD_BUFFER:
+            self._queue(self._kbd_out, value)
+        elif command == CMD_WRITE_AUX_BUFFER:
+            self._queue(self._aux_out, value)
+        # CMD_WRITE_AUX: no mouse to receive it.
+        self._update_irq()
         if requested:
             self.on_reset()
 
@@ -382,10 +501,14 @@ class I8042:
             self._aux_level = False
             self._irq_aux(False)
 
-    def _update_irq(self) -> None:
+    def _irq_levels(self) -> tuple[bool, bool]:
         mode = self._command_byte
         kbd = bool(self._kbd_out) and bool(mode & CB_KBD_INT) and not mode & CB_KBD_DISABLE
         aux = not self._kbd_out and bool(self._aux_out) and bool(mode & CB_AUX_INT)
+        return kbd, aux
+
+    def _update_irq(self) -> None:
+        kbd, aux = self._irq_levels()
         if kbd != self._kbd_level:
             self._kbd_level = kbd
             self._irq_kbd(kbd)

@@ -16,15 +16,32 @@ when FIFOs are off) as the guest drains it.  ``feed`` therefore never
 overruns the UART; it pushes back on the host by accepting fewer bytes when the
 queue is full.  LSR.OE is only set in loopback mode, where a transmitted byte
 that finds the receiver full is lost exactly as on real hardware.
+
+Accesses wider than a byte use the low byte (reads zero-extend it); an
+access outside the eight ports, or wider than 8 bytes, reads all ones, is
+not written and is counted in ``ignored_accesses``.
 """
 
 from __future__ import annotations
 
-import threading
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
 
-from .base import IrqCallback, no_irq
+from .base import (
+    U8,
+    U16,
+    DeviceStateError,
+    IrqCallback,
+    access_fits,
+    all_ones,
+    boolean,
+    bounded,
+    check_state,
+    flags,
+    no_irq,
+)
 
 # Register offsets from the base port.
 RBR = 0  # receiver buffer (read, DLAB=0)
@@ -110,6 +127,31 @@ MSR_CONNECTED = MSR_CTS | MSR_DSR | MSR_DCD  # the host end of a connected line
 BASE_BAUD = 115200  # 1.8432 MHz crystal / 16
 RESET_DIVISOR = 12  # 9600 baud, what PC firmware leaves behind
 DEFAULT_HOST_QUEUE_LIMIT = 64 * 1024
+RX_ERRORS = LSR_PE | LSR_FE | LSR_BI  # the error bits a received byte can carry
+FCR_STORED = FCR_ENABLE | FCR_DMA | FCR_TRIGGER  # the FCR bits the UART keeps
+
+
+@dataclass(frozen=True)
+class SerialState:
+    """The UART's registers and receive path; everything a guest can observe.
+
+    ``rx`` is the receive FIFO (or holding register) and ``host`` the bytes
+    queued by the host behind it, each as (byte, LSR error bits).
+    """
+
+    VERSION: ClassVar[int] = 1
+    ier: int = flags(IER_MASK)
+    lcr: int = bounded(0, U8)
+    mcr: int = flags(MCR_MASK)
+    fcr: int = flags(FCR_STORED)
+    scr: int = bounded(0, U8)
+    divisor: int = bounded(0, U16)
+    lsr_errors: int = flags(LSR_ERRORS)
+    msr: int = bounded(0, U8)
+    thre_pending: bool = boolean()
+    rbr: int = bounded(0, U8)
+    rx: tuple[tuple[int, int], ...] = bounded(0, U8, max_length=RX_FIFO_SIZE)
+    host: tuple[tuple[int, int], ...] = bounded(0, U8)
 
 
 class Serial16550:
@@ -126,6 +168,9 @@ class Serial16550:
     ``tx_bytes`` counts bytes handed to ``output`` and ``rx_bytes`` bytes
     accepted by :meth:`feed`; loopback traffic stays inside the UART and is
     counted by neither.
+
+    Host entry points (take the device lock): :meth:`feed`, :meth:`send_break`
+    and the properties (``rx_pending``, ``line_settings``...).
     """
 
     def __init__(
@@ -138,13 +183,13 @@ class Serial16550:
         self._output = output
         self._irq = irq
         self._host_queue_limit = host_queue_limit
-        self._lock = threading.Lock()
         self._irq_level = False
         # Bytes as (value, LSR error bits that arrived with it).
         self._rx: deque[tuple[int, int]] = deque()
         self._host: deque[tuple[int, int]] = deque()
         self.tx_bytes = 0
         self.rx_bytes = 0
+        self.ignored_accesses = 0
         self._power_on()
 
     def _power_on(self) -> None:
@@ -166,47 +211,101 @@ class Serial16550:
 
         The statistics counters are kept: they describe the host side.
         """
-        with self._lock:
-            self._power_on()
-            self._update_irq()
+        self._power_on()
+        self._update_irq()
+
+    def state(self) -> SerialState:
+        return SerialState(
+            ier=self._ier,
+            lcr=self._lcr,
+            mcr=self._mcr,
+            fcr=self._fcr,
+            scr=self._scr,
+            divisor=self._divisor,
+            lsr_errors=self._lsr_errors,
+            msr=self._msr,
+            thre_pending=self._thre_pending,
+            rbr=self._rbr,
+            rx=tuple(self._rx),
+            host=tuple(self._host),
+        )
+
+    def restore(self, state: SerialState) -> None:
+        """Take ``state``; the interrupt level it implies is taken as already driven.
+
+        (The interrupt controller's state is restored with the machine.)
+        """
+        state = check_state("serial", state, SerialState)
+        capacity = RX_FIFO_SIZE if state.fcr & FCR_ENABLE else 1
+        if len(state.rx) > capacity:
+            raise DeviceStateError(
+                "serial", "rx", f"{len(state.rx)} bytes, the FIFO holds {capacity}"
+            )
+        if len(state.host) > self._host_queue_limit:
+            raise DeviceStateError(
+                "serial", "host", f"{len(state.host)} bytes, the limit is {self._host_queue_limit}"
+            )
+        if any(errors & ~RX_ERRORS for _, errors in state.rx + state.host):
+            raise DeviceStateError("serial", "rx", "a byte carries error bits other than PE/FE/BI")
+        self._ier = state.ier
+        self._lcr = state.lcr
+        self._mcr = state.mcr
+        self._fcr = state.fcr
+        self._scr = state.scr
+        self._divisor = state.divisor
+        self._lsr_errors = state.lsr_errors
+        self._msr = state.msr
+        self._thre_pending = state.thre_pending
+        self._rbr = state.rbr
+        self._rx = deque(state.rx)
+        self._host = deque(state.host)
+        self._irq_level = self._pending_source() != IIR_NONE and bool(self._mcr & MCR_OUT2)
 
     # Host side ------------------------------------------------------------
 
     def feed(self, data: bytes) -> int:
         """Queue ``data`` for the guest; return how many bytes were accepted."""
-        with self._lock:
-            # The receiver's free slots count too: the queue only holds the
-            # backlog beyond them (it is empty while the receiver has room).
-            free = 0 if self._mcr & MCR_LOOP else self._rx_capacity - len(self._rx)
-            room = max(0, self._host_queue_limit - len(self._host)) + free
-            accepted = min(len(data), room)
-            self._host.extend((byte, 0) for byte in data[:accepted])
-            self.rx_bytes += accepted
-            self._refill()
-            self._update_irq()
-            return accepted
+        # The receiver's free slots count too: the queue only holds the
+        # backlog beyond them (it is empty while the receiver has room).
+        free = 0 if self._mcr & MCR_LOOP else self._rx_capacity - len(self._rx)
+        room = max(0, self._host_queue_limit - len(self._host)) + free
+        accepted = min(len(data), room)
+        self._host.extend((byte, 0) for byte in data[:accepted])
+        self.rx_bytes += accepted
+        self._refill()
+        self._update_irq()
+        return accepted
 
-    def send_break(self) -> None:
-        """Queue a break condition: a NUL byte received with LSR.BI set."""
-        with self._lock:
-            self._host.append((0, LSR_BI))
-            self._refill()
-            self._update_irq()
+    def send_break(self) -> bool:
+        """Queue a break condition: a NUL byte received with LSR.BI set.
+
+        Returns False (and queues nothing) when the host queue is full.
+        """
+        if len(self._host) >= self._host_queue_limit:
+            return False
+        self._host.append((0, LSR_BI))
+        self._refill()
+        self._update_irq()
+        return True
 
     # Guest side -----------------------------------------------------------
 
     def read(self, offset: int, size: int) -> int:
         """Read a register; wider accesses return the byte zero-extended."""
-        with self._lock:
-            value = self._read(offset)
-            self._update_irq()
-            return value
+        if not access_fits(offset, size, NUM_PORTS):
+            self.ignored_accesses += 1
+            return all_ones(size)
+        value = self._read(offset)
+        self._update_irq()
+        return value
 
     def write(self, offset: int, size: int, value: int) -> None:
         """Write a register; wider accesses use only the low byte."""
-        with self._lock:
-            self._write(offset, value & 0xFF)
-            self._update_irq()
+        if not access_fits(offset, size, NUM_PORTS):
+            self.ignored_accesses += 1
+            return
+        self._write(offset, value & 0xFF)
+        self._update_irq()
 
     def _read(self, offset: int) -> int:
         dlab = self._lcr & LCR_DLAB
@@ -231,9 +330,7 @@ class Serial16550:
             value = self._msr
             self._msr &= ~MSR_DELTAS
             return value
-        if offset == SCR:
-            return self._scr
-        raise ValueError(f"serial register offset {offset} out of range")
+        return self._scr  # SCR: read() let only offsets 0-7 through
 
     def _write(self, offset: int, value: int) -> None:
         dlab = self._lcr & LCR_DLAB
@@ -262,8 +359,7 @@ class Serial16550:
                 self._refill()  # the line is connected to the receiver again
         elif offset == SCR:
             self._scr = value
-        elif offset not in (LSR, MSR):  # status registers ignore writes
-            raise ValueError(f"serial register offset {offset} out of range")
+        # LSR and MSR, the status registers, ignore writes.
 
     def _transmit(self, value: int) -> None:
         if self._mcr & MCR_LOOP:
@@ -407,8 +503,7 @@ class Serial16550:
     @property
     def rx_pending(self) -> int:
         """Bytes not yet read by the guest: receive FIFO plus host queue."""
-        with self._lock:
-            return len(self._rx) + len(self._host)
+        return len(self._rx) + len(self._host)
 
     @property
     def loopback(self) -> bool:

@@ -16,9 +16,14 @@ offset name      behaviour
 
 Every other offset reads 0 and ignores writes.
 
-Access widths: 1, 2, 4 and 8 bytes at any offset.  An access is split into
-the 32-bit registers whose bytes it covers, little-endian, and each covered
-register is accessed exactly once.  So:
+``doorbell`` is a ring of the last :data:`DOORBELL_LIMIT` values: a guest
+ringing in a loop cannot grow the host process.  Values pushed out of the
+ring are counted in ``doorbell_dropped``.
+
+Access widths: any size from 1 to 8 bytes at any offset (KVM splits an
+8-byte access that crosses a page into, say, 3 + 5 bytes).  An access is
+split into the 32-bit registers whose bytes it covers, little-endian, and
+each covered register is accessed exactly once.  So:
 
 * a 1- or 2-byte read returns those bytes of the register (``read(0x01, 1)``
   is 0x56, the "V" of the ID); a narrow read of COUNTER still advances it by
@@ -30,10 +35,17 @@ register is accessed exactly once.  So:
   COUNTER and DOORBELL), as a 64-bit load on a bus of 32-bit registers would.
 
 Bytes past ``TESTDEV_SIZE`` (an access straddling the end) read 0 and are
-dropped on write.
+dropped on write.  A size outside 1-8 or an offset outside the device reads
+all ones, is not written, and is counted in ``ignored_accesses``.
 """
 
 from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import ClassVar
+
+from .base import U32, access_fits, all_ones, bounded, check_state
 
 TESTDEV_BASE = 0xFEB00000
 TESTDEV_SIZE = 0x1000
@@ -45,8 +57,18 @@ REG_SCRATCH = 0x04
 REG_COUNTER = 0x08
 REG_DOORBELL = 0x0C
 
-_MASK32 = 0xFFFFFFFF
-_SIZES = (1, 2, 4, 8)
+DOORBELL_LIMIT = 1024  # doorbell values kept; older ones are dropped (and counted)
+
+
+@dataclass(frozen=True)
+class TestDeviceState:
+    """The registers and the doorbell ring, oldest value first."""
+
+    __test__: ClassVar[bool] = False  # not a pytest test class
+    VERSION: ClassVar[int] = 1
+    scratch: int = bounded(0, U32)
+    counter: int = bounded(0, U32)
+    doorbell: tuple[int, ...] = bounded(0, U32, max_length=DOORBELL_LIMIT)
 
 
 def _registers(offset: int, size: int) -> list[tuple[int, int, int, int]]:
@@ -55,10 +77,6 @@ def _registers(offset: int, size: int) -> list[tuple[int, int, int, int]]:
     ``first byte`` is the byte index inside the 32-bit register, and ``shift``
     is where that part's bytes sit in the access value, in bits.
     """
-    if size not in _SIZES:
-        raise ValueError(f"test device: access size {size} is not 1, 2, 4 or 8")
-    if offset < 0:
-        raise ValueError(f"test device: negative offset {offset:#x}")
     parts = []
     address = offset
     end = offset + size
@@ -72,16 +90,29 @@ def _registers(offset: int, size: int) -> list[tuple[int, int, int, int]]:
 
 
 class TestDevice:
-    """The register file described in the module docstring; see there for widths."""
+    """The register file described in the module docstring; see there for widths.
+
+    Host entry points (take the device lock): reading ``doorbell``.
+    """
 
     __test__ = False  # a device, not a pytest test class
 
     def __init__(self) -> None:
         self.scratch = 0
         self.counter = 0
-        self.doorbell: list[int] = []
+        self._doorbell: deque[int] = deque(maxlen=DOORBELL_LIMIT)
+        self.doorbell_dropped = 0
+        self.ignored_accesses = 0
+
+    @property
+    def doorbell(self) -> list[int]:
+        """The last :data:`DOORBELL_LIMIT` values written to DOORBELL, oldest first."""
+        return list(self._doorbell)
 
     def read(self, offset: int, size: int) -> int:
+        if not access_fits(offset, size, TESTDEV_SIZE):
+            self.ignored_accesses += 1
+            return all_ones(size)
         value = 0
         for register, first, count, shift in _registers(offset, size):
             word = self._read_register(register)
@@ -90,10 +121,27 @@ class TestDevice:
         return value
 
     def write(self, offset: int, size: int, value: int) -> None:
+        if not access_fits(offset, size, TESTDEV_SIZE):
+            self.ignored_accesses += 1
+            return
         for register, first, count, shift in _registers(offset, size):
             part = (value >> shift) & ((1 << (8 * count)) - 1)
             mask = ((1 << (8 * count)) - 1) << (8 * first)
             self._write_register(register, part << (8 * first), mask)
+
+    def reset(self) -> None:
+        self.scratch = 0
+        self.counter = 0
+        self._doorbell.clear()
+
+    def state(self) -> TestDeviceState:
+        return TestDeviceState(self.scratch, self.counter, tuple(self._doorbell))
+
+    def restore(self, state: TestDeviceState) -> None:
+        state = check_state("testdev", state, TestDeviceState)
+        self.scratch = state.scratch
+        self.counter = state.counter
+        self._doorbell = deque(state.doorbell, maxlen=DOORBELL_LIMIT)
 
     def _read_register(self, register: int) -> int:
         if register == REG_ID:
@@ -102,7 +150,7 @@ class TestDevice:
             return self.scratch
         if register == REG_COUNTER:
             value = self.counter
-            self.counter = (self.counter + 1) & _MASK32
+            self.counter = (self.counter + 1) & U32
             return value
         return 0  # DOORBELL, the unused offsets, and anything past the end
 
@@ -111,5 +159,7 @@ class TestDevice:
         if register == REG_SCRATCH:
             self.scratch = (self.scratch & ~mask) | bits
         elif register == REG_DOORBELL:
-            self.doorbell.append(bits)
+            if len(self._doorbell) == DOORBELL_LIMIT:
+                self.doorbell_dropped += 1
+            self._doorbell.append(bits)
         # ID, COUNTER, unused offsets and bytes past the end ignore writes.

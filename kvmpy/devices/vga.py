@@ -22,10 +22,17 @@ Registers start with the values BIOS mode 3 leaves.  Ports nothing here
 models read as 0xFF and ignore writes.  Wider accesses are split into bytes
 at consecutive ports, so ``outw(0x3D4, index | value << 8)`` works as on a PC.
 The monochrome aliases (0x3B4/0x3B5/0x3BA) are not mapped: the misc output
-register says the colour ports are in use, as after mode 3.
+register says the colour ports are in use, as after mode 3.  An access
+outside the 32 ports or wider than 8 bytes reads all ones, is not written
+and is counted in ``ignored_accesses``.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from .base import U8, U64, access_fits, all_ones, boolean, bounded, check_state
 
 VGA_PORT_BASE = 0x3C0
 VGA_PORTS = 0x20
@@ -88,12 +95,51 @@ def _ega_color(index: int) -> RGB:
 
 # The DAC as BIOS mode 3 leaves it, computed once: every machine starts from it.
 _MODE3_DAC: tuple[RGB, ...] = tuple(_ega_color(i & 0x3F) for i in range(256))
+DAC_ENTRIES = 256
+DAC_LEVEL = 0x3F  # the DAC's components have 6 bits
+
+
+@dataclass(frozen=True)
+class VgaState:
+    """Every register, the DAC (red, green, blue per entry, entry by entry) and its latches."""
+
+    VERSION: ClassVar[int] = 1
+    crtc: bytes = bounded(0, U8, length=len(_MODE3_CRTC))
+    crtc_index: int = bounded(0, U8)
+    sequencer: bytes = bounded(0, U8, length=len(_MODE3_SEQUENCER))
+    sequencer_index: int = bounded(0, U8)
+    graphics: bytes = bounded(0, U8, length=len(_MODE3_GRAPHICS))
+    graphics_index: int = bounded(0, U8)
+    attribute: bytes = bounded(0, U8, length=len(_MODE3_ATTRIBUTE))
+    attribute_index: int = bounded(0, 0x3F)
+    attribute_flip_flop: bool = boolean()
+    misc_output: int = bounded(0, U8)
+    feature_control: int = bounded(0, U8)
+    vga_enable: int = bounded(0, 1)
+    dac: bytes = bounded(0, DAC_LEVEL, length=3 * DAC_ENTRIES)
+    dac_mask: int = bounded(0, U8)
+    dac_write_index: int = bounded(0, U8)
+    dac_read_index: int = bounded(0, U8)
+    dac_reading: bool = boolean()
+    dac_latch: tuple[int, ...] = bounded(0, DAC_LEVEL, max_length=2)
+    dac_read_component: int = bounded(0, 2)
+    status_reads: int = bounded(0, U64)
 
 
 class Vga:
-    """The VGA register file at 0x3C0-0x3DF (map it with ``VGA_PORTS`` ports)."""
+    """The VGA register file at 0x3C0-0x3DF (map it with ``VGA_PORTS`` ports).
+
+    Host entry points (take the device lock): what a display reads, the
+    properties from ``cursor_offset`` on, :meth:`palette` and ``generation``.
+    """
 
     def __init__(self) -> None:
+        self.ignored_accesses = 0
+        # Bumped by every register write: a display redraws when it changes.
+        self.generation = 0
+        self._power_on()
+
+    def _power_on(self) -> None:
         self.crtc = bytearray(_MODE3_CRTC)
         self.crtc_index = 0
         self.sequencer = bytearray(_MODE3_SEQUENCER)
@@ -114,18 +160,76 @@ class Vga:
         self._dac_latch: list[int] = []
         self._dac_read_component = 0
         self._status_reads = 0
-        # Bumped by every register write: a display redraws when it changes.
-        self.generation = 0
+
+    def reset(self) -> None:
+        """Back to the registers BIOS mode 3 leaves."""
+        self._power_on()
+        self.generation += 1
+
+    def state(self) -> VgaState:
+        return VgaState(
+            crtc=bytes(self.crtc),
+            crtc_index=self.crtc_index,
+            sequencer=bytes(self.sequencer),
+            sequencer_index=self.sequencer_index,
+            graphics=bytes(self.graphics),
+            graphics_index=self.graphics_index,
+            attribute=bytes(self.attribute),
+            attribute_index=self.attribute_index,
+            attribute_flip_flop=self.attribute_flip_flop,
+            misc_output=self.misc_output,
+            feature_control=self.feature_control,
+            vga_enable=self.vga_enable,
+            dac=bytes(level for entry in self.dac for level in entry),
+            dac_mask=self.dac_mask,
+            dac_write_index=self.dac_write_index,
+            dac_read_index=self.dac_read_index,
+            dac_reading=self.dac_reading,
+            dac_latch=tuple(self._dac_latch),
+            dac_read_component=self._dac_read_component,
+            status_reads=self._status_reads,
+        )
+
+    def restore(self, state: VgaState) -> None:
+        state = check_state("vga", state, VgaState)
+        self.crtc[:] = state.crtc
+        self.crtc_index = state.crtc_index
+        self.sequencer[:] = state.sequencer
+        self.sequencer_index = state.sequencer_index
+        self.graphics[:] = state.graphics
+        self.graphics_index = state.graphics_index
+        self.attribute[:] = state.attribute
+        self.attribute_index = state.attribute_index
+        self.attribute_flip_flop = state.attribute_flip_flop
+        self.misc_output = state.misc_output
+        self.feature_control = state.feature_control
+        self.vga_enable = state.vga_enable
+        dac = state.dac
+        self.dac = [(dac[i], dac[i + 1], dac[i + 2]) for i in range(0, len(dac), 3)]
+        self.dac_mask = state.dac_mask
+        self.dac_write_index = state.dac_write_index
+        self.dac_read_index = state.dac_read_index
+        self.dac_reading = state.dac_reading
+        self._dac_latch = list(state.dac_latch)
+        self._dac_read_component = state.dac_read_component
+        self._status_reads = state.status_reads
+        self.generation += 1
 
     # -- port access -------------------------------------------------------------------
 
     def read(self, offset: int, size: int) -> int:
+        if not access_fits(offset, size, VGA_PORTS):
+            self.ignored_accesses += 1
+            return all_ones(size)
         value = 0
         for i in range(size):
             value |= self._read_byte(offset + i) << (8 * i)
         return value
 
     def write(self, offset: int, size: int, value: int) -> None:
+        if not access_fits(offset, size, VGA_PORTS):
+            self.ignored_accesses += 1
+            return
         for i in range(size):
             self._write_byte(offset + i, (value >> (8 * i)) & 0xFF)
         self.generation += 1
@@ -233,7 +337,7 @@ class Vga:
         self.attribute_flip_flop = False
         # No real timing: alternate between "displaying" and "in vertical
         # retrace", so both halves of a wait-for-retrace loop finish at once.
-        self._status_reads += 1
+        self._status_reads = (self._status_reads + 1) & U64
         if self._status_reads & 1:
             return STATUS_VRETRACE | STATUS_DISPLAY_DISABLED
         return 0x00

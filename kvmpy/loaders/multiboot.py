@@ -18,18 +18,22 @@ The kernel starts in 32-bit protected mode with paging and interrupts off and
 flat segments (``mode="protected"``), with EAX = 0x2BADB002 and EBX = the
 address of the Multiboot information (``registers``).
 
-Placement of what the loader builds (one segment, listed in ``reserved``):
+Placement of what the loader builds (one segment, listed in ``reserved``),
+from its base B:
 
-    0x9000   Multiboot information (116 bytes, all fields up to color_info)
-    0x9080   memory map: 24-byte entries (size = 20, base_addr, length, type)
+    B        Multiboot information (116 bytes, all fields up to color_info)
+    B+0x80   memory map: 24-byte entries (size = 20, base_addr, length, type)
     ...      module list: 16 bytes per module (mod_start, mod_end, string, 0),
              16-byte aligned
     ...      strings: the command line, "kvmpy", the module strings
 
-This is above the GDT (0x500) and the page tables (0x1000-0x6fff) and must end
-below 0x70000, which leaves 64 KiB under the initial stack top (0x80000) and
-stays well under the EBDA (0x9fc00). A kernel segment overlapping it, or boot
-data that does not fit, is refused.
+B is the first 16-byte aligned address, from 0x9000 up (then below 0x9000),
+where the whole of it fits in RAM the memory map calls available, below
+4 GiB, that no kernel segment (bss included) or module uses and that is clear
+of kvmpy's own low-memory structures: the IVT, BDA and GDT, the page tables
+(0x1000-0x6fff) and the 64 KiB under the initial stack top (0x70000-0x7ffff).
+Usually that is 0x9000; a kernel linked over it moves the data past its end.
+Only when no gap is big enough is the kernel refused.
 
 The command line is the kernel path as given, then a space and ``cmdline``
 when that is not empty, NUL-terminated. Modules are placed one after the other
@@ -57,7 +61,7 @@ from pathlib import Path
 
 from kvmpy.loaders import LoaderError, LoadPlan, LoadSegment
 from kvmpy.loaders.elf import ELFCLASS64, MAX_IMAGE_SIZE, is_elf, load_elf, read_image
-from kvmpy.x86.modes import STACK_TOP
+from kvmpy.x86.modes import PAGE_TABLE_END, STACK_TOP
 
 MULTIBOOT_MAGIC = 0x1BADB002
 BOOTLOADER_MAGIC = 0x2BADB002
@@ -103,9 +107,13 @@ MMAP_AVAILABLE = 1
 MMAP_RESERVED = 2
 MODULE_ENTRY = struct.Struct("<IIII")  # mod_start, mod_end, string, reserved
 
-BOOT_DATA_ADDR = 0x9000
+BOOT_DATA_ADDR = 0x9000  # the first choice
+BOOT_DATA_ALIGN = 16
 MMAP_OFFSET = 0x80
 BOOT_DATA_LIMIT = STACK_TOP - 0x10000  # 0x70000: 64 KiB left for the initial stack
+# What kvmpy itself uses in low RAM, in any mode: the IVT, the BIOS Data Area
+# and the GDT (0x500), page tables (0x1000-0x6fff), and the initial stack.
+FIXED_BOOT_RANGES = ((0, PAGE_TABLE_END), (BOOT_DATA_LIMIT, STACK_TOP))
 BOOT_LOADER_NAME = "kvmpy"
 
 EBDA_START = 0x9FC00
@@ -292,6 +300,47 @@ def _available(entries: list[tuple[int, int, int]], start: int, end: int) -> boo
     )
 
 
+def _free_spans(
+    entries: list[tuple[int, int, int]], occupied: Sequence[tuple[int, int]]
+) -> list[tuple[int, int]]:
+    """Available RAM below 4 GiB, less the ``occupied`` and fixed ranges: sorted (start, end)."""
+    taken = sorted([*occupied, *FIXED_BOOT_RANGES])
+    spans: list[tuple[int, int]] = []
+    for base, length, kind in entries:
+        if kind != MMAP_AVAILABLE:
+            continue
+        start, end = base, min(base + length, ADDRESS_LIMIT_32)
+        for taken_start, taken_end in taken:
+            if taken_end <= start or end <= taken_start:
+                continue
+            if start < taken_start:
+                spans.append((start, taken_start))
+            start = max(start, taken_end)
+            if start >= end:
+                break
+        if start < end:
+            spans.append((start, end))
+    return sorted(spans)
+
+
+def place_boot_data(
+    size: int, entries: list[tuple[int, int, int]], occupied: Sequence[tuple[int, int]]
+) -> int | None:
+    """Where ``size`` bytes of boot data fit in free RAM, or None when nowhere.
+
+    The first fit at or above ``BOOT_DATA_ADDR`` (0x9000, where it has always
+    gone: low memory, clear of a kernel at 1 MiB), else the first fit below it.
+    """
+    spans = _free_spans(entries, occupied)
+    preferred = [(max(start, BOOT_DATA_ADDR), end) for start, end in spans if end > BOOT_DATA_ADDR]
+    lower = [(start, min(end, BOOT_DATA_ADDR)) for start, end in spans if start < BOOT_DATA_ADDR]
+    for start, end in [*preferred, *lower]:
+        base = _align(start, BOOT_DATA_ALIGN)
+        if base + size <= end:
+            return base
+    return None
+
+
 # -- the kernel image -------------------------------------------------------------------
 
 
@@ -464,38 +513,41 @@ def load_multiboot(
         placed.append((start, end, raw_string, module_path))
         cursor = end
 
-    # The boot data: information, memory map, module list, strings.
-    mmap_addr = BOOT_DATA_ADDR + MMAP_OFFSET
-    mmap_length = MMAP_ENTRY.size * len(entries)
-    mods_addr = _align(mmap_addr + mmap_length, 16)
-    strings_addr = mods_addr + MODULE_ENTRY.size * len(placed)
-    strings = bytearray()
-
-    def add_string(raw: bytes) -> int:
-        addr = strings_addr + len(strings)
-        strings.extend(raw)
-        return addr
-
+    # The boot data: information, memory map, module list, strings.  Sizes
+    # first: where it goes depends on how much room it needs.
     argv = _c_string(name, "kernel path", name)
     if cmdline:
         argv = argv[:-1] + b" " + _c_string(name, "command line", cmdline)
+    loader_name = _c_string(name, "boot loader name", BOOT_LOADER_NAME)
+    mmap_length = MMAP_ENTRY.size * len(entries)
+    mods_offset = _align(MMAP_OFFSET + mmap_length, 16)
+    strings_offset = mods_offset + MODULE_ENTRY.size * len(placed)
+    strings_length = len(argv) + len(loader_name) + sum(len(raw) for _, _, raw, _ in placed)
+    boot_size = strings_offset + strings_length
+    occupied = [(seg.gpa, seg.end) for seg in kernel]
+    occupied += [(start, end) for start, end, _raw, _path in placed]
+    base = place_boot_data(boot_size, entries, occupied)
+    if base is None:
+        raise LoaderError(
+            f"{name}: no room for the {boot_size:#x} bytes of multiboot information, command "
+            f"line and module list: every gap in guest RAM below 4 GiB is taken by the "
+            f"kernel, its modules or the boot structures"
+        )
+
+    mmap_addr = base + MMAP_OFFSET
+    mods_addr = base + mods_offset
+    strings = bytearray()
+
+    def add_string(raw: bytes) -> int:
+        addr = base + strings_offset + len(strings)
+        strings.extend(raw)
+        return addr
+
     cmdline_addr = add_string(argv)
-    loader_name_addr = add_string(_c_string(name, "boot loader name", BOOT_LOADER_NAME))
+    loader_name_addr = add_string(loader_name)
     module_list = b"".join(
         MODULE_ENTRY.pack(start, end, add_string(raw), 0) for start, end, raw, _ in placed
     )
-    boot_end = strings_addr + len(strings)
-    if boot_end > BOOT_DATA_LIMIT:
-        raise LoaderError(
-            f"{name}: the multiboot information, command line and module strings need "
-            f"{boot_end - BOOT_DATA_ADDR:#x} bytes from {BOOT_DATA_ADDR:#x}, more than fit "
-            f"below {BOOT_DATA_LIMIT:#x}"
-        )
-    if not _available(entries, BOOT_DATA_ADDR, boot_end):
-        raise LoaderError(
-            f"{name}: guest RAM does not cover the boot data at "
-            f"{BOOT_DATA_ADDR:#x}-{boot_end - 1:#x}"
-        )
 
     mem_lower = min(_run_end(runs, 0), EBDA_START) // 1024
     mem_upper = min((_run_end(runs, HIGH_MEMORY_START) - HIGH_MEMORY_START) // 1024, 0xFFFFFFFF)
@@ -507,31 +559,18 @@ def load_multiboot(
     mmap = b"".join(MMAP_ENTRY.pack(MMAP_ENTRY_SIZE_FIELD, *entry) for entry in entries)
     blob = (
         bytes(info).ljust(MMAP_OFFSET, b"\0")
-        + mmap.ljust(mods_addr - mmap_addr, b"\0")
+        + mmap.ljust(mods_offset - MMAP_OFFSET, b"\0")
         + module_list
         + bytes(strings)
     )
-    assert BOOT_DATA_ADDR + len(blob) == boot_end
-    boot = LoadSegment(BOOT_DATA_ADDR, blob, len(blob))
-
-    for seg in kernel:
-        if seg.gpa < boot.end and boot.gpa < seg.end:
-            raise LoaderError(
-                f"{name}: kernel segment {seg.gpa:#x}-{seg.end - 1:#x} overlaps the multiboot "
-                f"information at {boot.gpa:#x}-{boot.end - 1:#x}"
-            )
-    for start, end, _raw, module_path in placed:
-        if start < boot.end and boot.gpa < end:
-            raise LoaderError(
-                f"{name}: module {module_path} at {start:#x}-{end - 1:#x} overlaps the "
-                f"multiboot information at {boot.gpa:#x}-{boot.end - 1:#x}"
-            )
+    assert len(blob) == boot_size
+    boot = LoadSegment(base, blob, len(blob))
 
     return LoadPlan(
         source=name,
         entry=entry,
         segments=[*kernel, *module_segments, boot],
         mode="protected",
-        registers={"rax": BOOTLOADER_MAGIC, "rbx": BOOT_DATA_ADDR},
+        registers={"rax": BOOTLOADER_MAGIC, "rbx": base},
         reserved=[(boot.gpa, boot.end)],
     )

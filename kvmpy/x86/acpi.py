@@ -1,34 +1,139 @@
-"""Minimal ACPI 1.0 tables, as firmware leaves them for a kernel to find.
+"""Minimal ACPI tables, as firmware leaves them for a kernel to find.
 
 Kernels written for QEMU's PC often find their CPUs and interrupt
-controllers through ACPI's MADT, and how to power off through the FADT and
-the DSDT's ``\\_S5`` object.  kvmpy writes just those:
+controllers through ACPI's MADT, the power-management registers through the
+FADT, and the sleep states in the DSDT.  kvmpy writes just those:
 
     RSDP  "RSD PTR "  found by scanning 0xE0000-0xFFFFF on 16-byte boundaries
     RSDT  "RSDT"      points at the FADT and the MADT
-    FADT  "FACP"      PM1a event block at 0x600, PM1a control at 0x604, SCI 9
-    FACS  "FACS"      required by ACPI 1.0; empty
-    DSDT  "DSDT"      one object: Name (_S5, Package () {0, 0, 0, 0})
+    FADT  "FACP"      PM1a event block 0x600, control 0x604, PM timer 0x608
+                      (24-bit: TMR_VAL_EXT clear), SCI 9
+    FACS  "FACS"      version 1: the waking vectors a resume from S3 jumps to
+    DSDT  "DSDT"      \\_S3 (SLP_TYP 1), \\_S5 (SLP_TYP 0), as QEMU numbers
+                      them, and \\_SB.PCI0, the PCI host bridge (PNP0A03) that
+                      configuration mechanism #1 at 0xCF8 reaches
     MADT  "APIC"      a local APIC per CPU, the IOAPIC, LINT1 as NMI
 
-The sleep type in ``\\_S5`` is 0, the one kvmpy's PM1a control register
-treats as soft-off.  With KVM's default routing ISA IRQ n is IOAPIC pin n,
-so the MADT needs no interrupt source overrides.
+With KVM's default routing ISA IRQ n is IOAPIC pin n, so the MADT needs no
+interrupt source overrides.
 """
 
 from __future__ import annotations
 
 import struct
 
-from kvmpy.devices.acpi_pm import PM1A_CNT_PORT, PM1A_EVT_PORT
+from kvmpy.devices.acpi_pm import (
+    PM1A_CNT_PORT,
+    PM1A_CNT_PORTS,
+    PM1A_EVT_PORT,
+    PM1A_EVT_PORTS,
+    PM_TIMER_PORT,
+    PM_TIMER_PORTS,
+    SLEEP_TYPE_SOFT_OFF,
+    SLEEP_TYPE_SUSPEND,
+)
 from kvmpy.devices.cmos import RTC_CENTURY
 from kvmpy.x86.layout import ACPI_TABLES_ADDR, IOAPIC_ADDR, LAPIC_ADDR, SCI_IRQ, checksum8
 
 OEM_ID = b"KVMPY "
 OEM_TABLE_ID = b"KVMPY PC"
 
-# AML for: Name (_S5, Package (0x04) {Zero, Zero, Zero, Zero})
-_S5_AML = bytes.fromhex("08 5f53355f 12 06 04 00 00 00 00")
+# FADT flags: WBINVD works, C1 on all CPUs, no sleep button, RTC wakes from S4.
+# TMR_VAL_EXT (bit 8) stays clear: the PM timer is 24 bits wide.
+FADT_WBINVD = 1 << 0
+FADT_PROC_C1 = 1 << 2
+FADT_SLP_BUTTON = 1 << 5
+FADT_RTC_S4 = 1 << 7
+FADT_TMR_VAL_EXT = 1 << 8
+FADT_FLAGS = FADT_WBINVD | FADT_PROC_C1 | FADT_SLP_BUTTON | FADT_RTC_S4
+
+FACS_OFFSET = 0x40  # from the RSDP: the FACS is 64-byte aligned
+FACS_VERSION = 1  # ACPI 2.0: has x_firmware_waking_vector
+FACS_SIZE = 64
+FACS_FIRMWARE_WAKING_VECTOR = 12  # offsets inside the FACS
+FACS_X_FIRMWARE_WAKING_VECTOR = 24
+FACS_VERSION_OFFSET = 32
+
+# AML opcodes (ACPI 6.x, chapter 20).
+AML_ZERO = 0x00
+AML_ONE = 0x01
+AML_NAME = 0x08
+AML_BYTE = 0x0A
+AML_DWORD = 0x0C
+AML_SCOPE = 0x10
+AML_PACKAGE = 0x12
+AML_EXT_PREFIX = 0x5B
+AML_DEVICE = 0x82  # after the prefix
+AML_ROOT = 0x5C  # the root prefix, a backslash
+
+
+def aml_pkg_length(body_length: int) -> bytes:
+    """A PkgLength encoding that counts itself plus ``body_length`` bytes."""
+    for extra in range(4):
+        total = body_length + 1 + extra
+        if extra == 0 and total < 0x40:
+            return bytes([total])
+        if extra and total < 1 << (4 + 8 * extra):
+            lead = (extra << 6) | (total & 0xF)
+            return bytes([lead]) + (total >> 4).to_bytes(extra, "little")
+    raise ValueError(f"AML package of {body_length} bytes is too long")
+
+
+def aml_integer(value: int) -> bytes:
+    if value in (0, 1):
+        return bytes([value])
+    if 0 <= value <= 0xFF:
+        return bytes([AML_BYTE, value])
+    return bytes([AML_DWORD]) + value.to_bytes(4, "little")
+
+
+def aml_name(name: bytes, value: bytes) -> bytes:
+    """Name (NAME, value): a four-character name and an encoded data object."""
+    assert len(name) == 4
+    return bytes([AML_NAME]) + name + value
+
+
+def aml_package(*integers: int) -> bytes:
+    body = bytes([len(integers)]) + b"".join(aml_integer(i) for i in integers)
+    return bytes([AML_PACKAGE]) + aml_pkg_length(len(body)) + body
+
+
+def aml_scope(path: bytes, *terms: bytes) -> bytes:
+    body = path + b"".join(terms)
+    return bytes([AML_SCOPE]) + aml_pkg_length(len(body)) + body
+
+
+def aml_device(name: bytes, *terms: bytes) -> bytes:
+    body = name + b"".join(terms)
+    return bytes([AML_EXT_PREFIX, AML_DEVICE]) + aml_pkg_length(len(body)) + body
+
+
+def eisa_id(text: str) -> int:
+    """A compressed EISA ID ("PNP0A03") as the 32-bit integer AML stores."""
+    letters = [ord(c) - 0x40 for c in text[:3]]
+    vendor = (letters[0] << 10) | (letters[1] << 5) | letters[2]
+    product = int(text[3:], 16)
+    return int.from_bytes(vendor.to_bytes(2, "big") + product.to_bytes(2, "big"), "little")
+
+
+def dsdt_aml() -> bytes:
+    """The DSDT's definition block: sleep states, and the PCI host bridge."""
+    return b"".join(
+        (
+            # Package {PM1a SLP_TYP, PM1b SLP_TYP, reserved, reserved}, as QEMU's.
+            aml_name(b"_S3_", aml_package(SLEEP_TYPE_SUSPEND, SLEEP_TYPE_SUSPEND, 0, 0)),
+            aml_name(b"_S5_", aml_package(SLEEP_TYPE_SOFT_OFF, SLEEP_TYPE_SOFT_OFF, 0, 0)),
+            aml_scope(
+                bytes([AML_ROOT]) + b"_SB_",
+                aml_device(
+                    b"PCI0",
+                    aml_name(b"_HID", aml_integer(eisa_id("PNP0A03"))),
+                    aml_name(b"_ADR", aml_integer(0)),
+                    aml_name(b"_UID", aml_integer(0)),
+                ),
+            ),
+        )
+    )
 
 
 def _table(signature: bytes, revision: int, body: bytes) -> bytes:
@@ -55,9 +160,9 @@ def _fadt(facs: int, dsdt: int) -> bytes:
         "<IIBBHIBBBBIIIIIIIIBBBBBBBBHHHHBBBBBHBI",
         facs, dsdt, 0, 0, SCI_IRQ,
         0, 0, 0, 0, 0,  # no SMI command port: ACPI is always on
-        PM1A_EVT_PORT, 0, PM1A_CNT_PORT, 0, 0, 0, 0, 0,  # no PM timer, no GPE blocks
-        4, 2, 0, 0, 0, 0, 0, 0,  # PM1 event and control block lengths
-        0, 0, 0, 0, 0, 0, 0, 0, RTC_CENTURY, 0, 0, 0,
+        PM1A_EVT_PORT, 0, PM1A_CNT_PORT, 0, 0, PM_TIMER_PORT, 0, 0,  # no GPE blocks
+        PM1A_EVT_PORTS, PM1A_CNT_PORTS, 0, PM_TIMER_PORTS, 0, 0, 0, 0,  # block lengths
+        0, 0, 0, 0, 0, 0, 0, 0, RTC_CENTURY, 0, 0, FADT_FLAGS,
     )  # fmt: skip
     return _table(b"FACP", 1, body)
 
@@ -66,9 +171,9 @@ def acpi_tables(cpus: int, address: int = ACPI_TABLES_ADDR) -> bytes:
     """All the tables, laid out from ``address`` (16-byte aligned; FACS 64-byte aligned)."""
     if not 1 <= cpus <= 254:
         raise ValueError(f"the MADT describes 1 to 254 CPUs here, not {cpus}")
-    facs_at = address + 0x40
+    facs_at = address + FACS_OFFSET
     dsdt_at = facs_at + 0x40
-    dsdt = _table(b"DSDT", 1, _S5_AML)
+    dsdt = _table(b"DSDT", 1, dsdt_aml())
     fadt_at = _align(dsdt_at + len(dsdt))
     fadt = _fadt(facs_at, dsdt_at)
     madt_at = _align(fadt_at + len(fadt))
@@ -77,7 +182,9 @@ def acpi_tables(cpus: int, address: int = ACPI_TABLES_ADDR) -> bytes:
     rsdt = _table(b"RSDT", 1, struct.pack("<II", fadt_at, madt_at))
     rsdp = struct.pack("<8sB6sBI", b"RSD PTR ", 0, OEM_ID, 0, rsdt_at)
     rsdp = rsdp[:8] + bytes([checksum8(rsdp)]) + rsdp[9:]
-    facs = struct.pack("<4sI", b"FACS", 64).ljust(64, b"\0")
+    facs = bytearray(FACS_SIZE)
+    struct.pack_into("<4sI", facs, 0, b"FACS", FACS_SIZE)
+    facs[FACS_VERSION_OFFSET] = FACS_VERSION
 
     image = bytearray(rsdt_at + len(rsdt) - address)
     for at, data in (

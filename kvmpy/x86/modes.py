@@ -166,6 +166,18 @@ def real_mode(base: Sregs, entry: int = REAL_MODE_LOAD_ADDR) -> CpuSetup:
     return CpuSetup("real", regs, sregs)
 
 
+def real_mode_vector(base: Sregs, vector: int) -> CpuSetup:
+    """Real mode at CS:IP = (vector >> 4):(vector & 0xF): how ACPI resumes from S3."""
+    if not 0 <= vector < 0x100000:
+        raise ValueError(f"real-mode vector {vector:#x} is above 1 MiB")
+    selector = vector >> 4
+    code = Segment(base=selector << 4, limit=0xFFFF, selector=selector, type=0xB)
+    data = Segment(base=0, limit=0xFFFF, selector=0, type=0x3)
+    sregs = _load_segments(base, code, data, cr0=base.cr0 & ~(CR0_PE | CR0_PG), efer=0)
+    regs = Regs(rip=vector & 0xF, rsp=0, rflags=RFLAGS_RESERVED)
+    return CpuSetup("real", regs, sregs)
+
+
 def protected_mode(base: Sregs, entry: int, stack: int = STACK_TOP) -> CpuSetup:
     """32-bit flat protected mode, paging off."""
     gdt, code, data = _flat_gdt(FLAGS_32)

@@ -8,18 +8,52 @@ is adding one ``DeviceEntry`` to ``DEVICES``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any
+
 from kvmpy.board import Board, DeviceEntry, FirmwareContext, FirmwareTable, IoRange, Wiring
 from kvmpy.devices.acpi_pm import (
     PM1A_CNT_PORT,
     PM1A_CNT_PORTS,
     PM1A_EVT_PORT,
     PM1A_EVT_PORTS,
+    PM_TIMER_PORT,
+    PM_TIMER_PORTS,
+    PWRBTN_STS,
+    RTC_STS,
+    WAK_STS,
     AcpiPmControl,
     AcpiPmEvent,
+    AcpiPmTimer,
 )
 from kvmpy.devices.cmos import CMOS_PORT, CMOS_PORTS, Cmos
 from kvmpy.devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_PORTS, DebugExit
 from kvmpy.devices.fw_cfg import FW_CFG_PORT, FW_CFG_PORTS, FwCfg
+from kvmpy.devices.pc_testdev import (
+    FLUSH_PORT,
+    IOMEM_BASE,
+    IOMEM_SIZE,
+    IRQ_LINES,
+    IRQ_PORT_BASE,
+    PORT_BLOCK,
+    SCRATCH_BYTE_PORT,
+    SCRATCH_PORT,
+    PcTestDevice,
+)
+from kvmpy.devices.pci import (
+    CONFIG_ADDRESS_PORT,
+    CONFIG_DATA_PORT,
+    CONFIG_DATA_PORTS,
+    RESET_CONTROL_PORT,
+    PciAddress,
+    PciFunction,
+    PciHost,
+    i440fx_host_bridge,
+    pci_interrupt_gsi,
+    piix3_isa_bridge,
+)
 from kvmpy.devices.post import POST_PORT, PostCode
 from kvmpy.devices.reset import (
     I8042,
@@ -32,7 +66,13 @@ from kvmpy.devices.serial import Serial16550
 from kvmpy.devices.testdev import TESTDEV_BASE, TESTDEV_SIZE, TestDevice
 from kvmpy.devices.vga import VGA_PORT_BASE, VGA_PORTS, VGA_TEXT_BASE, VGA_TEXT_WINDOW, Vga
 from kvmpy.memory import pc_ram_layout
-from kvmpy.x86.acpi import acpi_tables
+from kvmpy.x86.acpi import (
+    FACS_FIRMWARE_WAKING_VECTOR,
+    FACS_OFFSET,
+    FACS_VERSION_OFFSET,
+    FACS_X_FIRMWARE_WAKING_VECTOR,
+    acpi_tables,
+)
 from kvmpy.x86.bios import bios_data_area
 from kvmpy.x86.layout import (
     ACPI_TABLES_ADDR,
@@ -47,8 +87,39 @@ from kvmpy.x86.layout import (
     MP_TABLE_ADDR,
     MP_TABLE_SIZE,
     RTC_IRQ,
+    SCI_IRQ,
 )
+from kvmpy.x86.modes import CpuSetup, protected_mode, real_mode_vector
 from kvmpy.x86.mptable import mp_tables
+from kvmpy.x86.registers import Sregs
+
+
+@dataclass(frozen=True)
+class PciSlot:
+    """A PCI function on bus 0: where, and how to build it."""
+
+    address: PciAddress
+    build: Callable[[Wiring], PciFunction]
+    interrupt_pin: int = 0  # 1-4: INTA-INTD, routed to IOAPIC pin pci_interrupt_gsi()
+
+
+# Adding a PCI function is adding one line here.
+PCI_FUNCTIONS = (
+    PciSlot(PciAddress(0, 0, 0), lambda w: i440fx_host_bridge()),
+    PciSlot(PciAddress(0, 1, 0), lambda w: piix3_isa_bridge()),
+)
+
+
+def _pci_host(wiring: Wiring) -> PciHost:
+    functions = {}
+    for slot in PCI_FUNCTIONS:
+        function = slot.build(wiring)
+        if slot.interrupt_pin:
+            gsi = pci_interrupt_gsi(slot.address.device, slot.interrupt_pin)
+            function.connect_interrupt(slot.interrupt_pin, gsi, wiring.irq(gsi))
+        functions[slot.address] = function
+    return PciHost(functions, wiring.request_reset)
+
 
 DEVICES = (
     DeviceEntry(
@@ -94,13 +165,39 @@ DEVICES = (
     ),
     DeviceEntry(
         "acpi_pm",
-        lambda w: AcpiPmControl(w.request_power_off),
+        lambda w: AcpiPmControl(w.request_power_off, w.request_suspend),
         ports=(IoRange(PM1A_CNT_PORT, PM1A_CNT_PORTS, "ACPI PM1a_CNT"),),
     ),
     DeviceEntry(
         "acpi_events",
-        lambda w: AcpiPmEvent(),
+        lambda w: AcpiPmEvent(irq=w.irq(SCI_IRQ)),
         ports=(IoRange(PM1A_EVT_PORT, PM1A_EVT_PORTS, "ACPI PM1a_EVT"),),
+    ),
+    DeviceEntry(
+        "acpi_timer",
+        lambda w: AcpiPmTimer(),
+        ports=(IoRange(PM_TIMER_PORT, PM_TIMER_PORTS, "ACPI PM timer"),),
+    ),
+    DeviceEntry(
+        "pci",
+        _pci_host,
+        ports=(
+            IoRange(CONFIG_ADDRESS_PORT, 1, "PCI CONFIG_ADDRESS", part="address_port"),
+            IoRange(RESET_CONTROL_PORT, 1, "PIIX reset control", part="reset_port"),
+            IoRange(CONFIG_ADDRESS_PORT + 2, 2, "PCI CONFIG_ADDRESS", part="address_tail_port"),
+            IoRange(CONFIG_DATA_PORT, CONFIG_DATA_PORTS, "PCI CONFIG_DATA", part="data_port"),
+        ),
+    ),
+    DeviceEntry(
+        "pc_testdev",
+        lambda w: PcTestDevice(w.irq, w.flush_page),
+        ports=(
+            IoRange(SCRATCH_PORT, PORT_BLOCK, "pc-testdev scratch", part="scratch_port"),
+            IoRange(FLUSH_PORT, PORT_BLOCK, "pc-testdev flush", part="flush_port"),
+            IoRange(SCRATCH_BYTE_PORT, PORT_BLOCK, "pc-testdev scratch (bytes)", part="byte_port"),
+            IoRange(IRQ_PORT_BASE, IRQ_LINES, "pc-testdev IRQ lines", part="irq_port"),
+        ),
+        mmio=(IoRange(IOMEM_BASE, IOMEM_SIZE, "pc-testdev iomem", part="iomem"),),
     ),
     DeviceEntry(
         "testdev", lambda w: TestDevice(), mmio=(IoRange(TESTDEV_BASE, TESTDEV_SIZE, "testdev"),)
@@ -109,8 +206,17 @@ DEVICES = (
 )
 
 
+def _pci_interrupts() -> list[tuple[int, int, int]]:
+    """(device, pin, GSI) of every PCI function with an interrupt pin, for the MP table."""
+    return [
+        (slot.address.device, slot.interrupt_pin, pci_interrupt_gsi(slot.address.device, pin))
+        for slot in PCI_FUNCTIONS
+        if (pin := slot.interrupt_pin)
+    ]
+
+
 def _mp_tables(context: FirmwareContext) -> bytes:
-    return mp_tables(context.cpus, *context.cpu_signature)
+    return mp_tables(context.cpus, *context.cpu_signature, pci_interrupts=_pci_interrupts())
 
 
 FIRMWARE = (
@@ -125,6 +231,42 @@ FIRMWARE = (
     ),
 )
 
+# -- ACPI S3: what wakes the PC, and where it resumes ------------------------------------
+
+
+def _wake(locked: Callable[[str], AbstractContextManager[Any]]) -> bool:
+    """While asleep: an RTC alarm (with AIE) sets RTC_STS and wakes if RTC_EN; the
+    power button always wakes.  Waking sets WAK_STS, as QEMU's PIIX4 PM does."""
+    with locked("cmos") as cmos:
+        alarm = cmos.alarm_wakes()
+    with locked("acpi_events") as events:
+        if alarm:
+            events.raise_status(RTC_STS)
+        status = events.status
+        wake = bool(status & PWRBTN_STS or status & events.enable & RTC_STS)
+        if wake:
+            events.raise_status(WAK_STS)
+    return wake
+
+
+def press_power_button(machine: Any) -> None:
+    """Press the ACPI power button: PWRBTN_STS (and the SCI if enabled); wakes a sleeper."""
+    with machine.locked("acpi_events") as events:
+        events.raise_status(PWRBTN_STS)
+
+
+def _resume_setup(memory: Any, reset_sregs: Sregs) -> CpuSetup:
+    """Where the guest said to resume, in the FACS: the 32-bit flat protected-mode
+    x_firmware_waking_vector if the FACS is version 1 or later and it is set (and
+    below 4 GiB), else real mode at firmware_waking_vector (CS = vector >> 4)."""
+    facs = ACPI_TABLES_ADDR + FACS_OFFSET
+    x_vector = memory.read_u64(facs + FACS_X_FIRMWARE_WAKING_VECTOR)
+    if memory.read_u8(facs + FACS_VERSION_OFFSET) >= 1 and 0 < x_vector < 1 << 32:
+        return protected_mode(reset_sregs, x_vector)
+    vector = memory.read_u32(facs + FACS_FIRMWARE_WAKING_VECTOR) & 0xFFFFF
+    return real_mode_vector(reset_sregs, vector)
+
+
 PC = Board(
     name="pc",
     ram_layout=pc_ram_layout,
@@ -133,6 +275,8 @@ PC = Board(
     scratch_base=HYPERVISOR_SCRATCH_ADDR,
     logged_window=(VGA_TEXT_BASE, VGA_TEXT_BASE + VGA_TEXT_WINDOW),
     acpi_rsdp=ACPI_TABLES_ADDR,
+    wake=_wake,
+    resume_setup=_resume_setup,
 )
 
-__all__ = ["PC", "Wiring"]
+__all__ = ["PC", "Wiring", "press_power_button"]

@@ -1,0 +1,418 @@
+"""PCI: a host bridge with configuration mechanism #1, and a generic PCI function.
+
+The host bridge answers the ports a PC's chipset does (QEMU's i440FX/PIIX3):
+
+=========== ====== =========================================================
+port        width  register
+=========== ====== =========================================================
+0xcf8       dword  CONFIG_ADDRESS: enable (31), bus (23-16), device (15-11),
+                   function (10-8), register (7-2).  Narrower accesses to
+                   0xcf8-0xcfb (but 0xcf9) neither change nor read it: a
+                   read gives all-ones, a write is dropped, so Linux's probe
+                   (a byte written to 0xcfb) leaves it alone.
+0xcf9       byte   PIIX reset control: writing bit 2 (RST_CPU) resets the
+                   machine; bit 1 (SYS_RST) is kept and read back
+0xcfc-0xcff any    CONFIG_DATA: the selected function's configuration space at
+                   register + (port - 0xcfc), 1, 2 or 4 bytes
+=========== ====== =========================================================
+
+Functions that are not there (and any bus but 0, and any access while the
+enable bit is clear) read all-ones; writes to them are dropped.
+
+A ``PciFunction`` is a 256-byte configuration space with a write mask: what
+the guest may change (command, cache line, latency, BARs, interrupt line) is
+in the mask, everything else is read-only.  A BAR of size S decodes its
+address bits only, so the usual size probe (write all-ones, read back)
+answers ~(S - 1) plus the type bits.  Status bits are write-1-to-clear.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+from kvmpy.devices.base import (
+    U8,
+    U32,
+    DeviceStateError,
+    IrqCallback,
+    access_fits,
+    all_ones,
+    bounded,
+    check_state,
+    flags,
+    no_irq,
+)
+
+CONFIG_ADDRESS_PORT = 0xCF8
+RESET_CONTROL_PORT = 0xCF9
+CONFIG_DATA_PORT = 0xCFC
+CONFIG_DATA_PORTS = 4
+
+CONFIG_ENABLE = 1 << 31
+CONFIG_SPACE_SIZE = 256
+MAX_DEVICES = 32
+MAX_FUNCTIONS = 8
+
+# Reset control register bits (PIIX3 datasheet, RCR).
+RCR_SYS_RST = 1 << 1
+RCR_RST_CPU = 1 << 2
+
+# Configuration space header (type 0) offsets.
+VENDOR_ID = 0x00
+DEVICE_ID = 0x02
+COMMAND = 0x04
+STATUS = 0x06
+REVISION_ID = 0x08
+CLASS_CODE = 0x09  # 3 bytes: programming interface, subclass, class
+CACHE_LINE_SIZE = 0x0C
+LATENCY_TIMER = 0x0D
+HEADER_TYPE = 0x0E
+BAR0 = 0x10
+BAR_COUNT = 6
+SUBSYSTEM_VENDOR_ID = 0x2C
+SUBSYSTEM_ID = 0x2E
+INTERRUPT_LINE = 0x3C
+INTERRUPT_PIN = 0x3D
+
+HEADER_MULTIFUNCTION = 0x80
+COMMAND_INTX_DISABLE = 1 << 10
+COMMAND_WRITABLE = 0x0547  # I/O, memory, bus master, parity, SERR, INTx disable
+STATUS_WRITE_ONE_TO_CLEAR = 0xF900  # the error bits
+
+BAR_IO = 0x1  # bit 0 of an I/O BAR
+BAR_MEM64 = 0x4
+
+# QEMU's PC: Intel 440FX host bridge and PIIX3 ISA bridge.
+INTEL_VENDOR = 0x8086
+I440FX_DEVICE = 0x1237
+PIIX3_ISA_DEVICE = 0x7000
+CLASS_HOST_BRIDGE = 0x060000
+CLASS_ISA_BRIDGE = 0x060100
+
+# PCI INTA-INTD reach IOAPIC pins 16-19, swizzled by slot, as on QEMU's q35.
+PCI_IRQ_BASE = 16
+PCI_IRQ_PINS = 4
+
+
+@dataclass(frozen=True)
+class PciAddress:
+    bus: int
+    device: int
+    function: int
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.bus < 256 and 0 <= self.device < 32 and 0 <= self.function < 8):
+            raise ValueError(f"bad PCI address {self}")
+
+    def __str__(self) -> str:
+        return f"{self.bus:02x}:{self.device:02x}.{self.function}"
+
+
+@dataclass(frozen=True)
+class PciBar:
+    """A base address register: ``size`` bytes (a power of two) of I/O or memory space."""
+
+    size: int
+    io: bool = False
+    prefetchable: bool = False
+
+    def __post_init__(self) -> None:
+        smallest = 4 if self.io else 16
+        if self.size < smallest or self.size & (self.size - 1):
+            raise ValueError(f"a PCI BAR is a power of two of at least {smallest} bytes")
+
+
+def pci_interrupt_gsi(device: int, pin: int) -> int:
+    """The IOAPIC pin that interrupt ``pin`` (1 = INTA) of slot ``device`` drives."""
+    return PCI_IRQ_BASE + (device + pin - 1) % PCI_IRQ_PINS
+
+
+class PciFunction:
+    """One function's configuration space: identity, BARs, interrupt pin.
+
+    Subclasses (a real device) override ``config_written`` to see what the
+    guest changed, e.g. to move their BARs, and raise their interrupt with
+    ``set_interrupt``.  The board connects the pin (``connect_interrupt``),
+    as firmware would, writing the IOAPIC pin to the interrupt line register.
+    """
+
+    def __init__(
+        self,
+        vendor: int,
+        device: int,
+        class_code: int,
+        *,
+        revision: int = 0,
+        header_type: int = 0,
+        subsystem_vendor: int = 0,
+        subsystem: int = 0,
+        bars: Sequence[PciBar] = (),
+    ) -> None:
+        if len(bars) > BAR_COUNT:
+            raise ValueError(f"a PCI function has at most {BAR_COUNT} BARs")
+        self.bars = tuple(bars)
+        self._irq: IrqCallback = no_irq
+        self.config = bytearray(CONFIG_SPACE_SIZE)
+        self.write_mask = bytearray(CONFIG_SPACE_SIZE)
+        struct.pack_into("<HH", self.config, VENDOR_ID, vendor, device)
+        self.config[REVISION_ID] = revision
+        self.config[CLASS_CODE : CLASS_CODE + 3] = class_code.to_bytes(3, "little")
+        self.config[HEADER_TYPE] = header_type
+        struct.pack_into("<HH", self.config, SUBSYSTEM_VENDOR_ID, subsystem_vendor, subsystem)
+        struct.pack_into("<H", self.write_mask, COMMAND, COMMAND_WRITABLE)
+        self.write_mask[CACHE_LINE_SIZE] = 0xFF
+        self.write_mask[LATENCY_TIMER] = 0xFF
+        self.write_mask[INTERRUPT_LINE] = 0xFF
+        for index, bar in enumerate(self.bars):
+            at = BAR0 + 4 * index
+            if bar.io:
+                flags, mask = BAR_IO, ~(bar.size - 1) & 0xFFFF_FFFC
+            else:
+                flags, mask = (0x8 if bar.prefetchable else 0), ~(bar.size - 1) & 0xFFFF_FFF0
+            struct.pack_into("<I", self.config, at, flags)
+            struct.pack_into("<I", self.write_mask, at, mask)
+        self.power_on = bytes(self.config)
+
+    def connect_interrupt(self, pin: int, line: int, irq: IrqCallback) -> None:
+        """Give the function interrupt ``pin`` (1-4: INTA-INTD), routed to IOAPIC ``line``."""
+        if not 1 <= pin <= PCI_IRQ_PINS:
+            raise ValueError("interrupt pin is 1-4 (INTA-INTD)")
+        self.config[INTERRUPT_PIN] = pin
+        self.config[INTERRUPT_LINE] = line
+        self.power_on = bytes(self.config)
+        self._irq = irq
+
+    def set_interrupt(self, level: bool) -> None:
+        """Drive the function's interrupt pin (a no-op while INTx is disabled or unconnected)."""
+        command = self.read_config(COMMAND, 2)
+        self._irq(level and not command & COMMAND_INTX_DISABLE)
+
+    @property
+    def interrupt_pin(self) -> int:
+        return self.config[INTERRUPT_PIN]
+
+    @property
+    def vendor(self) -> int:
+        return int(struct.unpack_from("<H", self.config, VENDOR_ID)[0])
+
+    def bar_address(self, index: int) -> int:
+        """Where the guest put BAR ``index`` (0 until it programs it)."""
+        value = int(struct.unpack_from("<I", self.config, BAR0 + 4 * index)[0])
+        return value & (~0x3 if self.bars[index].io else ~0xF) & 0xFFFF_FFFF
+
+    def read_config(self, offset: int, size: int) -> int:
+        return int.from_bytes(self.config[offset : offset + size], "little")
+
+    def write_config(self, offset: int, size: int, value: int) -> None:
+        for i in range(size):
+            at = offset + i
+            if at >= CONFIG_SPACE_SIZE:
+                break
+            byte = (value >> (8 * i)) & 0xFF
+            if STATUS <= at < STATUS + 2:
+                clear = byte & (STATUS_WRITE_ONE_TO_CLEAR >> (8 * (at - STATUS))) & 0xFF
+                self.config[at] &= ~clear & 0xFF
+                continue
+            mask = self.write_mask[at]
+            self.config[at] = (self.config[at] & ~mask & 0xFF) | (byte & mask)
+        self.config_written(offset, size)
+
+    def config_written(self, offset: int, size: int) -> None:
+        """The guest wrote ``size`` bytes at ``offset`` (after masking): a hook."""
+        return None
+
+    def reset(self) -> None:
+        self.config[:] = self.power_on
+
+    def config_problem(self, config: bytes) -> str | None:
+        """Why ``config`` cannot be this function's (a saved state): None when it can.
+
+        It must be 256 bytes that differ from power-on only where the guest
+        may write: the write mask, and the status bits it clears.
+        """
+        if len(config) != CONFIG_SPACE_SIZE:
+            return f"{len(config)} bytes, not {CONFIG_SPACE_SIZE}"
+        for at in range(CONFIG_SPACE_SIZE):
+            changeable = self.write_mask[at]
+            if STATUS <= at < STATUS + 2:
+                changeable |= (STATUS_WRITE_ONE_TO_CLEAR >> (8 * (at - STATUS))) & 0xFF
+            if (config[at] ^ self.power_on[at]) & ~changeable & 0xFF:
+                return f"byte {at:#x} is {config[at]:#x}, read-only there"
+        return None
+
+
+def _key(address: PciAddress) -> tuple[int, int, int]:
+    return (address.bus, address.device, address.function)
+
+
+def i440fx_host_bridge() -> PciFunction:
+    """00:00.0 on QEMU's PC: the Intel 440FX host bridge."""
+    return PciFunction(INTEL_VENDOR, I440FX_DEVICE, CLASS_HOST_BRIDGE, revision=0x02)
+
+
+def piix3_isa_bridge() -> PciFunction:
+    """00:01.0 on QEMU's PC: the PIIX3 PCI-to-ISA bridge (multi-function, as in QEMU)."""
+    return PciFunction(
+        INTEL_VENDOR, PIIX3_ISA_DEVICE, CLASS_ISA_BRIDGE, header_type=HEADER_MULTIFUNCTION
+    )
+
+
+class _Port:
+    """One of the host's port ranges: checks the access, then calls the host."""
+
+    def __init__(
+        self,
+        host: PciHost,
+        length: int,
+        read: Callable[[int, int], int],
+        write: Callable[[int, int, int], None],
+    ) -> None:
+        self._host = host
+        self._length = length
+        self._read = read
+        self._write = write
+
+    def read(self, offset: int, size: int) -> int:
+        if not access_fits(offset, size, self._length):
+            self._host.ignored_accesses += 1
+            return all_ones(size)
+        return self._read(offset, size) & all_ones(size)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        if not access_fits(offset, size, self._length):
+            self._host.ignored_accesses += 1
+            return
+        self._write(offset, size, value & all_ones(size))
+
+
+@dataclass(frozen=True)
+class PciHostState:
+    VERSION: ClassVar[int] = 1
+    config_address: int = bounded(0, U32)
+    reset_control: int = flags(RCR_SYS_RST)
+    # Every function's configuration space, in the order of their addresses.
+    configs: tuple[bytes, ...] = bounded(0, U8, max_length=MAX_DEVICES * MAX_FUNCTIONS)
+
+
+class PciHost:
+    """Bus 0 behind configuration mechanism #1, and the PIIX reset control register.
+
+    ``functions`` maps addresses on bus 0 to their functions.  Map
+    ``address_port`` at 0xcf8 (1 port: a dword there is the register),
+    ``reset_port`` at 0xcf9, ``address_tail_port`` at 0xcfa (2 ports: the
+    register's other bytes, which narrow accesses neither read nor change)
+    and ``data_port`` at 0xcfc (4 ports).
+    """
+
+    def __init__(
+        self, functions: dict[PciAddress, PciFunction], request_reset: Callable[[], None]
+    ) -> None:
+        for address in functions:
+            if address.bus != 0:
+                raise ValueError(f"PCI function {address}: only bus 0 is modelled")
+        self.functions = dict(functions)
+        self.request_reset = request_reset
+        self.config_address = 0
+        self.reset_control = 0
+        self.ignored_accesses = 0
+        self.address_port = _Port(self, 1, self._read_address, self._write_address)
+        self.address_tail_port = _Port(self, 2, self._read_nothing, self._write_nothing)
+        self.reset_port = _Port(self, 1, self._read_reset_control, self._write_reset_control)
+        self.data_port = _Port(self, CONFIG_DATA_PORTS, self._read_data, self._write_data)
+
+    # The device itself answers as CONFIG_DATA (for callers holding it directly).
+    def read(self, offset: int, size: int) -> int:
+        return self.data_port.read(offset, size)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self.data_port.write(offset, size, value)
+
+    def state(self) -> PciHostState:
+        configs = tuple(bytes(self.functions[a].config) for a in sorted(self.functions, key=_key))
+        return PciHostState(self.config_address, self.reset_control, configs)
+
+    def restore(self, state: PciHostState) -> None:
+        checked = check_state("pci", state, PciHostState)
+        functions = [self.functions[a] for a in sorted(self.functions, key=_key)]
+        if len(checked.configs) != len(functions):
+            raise DeviceStateError(
+                "pci", "configs", f"{len(checked.configs)} functions, not {len(functions)}"
+            )
+        for function, config in zip(functions, checked.configs, strict=True):
+            problem = function.config_problem(config)
+            if problem:
+                raise DeviceStateError("pci", "configs", problem)
+        self.config_address = checked.config_address
+        self.reset_control = checked.reset_control
+        for function, config in zip(functions, checked.configs, strict=True):
+            function.config[:] = config
+
+    def reset(self) -> None:
+        self.config_address = 0
+        self.reset_control = 0
+        for function in self.functions.values():
+            function.reset()
+
+    def function_at(self, bus: int, device: int, function: int) -> PciFunction | None:
+        if bus != 0:
+            return None
+        return self.functions.get(PciAddress(bus, device, function))
+
+    # -- CONFIG_ADDRESS ----------------------------------------------------------------
+
+    def _read_address(self, offset: int, size: int) -> int:
+        if offset != 0 or size != 4:
+            return (1 << (8 * size)) - 1
+        return self.config_address
+
+    def _write_address(self, offset: int, size: int, value: int) -> None:
+        if offset == 0 and size == 4:
+            self.config_address = value & 0xFFFF_FFFF
+
+    @staticmethod
+    def _read_nothing(offset: int, size: int) -> int:
+        return (1 << (8 * size)) - 1
+
+    @staticmethod
+    def _write_nothing(offset: int, size: int, value: int) -> None:
+        return None
+
+    # -- the PIIX reset control register --------------------------------------------
+
+    def _read_reset_control(self, offset: int, size: int) -> int:
+        return self.reset_control
+
+    def _write_reset_control(self, offset: int, size: int, value: int) -> None:
+        if value & RCR_RST_CPU:
+            self.request_reset()
+            return
+        self.reset_control = value & RCR_SYS_RST
+
+    # -- CONFIG_DATA -------------------------------------------------------------------
+
+    def _selected(self, offset: int) -> tuple[PciFunction, int] | None:
+        address = self.config_address
+        if not address & CONFIG_ENABLE:
+            return None
+        function = self.function_at(
+            (address >> 16) & 0xFF, (address >> 11) & 0x1F, (address >> 8) & 0x7
+        )
+        if function is None:
+            return None
+        return function, (address & 0xFC) + offset
+
+    def _read_data(self, offset: int, size: int) -> int:
+        selected = self._selected(offset)
+        if selected is None:
+            return (1 << (8 * size)) - 1
+        function, register = selected
+        return function.read_config(register, size)
+
+    def _write_data(self, offset: int, size: int, value: int) -> None:
+        selected = self._selected(offset)
+        if selected is not None:
+            function, register = selected
+            function.write_config(register, size, value)

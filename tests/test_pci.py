@@ -1,0 +1,244 @@
+"""The PCI host bridge (configuration mechanism #1) and the generic PCI function."""
+
+from __future__ import annotations
+
+import dataclasses
+import struct
+from typing import Protocol
+
+import pytest
+
+from kvmpy.devices.base import DeviceStateError
+from kvmpy.devices.pci import (
+    CLASS_HOST_BRIDGE,
+    CLASS_ISA_BRIDGE,
+    PciAddress,
+    PciBar,
+    PciFunction,
+    PciHost,
+    i440fx_host_bridge,
+    pci_interrupt_gsi,
+    piix3_isa_bridge,
+)
+from kvmpy.loaders.flat import load_flat
+from kvmpy.machine import Machine
+from kvmpy.x86.mptable import mp_tables
+from kvmpy.x86.pc import PC
+from tests.helpers import Assembler
+
+
+class PortRange(Protocol):
+    def read(self, offset: int, size: int) -> int: ...
+
+    def write(self, offset: int, size: int, value: int) -> None: ...
+
+
+def address(device: int, function: int = 0, register: int = 0, bus: int = 0) -> int:
+    return 1 << 31 | bus << 16 | device << 11 | function << 8 | register
+
+
+class Host:
+    """A PciHost reached through its ports, as the board maps them."""
+
+    def __init__(self, functions: dict[PciAddress, PciFunction] | None = None) -> None:
+        self.resets = 0
+        if functions is None:
+            functions = {
+                PciAddress(0, 0, 0): i440fx_host_bridge(),
+                PciAddress(0, 1, 0): piix3_isa_bridge(),
+            }
+        self.pci = PciHost(functions, self._reset)
+
+    def _reset(self) -> None:
+        self.resets += 1
+
+    def outl(self, port: int, value: int) -> None:
+        self.write(port, 4, value)
+
+    def write(self, port: int, size: int, value: int) -> None:
+        part, base = self._part(port)
+        part.write(port - base, size, value)
+
+    def read(self, port: int, size: int) -> int:
+        part, base = self._part(port)
+        return part.read(port - base, size)
+
+    def _part(self, port: int) -> tuple[PortRange, int]:
+        p = self.pci
+        if port == 0xCF8:
+            return p.address_port, 0xCF8
+        if port == 0xCF9:
+            return p.reset_port, 0xCF9
+        if port in (0xCFA, 0xCFB):
+            return p.address_tail_port, 0xCFA
+        return p.data_port, 0xCFC
+
+    def config(self, device: int, function: int, register: int, size: int) -> int:
+        self.outl(0xCF8, address(device, function, register & ~3))
+        return self.read(0xCFC + (register & 3), size)
+
+
+def test_the_two_functions_of_qemus_pc() -> None:
+    host = Host()
+    assert host.config(0, 0, 0, 4) == 0x1237_8086
+    assert host.config(1, 0, 0, 4) == 0x7000_8086
+    assert host.config(0, 0, 0x08, 4) >> 8 == CLASS_HOST_BRIDGE
+    assert host.config(1, 0, 0x08, 4) >> 8 == CLASS_ISA_BRIDGE
+    assert host.config(1, 0, 0x0E, 1) & 0x80  # multi-function, as in QEMU
+    assert host.config(0, 0, 0x02, 2) == 0x1237  # word at an offset
+    assert host.config(0, 0, 0x01, 1) == 0x80
+
+
+def test_absent_functions_and_other_buses_read_all_ones() -> None:
+    host = Host()
+    assert host.config(2, 0, 0, 4) == 0xFFFF_FFFF
+    assert host.config(1, 1, 0, 2) == 0xFFFF
+    host.outl(0xCF8, address(0, bus=1))
+    assert host.read(0xCFC, 4) == 0xFFFF_FFFF
+    host.outl(0xCF8, 0)  # enable bit clear
+    assert host.read(0xCFC, 4) == 0xFFFF_FFFF
+    host.write(0xCFC, 4, 0)  # dropped
+
+
+def test_address_register_is_dword_only_and_survives_linux_probe() -> None:
+    host = Host()
+    host.outl(0xCF8, 0x8000_0000)
+    assert host.read(0xCF8, 4) == 0x8000_0000
+    host.write(0xCFB, 1, 0x01)  # Linux's pci_check_type1 does this first
+    host.write(0xCF8, 2, 0x1234)
+    assert host.read(0xCF8, 4) == 0x8000_0000
+    assert host.read(0xCF8, 1) == 0xFF  # so the type 2 probe fails, as it should
+    assert host.read(0xCFA, 4) == 0xFFFF_FFFF  # a dword at 0xcfa is not the register
+    host.write(0xCFA, 4, 0)
+    assert host.read(0xCF8, 4) == 0x8000_0000
+
+
+def test_piix_reset_control() -> None:
+    host = Host()
+    host.write(0xCF9, 1, 0x02)
+    assert host.read(0xCF9, 1) == 0x02 and host.resets == 0
+    host.write(0xCF9, 1, 0x06)
+    assert host.resets == 1
+    host.pci.reset()
+    assert host.read(0xCF9, 1) == 0
+
+
+def test_write_mask_bars_and_status() -> None:
+    function = PciFunction(0x1AF4, 0x1000, 0x020000, bars=(PciBar(0x100, io=True), PciBar(0x4000)))
+    host = Host({PciAddress(0, 3, 0): function})
+    host.outl(0xCF8, address(3, register=0))
+    host.write(0xCFC, 4, 0xFFFF_FFFF)  # IDs are read-only
+    assert host.read(0xCFC, 4) == 0x1000_1AF4
+    for bar, expected in ((0x10, 0xFFFF_FF01), (0x14, 0xFFFF_C000)):
+        host.outl(0xCF8, address(3, register=bar))
+        host.write(0xCFC, 4, 0xFFFF_FFFF)  # the size probe
+        assert host.read(0xCFC, 4) == expected
+    host.write(0xCFC, 4, 0xFEBF_0000)
+    assert function.bar_address(1) == 0xFEBF_0000
+    host.outl(0xCF8, address(3, register=0x18))
+    host.write(0xCFC, 4, 0xFFFF_FFFF)  # no third BAR: stays 0
+    assert host.read(0xCFC, 4) == 0
+    host.outl(0xCF8, address(3, register=0x04))
+    host.write(0xCFC, 2, 0xFFFF)
+    assert host.read(0xCFC, 2) == 0x0547
+    function.config[0x07] = 0x80  # a detected parity error...
+    host.write(0xCFE, 1, 0x00)
+    host.write(0xCFF, 1, 0x80)  # ...is cleared by writing 1
+    assert function.config[0x07] == 0
+    function.reset()
+    assert host.read(0xCFC, 2) == 0
+
+
+def test_interrupt_pin_routing_and_the_mp_table() -> None:
+    levels: list[bool] = []
+    function = PciFunction(0x1AF4, 0x1000, 0x020000)
+    function.connect_interrupt(1, pci_interrupt_gsi(3, 1), levels.append)
+    assert (function.config[0x3D], function.config[0x3C]) == (1, 19)
+    function.set_interrupt(True)
+    function.write_config(0x04, 2, 1 << 10)  # INTx disable
+    function.set_interrupt(True)
+    assert levels == [True, False]
+    with pytest.raises(ValueError):
+        function.connect_interrupt(5, 16, levels.append)
+
+    table = mp_tables(1, 0, 0, pci_interrupts=[(3, 1, 19)])
+    entries = table[16 + 44 :]
+    buses = []
+    interrupts = []
+    at = 0
+    while at < len(entries):
+        kind = entries[at]
+        size = 20 if kind == 0 else 8
+        if kind == 1:
+            buses.append((entries[at + 1], entries[at + 2 : at + 8]))
+        if kind == 3:
+            interrupts.append(struct.unpack_from("<BBHBBBB", entries, at))
+        at += size
+    assert buses == [(0, b"PCI   "), (1, b"ISA   ")]
+    assert (3, 0, 0x0F, 0, 3 << 2, 1, 19) in interrupts  # level, active low
+    assert (3, 0, 0, 1, 4, 1, 4) in interrupts  # COM1 from the ISA bus
+
+
+def test_board_entry() -> None:
+    entry = PC.entry("pci")
+    ports = sorted((r.base, r.length, r.part) for r in entry.ports)
+    assert ports == [
+        (0xCF8, 1, "address_port"),
+        (0xCF9, 1, "reset_port"),
+        (0xCFA, 2, "address_tail_port"),
+        (0xCFC, 4, "data_port"),
+    ]
+
+
+@pytest.mark.kvm
+def test_a_guest_scans_bus_0_and_resets_through_0xcf9(assemble: Assembler) -> None:
+    # Real mode: count the functions on bus 0 whose vendor ID is not 0xffff
+    # (device 0-31, function 0), print the count, then reset through 0xcf9.
+    source = """
+        xor %bl, %bl
+        xor %ecx, %ecx
+    1:  mov %ecx, %eax
+        shl $11, %eax
+        or $0x80000000, %eax
+        mov $0xcf8, %dx
+        out %eax, %dx
+        mov $0xcfc, %dx
+        in %dx, %ax
+        cmp $0xffff, %ax
+        je 2f
+        inc %bl
+    2:  inc %ecx
+        cmp $32, %ecx
+        jb 1b
+        mov %bl, %al
+        add $'0', %al
+        mov $0x3f8, %dx
+        out %al, %dx
+        mov $0xcf9, %dx
+        mov $0x06, %al
+        out %al, %dx
+        hlt
+    """
+    with Machine(mem_size=16 << 20) as m:
+        m.load(load_flat(assemble(source), 0x7C00), mode="real")
+        outcome = m.run(timeout=30)
+        assert (outcome.kind.value, bytes(m.console)) == ("reset", b"2")
+
+
+def test_state_round_trips_and_read_only_bytes_are_refused() -> None:
+    host = Host()
+    host.outl(0xCF8, address(1, register=0x3C))
+    host.write(0xCFC, 1, 0x0B)  # the interrupt line: writable
+    state = host.pci.state()
+    other = Host()
+    other.pci.restore(state)
+    assert other.config(1, 0, 0x3C, 1) == 0x0B
+    assert other.read(0xCF8, 4) == address(1, register=0x3C)
+    forged = bytearray(state.configs[0])
+    forged[0] = 0x34  # the vendor ID is read-only
+    bad = dataclasses.replace(state, configs=(bytes(forged), state.configs[1]))
+    with pytest.raises(DeviceStateError, match="configs: byte 0x0"):
+        other.pci.restore(bad)
+    with pytest.raises(DeviceStateError, match="1 functions, not 2"):
+        other.pci.restore(dataclasses.replace(state, configs=state.configs[:1]))
+    assert other.config(0, 0, 0, 2) == 0x8086  # nothing was taken
