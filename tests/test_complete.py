@@ -423,3 +423,24 @@ def test_xrstor_general_protection(
     vcpu.xcr0 = 3
     assert completer(memory).complete(vcpu), why
     assert vcpu.injected == [("exception", 13, 0)]
+
+
+def test_xrstor_compacted_packs_extended_components_from_576(memory: GuestMemory) -> None:
+    # Component 5 (standard offset 832) sits at 576 when XCOMP_BV leaves out component 2.
+    done = Completer({2: (576, 256, False), 5: (832, 64, False)})
+    done.memory = memory
+    area = bytearray(640)
+    area[24:28] = (0x1F80).to_bytes(4, "little")
+    area[576:640] = b"\x55" * 64
+    bv, comp = 0b100011, (1 << 63) | 0b100011
+    area[512:528] = bv.to_bytes(8, "little") + comp.to_bytes(8, "little")
+    memory.write(0x4000, bytes(area))
+    vcpu = vcpu_at(b"\x48\x0f\xae\x2f", xsave_sregs(), rdi=0x4000, rax=0b100111, rdx=0)
+    vcpu.xcr0 = 0b100111
+    old = bytearray(vcpu.xsave)
+    old[576:832] = b"\x11" * 256  # AVX state: selected, absent from the area, so initial
+    vcpu.xsave = bytes(old)
+    assert done.complete(vcpu)
+    assert vcpu.xsave[832:896] == b"\x55" * 64
+    assert vcpu.xsave[576:832] == bytes(256)
+    assert vcpu.xsave[512] == 0b100011

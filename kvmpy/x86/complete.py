@@ -138,10 +138,10 @@ def _decoder(bits: int) -> Any:
 class Completer:
     """Finishes instructions the backend gave up on; counts and reports each one."""
 
-    def __init__(self, xsave_layout: dict[int, tuple[int, int]] | None = None) -> None:
+    def __init__(self, xsave_layout: dict[int, tuple[int, int, bool]] | None = None) -> None:
         self.enabled = True
         self.memory: GuestMemory | None = None
-        # XSAVE component -> (offset, size) in the standard format (CPUID leaf 0xD).
+        # XSAVE component -> (offset, size, aligned when compacted), from CPUID leaf 0xD.
         self.xsave_layout = xsave_layout or {}
         self.counts: Counter[str] = Counter()
         # Called with (vCPU index, RIP, "mnemonic operands", what was done) after each one.
@@ -256,7 +256,7 @@ class _State:
         self.bits = bits
         self.cpl = sregs.cs.selector & 3
         self.insn: _Insn | None = None
-        self.xsave_layout: dict[int, tuple[int, int]] = {}
+        self.xsave_layout: dict[int, tuple[int, int, bool]] = {}
 
     # -- finishing ------------------------------------------------------------------
 
@@ -879,10 +879,11 @@ def _mark_accessed(state: _State, access: int, at: int) -> None:
         state.store(pieces, access | 1)
 
 
-# -- xsave and xrstor, standard format (SDM Vol. 1, 13.7-13.8) -------------------------------
+# -- xsave, xsavec and xrstor (SDM Vol. 1, 13.7-13.9) ----------------------------------------
 
 _XSAVE_HEADER = 512
 _XSAVE_LEGACY_END = 576  # the legacy area and the header
+_COMPACTED = 1 << 63  # XCOMP_BV bit 63: the area is in the compacted format
 _X87_INIT = bytes.fromhex("7f03") + bytes(22)  # FCW 0x37F, the rest of bytes 0-23 zero
 
 
@@ -902,87 +903,120 @@ def _xsave_checks(state: _State, insn: _Insn) -> tuple[int, int, int]:
     return linear, rfbm, xcr0
 
 
-def _xsave_ranges(state: _State, rfbm: int) -> list[tuple[int, int]]:
-    """The (offset, end) byte ranges of the standard-format area that RFBM selects."""
-    ranges = []
+def _xsave_pieces(
+    state: _State, rfbm: int, compacted_bv: int | None
+) -> list[tuple[int, int, int, int]]:
+    """(component, offset in KVM's standard area, size, offset in the guest's area).
+
+    The guest's offsets are the standard ones, or with ``compacted_bv`` (XCOMP_BV) the
+    compacted ones: extended components packed from byte 576 in order, each that asks
+    for it aligned to 64 bytes.  MXCSR (component "-1", bytes 24-31) goes with SSE or AVX.
+    """
+    pieces = []
     if rfbm & 1:
-        ranges += [(0, 24), (32, 160)]  # x87: control and status, the eight registers
+        pieces += [(0, 0, 24, 0), (0, 32, 128, 32)]  # x87: control and status, ST0-ST7
     if rfbm & 6:
-        ranges.append((24, 32))  # MXCSR and MXCSR_MASK, with SSE or AVX
+        pieces.append((-1, 24, 8, 24))  # MXCSR and MXCSR_MASK
     if rfbm & 2:
-        ranges.append((160, 416))  # XMM0-XMM15
-    for component in range(2, 64):
-        if rfbm >> component & 1:
-            if component not in state.xsave_layout:
-                raise _NotHandled(f"XSAVE component {component} has no known layout")
-            offset, size = state.xsave_layout[component]
-            ranges.append((offset, offset + size))
-    return ranges
+        pieces.append((1, 160, 256, 160))  # XMM0-XMM15
+    packed = _XSAVE_LEGACY_END
+    for component in range(2, 63):
+        selected = rfbm >> component & 1
+        listed = compacted_bv is not None and compacted_bv >> component & 1
+        if not selected and not listed:
+            continue
+        if component not in state.xsave_layout:
+            raise _NotHandled(f"XSAVE component {component} has no known layout")
+        offset, size, aligned = state.xsave_layout[component]
+        at = offset
+        if compacted_bv is not None:
+            if not listed:
+                continue  # selected but not in the area: the initial state
+            packed = (packed + 63) // 64 * 64 if aligned else packed
+            at, packed = packed, packed + size
+        if selected:
+            pieces.append((component, offset, size, at))
+    return pieces
 
 
 def _xsave(state: _State, insn: _Insn) -> str | None:
-    """xsave and xsaveopt (which may save more than it must): KVM's state to guest memory."""
+    """xsave, xsaveopt (which may save more than it must) and xsavec: KVM's state to memory."""
+    compacted = insn.mnemonic.startswith("xsavec")
     try:
         linear, rfbm, _ = _xsave_checks(state, insn)
-        ranges = _xsave_ranges(state, rfbm)
+        pieces = _xsave_pieces(state, rfbm, rfbm | _COMPACTED if compacted else None)
     except _NotHandled:
         return None
     kvm = state.vcpu.get_xsave()
-    end = max([_XSAVE_LEGACY_END, *(stop for _, stop in ranges)])
-    state.check_write(linear, end)  # fault before writing anything
-    for start, stop in ranges:
-        state.write_bytes(linear + start, kvm[start:stop])
-    # XSTATE_BV: the bits RFBM selects say which components are in use; others stay.
     in_use = int.from_bytes(kvm[_XSAVE_HEADER : _XSAVE_HEADER + 8], "little")
-    header = int.from_bytes(state.read_bytes(linear + _XSAVE_HEADER, 8), "little")
-    header = (header & ~rfbm) | (in_use & rfbm)
-    state.write_bytes(linear + _XSAVE_HEADER, header.to_bytes(8, "little"))
+    end = max([_XSAVE_LEGACY_END, *(at + size for _, _, size, at in pieces)])
+    state.check_write(linear, end)  # fault before writing anything
+    for component, offset, size, at in pieces:
+        # xsavec leaves out components in their initial state (XSTATE_BV says which).
+        if not compacted or component < 0 or in_use >> component & 1:
+            state.write_bytes(linear + at, kvm[offset : offset + size])
+    if compacted:
+        header = (in_use & rfbm).to_bytes(8, "little") + (rfbm | _COMPACTED).to_bytes(8, "little")
+        state.write_bytes(linear + _XSAVE_HEADER, header + bytes(48))
+    else:
+        # XSTATE_BV: the bits RFBM selects say which components are in use; others stay.
+        old = int.from_bytes(state.read_bytes(linear + _XSAVE_HEADER, 8), "little")
+        header_bv = (old & ~rfbm) | (in_use & rfbm)
+        state.write_bytes(linear + _XSAVE_HEADER, header_bv.to_bytes(8, "little"))
     state.advance()
-    return f"RFBM={rfbm:#x}"
+    return f"RFBM={rfbm:#x}" + (" compacted" if compacted else "")
 
 
 def _xrstor(state: _State, insn: _Insn) -> str | None:
-    """xrstor, standard form: guest memory (or the init state) into KVM's state."""
+    """xrstor, standard or compacted: guest memory (or the initial state) into KVM's state."""
     try:
         linear, rfbm, xcr0 = _xsave_checks(state, insn)
-        ranges = _xsave_ranges(state, rfbm)
     except _NotHandled:
         return None
     header = state.read_bytes(linear + _XSAVE_HEADER, 64)
     xstate_bv = int.from_bytes(header[:8], "little")
-    # The compacted form needs XSAVEC, which this CPUID does not offer; the rest of the
-    # header must be zero, and XSTATE_BV may only name enabled components.
-    if any(header[8:]) or xstate_bv & ~xcr0:
+    xcomp_bv = int.from_bytes(header[8:16], "little")
+    compacted = bool(xcomp_bv & _COMPACTED)
+    # What the CPU refuses with #GP: components not enabled, a header with reserved
+    # bytes set, and in the compacted form XSTATE_BV naming what XCOMP_BV does not.
+    if xstate_bv & ~xcr0 or any(header[16:]):
         raise GuestFault(GP, 0)
+    if compacted and (xcomp_bv & ~_COMPACTED & ~xcr0 or xstate_bv & ~xcomp_bv):
+        raise GuestFault(GP, 0)
+    if not compacted and xcomp_bv:
+        raise GuestFault(GP, 0)
+    try:
+        pieces = _xsave_pieces(state, rfbm, xcomp_bv if compacted else None)
+    except _NotHandled:
+        return None
     kvm = bytearray(state.vcpu.get_xsave())
-    end = max([_XSAVE_LEGACY_END, *(stop for _, stop in ranges)])
+    end = max([_XSAVE_LEGACY_END, *(at + size for _, _, size, at in pieces)])
     image = state.read_bytes(linear, end)
     if rfbm & 6:
         mxcsr = int.from_bytes(image[24:28], "little")
         mask = int.from_bytes(kvm[28:32], "little") or 0xFFBF
         if mxcsr & ~mask:
             raise GuestFault(GP, 0)
-    for start, stop in ranges:
-        if start == 24:
+    for component in range(2, 63):  # selected, but absent from a compacted area
+        if rfbm >> component & 1 and not any(c == component for c, _, _, _ in pieces):
+            offset, size, _ = state.xsave_layout[component]
+            kvm[offset : offset + size] = bytes(size)
+    for component, offset, size, at in pieces:
+        if component < 0:
             kvm[24:28] = image[24:28]  # MXCSR loads whatever XSTATE_BV says
-            continue
-        component = 0 if stop <= 160 else 1 if stop <= 416 else _component_at(state, start)
-        if xstate_bv >> component & 1:
-            kvm[start:stop] = image[start:stop]
-        elif start == 0:
+        elif xstate_bv >> component & 1:
+            kvm[offset : offset + size] = image[at : at + size]
+        elif offset == 0:
             kvm[0:24] = _X87_INIT
         else:
-            kvm[start:stop] = bytes(stop - start)
+            kvm[offset : offset + size] = bytes(size)
     in_use = int.from_bytes(kvm[_XSAVE_HEADER : _XSAVE_HEADER + 8], "little")
     in_use = (in_use & ~rfbm) | (xstate_bv & rfbm)
     kvm[_XSAVE_HEADER : _XSAVE_HEADER + 8] = in_use.to_bytes(8, "little")
     state.vcpu.set_xsave(bytes(kvm))
     state.advance()
-    return f"RFBM={rfbm:#x} XSTATE_BV={xstate_bv:#x}"
-
-
-def _component_at(state: _State, offset: int) -> int:
-    return next(c for c, (start, _) in state.xsave_layout.items() if start == offset)
+    form = " compacted" if compacted else ""
+    return f"RFBM={rfbm:#x} XSTATE_BV={xstate_bv:#x}{form}"
 
 
 _HANDLERS: dict[str, Callable[[_State, _Insn], str | None]] = {
@@ -1011,6 +1045,8 @@ _HANDLERS: dict[str, Callable[[_State, _Insn], str | None]] = {
     "xsave64": _xsave,
     "xsaveopt": _xsave,
     "xsaveopt64": _xsave,
+    "xsavec": _xsave,
+    "xsavec64": _xsave,
     "xrstor": _xrstor,
     "xrstor64": _xrstor,
     "fnstsw": _fnstsw,
@@ -1023,10 +1059,11 @@ _HANDLERS: dict[str, Callable[[_State, _Insn], str | None]] = {
 COMPLETED_MNEMONICS = tuple(sorted(_HANDLERS))
 
 
-def xsave_layout(cpuid: list[CpuidEntry]) -> dict[int, tuple[int, int]]:
-    """Extended XSAVE components -> (offset, size) in the standard format, from leaf 0xD."""
+def xsave_layout(cpuid: list[CpuidEntry]) -> dict[int, tuple[int, int, bool]]:
+    """Extended XSAVE components -> (standard offset, size, aligned in the compacted form),
+    from CPUID leaf 0xD."""
     return {
-        entry.index: (entry.ebx, entry.eax)
+        entry.index: (entry.ebx, entry.eax, bool(entry.ecx & 2))
         for entry in cpuid
         if entry.function == 0xD and 2 <= entry.index < 63 and entry.eax
     }
