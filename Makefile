@@ -3,6 +3,7 @@
 #   make test   the same set-up, then ruff, mypy and pytest
 #   make bench  the benchmarks in bench/
 #   make fuzz   the property-based (hypothesis) tests with a long budget
+#   make docs   the API reference from the docstrings, in build/api/ (make test builds it too)
 
 PYTHON ?= python3
 VENV ?= .venv
@@ -21,7 +22,7 @@ PVH_GUESTS := pvh_hello
 GUESTS := $(REAL_GUESTS:%=$(OUT)/%.bin) $(PROTECTED_GUESTS:%=$(OUT)/%.bin) \
 	$(LONG_GUESTS:%=$(OUT)/%.bin) $(MULTIBOOT_GUESTS:%=$(OUT)/%.elf) $(PVH_GUESTS:%=$(OUT)/%.elf)
 
-.PHONY: all setup guests demo test lint unit bench fuzz clean
+.PHONY: all setup guests demo test lint unit docs bench fuzz clean
 .DELETE_ON_ERROR:
 
 all: setup guests
@@ -82,7 +83,11 @@ lint: setup
 unit: all
 	$(BIN)/pytest
 
-test: lint unit
+# pdoc's warnings (an annotation it cannot resolve, say) fail the build.
+docs: setup
+	$(BIN)/python -W error::UserWarning -m pdoc --docformat markdown -o build/api kvmpy
+
+test: lint unit docs
 
 bench: all
 	$(BIN)/python bench/exit_roundtrip.py
@@ -94,6 +99,7 @@ bench: all
 	$(BIN)/python bench/guest_exit_cycles.py
 	$(BIN)/python bench/rss_stress.py
 	$(BIN)/python bench/hw_vs_sw.py
+	$(BIN)/python bench/startup.py
 	$(BIN)/python bench/completion.py
 
 # The hypothesis tests (tests/test_*fuzz*.py) run a short budget in `make test`;

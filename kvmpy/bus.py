@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import threading
+from _thread import LockType
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -156,7 +157,7 @@ class Bus:
         length: int,
         device: Device,
         name: str | None = None,
-        lock: threading.Lock | None = None,
+        lock: LockType | None = None,  # threading.Lock is a function before 3.13
     ) -> None:
         """Give ``device`` the range; ``lock`` is its lock (a new one if not shared)."""
         label = name or type(device).__name__

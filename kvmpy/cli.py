@@ -23,10 +23,12 @@ import sys
 import termios
 import threading
 import time
+from _thread import LockType
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
+import kvmpy
 from kvmpy._process import (
     STATUS_TERMINATED,
     Terminated,
@@ -35,8 +37,6 @@ from kvmpy._process import (
 )
 from kvmpy.backends.base import BACKENDS, KVM_PATH, Backend, BackendError, open_backend
 from kvmpy.bus import BusError
-from kvmpy.debug.gdbstub import attach_gdb
-from kvmpy.debug.step import SingleStepper
 from kvmpy.debug.trace import (
     TRACE_KINDS,
     CompositeObserver,
@@ -53,8 +53,11 @@ from kvmpy.machine import DEFAULT_MEM_SIZE, Machine
 from kvmpy.memory import MAX_RAM_SIZE, GuestMemoryError, parse_size
 from kvmpy.outcome import STATUS_ERROR, STATUS_INTERRUPTED, Outcome, OutcomeKind
 from kvmpy.runloop import ExitObserver
-from kvmpy.snapshot import SnapshotError
-from kvmpy.x86.modes import IDENTITY_MAP_SIZE, MODES
+from kvmpy.serialio import SerialPorts
+from kvmpy.x86.modes import IDENTITY_MAP_SIZE, MODES, CpuSetup, default_load_addr
+
+if TYPE_CHECKING:
+    from kvmpy.control import RunControl
 
 # The longest --timeout: a year.  Longer waits overflow the timers below, and
 # a run without --timeout has no limit at all.
@@ -154,8 +157,11 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         nargs="?",
         const="",
         type=_trace_kinds,
-        metavar="KINDS",
-        help=f"log every exit with its instruction (KINDS: {','.join(TRACE_KINDS)}; default all)",
+        metavar="=KINDS",
+        help=(
+            "log every exit with its instruction; --trace=KINDS (with '=') for some: "
+            f"{','.join(TRACE_KINDS)}"
+        ),
     )
     debug.add_argument("--trace-file", metavar="FILE", help="write the trace to FILE, not stderr")
     debug.add_argument(
@@ -181,6 +187,35 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         "--gdb-wait",
         action="store_true",
         help="with --gdb: hold the guest before its first instruction until gdb continues it",
+    )
+    parser.add_argument(
+        "--serial",
+        action="append",
+        metavar="SPEC",
+        help=(
+            "COM1's host side, then COM2's (repeat): stdio (default), mon:stdio (raw terminal, "
+            "C-a h for help), file:PATH, pty, unix:PATH,server, tcp:HOST:PORT,server, null; "
+            "stdio,raw passes escape sequences to a terminal"
+        ),
+    )
+    control = parser.add_argument_group("controlling the guest")
+    control.add_argument(
+        "--qmp",
+        metavar="unix:PATH|tcp:HOST:PORT",
+        help="QMP control socket, as QEMU's -qmp (add ,server to wait for a client)",
+    )
+    control.add_argument(
+        "-S",
+        dest="start_paused",
+        action="store_true",
+        help="start paused, until gdb continues or QMP sends cont",
+    )
+    control.add_argument(
+        "-s",
+        dest="gdb",
+        action="store_const",
+        const="tcp::1234",
+        help="the same as --gdb tcp::1234",
     )
     screen = parser.add_argument_group("the screen")
     screen.add_argument(
@@ -216,14 +251,38 @@ def _open_accel(args: argparse.Namespace) -> Backend:
     return backend
 
 
+class _Parser(argparse.ArgumentParser):
+    """Takes --trace's kinds only as --trace=KINDS, so `--trace IMAGE` keeps its image;
+    ``run`` needs an image, positional or -kernel's."""
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        words = list(sys.argv[1:] if args is None else args)
+        if "--" in words:
+            end = words.index("--")
+            words[:end] = ["--trace=" if word == "--trace" else word for word in words[:end]]
+        else:
+            words = ["--trace=" if word == "--trace" else word for word in words]
+        parsed, rest = super().parse_known_args(words, namespace)
+        if getattr(parsed, "command", None) == "run" and parsed.image is parsed.kernel is None:
+            self.error("the following arguments are required: image (or -kernel IMAGE)")
+        return parsed, rest
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvmpy", description="A KVM micro-hypervisor in Python.")
+    parser = _Parser(prog="kvmpy", description="A KVM micro-hypervisor in Python.")
+    parser.add_argument("--version", action="version", version=f"kvmpy {kvmpy.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser("run", help="run a guest image", description="Run a guest image.")
-    run.add_argument("image", help="a multiboot kernel, an ELF executable or a flat binary")
     run.add_argument(
-        "--format", choices=FORMATS, help="the image format (default: detect multiboot, ELF, flat)"
+        "image", nargs="?", help="a multiboot or PVH kernel, an ELF executable or a flat binary"
+    )
+    run.add_argument(
+        "--format",
+        choices=FORMATS,
+        help="the image format (default: detect multiboot, PVH, ELF, flat)",
     )
     run.add_argument(
         "--mode",
@@ -232,13 +291,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--mem",
+        "-m",
         type=_ram_size,
         default=DEFAULT_MEM_SIZE,
         metavar="SIZE",
         help="guest RAM (default: 128M)",
     )
-    run.add_argument("--cpus", type=_count, default=1, metavar="N", help="vCPUs (default: 1)")
-    run.add_argument("--append", default="", metavar="ARGS", help="the kernel command line")
+    run.add_argument(
+        "--cpus", "-smp", type=_count, default=1, metavar="N", help="vCPUs (default: 1)"
+    )
+    run.add_argument(
+        "--append", "-append", default="", metavar="ARGS", help="the kernel command line"
+    )
+    qemu = run.add_argument_group("QEMU's spellings")
+    qemu.add_argument("-kernel", metavar="IMAGE", help="the image, as QEMU's -kernel")
+    qemu.add_argument(
+        "-initrd",
+        metavar="FILE[,FILE...]",
+        help="multiboot modules, as QEMU's -initrd for a multiboot kernel",
+    )
     run.add_argument(
         "--module",
         action="append",
@@ -345,10 +416,11 @@ class _StdinPump:
     def __init__(self) -> None:
         self.serial: Serial16550 | None = None
         # The serial device's lock: stdin is a host thread calling into it.
-        self.lock: threading.Lock | None = None
+        self.lock: LockType | None = None
+        self.enabled = True  # False when stdin is not COM1's (--serial)
 
     def start(self) -> None:
-        if sys.stdin is not None and not sys.stdin.closed:
+        if self.enabled and sys.stdin is not None and not sys.stdin.closed:
             threading.Thread(target=self._pump, name="kvmpy-stdin", daemon=True).start()
 
     def _pump(self) -> None:
@@ -375,12 +447,18 @@ class _StdinPump:
 
 
 def _report(outcome: Outcome, machine: Machine, verbose: bool) -> None:
+    report = outcome.report
     if terminated() and outcome.kind is OutcomeKind.INTERRUPTED:
         # SIGTERM: one line, unless asked for more.
-        where = outcome.report.summary() if outcome.report is not None else outcome.message
+        where = report.summary() if report is not None else outcome.message
         print(f"kvmpy: terminated (SIGTERM): {where}", file=sys.stderr)
         if not verbose:
             return
+    elif report is not None and outcome.kind is OutcomeKind.INTERRUPTED and not verbose:
+        # Ctrl-C or gdb's kill: one line; the registers only with -v.
+        where = f" at RIP={report.regs.rip:#x} ({report.mode} mode)" if report.regs else ""
+        print(f"kvmpy: vCPU {report.vcpu}: {outcome.message}{where}", file=sys.stderr)
+        return
     if outcome.report is not None:
         print(f"kvmpy: {outcome.report.format()}", file=sys.stderr)
     elif outcome.kind is not OutcomeKind.EXIT or verbose:
@@ -422,6 +500,8 @@ def _attach_observers(m: Machine, args: argparse.Namespace, trace: TextIO) -> Ex
         stats = ExitStats(m.ports, m.mmio)
         observers.append(stats)
     if args.step:
+        from kvmpy.debug.step import SingleStepper
+
         stepper = SingleStepper(
             m.memory, trace, m.stop, max_steps=args.max_steps, has_irqchip=m.has_irqchip
         )
@@ -433,8 +513,89 @@ def _attach_observers(m: Machine, args: argparse.Namespace, trace: TextIO) -> Ex
     return stats
 
 
+@contextlib.contextmanager
+def _serial(args: argparse.Namespace, output: _GuestOutput) -> Iterator[SerialPorts]:
+    """--serial: the host side of COM1 and COM2 (stdio by default), closed on every way out."""
+    ports = SerialPorts(args.serial, output)
+    try:
+        with _terminal_input() if ports.plain_stdin else contextlib.nullcontext():
+            yield ports
+    finally:
+        ports.close()  # mon:stdio restores the terminal here
+
+
+@contextlib.contextmanager
+def _control(
+    m: Machine, args: argparse.Namespace, ports: SerialPorts
+) -> Iterator[RunControl | None]:
+    """--qmp, -S and mon:stdio's monitor: a RunControl (None when nothing controls the
+    run) and its QMP server; the serial ports are wired to the machine here."""
+    if args.qmp is None and not ports.monitor:
+        if args.start_paused and args.gdb is None:
+            raise ValueError("-S needs --qmp or --gdb (-s): nothing could continue the guest")
+        _attach_serial(m, ports, None)
+        yield None
+        return
+    from kvmpy.control import RunControl
+    from kvmpy.qmp import attach_qmp
+
+    control = RunControl(m, start_paused=args.start_paused, reboot=getattr(args, "reboot", False))
+    servers = []
+
+    def listen() -> None:  # when the guest is loaded, before it first runs
+        server = attach_qmp(m, control, args.qmp)
+        servers.append(server)
+        if server.address.wait:
+            where = server.address.describe()
+            print(f"kvmpy: waiting for a QMP client on {where}", file=sys.stderr)
+            server.wait_for_client()
+
+    if args.qmp is not None:
+        control.before_first_run.append(listen)
+    _attach_serial(m, ports, control)
+    try:
+        yield control
+    finally:
+        for server in servers:
+            server.close()
+
+
+def _attach_serial(m: Machine, ports: SerialPorts, control: RunControl | None) -> None:
+    """COM2's output and both ports' input; mon:stdio's quit key and monitor commands."""
+    serials = []
+    for name in ("serial", "serial2"):
+        device = m.device(name, Serial16550)
+        serials.append((device, m.device_lock(name), device.set_output))
+    quit_outcome = Outcome(OutcomeKind.STOPPED, "quit from the console (C-a x)")
+
+    def quit_run() -> None:
+        if control is None:
+            m.stop(quit_outcome)
+            return
+        from kvmpy.control import ControlError
+
+        with contextlib.suppress(ControlError):  # the run is ending anyway
+            control.end(quit_outcome)
+
+    monitor = None
+    if control is not None and ports.monitor:
+        from kvmpy.qmp import MachineCommands, monitor_command
+
+        commands = MachineCommands(m, control)
+
+        def monitor(line: str) -> str:
+            return monitor_command(commands, line)
+
+    ports.attach(serials, quit_run, monitor)
+
+
 def _run(
-    m: Machine, args: argparse.Namespace, stdin: _StdinPump, trace: TextIO, deadline: float | None
+    m: Machine,
+    args: argparse.Namespace,
+    stdin: _StdinPump,
+    trace: TextIO,
+    deadline: float | None,
+    control: RunControl | None = None,
 ) -> Outcome:
     """Run a loaded machine with the shared options: what to watch, when to stop, what to save."""
     m.observer = None  # a reboot runs again with fresh observers, not the last run's
@@ -443,7 +604,10 @@ def _run(
     if args.gdb is not None:
         if args.step:
             raise ValueError("--step and --gdb both single-step the guest: choose one")
-        stub = attach_gdb(m, args.gdb, wait=args.gdb_wait)
+        from kvmpy.debug.gdbstub import attach_gdb  # sockets, the protocol: only for --gdb
+
+        wait = args.gdb_wait or (args.start_paused and control is None)
+        stub = attach_gdb(m, args.gdb, wait=wait)
     elif args.gdb_wait:
         raise ValueError("--gdb-wait needs --gdb")
     if stdin.serial is None:
@@ -451,12 +615,16 @@ def _run(
     stdin.lock = m.device_lock("serial")
     stdin.serial = m.serial
     timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
-    session = open_display(m, args.display, args.screenshot)
-    session.start()
+    # No display asked for: no session, and the screen modules stay unloaded.
+    wants_display = args.display not in (None, "none") or args.screenshot is not None
+    session = open_display(m, args.display, args.screenshot) if wants_display else None
+    if session is not None:
+        session.start()
     try:
-        outcome = m.run(timeout=timeout)
+        outcome = m.run(timeout=timeout) if control is None else control.run(timeout)
     finally:
-        session.finish()  # before any report, so it does not land on the live screen
+        if session is not None:
+            session.finish()  # before any report, so it does not land on the live screen
         if stub is not None:
             stub.close()
     if stats is not None:
@@ -466,6 +634,8 @@ def _run(
             listed = ", ".join(f"{name} {count}" for name, count in counts.most_common())
             print(f"completed instructions: {listed}", file=sys.stderr)
     if args.snapshot_at_exit:
+        from kvmpy.snapshot import SnapshotError  # loaded only when a snapshot is taken
+
         try:
             m.snapshot(args.snapshot_at_exit)
         except SnapshotError:
@@ -478,6 +648,98 @@ def _run(
 
 def _deadline(args: argparse.Namespace) -> float | None:
     return None if args.timeout is None else time.monotonic() + args.timeout
+
+
+def _qemu_spellings(args: argparse.Namespace) -> None:
+    """-kernel IMAGE for the positional image; -initrd's comma list as --module entries."""
+    if args.kernel is not None:
+        if args.image is not None:
+            raise ValueError(f"two images: {args.image} and -kernel {args.kernel}")
+        args.image = args.kernel
+    if args.image is None:
+        raise ValueError("no image to run: kvmpy run IMAGE (or -kernel IMAGE)")
+    if args.initrd is not None:
+        # QEMU: "file1 args,file2" (a space before a module's arguments).
+        for item in args.initrd.split(","):
+            path, _, module_args = item.strip().partition(" ")
+            args.module.append(f"{path},{module_args}" if module_args else path)
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Refuse an unwritable --screenshot or --snapshot-at-exit before the guest runs.
+
+    Permissions alone do not say (root ignores them), so this tries: it
+    creates the screenshot file (removed again) and the snapshot directory.
+    """
+    if args.screenshot is not None:
+        path = Path(args.screenshot)
+        existed = path.exists()
+        try:
+            with open(path, "ab"):
+                pass
+        except OSError as exc:
+            raise ValueError(f"cannot write the screenshot to {path}: {exc.strerror}") from None
+        if not existed:
+            path.unlink()
+    if args.snapshot_at_exit is not None:
+        import tempfile  # here: it loads shutil, bz2, lzma and random (start-up time)
+
+        directory = Path(args.snapshot_at_exit)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=directory):
+                pass
+        except OSError as exc:
+            raise ValueError(f"cannot write the snapshot to {directory}: {exc.strerror}") from None
+
+
+def _describe_boot(args: argparse.Namespace, m: Machine, setup: CpuSetup) -> None:
+    """-v: one line on what was detected and where it starts."""
+    from kvmpy.debug.guestview import code_address
+    from kvmpy.loaders.detect import detect_format, load_image
+
+    image_format = args.format or detect_format(args.image)
+    load_addr = args.load_addr
+    if load_addr is None:
+        load_addr = default_load_addr(args.mode or "real")
+    plan = load_image(
+        args.image,
+        ram=[(region.gpa, region.size) for region in m.memory],
+        image_format=image_format,
+        load_addr=load_addr,
+        entry=args.entry,
+        cmdline=m.cmdline,
+        modules=[parse_module(text) for text in args.module],
+        rsdp=m.acpi_rsdp,
+    )
+    # The image itself, not the boot data a loader adds (the multiboot information).
+    image = [
+        segment.gpa
+        for segment in plan.segments
+        if not any(start <= segment.gpa < end for start, end in plan.reserved)
+    ]
+    low = min(image, default=plan.entry)
+    entry = code_address(setup.sregs, setup.regs.rip)
+    print(
+        f"kvmpy: {args.image}: {image_format} image, {setup.mode} mode, "
+        f"loaded at {low:#x}, entry {entry:#x}",
+        file=sys.stderr,
+    )
+
+
+def _hint(args: argparse.Namespace, m: Machine, outcome: Outcome) -> None:
+    """A flat image that crashed before it printed anything may be 32- or 64-bit code."""
+    from kvmpy.loaders.detect import detect_format
+
+    crashed = outcome.kind in (OutcomeKind.CRASH, OutcomeKind.TRIPLE_FAULT)
+    if not crashed or args.mode is not None or m.console:
+        return
+    if (args.format or detect_format(args.image)) == "flat":
+        print(
+            "kvmpy: hint: a flat image starts in 16-bit real mode at 0x7c00; "
+            "for 32- or 64-bit code give --mode protected or --mode long",
+            file=sys.stderr,
+        )
 
 
 def _check_addresses(args: argparse.Namespace) -> None:
@@ -502,7 +764,9 @@ def _result(outcome: Outcome, m: Machine, args: argparse.Namespace, output: _Gue
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    _qemu_spellings(args)
     _check_addresses(args)
+    _check_outputs(args)
     modules = [parse_module(text) for text in args.module]
     deadline = _deadline(args)
     stdin = _StdinPump()
@@ -510,21 +774,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     with (
         contextlib.closing(_open_accel(args)) as backend,
         _trace_output(args.trace_file) as trace,
-        _terminal_input(),
+        _serial(args, output) as ports,
         Machine(
             mem_size=args.mem,
             cpus=args.cpus,
             irqchip=args.irqchip,
             strict=args.strict,
-            serial_output=output,
+            serial_output=ports.com1_output,
             cmdline=args.append,
             backend=backend,
             console_limit=CLI_CONSOLE_LIMIT,
         ) as m,
+        _control(m, args, ports) as control,
     ):
         output.machine = m
+        stdin.enabled = ports.plain_stdin
+        described = False
         while True:
-            m.boot(
+            setup = m.boot(
                 args.image,
                 image_format=args.format,
                 mode=args.mode,
@@ -532,33 +799,43 @@ def cmd_run(args: argparse.Namespace) -> int:
                 entry=args.entry,
                 modules=modules,
             )
-            outcome = _run(m, args, stdin, trace, deadline)
+            if args.verbose and not described:
+                _describe_boot(args, m, setup)
+                described = True
+            outcome = _run(m, args, stdin, trace, deadline, control)
             rebooting = args.reboot and outcome.kind in (
                 OutcomeKind.RESET,
                 OutcomeKind.TRIPLE_FAULT,
             )
+            rebooting = rebooting or (control is not None and control.take_reset_request())
             if not rebooting or output.error is not None:
-                return _result(outcome, m, args, output)
+                status = _result(outcome, m, args, output)
+                _hint(args, m, outcome)  # after the report, as its last line
+                return status
             print("kvmpy: guest reset: restarting", file=sys.stderr)
             m.reset()  # in place: devices, vCPUs, irqchip and RAM to power-on state
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
+    _check_outputs(args)
     deadline = _deadline(args)
     output = _GuestOutput()
     with (
         contextlib.closing(_open_accel(args)) as backend,
         _trace_output(args.trace_file) as trace,
-        _terminal_input(),
+        _serial(args, output) as ports,
         Machine.restore(
             args.directory,
-            serial_output=output,
+            serial_output=ports.com1_output,
             backend=backend,
             console_limit=CLI_CONSOLE_LIMIT,
         ) as m,
+        _control(m, args, ports) as control,
     ):
         output.machine = m
-        outcome = _run(m, args, _StdinPump(), trace, deadline)
+        stdin = _StdinPump()
+        stdin.enabled = ports.plain_stdin
+        outcome = _run(m, args, stdin, trace, deadline, control)
         return _result(outcome, m, args, output)
 
 
@@ -629,12 +906,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             status = cmd_info(args)
         return status
+    # A SnapshotError is a ValueError (kvmpy.snapshot loads only when a snapshot is used).
     except (
         BackendError,
         LoaderError,
         GuestMemoryError,
         BusError,
-        SnapshotError,
         ValueError,
         _OutputError,
     ) as exc:

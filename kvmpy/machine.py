@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from kvmpy._process import Terminated
 from kvmpy.backends.base import Backend, BackendError, Capability, Vcpu, Vm, open_backend, require
@@ -36,11 +36,13 @@ from kvmpy.loaders.detect import load_image
 from kvmpy.memory import PAGE_SIZE, GuestMemory
 from kvmpy.outcome import REPORTED_KINDS, Outcome, OutcomeKind, debug_exit_status
 from kvmpy.runloop import ExitObserver, LoopContext, run_vcpu
-from kvmpy.snapshot import Snapshot, apply_snapshot, take_snapshot
 from kvmpy.x86.arch import X86Arch
 from kvmpy.x86.modes import CpuSetup, default_load_addr, setup_mode
 from kvmpy.x86.pc import PC
 from kvmpy.x86.registers import CR0_PG
+
+if TYPE_CHECKING:
+    from kvmpy.snapshot import Snapshot
 
 DEFAULT_MEM_SIZE = PC.default_ram
 MIN_MEM_SIZE = PC.min_ram
@@ -296,6 +298,8 @@ class Machine:
 
     def snapshot(self, directory: str | Path) -> None:
         """Save the complete state of this stopped machine to ``directory``."""
+        from kvmpy.snapshot import take_snapshot  # json, hashlib: not for every run
+
         take_snapshot(self).save(directory)
 
     @classmethod
@@ -307,6 +311,8 @@ class Machine:
         (``serial_output``, ``strict``...); RAM, vCPUs and irqchip come from
         the snapshot.
         """
+        from kvmpy.snapshot import Snapshot, apply_snapshot
+
         state = source if isinstance(source, Snapshot) else Snapshot.load(source)
         config = state.config
         with state.open_memory() as memory_file:

@@ -8,7 +8,6 @@ come from the guest, which is untrusted: an out-of-range access raises
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import mmap
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,10 +23,8 @@ MAX_RAM_SIZE = 1 << 40
 # zero() compares file-backed RAM with this many zero bytes at a time.
 _ZERO_CHUNK = bytes(1 << 20)
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
 
-_SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+_SIZE_UNITS = {"B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
 
 def pc_ram_layout(size: int) -> list[tuple[int, int]]:
@@ -43,25 +40,36 @@ class GuestMemoryError(ValueError):
     """A guest-physical access outside RAM."""
 
 
-def parse_size(text: str) -> int:
-    """Parse "128M", "1G", "64K" or a plain byte count (decimal or 0x hex)."""
+def parse_size(text: str | int) -> int:
+    """A size in bytes from "128M", "1G", "64K", "100B" or a bare number of MiB.
+
+    As QEMU's ``-m``: a number without a unit ("128", "0x80", or a TOML
+    integer) means MiB; bytes need the explicit unit "B".  K, M and G may
+    be followed by "B" or "iB" (all binary).
+    """
+    if isinstance(text, int) and not isinstance(text, bool):
+        text = str(text)
+    if not isinstance(text, str):
+        raise ValueError(f"not a size: {text!r} (try 128M or 1G)")
     value = text.strip().upper()
     try:
-        # A plain byte count first, so that "0x1B" is 27 and not 0x1 with a "B" suffix.
-        amount, suffix = int(value, 0), ""
+        # A bare number first, so that "0x1B" is 0x1B MiB and not 0x1 with a "B" suffix.
+        amount, unit = int(value, 0), "M"
     except ValueError:
-        value = value.removesuffix("B")
-        if value[-2:] in ("KI", "MI", "GI"):
-            value = value[:-1]
-        suffix = value[-1:] if value[-1:] in _SIZE_SUFFIXES else ""
-        number = value[: len(value) - len(suffix)]
+        if value[-3:-2] in ("K", "M", "G") and value.endswith("IB"):
+            value = value[:-2]  # "64MiB" -> "64M"
+        elif value[-2:-1] in ("K", "M", "G") and value.endswith("B"):
+            value = value[:-1]  # "64MB" -> "64M"
+        unit = value[-1:]
         try:
-            amount = int(number, 0)
+            if unit not in _SIZE_UNITS:
+                raise ValueError(unit)
+            amount = int(value[:-1], 0)
         except ValueError:
             raise ValueError(f"not a size: {text!r} (try 128M or 1G)") from None
     if amount <= 0:
         raise ValueError(f"size must be positive: {text!r}")
-    return amount * _SIZE_SUFFIXES[suffix]
+    return amount * _SIZE_UNITS[unit]
 
 
 @dataclass
@@ -173,6 +181,10 @@ class GuestMemory:
         Read-only rather than QEMU's no-access, so host threads reading guest
         memory meanwhile cannot fault.  False if ``gpa`` is not RAM.
         """
+        import ctypes  # here: only pc-testdev's flush port needs it (start-up time)
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
         for region in self.regions:
             if region.gpa <= gpa < region.end:
                 offset = (gpa - region.gpa) & ~(PAGE_SIZE - 1)
@@ -182,8 +194,8 @@ class GuestMemory:
                 finally:
                     del anchor  # release the buffer export: the mapping may be closed later
                 page = ctypes.c_void_p(address)
-                _libc.mprotect(page, PAGE_SIZE, mmap.PROT_READ)
-                _libc.mprotect(page, PAGE_SIZE, mmap.PROT_READ | mmap.PROT_WRITE)
+                libc.mprotect(page, PAGE_SIZE, mmap.PROT_READ)
+                libc.mprotect(page, PAGE_SIZE, mmap.PROT_READ | mmap.PROT_WRITE)
                 return True
         return False
 

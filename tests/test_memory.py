@@ -52,8 +52,11 @@ def two_regions() -> Iterator[GuestMemory]:
         ("128M", 128 * MiB),
         ("1G", GiB),
         ("64K", 64 * KiB),
-        ("4096", 4096),
-        ("0x1000", 0x1000),
+        # A bare number is MiB, as QEMU's -m; bytes need "B".
+        ("4096", 4096 * MiB),
+        ("0x10", 16 * MiB),
+        ("4096B", 4096),
+        ("512b", 512),
         ("16m", 16 * MiB),
         ("  2g\n", 2 * GiB),
         ("128MB", 128 * MiB),
@@ -64,9 +67,9 @@ def two_regions() -> Iterator[GuestMemory]:
         ("0x10M", 16 * MiB),
         ("0x10MiB", 16 * MiB),
         # Hex digits that look like a "B" (bytes) suffix are digits, not a suffix.
-        ("0xB", 0xB),
-        ("0x1b", 0x1B),
-        ("0x7B00", 0x7B00),
+        ("0xB", 0xB * MiB),
+        ("0x1b", 0x1B * MiB),
+        ("0x7B00", 0x7B00 * MiB),
         ("0x1BM", 0x1B * MiB),
     ],
 )
@@ -527,6 +530,16 @@ def test_mapping_flags_are_private_anonymous() -> None:
         mapping = memory.regions[0].mapping
         assert isinstance(mapping, mmap.mmap)
         assert len(mapping) == PAGE_SIZE
+
+
+def test_sizes_in_guests_toml_and_the_fixture_are_mib_without_a_unit(tmp_path: Path) -> None:
+    from kvmpy.pytest_plugin import parse_guest
+
+    spec = parse_guest({"name": "g", "image": "g.bin", "mem": 32}, tmp_path, "guests.toml")
+    assert parse_size(spec.mem) == 32 * MiB
+    assert parse_size(64) == 64 * MiB
+    with pytest.raises(ValueError, match="not a size"):
+        parse_size(True)
 
 
 # -- zero: clearing ranges without committing host RAM ----------------------------------

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import capstone
-
 from kvmpy.memory import PAGE_SIZE, GuestMemory, GuestMemoryError
 from kvmpy.x86.registers import CR0_PG, Sregs, cpu_mode
 
@@ -69,6 +67,8 @@ def write_linear(vcpu: Vcpu, memory: GuestMemory, sregs: Sregs, linear: int, dat
 
 
 def capstone_mode(sregs: Sregs) -> int:
+    import capstone  # here, not at the top: a plain run never disassembles
+
     mode = cpu_mode(sregs)
     if mode == "long":
         return int(capstone.CS_MODE_64)
@@ -79,6 +79,8 @@ def capstone_mode(sregs: Sregs) -> int:
 
 def disassemble(code: bytes, address: int, mode: int, count: int = 0) -> list[tuple[int, int, str]]:
     """(address, length, "mnemonic operands") for each instruction capstone decodes."""
+    import capstone
+
     decoder = capstone.Cs(capstone.CS_ARCH_X86, mode)
     return [
         (insn.address, insn.size, f"{insn.mnemonic} {insn.op_str}".strip())

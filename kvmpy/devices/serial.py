@@ -263,6 +263,11 @@ class Serial16550:
 
     # Host side ------------------------------------------------------------
 
+    def set_output(self, output: Callable[[bytes], None] | None) -> None:
+        """Send transmitted bytes to ``output`` from now on (a front end wiring COM2;
+        before the run, or holding the device lock, as every host entry point)."""
+        self._output = output
+
     def feed(self, data: bytes) -> int:
         """Queue ``data`` for the guest; return how many bytes were accepted."""
         # The receiver's free slots count too: the queue only holds the

@@ -21,23 +21,29 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-from kvmpy.display.png import write_png
-from kvmpy.display.screen import HEIGHT, WIDTH, TextScreen
-from kvmpy.display.terminal import DEFAULT_INTERVAL, TerminalDisplay
-
 if TYPE_CHECKING:
+    from kvmpy.display.screen import TextScreen
+    from kvmpy.display.terminal import TerminalDisplay
     from kvmpy.machine import Machine
+
+# The screen, font and terminal modules load when a display is used, not with
+# every `kvmpy run` (start-up time).
 
 DISPLAY_MODES = ("none", "term")
 
 
 def screenshot(machine: Machine) -> TextScreen:
     """The guest's text screen as it is now."""
+    from kvmpy.display.screen import TextScreen
+
     return TextScreen.capture(machine.memory, machine.vga)
 
 
 def save_screenshot(machine: Machine, path: str | Path) -> TextScreen:
     """Write the guest's screen to ``path`` as a 720x400 PNG; return the screen."""
+    from kvmpy.display.png import write_png
+    from kvmpy.display.screen import HEIGHT, WIDTH
+
     screen = screenshot(machine)
     write_png(path, WIDTH, HEIGHT, screen.to_rgb())
     return screen
@@ -67,7 +73,7 @@ class DisplaySession:
         *,
         stream: TextIO | None = None,
         live: bool | None = None,
-        interval: float = DEFAULT_INTERVAL,
+        interval: float | None = None,
     ) -> None:
         if mode not in (None, *DISPLAY_MODES):
             raise ValueError(f"unknown display {mode!r} (choose from {', '.join(DISPLAY_MODES)})")
@@ -84,16 +90,20 @@ class DisplaySession:
         self._finished = False
         self.terminal: TerminalDisplay | None = None
         if mode == "term":
+            from kvmpy.display.terminal import DEFAULT_INTERVAL, TerminalDisplay
+
             self.terminal = TerminalDisplay(
                 self.capture,
                 self.changed,
                 stream or sys.stdout,
                 status=self.status_line,
                 live=live,
-                interval=interval,
+                interval=DEFAULT_INTERVAL if interval is None else interval,
             )
 
     def capture(self) -> TextScreen:
+        from kvmpy.display.screen import TextScreen
+
         with self.machine.device_lock("vga"):
             return TextScreen.capture(self.machine.memory, self.machine.vga)
 
@@ -135,6 +145,9 @@ class DisplaySession:
                 self.machine.remove_console_listener(self._track_serial)
                 self.machine.release_output()
         if self.screenshot is not None:
+            from kvmpy.display.png import write_png
+            from kvmpy.display.screen import HEIGHT, WIDTH
+
             try:
                 write_png(self.screenshot, WIDTH, HEIGHT, self.final.to_rgb())
             except OSError as exc:

@@ -36,6 +36,7 @@ SCI_IRQ = 9  # ACPI's system control interrupt
 MOUSE_IRQ = 12
 
 COM1_PORT = 0x3F8
+COM2_PORT = 0x2F8
 
 
 def checksum8(data: bytes) -> int:

@@ -81,6 +81,8 @@ from kvmpy.x86.layout import (
     BDA_SIZE,
     COM1_IRQ,
     COM1_PORT,
+    COM2_IRQ,
+    COM2_PORT,
     HYPERVISOR_SCRATCH_ADDR,
     KEYBOARD_IRQ,
     MOUSE_IRQ,
@@ -126,6 +128,12 @@ DEVICES = (
         "serial",
         lambda w: Serial16550(output=w.serial_output, irq=w.irq(COM1_IRQ)),
         ports=(IoRange(COM1_PORT, 8, "COM1"),),
+    ),
+    # COM2: its output goes where the front end points it (Serial16550.set_output).
+    DeviceEntry(
+        "serial2",
+        lambda w: Serial16550(irq=w.irq(COM2_IRQ)),
+        ports=(IoRange(COM2_PORT, 8, "COM2"),),
     ),
     DeviceEntry(
         "debug_exit",
