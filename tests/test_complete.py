@@ -444,3 +444,23 @@ def test_xrstor_compacted_packs_extended_components_from_576(memory: GuestMemory
     assert vcpu.xsave[832:896] == b"\x55" * 64
     assert vcpu.xsave[576:832] == bytes(256)
     assert vcpu.xsave[512] == 0b100011
+
+
+def test_ldmxcsr_marks_sse_in_use_and_refuses_reserved_bits(memory: GuestMemory) -> None:
+    sregs = long_mode()
+    sregs.cr4 |= 1 << 9  # OSFXSR
+    memory.write(0x3000, (0x1FA0).to_bytes(4, "little") + (1 << 20).to_bytes(4, "little"))
+    vcpu = vcpu_at(b"\x0f\xae\x17", sregs, rdi=0x3000)  # ldmxcsr [rdi]
+    assert completer(memory).complete(vcpu)
+    assert vcpu.xsave[24:28] == (0x1FA0).to_bytes(4, "little") and vcpu.xsave[512] & 2
+    vcpu = vcpu_at(b"\x0f\xae\x1f", sregs, rdi=0x3010, rax=0)  # stmxcsr [rdi]
+    vcpu.xsave = bytes(vcpu.xsave[:24]) + (0x1F80).to_bytes(4, "little") + vcpu.xsave[28:]
+    assert completer(memory).complete(vcpu)
+    assert memory.read(0x3010, 4) == (0x1F80).to_bytes(4, "little")
+    vcpu = vcpu_at(b"\x0f\xae\x17", sregs, rdi=0x3004)  # bit 20: reserved
+    vcpu.xsave = bytes(vcpu.xsave[:28]) + (0xFFFF).to_bytes(4, "little") + vcpu.xsave[32:]
+    assert completer(memory).complete(vcpu)
+    assert vcpu.injected == [("exception", 13, 0)]
+    vcpu = vcpu_at(b"\x0f\xae\x17", long_mode(), rdi=0x3000)  # CR4.OSFXSR clear: #UD
+    assert completer(memory).complete(vcpu)
+    assert vcpu.injected == [("exception", 6, None)]

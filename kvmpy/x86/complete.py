@@ -33,6 +33,7 @@ from kvmpy.x86.registers import (
     CR0_PG,
     CR0_TS,
     CR0_WP,
+    CR4_OSFXSR,
     Fpu,
     Regs,
     Segment,
@@ -879,6 +880,36 @@ def _mark_accessed(state: _State, access: int, at: int) -> None:
         state.store(pieces, access | 1)
 
 
+def _sse_available(state: _State) -> None:
+    if state.sregs.cr0 & CR0_EM or not state.sregs.cr4 & CR4_OSFXSR:
+        raise GuestFault(UD)
+    if state.sregs.cr0 & CR0_TS:
+        raise GuestFault(NM)
+
+
+def _ldmxcsr(state: _State, insn: _Insn) -> str:
+    """ldmxcsr m32: into the XSAVE area, with SSE marked in use so KVM keeps MXCSR."""
+    _sse_available(state)
+    value = state.read(state.address(insn.operands[0]), 4)
+    area = bytearray(state.vcpu.get_xsave())
+    mask = int.from_bytes(area[28:32], "little") or 0xFFBF
+    if value & ~mask:
+        raise GuestFault(GP, 0)
+    area[24:28] = value.to_bytes(4, "little")
+    area[_XSAVE_HEADER] |= 2
+    state.vcpu.set_xsave(bytes(area))
+    state.advance()
+    return f"MXCSR={value:#x}"
+
+
+def _stmxcsr(state: _State, insn: _Insn) -> str:
+    _sse_available(state)
+    value = int.from_bytes(state.vcpu.get_xsave()[24:28], "little")
+    state.store(state.check_write(state.address(insn.operands[0]), 4), value)
+    state.advance()
+    return f"MXCSR={value:#x}"
+
+
 # -- xsave, xsavec and xrstor (SDM Vol. 1, 13.7-13.9) ----------------------------------------
 
 _XSAVE_HEADER = 512
@@ -1048,6 +1079,8 @@ _HANDLERS: dict[str, Callable[[_State, _Insn], str | None]] = {
     "xsavec": _xsave,
     "xsavec64": _xsave,
     "xrstor": _xrstor,
+    "ldmxcsr": _ldmxcsr,
+    "stmxcsr": _stmxcsr,
     "xrstor64": _xrstor,
     "fnstsw": _fnstsw,
     "fnstcw": _fnstcw,
