@@ -2,6 +2,7 @@
 #   make demo   venv + shim + guests, then run the default guest
 #   make test   the same set-up, then ruff, mypy and pytest
 #   make bench  the benchmarks in bench/
+#   make test-linux  real kernels (tiny Linux, Debian's cloud kernel, memtest86+): slow
 #   make fuzz   the property-based (hypothesis) tests with a long budget
 #   make docs   the API reference from the docstrings, in build/api/ (make test builds it too)
 
@@ -22,7 +23,7 @@ PVH_GUESTS := pvh_hello
 GUESTS := $(REAL_GUESTS:%=$(OUT)/%.bin) $(PROTECTED_GUESTS:%=$(OUT)/%.bin) \
 	$(LONG_GUESTS:%=$(OUT)/%.bin) $(MULTIBOOT_GUESTS:%=$(OUT)/%.elf) $(PVH_GUESTS:%=$(OUT)/%.elf)
 
-.PHONY: all setup guests demo test lint unit docs bench fuzz clean
+.PHONY: all setup guests demo test lint unit docs bench fuzz clean linux-guests test-linux bench-linux
 .DELETE_ON_ERROR:
 
 all: setup guests
@@ -89,6 +90,14 @@ docs: setup
 
 test: lint unit docs
 
+# Debian's packages fetched (never installed) and a tiny kernel built, cached in
+# guests/linux/cache/; then the kernels booted, with the time to each marker.
+linux-guests:
+	guests/linux/build.sh
+
+test-linux: all linux-guests
+	$(BIN)/pytest tests/linux -v -s --durations=0
+
 bench: all
 	$(BIN)/python bench/exit_roundtrip.py
 	$(BIN)/python bench/stats_overhead.py
@@ -102,6 +111,8 @@ bench: all
 	$(BIN)/python bench/startup.py
 	$(BIN)/python bench/completion.py
 
+bench-linux: all linux-guests
+	$(BIN)/python bench/linux_boot.py
 # The hypothesis tests (tests/test_*fuzz*.py) run a short budget in `make test`;
 # this runs them long: FUZZ_EXAMPLES examples per test.
 FUZZ_EXAMPLES ?= 20000

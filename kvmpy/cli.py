@@ -277,12 +277,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run a guest image", description="Run a guest image.")
     run.add_argument(
-        "image", nargs="?", help="a multiboot or PVH kernel, an ELF executable or a flat binary"
+        "image",
+        nargs="?",
+        help="a Linux bzImage, a multiboot or PVH kernel, an ELF executable, or a flat binary",
     )
     run.add_argument(
         "--format",
         choices=FORMATS,
-        help="the image format (default: detect multiboot, PVH, ELF, flat)",
+        help="the image format (default: detect bzImage, multiboot, PVH, ELF; a headerless "
+        "file is flat only when its name ends in .bin)",
     )
     run.add_argument(
         "--mode",
@@ -305,17 +308,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     qemu = run.add_argument_group("QEMU's spellings")
     qemu.add_argument("-kernel", metavar="IMAGE", help="the image, as QEMU's -kernel")
-    qemu.add_argument(
-        "-initrd",
-        metavar="FILE[,FILE...]",
-        help="multiboot modules, as QEMU's -initrd for a multiboot kernel",
-    )
     run.add_argument(
         "--module",
         action="append",
         default=[],
         metavar="FILE[,ARGS]",
         help="a multiboot boot module (repeatable)",
+    )
+    run.add_argument(
+        "--initrd",
+        "-initrd",
+        metavar="FILE",
+        help="an initial RAM disk for a Linux kernel (bzImage or PVH); for a multiboot "
+        'kernel, modules as QEMU\'s -initrd "FILE ARGS,FILE" gives them',
     )
     run.add_argument(
         "--load-addr",
@@ -651,18 +656,14 @@ def _deadline(args: argparse.Namespace) -> float | None:
 
 
 def _qemu_spellings(args: argparse.Namespace) -> None:
-    """-kernel IMAGE for the positional image; -initrd's comma list as --module entries."""
+    """-kernel IMAGE for the positional image (-initrd goes to the loader, which knows
+    whether the kernel takes one initrd or, multiboot, a list of modules)."""
     if args.kernel is not None:
         if args.image is not None:
             raise ValueError(f"two images: {args.image} and -kernel {args.kernel}")
         args.image = args.kernel
     if args.image is None:
         raise ValueError("no image to run: kvmpy run IMAGE (or -kernel IMAGE)")
-    if args.initrd is not None:
-        # QEMU: "file1 args,file2" (a space before a module's arguments).
-        for item in args.initrd.split(","):
-            path, _, module_args = item.strip().partition(" ")
-            args.module.append(f"{path},{module_args}" if module_args else path)
 
 
 def _check_outputs(args: argparse.Namespace) -> None:
@@ -798,6 +799,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 load_addr=args.load_addr,
                 entry=args.entry,
                 modules=modules,
+                initrd=args.initrd,
             )
             if args.verbose and not described:
                 _describe_boot(args, m, setup)

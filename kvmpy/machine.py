@@ -343,12 +343,14 @@ class Machine:
         load_addr: int | None = None,
         entry: int | None = None,
         modules: Sequence[tuple[str, str]] = (),
+        initrd: str | Path | None = None,
     ) -> CpuSetup:
         """Load a kernel or program as ``kvmpy run`` does, and point vCPU 0 at it.
 
-        The format is detected unless given (multiboot, PVH, ELF, flat); a flat
-        image runs in real mode at 0x7c00 unless ``mode`` and ``load_addr`` say
-        otherwise.  The kernel command line is the machine's ``cmdline``.
+        The format is detected unless given (bzImage, multiboot, PVH, ELF, flat);
+        a flat image runs in real mode at 0x7c00 unless ``mode`` and ``load_addr``
+        say otherwise.  The kernel command line is the machine's ``cmdline``;
+        ``initrd`` is an initial RAM disk for a bzImage, PVH or multiboot kernel.
         """
         plan = load_image(
             image,
@@ -358,6 +360,7 @@ class Machine:
             entry=entry,
             cmdline=self.cmdline,
             modules=list(modules),
+            initrd=initrd,
             rsdp=self.acpi_rsdp,
         )
         return self.load(plan, mode=mode)

@@ -99,6 +99,7 @@ class MachineFactory(Protocol):
         cpus: int = ...,
         append: str = ...,
         modules: Sequence[str | tuple[str, str]] = ...,
+        initrd: str | os.PathLike[str] | None = ...,
         mode: str | None = ...,
         image_format: str | None = ...,
         load_addr: int | None = ...,

@@ -434,6 +434,7 @@ def load_machine(
     cpus: int = 1,
     append: str = "",
     modules: Sequence[str | tuple[str, str]] = (),
+    initrd: str | os.PathLike[str] | None = None,
     mode: str | None = None,
     image_format: str | None = None,
     load_addr: int | None = None,
@@ -443,11 +444,12 @@ def load_machine(
 ) -> TestMachine:
     """A new Machine with ``image`` loaded, as ``kvmpy run`` loads it, ready to start.
 
-    The image is a multiboot kernel, an ELF executable or a flat binary
-    (detected in that order unless ``image_format`` says); a flat binary
+    The image is a Linux bzImage, a multiboot or PVH kernel, an ELF executable
+    or a flat binary (detected in that order unless ``image_format`` says); a flat binary
     runs in real mode at 0x7c00 unless ``mode`` (and ``load_addr``) say
     otherwise.  ``modules`` are multiboot modules, as "path[,args]" or
-    (path, args).  ``timeout``: seconds the guest may run (None: no limit).
+    (path, args); ``initrd``, an initial RAM disk (QEMU's -initrd).
+    ``timeout``: seconds the guest may run (None: no limit).
     Other keyword arguments go to :class:`~kvmpy.machine.Machine`
     (``irqchip``, ``strict``, ``kvm_path``, ...).
     """
@@ -465,6 +467,7 @@ def load_machine(
             load_addr=load_addr,
             entry=entry,
             modules=boot_modules,
+            initrd=None if initrd is None else Path(initrd),
         )
     except BaseException:
         machine.close()

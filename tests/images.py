@@ -86,9 +86,26 @@ def flat() -> bytes:
     return b"\xfa\xf4" * 8
 
 
+def bzimage(code: bytes = CODE) -> bytes:
+    """A Linux boot protocol 2.15 image: one setup sector with the header, then ``code``
+    at the 64-bit entry (+0x200); relocatable, 2 MiB-aligned, init_size 64 KiB."""
+    setup = bytearray(2 * 512)
+    setup[0x1F1] = 1  # setup_sects
+    struct.pack_into("<H", setup, 0x1FE, 0xAA55)
+    setup[0x200:0x206] = b"\xeb\x66HdrS"
+    struct.pack_into("<H", setup, 0x206, 0x20F)
+    setup[0x211] = 0x01  # LOADED_HIGH
+    struct.pack_into("<III", setup, 0x22C, 0x7FFFFFFF, 0x200000, 0)  # initrd max, alignment
+    setup[0x234] = 1  # relocatable
+    struct.pack_into("<HI", setup, 0x236, 0x03, 255)  # xloadflags, cmdline_size
+    struct.pack_into("<QI", setup, 0x258, 0x1000000, 0x10000)  # pref_address, init_size
+    return bytes(setup) + b"\x90" * 0x200 + code
+
+
 # name -> (bytes, format detection should find)
 IMAGES = {
-    "flat": (flat(), "flat"),
+    "flat.bin": (flat(), "flat"),  # flat by its name: it has no header
+    "bzimage": (bzimage(), "bzimage"),
     "elf32": (elf32(), "elf"),
     "elf64": (elf64(), "elf"),
     "multiboot-aout": (multiboot_aout(), "multiboot"),

@@ -27,9 +27,9 @@ from kvmpy.x86.layout import ACPI_TABLES_ADDR, IOAPIC_ADDR
 from tests.helpers import Assembler
 
 
-def tables(cpus: int) -> dict[bytes, bytes]:
+def tables(cpus: int, irq0_on_pin2: bool = False) -> dict[bytes, bytes]:
     """Every table reachable from the RSDP, by signature, each checksum verified."""
-    image = acpi_tables(cpus)
+    image = acpi_tables(cpus, irq0_on_pin2=irq0_on_pin2)
 
     def at(address: int) -> bytes:
         return image[address - ACPI_TABLES_ADDR :]
@@ -151,6 +151,23 @@ def test_a_guest_finds_its_cpus_and_powers_off_through_acpi(assemble: Assembler)
         m.load(load_flat(assemble(source), 0x7C00), mode="real")
         outcome = m.run(timeout=30)
         assert (outcome.reason, bytes(m.console)) == ("shutdown", b"2")
+
+
+def madt_entries(madt: bytes) -> list[bytes]:
+    entries, at = [], 44
+    while at < len(madt):
+        entries.append(madt[at : at + madt[at + 1]])
+        at += madt[at + 1]
+    return entries
+
+
+def test_the_madt_overrides_the_sci_and_with_irq0_on_pin2_the_timer() -> None:
+    def overrides(irq0_on_pin2: bool) -> list[tuple[int, ...]]:
+        madt = tables(1, irq0_on_pin2)[b"APIC"]
+        return [struct.unpack("<BBBBIH", e)[3:] for e in madt_entries(madt) if e[0] == 2]
+
+    assert overrides(False) == [(9, 9, 0xD)]  # SCI: level, active high
+    assert overrides(True) == [(0, 2, 0), (9, 9, 0xD)]
 
 
 # -- the PM timer, the FACS and the DSDT's AML -------------------------------------------

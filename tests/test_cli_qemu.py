@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from kvmpy.cli import _check_outputs, _qemu_spellings, build_parser, main
+from kvmpy.loaders.detect import initrd_modules
 from tests.helpers import ROOT, Assembler, guest
 
 MiB = 1 << 20
@@ -32,7 +33,10 @@ def test_kernel_and_initrd() -> None:
     args = _run_args("-kernel", "k.elf", "-initrd", "a.bin one two,b.bin")
     _qemu_spellings(args)
     assert args.image == "k.elf"
-    assert args.module == ["a.bin,one two", "b.bin"]
+    # The loader decides: one initrd for Linux, QEMU's module list for multiboot.
+    assert args.initrd == "a.bin one two,b.bin"
+    assert initrd_modules(args.initrd) == [("a.bin", "one two"), ("b.bin", "")]
+    assert _run_args("--initrd", "rd.cpio", "k").initrd == "rd.cpio"
     with pytest.raises(ValueError, match="two images"):
         _qemu_spellings(_run_args("x", "-kernel", "y"))
 

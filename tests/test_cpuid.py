@@ -122,3 +122,33 @@ def test_vendor_unknown_without_leaf0() -> None:
 def test_vendor_replaces_non_ascii() -> None:
     weird = CpuidEntry(0, ebx=0x4141_41FF, edx=0x4242_4242, ecx=0x4343_4343)
     assert vendor([weird]) == "\ufffdAAABBBBCCCC"
+
+
+def test_an_empty_brand_string_is_filled_in() -> None:
+    table = [*supported(), CpuidEntry(0x8000_0000, eax=0x8000_0001)]
+    table += [CpuidEntry(leaf) for leaf in (0x8000_0002, 0x8000_0003, 0x8000_0004)]
+    result = by_key(vcpu_cpuid(table, 0, brand="Test CPU @ 1.00GHz"))
+    raw = b"".join(
+        r.to_bytes(4, "little")
+        for leaf in (0x8000_0002, 0x8000_0003, 0x8000_0004)
+        for r in (result[(leaf, 0)].eax, result[(leaf, 0)].ebx, result[(leaf, 0)].ecx,
+                  result[(leaf, 0)].edx)
+    )  # fmt: skip
+    assert raw == b"Test CPU @ 1.00GHz".ljust(48, b"\0")
+    assert len([e for e in vcpu_cpuid(table, 0) if e.function == 0x8000_0002]) == 1
+
+
+def test_the_brand_leaves_are_added_and_announced_when_missing() -> None:
+    table = [*supported(), CpuidEntry(0x8000_0000, eax=0x8000_0001)]
+    result = by_key(vcpu_cpuid(table, 0, brand="x" * 60))
+    assert result[(0x8000_0000, 0)].eax == 0x8000_0004
+    assert result[(0x8000_0004, 0)].edx >> 24 == 0  # at most 47 characters and a NUL
+
+
+def test_a_brand_string_from_kvm_is_kept() -> None:
+    table = [*supported(), CpuidEntry(0x8000_0000, eax=0x8000_0004)]
+    table.append(CpuidEntry(0x8000_0002, eax=0x41414141))
+    result = by_key(vcpu_cpuid(table, 0, brand="other"))
+    assert result[(0x8000_0002, 0)].eax == 0x41414141
+    # Without any extended leaves nothing is added.
+    assert not any(e.function >= 0x8000_0000 for e in vcpu_cpuid(supported()[:3], 0))

@@ -45,6 +45,12 @@ def test_tables_for_four_cpus() -> None:
     assert [e[1] for t, e in entries if t == 4] == [3, 1]  # ExtINT, NMI
 
 
+def test_irq0_on_pin2_moves_only_the_timer() -> None:
+    _, entries = parse(mp_tables(1, 0, 0, irq0_on_pin2=True))
+    routes = [struct.unpack("<BBHBBBB", e) for t, e in entries if t == 3]
+    assert [(r[4], r[6]) for r in routes] == [(0, 2), (1, 1)] + [(i, i) for i in range(3, 16)]
+
+
 def test_cpu_count_is_checked() -> None:
     with pytest.raises(ValueError, match="1 to 254 CPUs"):
         mp_tables(0, 0, 0)

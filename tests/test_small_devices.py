@@ -1,13 +1,15 @@
-"""Unit tests for QEMU's debug-exit port and the port-0x80 POST-code sink."""
+"""Unit tests for QEMU's debug-exit port, the port-0x80 POST-code sink, absent ports."""
 
 from __future__ import annotations
 
 import pytest
 
 from kvmpy.bus import Bus
+from kvmpy.devices.absent import LINUX_PROBED_PORTS, AbsentPorts
 from kvmpy.devices.base import Device
 from kvmpy.devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_PORTS, DebugExit, exit_status
 from kvmpy.devices.post import POST_PORT, PostCode
+from kvmpy.machine import Machine
 
 
 @pytest.mark.parametrize(
@@ -111,3 +113,13 @@ def test_post_code_on_a_port_bus() -> None:
     bus.write(0x81, 1, 0x99)  # next port: nobody there
     assert post.writes == 3
     assert bus.unhandled == {("write", 0x81): 1}
+
+
+@pytest.mark.kvm
+def test_ports_linux_probes_are_absent_not_unhandled() -> None:
+    with Machine(mem_size=2 << 20, strict=True) as m:
+        for port, count, _ in LINUX_PROBED_PORTS:
+            assert m.ports.read(port + count - 1, 1) == 0xFF
+            m.ports.write(port, 1, 0x5A)
+        assert not m.ports.unhandled
+        assert m.device("absent", AbsentPorts).reads == len(LINUX_PROBED_PORTS)

@@ -6,6 +6,11 @@ and unikernels built for QEMU's microvm, do).  The kernel is entered in
 pointing at a ``struct hvm_start_info`` (version 1): the command line, the
 ACPI RSDP and an E820-style memory map.  kvmpy builds it at 0x9000, like the
 multiboot information, and lists that range as reserved.
+
+An initrd is passed as module 0 (``nr_modules`` = 1, ``modlist_paddr``
+pointing at one ``hvm_modlist_entry`` after the memory map), which is where
+Linux looks for it.  It is placed as high as RAM below 4 GiB allows,
+page-aligned, clear of the kernel's segments.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kvmpy.loaders import LoaderError, LoadPlan, LoadSegment
+from kvmpy.loaders.bzimage import place_initrd, validate_e820
 from kvmpy.loaders.elf import ELFCLASS32, load_elf, parse_elf, read_image
 from kvmpy.loaders.multiboot import memory_map
 
@@ -25,6 +31,11 @@ START_INFO_ADDR = 0x9000
 START_INFO_LIMIT = 0x70000  # as for multiboot: clear of the boot stack at 0x80000
 _START_INFO = struct.Struct("<IIIIQQQQII")  # hvm_start_info, version 1
 _MEMMAP_ENTRY = struct.Struct("<QQII")
+_MODLIST_ENTRY = struct.Struct("<QQQQ")  # paddr, size, cmdline_paddr, reserved
+# The initrd stays below 4 GiB, inside the identity map of kvmpy's long mode.
+INITRD_LIMIT = 1 << 32
+# Linux keeps early page tables and its brk area past its image: leave room.
+KERNEL_SLACK = 16 << 20
 
 
 def _program_headers(data: bytes) -> list[tuple[int, int, int]]:
@@ -76,11 +87,15 @@ def load_pvh(
     ram: Sequence[tuple[int, int]],
     cmdline: str = "",
     rsdp: int = 0,
+    initrd: str | Path | None = None,
+    e820: Sequence[tuple[int, int, int]] | None = None,
     data: bytes | None = None,
 ) -> LoadPlan:
     """Plan a PVH boot of the ELF at ``path`` (or ``data``, already read from it).
 
-    ``rsdp``: the ACPI RSDP's address (0: none).
+    ``rsdp``: the ACPI RSDP's address (0: none); ``initrd``: a file passed as
+    module 0; ``e820``: the memory map as (start, size, type) entries (by
+    default ``ram`` with the firmware areas reserved).
     """
     name = str(path)
     if data is None:
@@ -96,17 +111,40 @@ def load_pvh(
             f"PT_LOAD segment"
         )
 
-    entries = memory_map(ram)
+    entries = validate_e820(memory_map(ram) if e820 is None else e820, name)
     memmap_at = START_INFO_ADDR + _START_INFO.size
-    cmdline_at = memmap_at + len(entries) * _MEMMAP_ENTRY.size
+    modlist_at = memmap_at + len(entries) * _MEMMAP_ENTRY.size
+    modules = b""
+    if initrd is not None:
+        ramdisk = read_image(initrd, what="initrd")
+        kernel_end = max((segment.end for segment in plan.segments), default=0)
+        ramdisk_at = place_initrd(
+            len(ramdisk),
+            entries,
+            floor=kernel_end + KERNEL_SLACK,
+            limit=INITRD_LIMIT,
+            name=str(initrd),
+        )
+        plan.segments.append(LoadSegment(ramdisk_at, ramdisk, len(ramdisk)))
+        modules = _MODLIST_ENTRY.pack(ramdisk_at, len(ramdisk), 0, 0)
+    cmdline_at = modlist_at + len(modules)
     command = cmdline.encode() + b"\0"
     if b"\0" in command[:-1]:
         raise LoaderError(f"{name}: the command line contains a NUL byte")
     info = _START_INFO.pack(
-        HVM_START_MAGIC, 1, 0, 0, 0, cmdline_at, rsdp, memmap_at, len(entries), 0
+        HVM_START_MAGIC,
+        1,
+        0,
+        len(modules) // _MODLIST_ENTRY.size,
+        modlist_at if modules else 0,
+        cmdline_at,
+        rsdp,
+        memmap_at,
+        len(entries),
+        0,
     )
     memmap = b"".join(_MEMMAP_ENTRY.pack(base, length, kind, 0) for base, length, kind in entries)
-    boot_data = info + memmap + command
+    boot_data = info + memmap + modules + command
     end = START_INFO_ADDR + len(boot_data)
     if end > START_INFO_LIMIT:
         raise LoaderError(f"{name}: the PVH start info does not fit below {START_INFO_LIMIT:#x}")

@@ -15,7 +15,11 @@ FADT, and the sleep states in the DSDT.  kvmpy writes just those:
     MADT  "APIC"      a local APIC per CPU, the IOAPIC, LINT1 as NMI
 
 With KVM's default routing ISA IRQ n is IOAPIC pin n, so the MADT needs no
-interrupt source overrides.
+interrupt source override for it.  A board that routes GSI 0 (the in-kernel
+PIT) to IOAPIC pin 2, as QEMU's PC does, asks for ``irq0_on_pin2``: the MADT
+then carries QEMU's override, ISA IRQ 0 -> GSI 2.  The SCI (IRQ 9) always
+gets an override saying level-triggered, active high, as QEMU's tables say:
+without one, ACPI assumes active low.
 """
 
 from __future__ import annotations
@@ -146,11 +150,26 @@ def _table(signature: bytes, revision: int, body: bytes) -> bytes:
     return table[:9] + bytes([checksum8(table)]) + table[10:]
 
 
-def _madt(cpus: int) -> bytes:
+_INTERRUPT_SOURCE_OVERRIDE = 2
+_MPS_INTI_CONFORMING = 0x0
+_MPS_INTI_LEVEL_HIGH = 0xD  # polarity 01 (active high), trigger 11 (level)
+TIMER_IRQ = 0
+TIMER_GSI_OVERRIDE = 2
+
+
+def _override(source_irq: int, gsi: int, flags: int) -> bytes:
+    """An interrupt source override: ISA IRQ ``source_irq`` arrives at ``gsi``."""
+    return struct.pack("<BBBBIH", _INTERRUPT_SOURCE_OVERRIDE, 10, 0, source_irq, gsi, flags)
+
+
+def _madt(cpus: int, irq0_on_pin2: bool = False) -> bytes:
     body = struct.pack("<II", LAPIC_ADDR, 1)  # flags: PCAT_COMPAT, there are 8259s too
     for apic_id in range(cpus):
         body += struct.pack("<BBBBI", 0, 8, apic_id, apic_id, 1)  # enabled local APIC
     body += struct.pack("<BBBBII", 1, 12, cpus, 0, IOAPIC_ADDR, 0)  # IOAPIC, GSI base 0
+    if irq0_on_pin2:
+        body += _override(TIMER_IRQ, TIMER_GSI_OVERRIDE, _MPS_INTI_CONFORMING)
+    body += _override(SCI_IRQ, SCI_IRQ, _MPS_INTI_LEVEL_HIGH)
     body += struct.pack("<BBBHB", 4, 6, 0xFF, 0, 1)  # every CPU's LINT1 is NMI
     return _table(b"APIC", 1, body)
 
@@ -167,8 +186,13 @@ def _fadt(facs: int, dsdt: int) -> bytes:
     return _table(b"FACP", 1, body)
 
 
-def acpi_tables(cpus: int, address: int = ACPI_TABLES_ADDR) -> bytes:
-    """All the tables, laid out from ``address`` (16-byte aligned; FACS 64-byte aligned)."""
+def acpi_tables(
+    cpus: int, address: int = ACPI_TABLES_ADDR, *, irq0_on_pin2: bool = False
+) -> bytes:
+    """All the tables, laid out from ``address`` (16-byte aligned; FACS 64-byte aligned).
+
+    ``irq0_on_pin2``: the MADT says ISA IRQ 0 arrives at GSI 2 (see above).
+    """
     if not 1 <= cpus <= 254:
         raise ValueError(f"the MADT describes 1 to 254 CPUs here, not {cpus}")
     facs_at = address + FACS_OFFSET
@@ -177,7 +201,7 @@ def acpi_tables(cpus: int, address: int = ACPI_TABLES_ADDR) -> bytes:
     fadt_at = _align(dsdt_at + len(dsdt))
     fadt = _fadt(facs_at, dsdt_at)
     madt_at = _align(fadt_at + len(fadt))
-    madt = _madt(cpus)
+    madt = _madt(cpus, irq0_on_pin2)
     rsdt_at = _align(madt_at + len(madt))
     rsdt = _table(b"RSDT", 1, struct.pack("<II", fadt_at, madt_at))
     rsdp = struct.pack("<8sB6sBI", b"RSD PTR ", 0, OEM_ID, 0, rsdt_at)

@@ -7,7 +7,10 @@ points at a configuration table listing processors, the buses (PCI bus 0,
 whose host bridge configuration mechanism #1 reaches, and the ISA bus 1, as
 SeaBIOS numbers them), the IOAPIC and how interrupts reach it.  With KVM's
 default interrupt routing, ISA IRQ n drives IOAPIC pin n; PCI interrupts
-(level-triggered, active low) are listed per slot and pin.
+(level-triggered, active low) are listed per slot and pin.  A board that
+routes GSI 0 (the in-kernel PIT) to IOAPIC pin 2, as QEMU's PC does with
+KVM_SET_GSI_ROUTING, asks for ``irq0_on_pin2``: the table then says ISA IRQ 0
+arrives on pin 2.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ LAPIC_VERSION = 0x14
 IOAPIC_VERSION = 0x11
 SPEC_REVISION = 4  # 1.4
 ISA_IRQS = 16
+TIMER_IRQ = 0
+TIMER_PIN_OVERRIDE = 2  # where QEMU's PC wires ISA IRQ 0 on the IOAPIC
 PCI_BUS_ID = 0
 ISA_BUS_ID = 1
 # Interrupt entry flags: PCI interrupts are active low (polarity 3), level (trigger 3).
@@ -38,13 +43,16 @@ def mp_tables(
     cpu_features: int,
     address: int = MP_TABLE_ADDR,
     *,
+    irq0_on_pin2: bool = False,
     pci_interrupts: Sequence[tuple[int, int, int]] = (),
 ) -> bytes:
     """The floating pointer at ``address`` followed by the configuration table.
 
     ``cpu_signature`` and ``cpu_features`` are CPUID leaf 1's EAX and EDX.
     APIC IDs are 0..cpus-1, and the IOAPIC takes the next ID.
-    ``pci_interrupts`` are (device, pin 1-4, IOAPIC pin) on PCI bus 0.
+    ``pci_interrupts`` are (device, pin 1-4, IOAPIC pin) on PCI bus 0.  With
+    ``irq0_on_pin2`` ISA IRQ 0 is listed on IOAPIC pin 2 (the interrupt
+    routing must match: see the module's docstring).
     """
     if not 1 <= cpus <= 254:
         raise ValueError(f"the MP table describes 1 to 254 CPUs, not {cpus}")
@@ -63,8 +71,9 @@ def mp_tables(
     for irq in range(ISA_IRQS):
         if irq == 2:  # the cascade: IRQ 2 never comes from the ISA bus
             continue
+        pin = TIMER_PIN_OVERRIDE if irq == TIMER_IRQ and irq0_on_pin2 else irq
         entries.append(
-            struct.pack("<BBHBBBB", _IO_INTERRUPT, _INT, 0, ISA_BUS_ID, irq, ioapic_id, irq)
+            struct.pack("<BBHBBBB", _IO_INTERRUPT, _INT, 0, ISA_BUS_ID, irq, ioapic_id, pin)
         )
     for device, pin, gsi in pci_interrupts:
         source = (device << 2) | (pin - 1)  # the MP spec's PCI source: slot and INTx

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kvmpy.board import Board, DeviceEntry, FirmwareContext, FirmwareTable, IoRange, Wiring
+from kvmpy.devices.absent import LINUX_PROBED_PORTS, AbsentPorts
 from kvmpy.devices.acpi_pm import (
     PM1A_CNT_PORT,
     PM1A_CNT_PORTS,
@@ -211,6 +212,12 @@ DEVICES = (
         "testdev", lambda w: TestDevice(), mmio=(IoRange(TESTDEV_BASE, TESTDEV_SIZE, "testdev"),)
     ),
     DeviceEntry("vga", lambda w: Vga(), ports=(IoRange(VGA_PORT_BASE, VGA_PORTS, "VGA"),)),
+    # What Linux probes for at boot and must find missing: reads all ones.
+    DeviceEntry(
+        "absent",
+        lambda w: AbsentPorts(),
+        ports=tuple(IoRange(port, count, name) for port, count, name in LINUX_PROBED_PORTS),
+    ),
 )
 
 
