@@ -15,8 +15,9 @@ LD ?= ld
 OUT := guests/out
 REAL_GUESTS := real_hello pio_loop counter runner_pass runner_fail runner_skip vga_colors chatty \
 	s3_resume
-PROTECTED_GUESTS := protected_hello paged32_hello exit_cycles
-LONG_GUESTS := long_hello triple_fault mmio_hello interrupts gdb_target stress_io cpl0_loop cpl3_loop
+PROTECTED_GUESTS := protected_hello paged32_hello exit_cycles iret32
+LONG_GUESTS := long_hello triple_fault mmio_hello interrupts gdb_target stress_io cpl0_loop cpl3_loop \
+	complete64
 MULTIBOOT_GUESTS := multiboot_hello
 PVH_GUESTS := pvh_hello
 GUESTS := $(REAL_GUESTS:%=$(OUT)/%.bin) $(PROTECTED_GUESTS:%=$(OUT)/%.bin) \
@@ -108,6 +109,7 @@ bench: all
 	$(BIN)/python bench/rss_stress.py
 	$(BIN)/python bench/hw_vs_sw.py
 	$(BIN)/python bench/startup.py
+	$(BIN)/python bench/completion.py
 
 bench-linux: all linux-guests
 	$(BIN)/python bench/linux_boot.py

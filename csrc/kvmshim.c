@@ -179,3 +179,27 @@ int kvmshim_install_kick_handler(int signo)
 	sigemptyset(&sa.sa_mask);
 	return sigaction(signo, &sa, NULL) < 0 ? -errno : 0;
 }
+
+int kvmshim_compare_exchange(void *address, int size, uint64_t *value,
+			     const uint64_t *replacement)
+{
+	unsigned char exchanged;
+
+	if (size == 8) {
+		uint64_t old = value[0];
+
+		exchanged = __atomic_compare_exchange_n((uint64_t *)address, &old, replacement[0],
+							0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+		value[0] = old;
+		return exchanged;
+	}
+	if (size != 16 || (uintptr_t)address % 16)
+		return -EINVAL;
+	/* Inline, not through libatomic (which may take a lock instead). */
+	__asm__ __volatile__("lock cmpxchg16b %1"
+			     : "=@ccz"(exchanged), "+m"(*(volatile uint64_t(*)[2])address),
+			       "+a"(value[0]), "+d"(value[1])
+			     : "b"(replacement[0]), "c"(replacement[1])
+			     : "memory");
+	return exchanged;
+}

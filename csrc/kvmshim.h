@@ -119,4 +119,15 @@ void kvmshim_set_immediate_exit(void *run, int value);
  */
 int kvmshim_install_kick_handler(int signo);
 
+/*
+ * The CPU's own lock cmpxchg8b (size 8) or lock cmpxchg16b (size 16, at a
+ * 16-byte aligned address) on guest RAM's host mapping, so an instruction
+ * kvmpy completes is atomic against every vCPU.  value[0..1] holds the
+ * expected value (low, high) and receives the value found; replacement[0..1]
+ * the new one.  Returns 1 if exchanged, 0 if not, -EINVAL for a bad size or
+ * alignment.
+ */
+int kvmshim_compare_exchange(void *address, int size, uint64_t *value,
+			     const uint64_t *replacement);
+
 #endif

@@ -168,6 +168,11 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         "--stats", action="store_true", help="print exit statistics (count, time) at the end"
     )
     debug.add_argument(
+        "--no-complete",
+        action="store_true",
+        help="do not complete instructions the host's KVM cannot emulate (see its raw behaviour)",
+    )
+    debug.add_argument(
         "--step", action="store_true", help="single-step vCPU 0, printing every instruction"
     )
     debug.add_argument(
@@ -488,7 +493,13 @@ def _attach_observers(m: Machine, args: argparse.Namespace, trace: TextIO) -> Ex
     """Set up --trace, --stats and --step on ``m``; return the statistics, if asked for."""
     observers: list[ExitObserver] = []
     stats = None
-    if args.trace is not None:
+    completer = m.arch.completer
+    completer.enabled = not args.no_complete
+    if args.trace is not None and "emulated" in args.trace:
+        completer.on_complete = lambda index, rip, text, done: print(
+            f"[vcpu{index}] COMPLETED  {rip:#x}  {text}  ({done})", file=trace, flush=True
+        )
+    if args.trace is not None and args.trace - {"emulated"}:  # emulated alone: no exit tracer
         observers.append(ExitTracer(m.memory, trace, args.trace))
     if args.stats:
         stats = ExitStats(m.ports, m.mmio)
@@ -623,6 +634,10 @@ def _run(
             stub.close()
     if stats is not None:
         print(stats.format(), file=sys.stderr)
+        counts = m.arch.completer.counts
+        if counts:
+            listed = ", ".join(f"{name} {count}" for name, count in counts.most_common())
+            print(f"completed instructions: {listed}", file=sys.stderr)
     if args.snapshot_at_exit:
         from kvmpy.snapshot import SnapshotError  # loaded only when a snapshot is taken
 
@@ -842,7 +857,13 @@ def cmd_info(args: argparse.Namespace) -> int:
             sections.append(f"{name}: unavailable: {exc}")
             continue
         try:
-            sections.append(backend.describe())
+            text = backend.describe()
+            if name == "kvm":
+                text += (
+                    "\ninstruction completion: on (instructions KVM cannot emulate are "
+                    "finished by kvmpy, one exit each; --no-complete turns it off)"
+                )
+            sections.append(text)
             opened += 1
         finally:
             backend.close()

@@ -149,6 +149,7 @@ class Machine:
                 )
             )
             self.logged_slot = self._map_ram()
+            self.arch.attach_memory(self.memory)
             self.vcpus: list[Vcpu] = []
             for index in range(cpus):
                 vcpu = self.vm.create_vcpu(index)

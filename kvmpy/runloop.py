@@ -54,6 +54,9 @@ class Arch(Protocol):
 
     def other_exit(self, vcpu: Vcpu) -> Outcome | None: ...
 
+    def complete(self, vcpu: Vcpu) -> bool:
+        """An INTERNAL_ERROR: finish the failed instruction if possible (True: go on)."""
+
 
 class ExitObserver:
     """Sees every exit of a run: the tracer, the statistics, the single-stepper.
@@ -310,6 +313,8 @@ def _slow_exit(vcpu: Vcpu, reason: int, context: LoopContext) -> Outcome | None:
         # A real PC resets here; kvmpy reports it (and restarts with --reboot).
         return _crash(vcpu, OutcomeKind.TRIPLE_FAULT, f"triple fault ({vcpu.exit_name()})")
     if reason == ExitKind.INTERNAL_ERROR:
+        if context.arch.complete(vcpu):
+            return None
         detail, code = vcpu.describe_exit()
         return _crash(vcpu, OutcomeKind.CRASH, f"{vcpu.backend_name} internal error", detail, code)
     if reason == ExitKind.FAIL_ENTRY:

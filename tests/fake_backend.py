@@ -17,7 +17,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvmpy.backends.base import Capability, IrqRoute, MpState, StatsTable, Translation
+from kvmpy.backends.base import (
+    BackendError,
+    Capability,
+    IrqRoute,
+    MpState,
+    StatsTable,
+    Translation,
+)
 from kvmpy.backends.exits import ExitKind, ExitRecord, SystemEvent
 from kvmpy.x86.cpuid import CpuidEntry
 from kvmpy.x86.registers import Fpu, Regs, Sregs
@@ -62,6 +69,13 @@ class FakeVcpu:
         # The data the loop left in io_buffer after each exit: (kind, bytes).
         self.replies: list[tuple[ExitKind, bytes]] = []
         self._last: Step | None = None
+        # Events handed to inject_exception/inject_interrupt: (how, vector, error code).
+        self.injected: list[tuple[str, int, int | None]] = []
+        # Page (linear, 4 KiB aligned) -> its translation (None: not present), for translate().
+        self.pages: dict[int, Translation | None] = {}
+        self.xcr0 = 1
+        # The XSAVE area at power-on: FCW 0x37F, MXCSR 0x1F80, nothing in use.
+        self.xsave = b"\x7f\x03" + bytes(22) + (0x1F80).to_bytes(4, "little") + bytes(4068)
 
     def run(self) -> int:
         self._record_reply()
@@ -129,6 +143,14 @@ class FakeVcpu:
         self.cpuid = table
 
     def translate(self, linear_address: int) -> Translation | None:
+        """Identity, writeable supervisor pages, unless ``pages`` says otherwise for a page."""
+        page = linear_address & ~0xFFF
+        if page in self.pages:
+            found = self.pages[page]
+            if found is None:
+                return None
+            address = found.physical_address | linear_address & 0xFFF
+            return Translation(address, found.writeable, found.usermode)
         return Translation(linear_address, True, False)
 
     def get_mp_state(self) -> MpState:
@@ -148,6 +170,40 @@ class FakeVcpu:
 
     def describe_exit(self) -> tuple[str, bytes | None]:
         return self._detail
+
+    def failed_instruction(self) -> bytes | None:
+        """An INTERNAL_ERROR step's ``code``: the bytes of the instruction that "failed"."""
+        if self._last is None or self._last.kind != ExitKind.INTERNAL_ERROR:
+            return None
+        return self._detail[1]
+
+    def inject_exception(self, vector: int, error_code: int | None = None) -> None:
+        self.injected.append(("exception", vector, error_code))
+
+    def inject_interrupt(self, vector: int) -> None:
+        self.injected.append(("interrupt", vector, None))
+
+    def compare_exchange(
+        self, memory: memoryview, expected: int, replacement: int
+    ) -> tuple[bool, int]:
+        found = int.from_bytes(memory, "little")  # one thread per fake vCPU: no race to fear
+        if found == expected:
+            memory[:] = replacement.to_bytes(len(memory), "little")
+        return found == expected, found
+
+    def get_xsave(self) -> bytes:
+        return self.xsave
+
+    def set_xsave(self, state: bytes) -> None:
+        self.xsave = state
+
+    def get_xcr(self, index: int) -> int | None:
+        return self.xcr0 if index == 0 else None
+
+    def set_xcr(self, index: int, value: int) -> None:
+        if index != 0 or not value & 1:
+            raise BackendError("set_xcr", errno.EINVAL)
+        self.xcr0 = value
 
     def exit_name(self) -> str:
         return f"FAKE_EXIT_{self.exit.reason}"

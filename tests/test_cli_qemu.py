@@ -44,9 +44,10 @@ def test_kernel_and_initrd() -> None:
 def test_trace_takes_kinds_only_after_an_equals_sign() -> None:
     args = _run_args("--trace", "image.bin")
     assert args.image == "image.bin"
-    assert args.trace == {"io", "mmio", "hlt", "debug", "other"}
+    assert args.trace == {"io", "mmio", "hlt", "debug", "other", "emulated"}
     assert _run_args("--trace=io,hlt", "image.bin").trace == {"io", "hlt"}
-    assert _run_args("image.bin", "--trace").trace == {"io", "mmio", "hlt", "debug", "other"}
+    everything = {"io", "mmio", "hlt", "debug", "other", "emulated"}
+    assert _run_args("image.bin", "--trace").trace == everything
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:

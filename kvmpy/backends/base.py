@@ -147,6 +147,35 @@ class Vcpu(Protocol):
         """Single-step and/or ``breakpoints`` (x86: DR0-DR3, and DR7 in slot 7);
         ``software_breakpoints``: report int3 as a DEBUG exit; ``enable=False``: all off."""
 
+    def failed_instruction(self) -> bytes | None:
+        """After an INTERNAL_ERROR: the bytes of the instruction the backend could not
+        emulate, when that is what happened (kvmpy/x86/complete.py may finish it)."""
+
+    def inject_exception(self, vector: int, error_code: int | None = None) -> None:
+        """Deliver exception ``vector`` (0-31) through the guest's IDT at the next run()."""
+
+    def inject_interrupt(self, vector: int) -> None:
+        """Deliver ``vector`` through the guest's IDT at the next run(), as an external
+        interrupt does: RIP pushed as it is, no error code, whatever RFLAGS.IF says."""
+
+    def compare_exchange(
+        self, memory: memoryview, expected: int, replacement: int
+    ) -> tuple[bool, int]:
+        """Atomically, against every vCPU: if the 8 or 16 bytes of guest RAM in ``memory``
+        hold ``expected``, store ``replacement``.  Returns (exchanged, the value found)."""
+
+    def get_xsave(self) -> bytes:
+        """The XSAVE area in the standard (non-compacted) format, as the CPU's XSAVE writes it."""
+
+    def set_xsave(self, state: bytes) -> None:
+        """Load an XSAVE area in the standard format (as from get_xsave, changed)."""
+
+    def get_xcr(self, index: int) -> int | None:
+        """Extended control register ``index`` (0: XCR0); None if the backend has none."""
+
+    def set_xcr(self, index: int, value: int) -> None:
+        """Set an extended control register; raises BackendError for a value the CPU refuses."""
+
     def describe_exit(self) -> tuple[str, bytes | None]:
         """A slow exit, for people: (detail, instruction bytes the backend reported)."""
 

@@ -24,7 +24,8 @@ if TYPE_CHECKING:
     from kvmpy.memory import GuestMemory
 
 # What --trace=KINDS can select.
-TRACE_KINDS = ("io", "mmio", "hlt", "debug", "other")
+# "emulated": instructions kvmpy completed for the backend (kvmpy/x86/complete.py).
+TRACE_KINDS = ("io", "mmio", "hlt", "debug", "other", "emulated")
 _STRING_IO_MNEMONICS = frozenset(("insb", "insw", "insd", "outsb", "outsw", "outsd"))
 _MAX_INSN = 15
 

@@ -11,11 +11,13 @@ from typing import TYPE_CHECKING
 
 from kvmpy.backends.base import MpState
 from kvmpy.outcome import Outcome, OutcomeKind
+from kvmpy.x86.complete import Completer, xsave_layout
 from kvmpy.x86.cpuid import CpuidEntry, vcpu_cpuid
 from kvmpy.x86.registers import RFLAGS_IF
 
 if TYPE_CHECKING:
     from kvmpy.backends.base import Vcpu
+    from kvmpy.memory import GuestMemory
 
 
 class X86Arch:
@@ -28,6 +30,16 @@ class X86Arch:
         leaf1 = next((e for e in supported_cpuid if e.function == 1), None)
         # (EAX, EDX) of leaf 1: the CPU signature and features the MP table records.
         self.cpu_signature = (leaf1.eax, leaf1.edx) if leaf1 else (0, 0)
+        # Finishes instructions the backend could not emulate (kvmpy/x86/complete.py).
+        self.completer = Completer(xsave_layout(supported_cpuid))
+
+    def attach_memory(self, memory: GuestMemory) -> None:
+        """Guest RAM, which completing memory instructions and IDT checks need."""
+        self.completer.memory = memory
+
+    def complete(self, vcpu: Vcpu) -> bool:
+        """An internal error: True if the instruction was completed and the vCPU may go on."""
+        return self.completer.complete(vcpu)
 
     def init_vcpu(self, vcpu: Vcpu, index: int, irqchip: bool) -> None:
         """CPUID with this vCPU's APIC ID; application processors wait for INIT/SIPI."""

@@ -115,9 +115,17 @@ struct kvm_mp_state { __u32 mp_state; ...; };
 struct kvm_guest_debug_arch { __u64 debugreg[8]; ...; };
 /* State saved and restored whole, as opaque bytes (kvmpy/snapshot.py). */
 struct kvm_xsave { ...; };
-struct kvm_xcrs { ...; };
+struct kvm_xcr { __u32 xcr; __u64 value; ...; };
+struct kvm_xcrs { __u32 nr_xcrs; __u32 flags; struct kvm_xcr xcrs[16]; ...; };
 struct kvm_lapic_state { ...; };
-struct kvm_vcpu_events { ...; };
+/* The fields kvmpy changes to inject an event (kvmpy/x86/complete.py). */
+struct kvm_vcpu_events {
+    struct { __u8 injected; __u8 nr; __u8 has_error_code; __u8 pending; __u32 error_code; }
+        exception;
+    struct { __u8 injected; __u8 nr; __u8 soft; __u8 shadow; } interrupt;
+    __u32 flags;
+    ...;
+};
 struct kvm_debugregs { ...; };
 struct kvm_irqchip { __u32 chip_id; ...; };
 struct kvm_pit_state2 { ...; };
@@ -171,6 +179,8 @@ struct kvmshim_vcpu {
 int kvmshim_run(struct kvmshim_vcpu *vcpu);
 void kvmshim_set_immediate_exit(void *run, int value);
 int kvmshim_install_kick_handler(int signo);
+int kvmshim_compare_exchange(void *address, int size, uint64_t *value,
+                             const uint64_t *replacement);
 """
 
 

@@ -171,7 +171,16 @@ def _set_state(fd: int, ioctl: str, ctype: str, data: bytes) -> None:
 
 
 def _segment_from(c: Any) -> Segment:
-    return Segment(**{name: getattr(c, name) for name in SEGMENT_FIELDS})
+    # Positional, in SEGMENT_FIELDS order: instruction completion reads sregs on every exit.
+    return Segment(
+        c.base, c.limit, c.selector, c.type, c.present, c.dpl, c.db, c.s, c.l, c.g, c.avl,
+        c.unusable,
+    )  # fmt: skip
+
+
+assert SEGMENT_FIELDS == (
+    "base", "limit", "selector", "type", "present", "dpl", "db", "s", "l", "g", "avl", "unusable",
+)  # fmt: skip
 
 
 class _Fd:
@@ -446,6 +455,7 @@ class Vm(_Fd):
             raise
 
 
+_U64 = (1 << 64) - 1
 _FPU_SCALARS = ("fcw", "fsw", "ftwx", "last_opcode", "last_ip", "last_dp", "mxcsr")
 
 
@@ -631,6 +641,91 @@ class Vcpu(_Fd):
 
     def set_vcpu_events(self, state: bytes) -> None:
         _set_state(self.fd, "KVM_SET_VCPU_EVENTS", "struct kvm_vcpu_events", state)
+
+    # -- completing instructions KVM could not emulate ------------------------------------
+
+    def failed_instruction(self) -> bytes | None:
+        """The bytes KVM handed over with an emulation failure; None for any other exit."""
+        e = self.exit
+        if e.reason != lib.KVM_EXIT_INTERNAL_ERROR:
+            return None
+        if e.suberror != lib.KVM_INTERNAL_ERROR_EMULATION or e.ndata < 3:
+            return None
+        if not e.data[0] & lib.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES:
+            return None
+        blob = e.data[1].to_bytes(8, "little") + e.data[2].to_bytes(8, "little")
+        return bytes(blob[1 : 1 + min(blob[0], 15)])
+
+    def inject_exception(self, vector: int, error_code: int | None = None) -> None:
+        """KVM_SET_VCPU_EVENTS: deliver exception ``vector`` (0-31) at the next entry.
+
+        The guest's RIP must already be what the exception pushes (the
+        faulting instruction for faults).
+        """
+        if not 0 <= vector < 32 or vector == 2:
+            raise ValueError(f"exception vector {vector} (0-31, not NMI)")
+        events = self._get_events()
+        events.exception.injected = 1
+        events.exception.pending = 0
+        events.exception.nr = vector
+        events.exception.has_error_code = int(error_code is not None)
+        events.exception.error_code = error_code or 0
+        self._set_events(events)
+
+    def inject_interrupt(self, vector: int) -> None:
+        """KVM_SET_VCPU_EVENTS: deliver ``vector`` through the IDT as an external interrupt.
+
+        It pushes RIP unchanged and no error code, on every vendor (a "soft"
+        one would use a hardware instruction length user space cannot set);
+        see tools/probe_soft_events.py for what this host does with each kind.
+        """
+        if not 0 <= vector < 256:
+            raise ValueError(f"interrupt vector {vector} (0-255)")
+        events = self._get_events()
+        events.interrupt.injected = 1
+        events.interrupt.nr = vector
+        events.interrupt.soft = 0
+        self._set_events(events)
+
+    def _get_events(self) -> Any:
+        c = ffi.new("struct kvm_vcpu_events *")
+        ffi.buffer(c)[:] = self.get_vcpu_events()
+        return c
+
+    def _set_events(self, events: Any) -> None:
+        # Only the exception and interrupt fields change; NMI and SIPI state is left alone.
+        events.flags = 0
+        self.set_vcpu_events(bytes(ffi.buffer(events)))
+
+    def compare_exchange(
+        self, memory: memoryview, expected: int, replacement: int
+    ) -> tuple[bool, int]:
+        """The CPU's own lock cmpxchg8b/16b on guest RAM (8 or 16 bytes of ``memory``)."""
+        size = len(memory)
+        value = ffi.new("uint64_t[2]", [expected & _U64, expected >> 64])
+        new = ffi.new("uint64_t[2]", [replacement & _U64, replacement >> 64])
+        with ffi.from_buffer(memory, require_writable=True) as pointer:
+            done = lib.kvmshim_compare_exchange(pointer, size, value, new)
+        if done < 0:
+            raise KvmError("compare_exchange", -done, f"{size} bytes at a bad size or alignment")
+        return bool(done), value[0] | (value[1] << 64 if size == 16 else 0)
+
+    def get_xcr(self, index: int) -> int | None:
+        """KVM_GET_XCRS: extended control register ``index`` (0: XCR0); None if KVM has none."""
+        xcrs = ffi.new("struct kvm_xcrs *")
+        ffi.buffer(xcrs)[:] = self.get_xcrs()
+        for i in range(min(xcrs.nr_xcrs, 16)):
+            if xcrs.xcrs[i].xcr == index:
+                return int(xcrs.xcrs[i].value)
+        return None
+
+    def set_xcr(self, index: int, value: int) -> None:
+        """KVM_SET_XCRS for one register; KVM refuses (EINVAL) values the CPU would not take."""
+        xcrs = ffi.new("struct kvm_xcrs *")
+        xcrs.nr_xcrs = 1
+        xcrs.xcrs[0].xcr = index
+        xcrs.xcrs[0].value = value
+        self.set_xcrs(bytes(ffi.buffer(xcrs)))
 
     def get_debugregs(self) -> bytes:
         return _get_state(self.fd, "KVM_GET_DEBUGREGS", "struct kvm_debugregs")

@@ -988,6 +988,35 @@ class SoftVcpu:
             return self._detail
         return "", None
 
+    # Instruction completion (kvmpy/x86/complete.py) is for backends that give up on
+    # instructions; the emulator runs them, so it reports none and takes no events.
+
+    def failed_instruction(self) -> bytes | None:
+        return None
+
+    def inject_exception(self, vector: int, error_code: int | None = None) -> None:
+        raise BackendError("inject_exception", errno.EOPNOTSUPP, "the CPU emulator takes none")
+
+    def inject_interrupt(self, vector: int) -> None:
+        raise BackendError("inject_interrupt", errno.EOPNOTSUPP, "the CPU emulator takes none")
+
+    def get_xcr(self, index: int) -> int | None:
+        return None
+
+    def set_xcr(self, index: int, value: int) -> None:
+        raise BackendError("set_xcr", errno.EOPNOTSUPP, "the CPU emulator has no XCRs")
+
+    def get_xsave(self) -> bytes:
+        raise BackendError("get_xsave", errno.EOPNOTSUPP, "the CPU emulator has no XSAVE area")
+
+    def set_xsave(self, state: bytes) -> None:
+        raise BackendError("set_xsave", errno.EOPNOTSUPP, "the CPU emulator has no XSAVE area")
+
+    def compare_exchange(
+        self, memory: memoryview, expected: int, replacement: int
+    ) -> tuple[bool, int]:
+        raise BackendError("compare_exchange", errno.EOPNOTSUPP, "not needed by the emulator")
+
     def exit_name(self) -> str:
         try:
             return "SOFT_EXIT_" + EXIT_NAMES[ExitKind(self.exit.reason)]

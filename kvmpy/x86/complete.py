@@ -1,0 +1,1102 @@
+"""Instruction completion: finish in kvmpy what the backend could not emulate.
+
+Some KVMs (PVM, see docs/completion.md) run CPL0 guest code through an
+instruction emulator that gives up on instructions a CPU runs fine: int3,
+int $n, popcnt, cmpxchg16b, clac/stac, xgetbv, fwait and more.  The vCPU
+then stops with an internal error that carries the instruction's bytes.
+``Completer.complete`` decodes them, and when it knows the instruction it
+does exactly what the Intel SDM says (results, flags, faults), advances RIP
+and lets the guest go on.  Whatever it does not know stays a crash report.
+
+Faults are raised into the guest, as the CPU would: #PF with CR2 for an
+unmapped or forbidden page, #GP, #UD, #NM, #MF.  Software interrupts go
+through the guest's IDT by injection (``Vcpu.inject_interrupt``) after the
+gate's DPL check done here.  cmpxchg8b/16b run as the host CPU's own locked
+instruction on guest RAM (``Vcpu.compare_exchange``), so they are atomic
+against every vCPU.
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from kvmpy.memory import PAGE_SIZE, GuestMemoryError
+from kvmpy.x86.registers import (
+    CR0_EM,
+    CR0_MP,
+    CR0_NE,
+    CR0_PG,
+    CR0_TS,
+    CR0_WP,
+    CR4_OSFXSR,
+    Fpu,
+    Regs,
+    Segment,
+    Sregs,
+    cpu_mode,
+)
+
+if TYPE_CHECKING:
+    from kvmpy.backends.base import Vcpu
+    from kvmpy.memory import GuestMemory
+    from kvmpy.x86.cpuid import CpuidEntry
+
+# Exception vectors (SDM Vol. 3A, 6.3.1).
+DE, DB, BP, OF, UD, NM, GP, NP, SS_FAULT, PF, MF = 0, 1, 3, 4, 6, 7, 13, 11, 12, 14, 16
+
+# RFLAGS bits.
+CF, PF_FLAG, AF, ZF, SF, OF_FLAG, AC = 1, 1 << 2, 1 << 4, 1 << 6, 1 << 7, 1 << 11, 1 << 18
+ARITH_FLAGS = CF | PF_FLAG | AF | ZF | SF | OF_FLAG
+
+CR4_SMAP = 1 << 21
+CR4_OSXSAVE = 1 << 18
+
+# #PF error code bits.
+PF_PRESENT, PF_WRITE, PF_USER = 1, 2, 4
+
+# Of what completes, only these take a lock prefix; on anything else it is #UD.
+_LOCKABLE = frozenset(("cmpxchg8b", "cmpxchg16b"))
+_DECODE_CACHE_SIZE = 4096  # decoded instructions kept, by (mode, RIP, bytes)
+_LEGACY_PREFIXES = frozenset((0x66, 0x67, 0xF0, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65))
+
+# For a cmpxchg8b split across pages: such completions are atomic against each
+# other (not against code KVM runs meanwhile); all others use the host's own
+# locked instruction (Vcpu.compare_exchange).
+_MEMORY_LOCK = threading.Lock()
+
+
+class GuestFault(Exception):
+    """The instruction faults: deliver ``vector`` to the guest with RIP unchanged."""
+
+    def __init__(self, vector: int, error_code: int | None = None, cr2: int | None = None) -> None:
+        super().__init__(vector, error_code, cr2)
+        self.vector = vector
+        self.error_code = error_code
+        self.cr2 = cr2
+
+
+# General-purpose register names as capstone spells them: (kvm_regs field, bit shift, bits).
+_GPRS: dict[str, tuple[str, int, int]] = {}
+for _full, _names in {
+    "rax": ("eax", "ax", "al", "ah"),
+    "rbx": ("ebx", "bx", "bl", "bh"),
+    "rcx": ("ecx", "cx", "cl", "ch"),
+    "rdx": ("edx", "dx", "dl", "dh"),
+    "rsi": ("esi", "si", "sil", ""),
+    "rdi": ("edi", "di", "dil", ""),
+    "rsp": ("esp", "sp", "spl", ""),
+    "rbp": ("ebp", "bp", "bpl", ""),
+}.items():
+    _GPRS[_full] = (_full, 0, 64)
+    _GPRS[_names[0]] = (_full, 0, 32)
+    _GPRS[_names[1]] = (_full, 0, 16)
+    _GPRS[_names[2]] = (_full, 0, 8)
+    if _names[3]:
+        _GPRS[_names[3]] = (_full, 8, 8)
+for _n in range(8, 16):
+    _GPRS[f"r{_n}"] = (f"r{_n}", 0, 64)
+    _GPRS[f"r{_n}d"] = (f"r{_n}", 0, 32)
+    _GPRS[f"r{_n}w"] = (f"r{_n}", 0, 16)
+    _GPRS[f"r{_n}b"] = (f"r{_n}", 0, 8)
+
+# x87 constants as 80-bit values (sign+exponent, significand) rounded to nearest,
+# and the rounding control values (down = 1, up = 2, chop = 3) that give one less or more.
+_X87_CONSTANTS: dict[str, tuple[int, int, tuple[int, ...], int]] = {
+    "fldz": (0x0000, 0, (), 0),
+    "fld1": (0x3FFF, 0x8000000000000000, (), 0),
+    "fldpi": (0x4000, 0xC90FDAA22168C235, (1, 3), -1),
+    "fldl2e": (0x3FFF, 0xB8AA3B295C17F0BC, (1, 3), -1),
+    "fldl2t": (0x4000, 0xD49A784BCD1B8AFE, (2,), +1),
+    "fldlg2": (0x3FFD, 0x9A209A84FBCFF799, (1, 3), -1),
+    "fldln2": (0x3FFE, 0xB17217F7D1CF79AC, (1, 3), -1),
+}
+_X87_INDEFINITE = (0xFFFF, 0xC000000000000000)
+
+
+@dataclass
+class _Insn:
+    mnemonic: str
+    size: int
+    operands: list[Any]
+    prefixes: list[int]
+    raw: Any  # the capstone instruction
+
+
+def _decoder(bits: int) -> Any:
+    import capstone
+
+    mode = {16: capstone.CS_MODE_16, 32: capstone.CS_MODE_32, 64: capstone.CS_MODE_64}[bits]
+    decoder = capstone.Cs(capstone.CS_ARCH_X86, mode)
+    decoder.detail = True
+    return decoder
+
+
+class Completer:
+    """Finishes instructions the backend gave up on; counts and reports each one."""
+
+    def __init__(self, xsave_layout: dict[int, tuple[int, int, bool]] | None = None) -> None:
+        self.enabled = True
+        self.memory: GuestMemory | None = None
+        # XSAVE component -> (offset, size, aligned when compacted), from CPUID leaf 0xD.
+        self.xsave_layout = xsave_layout or {}
+        self.counts: Counter[str] = Counter()
+        # Called with (vCPU index, RIP, "mnemonic operands", what was done) after each one.
+        self.on_complete: Callable[[int, int, str, str], None] | None = None
+        self._lock = threading.Lock()
+        self._decoders: dict[int, Any] = {}
+        self._decoded: dict[tuple[int, int, bytes], _Insn] = {}
+
+    def complete(self, vcpu: Vcpu) -> bool:
+        """True if the failed instruction was completed (or faulted into the guest)."""
+        if not self.enabled or self.memory is None:
+            return False
+        code = vcpu.failed_instruction()
+        if not code:
+            return False
+        regs = vcpu.get_regs()
+        sregs = vcpu.get_sregs()
+        mode = cpu_mode(sregs)
+        if mode == "real" or regs.rflags & _VM:
+            return False  # not seen failing in real or virtual-8086 mode; leave it to the report
+        bits = 64 if mode == "long" else (32 if sregs.cs.db else 16)
+        at = regs.rip
+        state = _State(vcpu, self.memory, regs, sregs, bits)
+        state.xsave_layout = self.xsave_layout
+        insn = self._decode(code, bits, regs.rip)
+        if insn is None:
+            if not _undefined_encoding(code, bits):
+                return False
+            name, text = "(undefined)", code.hex(" ")
+        else:
+            name = insn.mnemonic.removeprefix("lock ").removeprefix("rep ")
+            text = f"{insn.mnemonic} {insn.raw.op_str}".strip()
+            if name not in _HANDLERS:
+                return False
+        state.insn = insn
+        try:
+            if insn is None or (0xF0 in insn.prefixes and name not in _LOCKABLE):
+                raise GuestFault(UD)
+            done = _HANDLERS[name](state, insn)
+            if done is None:
+                return False
+        except GuestFault as fault:
+            state.deliver(fault)
+            done = f"#{_VECTOR_NAMES.get(fault.vector, str(fault.vector))}"
+        except GuestMemoryError:
+            return False  # MMIO or outside RAM: not something to finish here
+        with self._lock:
+            self.counts[name] += 1
+        if self.on_complete is not None:
+            self.on_complete(vcpu.index, at, text, done)
+        return True
+
+    def _decode(self, code: bytes, bits: int, rip: int) -> _Insn | None:
+        """Decode one instruction; the same bytes at the same RIP (a loop) decode once."""
+        key = (bits, rip, code)
+        cached = self._decoded.get(key)
+        if cached is not None:
+            return cached
+        with self._lock:  # one capstone handle per mode, shared by the vCPU threads
+            return self._decode_new(key, code, bits, rip)
+
+    def _decode_new(
+        self, key: tuple[int, int, bytes], code: bytes, bits: int, rip: int
+    ) -> _Insn | None:
+        decoder = self._decoders.get(bits)
+        if decoder is None:
+            decoder = self._decoders[bits] = _decoder(bits)
+        for raw in decoder.disasm(code, rip, 1):
+            insn = _Insn(raw.mnemonic, raw.size, list(raw.operands), _prefixes(code), raw)
+            if len(self._decoded) >= _DECODE_CACHE_SIZE:
+                self._decoded.clear()
+            self._decoded[key] = insn
+            return insn
+        return None
+
+
+_VECTOR_NAMES = {DE: "DE", DB: "DB", BP: "BP", OF: "OF", UD: "UD", NM: "NM", NP: "NP"}
+_VECTOR_NAMES.update({SS_FAULT: "SS", GP: "GP", PF: "PF", MF: "MF"})
+
+
+def _prefixes(code: bytes) -> list[int]:
+    """The legacy prefix bytes an instruction starts with (capstone's list misses some)."""
+    found = []
+    for byte in code:
+        if byte not in _LEGACY_PREFIXES:
+            break
+        found.append(byte)
+    return found
+
+
+def _undefined_encoding(code: bytes, bits: int) -> bool:
+    """Encodings capstone rejects that a CPU answers with #UD (register-form movbe, 64-bit into)."""
+    at = 0
+    while at < len(code) and code[at] in _LEGACY_PREFIXES:
+        at += 1
+    if bits == 64 and at < len(code) and 0x40 <= code[at] <= 0x4F:
+        at += 1
+    rest = code[at:]
+    if bits == 64 and rest[:1] == b"\xce":
+        return True  # into is invalid in 64-bit mode
+    return rest[:3] in (b"\x0f\x38\xf0", b"\x0f\x38\xf1") and len(rest) > 3 and rest[3] >= 0xC0
+
+
+class _State:
+    """One completion's view of the vCPU: registers, modes, and checked guest memory."""
+
+    def __init__(self, vcpu: Vcpu, memory: GuestMemory, regs: Regs, sregs: Sregs, bits: int):
+        self.vcpu = vcpu
+        self.memory = memory
+        self.regs = regs
+        self.sregs = sregs
+        self.bits = bits
+        self.cpl = sregs.cs.selector & 3
+        self.insn: _Insn | None = None
+        self.xsave_layout: dict[int, tuple[int, int, bool]] = {}
+
+    # -- finishing ------------------------------------------------------------------
+
+    def advance(self) -> None:
+        """Step RIP past the instruction and write the registers back."""
+        assert self.insn is not None
+        self.regs.rip = (self.regs.rip + self.insn.size) & self.ip_mask
+        self.vcpu.set_regs(self.regs)
+
+    @property
+    def ip_mask(self) -> int:
+        return (1 << 64) - 1 if self.bits == 64 else (1 << self.bits) - 1
+
+    def deliver(self, fault: GuestFault) -> None:
+        """A fault: RIP stays at the instruction; CR2 first for a page fault."""
+        if fault.cr2 is not None:
+            sregs = self.vcpu.get_sregs()
+            sregs.cr2 = fault.cr2
+            self.vcpu.set_sregs(sregs)
+        self.vcpu.inject_exception(fault.vector, fault.error_code)
+
+    # -- registers ------------------------------------------------------------------
+
+    def read_reg(self, name: str) -> int:
+        field, shift, width = _GPRS[name]
+        return int(getattr(self.regs, field) >> shift) & ((1 << width) - 1)
+
+    def write_reg(self, name: str, value: int) -> None:
+        """Write as the CPU does: 32-bit writes zero-extend, 8/16-bit ones merge."""
+        field, shift, width = _GPRS[name]
+        mask = (1 << width) - 1
+        if width == 32 or width == 64:
+            setattr(self.regs, field, value & mask)
+        else:
+            old = getattr(self.regs, field)
+            setattr(self.regs, field, (old & ~(mask << shift)) | ((value & mask) << shift))
+
+    def set_flags(self, changed: int, set_bits: int) -> None:
+        self.regs.rflags = (self.regs.rflags & ~changed) | (set_bits & changed)
+
+    # -- memory operands -------------------------------------------------------------
+
+    def address(self, operand: Any) -> int:
+        """The linear address of a memory operand (segment base + effective address)."""
+        assert self.insn is not None
+        raw = self.insn.raw
+        mem = operand.mem
+        address_bits = self.bits
+        if 0x67 in self.insn.prefixes:
+            address_bits = 32 if self.bits == 64 else 48 - self.bits
+        base_name = str(raw.reg_name(mem.base)) if mem.base else ""
+        if base_name in ("rip", "eip"):
+            base = raw.address + raw.size
+        else:
+            base = self.read_reg(base_name) if base_name else 0
+        index = self.read_reg(str(raw.reg_name(mem.index))) * mem.scale if mem.index else 0
+        effective = int(base + index + mem.disp) & ((1 << address_bits) - 1)
+        segment = str(raw.reg_name(mem.segment)) if mem.segment else ""
+        if not segment:
+            segment = "ss" if base_name in ("rsp", "esp", "sp", "rbp", "ebp", "bp") else "ds"
+        if self.bits == 64:
+            linear = effective
+            if segment in ("fs", "gs"):
+                linear = int(getattr(self.sregs, segment).base + effective) & ((1 << 64) - 1)
+            if not _canonical(linear) or not _canonical(linear + operand.size - 1):
+                raise GuestFault(SS_FAULT if segment == "ss" else GP, 0)
+            return linear
+        descriptor: Segment = getattr(self.sregs, segment)
+        if effective + operand.size - 1 > descriptor.limit:
+            raise GuestFault(SS_FAULT if segment == "ss" else GP, 0)
+        return (descriptor.base + effective) & 0xFFFFFFFF
+
+    def _physical(self, linear: int, write: bool, implicit_supervisor: bool = False) -> int:
+        """Translate with the CPU's permission checks, or raise the #PF it would take."""
+        if not self.sregs.cr0 & CR0_PG:
+            return linear
+        user = self.cpl == 3 and not implicit_supervisor
+        error = (PF_WRITE if write else 0) | (PF_USER if user else 0)
+        found = self.vcpu.translate(linear)
+        if found is None:
+            raise GuestFault(PF, error, cr2=linear)
+        if user and not found.usermode:
+            raise GuestFault(PF, error | PF_PRESENT, cr2=linear)
+        if write and not found.writeable and (user or self.sregs.cr0 & CR0_WP):
+            raise GuestFault(PF, error | PF_PRESENT, cr2=linear)
+        if (
+            not user
+            and found.usermode
+            and self.sregs.cr4 & CR4_SMAP
+            and (implicit_supervisor or not self.regs.rflags & AC)
+        ):
+            raise GuestFault(PF, error | PF_PRESENT, cr2=linear)
+        return found.physical_address
+
+    def _pieces(
+        self, linear: int, size: int, write: bool, implicit: bool = False
+    ) -> list[tuple[int, int]]:
+        """(guest-physical address, length) per page touched; every page checked first."""
+        pieces = []
+        done = 0
+        while done < size:
+            at = linear + done
+            length = min(size - done, PAGE_SIZE - at % PAGE_SIZE)
+            pieces.append((self._physical(at, write, implicit), length))
+            done += length
+        return pieces
+
+    def read(self, linear: int, size: int, implicit: bool = False) -> int:
+        return self.load(self._pieces(linear, size, False, implicit))
+
+    def check_write(self, linear: int, size: int) -> list[tuple[int, int]]:
+        return self._pieces(linear, size, True)
+
+    def store(self, pieces: list[tuple[int, int]], value: int) -> None:
+        data = value.to_bytes(sum(n for _, n in pieces), "little")
+        at = 0
+        for gpa, n in pieces:
+            self.memory.write(gpa, data[at : at + n])
+            at += n
+
+    def load(self, pieces: list[tuple[int, int]]) -> int:
+        return int.from_bytes(b"".join(self.memory.read(gpa, n) for gpa, n in pieces), "little")
+
+    def read_bytes(self, linear: int, size: int) -> bytes:
+        return b"".join(self.memory.read(gpa, n) for gpa, n in self._pieces(linear, size, False))
+
+    def write_bytes(self, linear: int, data: bytes) -> None:
+        """Write ``data`` at ``linear``; every page is checked before any byte is written."""
+        pieces = self.check_write(linear, len(data))
+        at = 0
+        for gpa, n in pieces:
+            self.memory.write(gpa, data[at : at + n])
+            at += n
+
+    def operand_value(self, operand: Any) -> int:
+        """A register or memory source operand's value."""
+        assert self.insn is not None
+        if operand.type == _OP_REG:
+            return self.read_reg(str(self.insn.raw.reg_name(operand.reg)))
+        return self.read(self.address(operand), int(operand.size))
+
+    def reg_name(self, operand: Any) -> str:
+        assert self.insn is not None
+        return str(self.insn.raw.reg_name(operand.reg))
+
+
+_OP_REG, _OP_IMM, _OP_MEM = 1, 2, 3  # capstone's X86_OP_* values
+
+
+# -- software interrupts (SDM Vol. 2A "INT n/INTO/INT3/INT1", Vol. 3A 6.12) --------------
+
+
+def _software_interrupt(state: _State, vector: int, check_dpl: bool = True) -> str:
+    """Check the IDT gate as INT n does, then have the backend deliver through it."""
+    sregs = state.sregs
+    entry_size = 16 if sregs.efer & (1 << 10) else 8
+    error = vector * 8 + 2  # IDT bit set, EXT clear
+    offset = vector * entry_size
+    if offset + entry_size - 1 > sregs.idt.limit:
+        raise GuestFault(GP, error)
+    gate = state.read(sregs.idt.base + offset, 8, implicit=True)
+    access = (gate >> 40) & 0xFF
+    gate_type = access & 0x1F
+    valid = (0x0E, 0x0F) if entry_size == 16 else (0x05, 0x06, 0x07, 0x0E, 0x0F)
+    if gate_type not in valid:
+        raise GuestFault(GP, error)
+    if check_dpl and state.cpl > (access >> 5) & 3:
+        raise GuestFault(GP, error)
+    if not access & 0x80:
+        raise GuestFault(NP, error)
+    state.advance()
+    state.vcpu.inject_interrupt(vector)
+    return f"vector {vector} through the IDT"
+
+
+def _int(state: _State, insn: _Insn) -> str:
+    return _software_interrupt(state, insn.operands[0].imm & 0xFF)
+
+
+def _int3(state: _State, insn: _Insn) -> str:
+    return _software_interrupt(state, BP)
+
+
+def _int1(state: _State, insn: _Insn) -> str:
+    return _software_interrupt(state, DB, check_dpl=False)
+
+
+def _into(state: _State, insn: _Insn) -> str:
+    if not state.regs.rflags & OF_FLAG:
+        state.advance()
+        return "OF clear: no interrupt"
+    return _software_interrupt(state, OF)
+
+
+# -- flags and pure-register instructions -----------------------------------------------
+
+
+def _bit_count(state: _State, insn: _Insn) -> str:
+    """popcnt, lzcnt, tzcnt: destination register, register or memory source."""
+    destination, source = insn.operands
+    width = source.size * 8
+    value = state.operand_value(source) & ((1 << width) - 1)
+    if insn.mnemonic == "popcnt":
+        result = bin(value).count("1")
+        flags = ZF if value == 0 else 0
+    else:
+        if insn.mnemonic == "lzcnt":
+            result = width - value.bit_length()
+        else:
+            result = (value & -value).bit_length() - 1 if value else width
+        flags = (CF if value == 0 else 0) | (ZF if result == 0 else 0)
+    state.write_reg(state.reg_name(destination), result)
+    # popcnt clears OF, SF, AF, PF.  For lzcnt/tzcnt the SDM leaves them undefined; the
+    # AMD family 0x1a CPU these hosts run keeps OF and clears the rest, and so does this.
+    changed = ARITH_FLAGS if insn.mnemonic == "popcnt" else ARITH_FLAGS & ~OF_FLAG
+    state.set_flags(changed, flags)
+    state.advance()
+    return f"= {result}"
+
+
+def _movbe(state: _State, insn: _Insn) -> str:
+    destination, source = insn.operands
+    size = destination.size
+    if destination.type == _OP_REG:
+        value = state.read(state.address(source), size)
+        swapped = int.from_bytes(value.to_bytes(size, "little"), "big")
+        state.write_reg(state.reg_name(destination), swapped)
+    else:
+        value = state.read_reg(state.reg_name(source))
+        swapped = int.from_bytes(value.to_bytes(size, "little"), "big")
+        state.store(state.check_write(state.address(destination), size), swapped)
+    state.advance()
+    return f"{swapped:#x}"
+
+
+def _clac_stac(state: _State, insn: _Insn) -> str:
+    if state.cpl > 0 or 0xF0 in insn.prefixes:
+        raise GuestFault(UD)
+    state.set_flags(AC, AC if insn.mnemonic == "stac" else 0)
+    state.advance()
+    return "AC=" + ("1" if insn.mnemonic == "stac" else "0")
+
+
+# -- memory instructions -----------------------------------------------------------------
+
+
+def _cmpxchg8b_16b(state: _State, insn: _Insn) -> str:
+    (operand,) = insn.operands
+    size = 16 if insn.mnemonic.endswith("16b") else 8
+    half = size * 4
+    wide = "r" if size == 16 else "e"
+    linear = state.address(operand)
+    if size == 16 and linear % 16:
+        raise GuestFault(GP, 0)
+    expected = state.read_reg(wide + "dx") << half | state.read_reg(wide + "ax")
+    replacement = state.read_reg(wide + "cx") << half | state.read_reg(wide + "bx")
+    pieces = state.check_write(linear, size)  # the CPU checks for a write either way
+    if len(pieces) == 1:
+        # The host CPU's own locked instruction on guest RAM: atomic against every vCPU.
+        view = state.memory.view(pieces[0][0], size)
+        equal, current = state.vcpu.compare_exchange(view, expected, replacement)
+    else:
+        # A cmpxchg8b split across two pages: atomic only against other completions.
+        with _MEMORY_LOCK:
+            current = state.load(pieces)
+            equal = current == expected
+            # Without a match the CPU still writes: it stores back what it read.
+            state.store(pieces, replacement if equal else current)
+    if not equal:
+        state.write_reg(wide + "ax", current & ((1 << half) - 1))
+        state.write_reg(wide + "dx", current >> half)
+    state.set_flags(ZF, ZF if equal else 0)
+    state.advance()
+    return "exchanged" if equal else "not equal"
+
+
+def _cache_line(state: _State, insn: _Insn) -> str:
+    """clwb, clflushopt, clflush: guest RAM is coherent host memory, so nothing to write back.
+
+    The CPU still translates the address (as a read) and faults where it would.
+    """
+    state.read(state.address(insn.operands[0]), 1)
+    state.advance()
+    return "no-op (coherent memory)"
+
+
+def _invpcid(state: _State, insn: _Insn) -> str:
+    if state.cpl > 0:
+        raise GuestFault(GP, 0)
+    kind_reg, descriptor = insn.operands
+    kind = state.read_reg(state.reg_name(kind_reg))
+    linear = state.address(descriptor)
+    value = state.read(linear, 16)
+    pcid, address = value & 0xFFF, value >> 64
+    if kind > 3 or value >> 12 & ((1 << 52) - 1):
+        raise GuestFault(GP, 0)
+    if kind == 0 and state.bits == 64 and not _canonical(address):
+        raise GuestFault(GP, 0)
+    if kind in (0, 1) and pcid and not state.sregs.cr4 & (1 << 17):
+        raise GuestFault(GP, 0)
+    # Rewriting the special registers makes KVM drop its cached translations.
+    state.vcpu.set_sregs(state.vcpu.get_sregs())
+    state.advance()
+    return f"type {kind}: KVM's TLB flushed"
+
+
+def _canonical(address: int) -> bool:
+    top = (address & ((1 << 64) - 1)) >> 47
+    return top in (0, (1 << 17) - 1)
+
+
+# -- state instructions ------------------------------------------------------------------
+
+
+def _xgetbv(state: _State, insn: _Insn) -> str:
+    if not state.sregs.cr4 & CR4_OSXSAVE:
+        raise GuestFault(UD)
+    index = state.read_reg("ecx")
+    xcr0 = state.vcpu.get_xcr(0)
+    if xcr0 is None or index not in (0, 1):
+        raise GuestFault(GP, 0)
+    # XINUSE (index 1) is reported conservatively: every enabled component in use.
+    value = xcr0
+    state.write_reg("eax", value & 0xFFFFFFFF)
+    state.write_reg("edx", value >> 32)
+    state.advance()
+    return f"XCR{index}={value:#x}"
+
+
+def _xsetbv(state: _State, insn: _Insn) -> str:
+    if not state.sregs.cr4 & CR4_OSXSAVE:
+        raise GuestFault(UD)
+    if state.cpl > 0 or state.read_reg("ecx") != 0:
+        raise GuestFault(GP, 0)
+    value = state.read_reg("edx") << 32 | state.read_reg("eax")
+    try:
+        state.vcpu.set_xcr(0, value)
+    except OSError:  # KVM refuses what the CPU would refuse: a #GP
+        raise GuestFault(GP, 0) from None
+    state.advance()
+    return f"XCR0={value:#x}"
+
+
+def _fwait(state: _State, insn: _Insn) -> str:
+    cr0 = state.sregs.cr0
+    if cr0 & CR0_MP and cr0 & CR0_TS:
+        raise GuestFault(NM)
+    fpu = _get_x87(state.vcpu)
+    if fpu.fsw & 0x80 and cr0 & CR0_NE:  # ES: an unmasked x87 exception is pending
+        raise GuestFault(MF)
+    state.advance()
+    return "no pending x87 exception"
+
+
+# The x87/SSE part of the standard XSAVE area (the FXSAVE layout): FCW, FSW, abridged
+# FTW, FOP, FIP, FDP, MXCSR (MXCSR_MASK not kept), then ST0-ST7 at 32, XMM0-15 at 160.
+_LEGACY = struct.Struct("<HHBxHQQI")
+
+
+def fpu_from_xsave(area: bytes) -> Fpu:
+    fcw, fsw, ftwx, fop, fip, fdp, mxcsr = _LEGACY.unpack_from(area, 0)
+    return Fpu(fcw, fsw, ftwx, fop, fip, fdp, mxcsr, bytes(area[32:160]), bytes(area[160:416]))
+
+
+def xsave_with_fpu(area: bytes, fpu: Fpu) -> bytes:
+    """``area`` with the x87 state of ``fpu``, and XSTATE_BV saying x87 is in use."""
+    out = bytearray(area)
+    _LEGACY.pack_into(
+        out, 0, fpu.fcw, fpu.fsw, fpu.ftwx, fpu.last_opcode, fpu.last_ip, fpu.last_dp, fpu.mxcsr
+    )
+    out[32:160] = fpu.fpr
+    out[512] |= 1
+    return bytes(out)
+
+
+def _get_x87(vcpu: Vcpu) -> Fpu:
+    return fpu_from_xsave(vcpu.get_xsave())
+
+
+def _set_x87(vcpu: Vcpu, fpu: Fpu) -> None:
+    # Through the XSAVE area, not KVM_SET_FPU: that one leaves XSTATE_BV's x87 bit as it
+    # was, and with the bit clear the CPU's XRSTOR loads the x87 initial state instead.
+    vcpu.set_xsave(xsave_with_fpu(vcpu.get_xsave(), fpu))
+
+
+def _x87_available(state: _State) -> None:
+    if state.sregs.cr0 & (CR0_EM | CR0_TS):
+        raise GuestFault(NM)
+
+
+def _fninit(state: _State, insn: _Insn) -> str:
+    _x87_available(state)
+    fpu = _get_x87(state.vcpu)
+    fpu.fcw, fpu.fsw, fpu.ftwx = 0x37F, 0, 0
+    fpu.last_opcode = fpu.last_ip = fpu.last_dp = 0
+    _set_x87(state.vcpu, fpu)
+    state.advance()
+    return "x87 reset"
+
+
+def _fld_constant(state: _State, insn: _Insn) -> str:
+    """fldz, fld1, fldpi...: push a constant onto the x87 stack (SDM Vol. 1, 8.3.3)."""
+    _x87_available(state)
+    fpu = _get_x87(state.vcpu)
+    exponent, significand, rounding, adjust = _X87_CONSTANTS[insn.mnemonic]
+    if (fpu.fcw >> 10) & 3 in rounding:
+        significand += adjust
+    top = (fpu.fsw >> 11) & 7
+    new_top = (top - 1) & 7
+    fsw = fpu.fsw & ~(0x0200)  # C1 = 0 unless the stack overflows
+    if fpu.ftwx & (1 << new_top):  # stack overflow: IE and SF, C1 = 1
+        fsw |= 0x0041 | 0x0200
+        if not fpu.fcw & 1:  # unmasked: the exception is pending, the stack unchanged
+            fpu.fsw = fsw | 0x8080
+            _set_x87(state.vcpu, fpu)
+            state.advance()
+            return "stack overflow (unmasked)"
+        exponent, significand = _X87_INDEFINITE
+    value = significand.to_bytes(8, "little") + exponent.to_bytes(2, "little") + bytes(6)
+    fpu.fpr = value + fpu.fpr[:112]
+    fpu.ftwx |= 1 << new_top
+    fpu.fsw = (fsw & ~0x3800) | new_top << 11
+    assert state.insn is not None
+    code = state.insn.raw.bytes
+    fpu.last_opcode = ((code[-2] & 7) << 8) | code[-1]
+    fpu.last_ip = state.regs.rip
+    _set_x87(state.vcpu, fpu)
+    state.advance()
+    return f"ST0={exponent:04x}:{significand:016x}"
+
+
+def _fnstsw(state: _State, insn: _Insn) -> str:
+    _x87_available(state)
+    (operand,) = insn.operands
+    status = _get_x87(state.vcpu).fsw & 0xFFFF
+    if operand.type == _OP_REG:
+        state.write_reg("ax", status)
+    else:
+        state.store(state.check_write(state.address(operand), 2), status)
+    state.advance()
+    return f"FSW={status:#06x}"
+
+
+def _fnstcw(state: _State, insn: _Insn) -> str:
+    _x87_available(state)
+    control = _get_x87(state.vcpu).fcw & 0xFFFF
+    state.store(state.check_write(state.address(insn.operands[0]), 2), control)
+    state.advance()
+    return f"FCW={control:#06x}"
+
+
+def _fldcw(state: _State, insn: _Insn) -> str:
+    _x87_available(state)
+    control = state.read(state.address(insn.operands[0]), 2)
+    fpu = _get_x87(state.vcpu)
+    fpu.fcw = control
+    # ES and B follow whether any pending exception is now unmasked.
+    pending = fpu.fsw & 0x3F & ~control
+    fpu.fsw = (fpu.fsw | 0x8080) if pending else (fpu.fsw & ~0x8080)
+    _set_x87(state.vcpu, fpu)
+    state.advance()
+    return f"FCW={control:#06x}"
+
+
+def _fstp(state: _State, insn: _Insn) -> str | None:
+    """fstp m80 (fstpt): store ST0 unchanged and pop; other forms convert, so not here."""
+    (operand,) = insn.operands
+    if operand.type != _OP_MEM or operand.size != 10:
+        return None
+    _x87_available(state)
+    fpu = _get_x87(state.vcpu)
+    top = (fpu.fsw >> 11) & 7
+    value = fpu.fpr[:10]
+    fsw = fpu.fsw & ~0x0200
+    if not fpu.ftwx & (1 << top):  # stack underflow: IE and SF, C1 = 0
+        fsw |= 0x0041
+        if not fpu.fcw & 1:
+            fpu.fsw = fsw | 0x8080
+            _set_x87(state.vcpu, fpu)
+            state.advance()
+            return "stack underflow (unmasked)"
+        exponent, significand = _X87_INDEFINITE
+        value = significand.to_bytes(8, "little") + exponent.to_bytes(2, "little")
+    state.store(state.check_write(state.address(operand), 10), int.from_bytes(value, "little"))
+    fpu.fpr = fpu.fpr[16:] + bytes(16)
+    fpu.ftwx &= ~(1 << top)
+    fpu.fsw = (fsw & ~0x3800) | ((top + 1) & 7) << 11
+    _set_x87(state.vcpu, fpu)
+    state.advance()
+    return "stored ST0 and popped"
+
+
+# -- a 32-bit iret (SDM Vol. 2A "IRET/IRETD", protected mode) ------------------------------
+
+# RFLAGS bits iret loads at any CPL: CF PF AF ZF SF TF DF OF NT RF AC ID.
+_IRET_FLAGS = 0x254DD5
+_IF, _IOPL, _NT, _VM = 1 << 9, 3 << 12, 1 << 14, 1 << 17
+
+
+def _segment_for(state: _State, selector: int) -> tuple[Segment, int, int]:
+    """The GDT descriptor for ``selector``: (segment cache, access byte, descriptor address).
+
+    Raises #GP(selector) for a selector past the GDT limit; LDT selectors are not handled.
+    """
+    gdt = state.sregs.gdt
+    index = selector & ~7
+    if selector & 4:
+        raise _NotHandled("an LDT selector")
+    if index + 7 > gdt.limit:
+        raise GuestFault(GP, selector & ~3)
+    at = gdt.base + index
+    descriptor = state.read(at, 8, implicit=True)
+    access = (descriptor >> 40) & 0xFF
+    flags = (descriptor >> 52) & 0xF
+    limit = (descriptor & 0xFFFF) | ((descriptor >> 48) & 0xF) << 16
+    segment = Segment(
+        base=((descriptor >> 16) & 0xFFFFFF) | ((descriptor >> 56) & 0xFF) << 24,
+        limit=(limit << 12) | 0xFFF if flags & 8 else limit,
+        selector=selector,
+        type=access & 0xF,
+        present=access >> 7,
+        dpl=(access >> 5) & 3,
+        s=(access >> 4) & 1,
+        avl=flags & 1,
+        l=(flags >> 1) & 1,
+        db=(flags >> 2) & 1,
+        g=flags >> 3,
+    )
+    return segment, access, at
+
+
+class _NotHandled(Exception):
+    """A case completion leaves to the crash report (task returns, LDTs, virtual-8086)."""
+
+
+def _iretd(state: _State, insn: _Insn) -> str | None:
+    if state.bits != 32 or state.sregs.efer & (1 << 10):
+        return None  # iretq works on this host; 16-bit and compatibility mode are not done here
+    try:
+        return _protected_iret(state)
+    except _NotHandled:
+        return None
+
+
+def _protected_iret(state: _State) -> str:
+    regs, sregs = state.regs, state.sregs
+    if regs.rflags & _NT:
+        raise _NotHandled("a task return")
+    ss = sregs.ss
+    stack_mask = 0xFFFFFFFF if ss.db else 0xFFFF
+    esp = regs.rsp & stack_mask
+
+    def pop(offset: int) -> int:
+        return state.read(ss.base + ((esp + offset) & stack_mask), 4)
+
+    new_eip, new_cs, new_flags = pop(0), pop(4) & 0xFFFF, pop(8)
+    if new_flags & _VM and state.cpl == 0:
+        raise _NotHandled("a return to virtual-8086 mode")
+    if new_cs & ~3 == 0:
+        raise GuestFault(GP, 0)
+    code, access, at = _segment_for(state, new_cs)
+    rpl = new_cs & 3
+    conforming = code.type & 4
+    if not code.s or not code.type & 8 or rpl < state.cpl:
+        raise GuestFault(GP, new_cs & ~3)
+    if (conforming and code.dpl > rpl) or (not conforming and code.dpl != rpl):
+        raise GuestFault(GP, new_cs & ~3)
+    if not code.present:
+        raise GuestFault(NP, new_cs & ~3)
+    if new_eip > code.limit:
+        raise GuestFault(GP, 0)
+    new_esp = (esp + 12) & stack_mask
+    new_ss = None
+    if rpl > state.cpl:  # to an outer level: SS:ESP come off the stack too
+        new_esp, new_ss_selector = pop(12), pop(16) & 0xFFFF
+        if new_ss_selector & ~3 == 0:
+            raise GuestFault(GP, 0)
+        new_ss, ss_access, ss_at = _segment_for(state, new_ss_selector)
+        if (
+            new_ss_selector & 3 != rpl
+            or new_ss.dpl != rpl
+            or not new_ss.s
+            or new_ss.type & 8
+            or not new_ss.type & 2
+        ):
+            raise GuestFault(GP, new_ss_selector & ~3)
+        if not new_ss.present:
+            raise GuestFault(SS_FAULT, new_ss_selector & ~3)
+        _mark_accessed(state, ss_access, ss_at)
+    _mark_accessed(state, access, at)
+    # RFLAGS: IOPL only at CPL0, IF only where CPL <= IOPL; VM, VIF, VIP stay (CPL0 aside).
+    changed = _IRET_FLAGS
+    if state.cpl <= (regs.rflags & _IOPL) >> 12:
+        changed |= _IF
+    if state.cpl == 0:
+        changed |= _IOPL | (3 << 19)
+    regs.rflags = (regs.rflags & ~changed) | (new_flags & changed) | 2
+    regs.rip = new_eip
+    sregs.cs = code
+    if new_ss is None:
+        regs.rsp = (regs.rsp & ~stack_mask) | new_esp
+    else:
+        regs.rsp = new_esp
+        sregs.ss = new_ss
+        # Data segments the new, outer level may not use become null.
+        for name in ("ds", "es", "fs", "gs"):
+            segment: Segment = getattr(sregs, name)
+            data_or_plain_code = not segment.type & 8 or not segment.type & 4
+            if segment.dpl < rpl and data_or_plain_code:
+                setattr(sregs, name, Segment(selector=0, present=0, unusable=1))
+    state.vcpu.set_sregs(sregs)
+    state.vcpu.set_regs(regs)
+    return f"to {new_cs:#x}:{new_eip:#x}" + (" (outer level)" if new_ss is not None else "")
+
+
+def _mark_accessed(state: _State, access: int, at: int) -> None:
+    """The CPU sets a descriptor's accessed bit when it loads it."""
+    if not access & 1:
+        pieces = state._pieces(at + 5, 1, True, implicit=True)
+        state.store(pieces, access | 1)
+
+
+def _sse_available(state: _State) -> None:
+    if state.sregs.cr0 & CR0_EM or not state.sregs.cr4 & CR4_OSFXSR:
+        raise GuestFault(UD)
+    if state.sregs.cr0 & CR0_TS:
+        raise GuestFault(NM)
+
+
+def _ldmxcsr(state: _State, insn: _Insn) -> str:
+    """ldmxcsr m32: into the XSAVE area, with SSE marked in use so KVM keeps MXCSR."""
+    _sse_available(state)
+    value = state.read(state.address(insn.operands[0]), 4)
+    area = bytearray(state.vcpu.get_xsave())
+    mask = int.from_bytes(area[28:32], "little") or 0xFFBF
+    if value & ~mask:
+        raise GuestFault(GP, 0)
+    area[24:28] = value.to_bytes(4, "little")
+    area[_XSAVE_HEADER] |= 2
+    state.vcpu.set_xsave(bytes(area))
+    state.advance()
+    return f"MXCSR={value:#x}"
+
+
+def _stmxcsr(state: _State, insn: _Insn) -> str:
+    _sse_available(state)
+    value = int.from_bytes(state.vcpu.get_xsave()[24:28], "little")
+    state.store(state.check_write(state.address(insn.operands[0]), 4), value)
+    state.advance()
+    return f"MXCSR={value:#x}"
+
+
+# -- xsave, xsavec and xrstor (SDM Vol. 1, 13.7-13.9) ----------------------------------------
+
+_XSAVE_HEADER = 512
+_XSAVE_LEGACY_END = 576  # the legacy area and the header
+_COMPACTED = 1 << 63  # XCOMP_BV bit 63: the area is in the compacted format
+_X87_INIT = bytes.fromhex("7f03") + bytes(22)  # FCW 0x37F, the rest of bytes 0-23 zero
+
+
+def _xsave_checks(state: _State, insn: _Insn) -> tuple[int, int, int]:
+    """(linear address, RFBM, XCR0) after the faults common to xsave and xrstor."""
+    if not state.sregs.cr4 & CR4_OSXSAVE:
+        raise GuestFault(UD)
+    if state.sregs.cr0 & CR0_TS:
+        raise GuestFault(NM)
+    linear = state.address(insn.operands[0])
+    if linear % 64:
+        raise GuestFault(GP, 0)
+    xcr0 = state.vcpu.get_xcr(0)
+    if xcr0 is None:
+        raise _NotHandled("no XCR0")
+    rfbm = xcr0 & (state.read_reg("edx") << 32 | state.read_reg("eax"))
+    return linear, rfbm, xcr0
+
+
+def _xsave_pieces(
+    state: _State, rfbm: int, compacted_bv: int | None
+) -> list[tuple[int, int, int, int]]:
+    """(component, offset in KVM's standard area, size, offset in the guest's area).
+
+    The guest's offsets are the standard ones, or with ``compacted_bv`` (XCOMP_BV) the
+    compacted ones: extended components packed from byte 576 in order, each that asks
+    for it aligned to 64 bytes.  MXCSR (component "-1", bytes 24-31) goes with SSE or AVX.
+    """
+    pieces = []
+    if rfbm & 1:
+        pieces += [(0, 0, 24, 0), (0, 32, 128, 32)]  # x87: control and status, ST0-ST7
+    if rfbm & 6:
+        pieces.append((-1, 24, 8, 24))  # MXCSR and MXCSR_MASK
+    if rfbm & 2:
+        pieces.append((1, 160, 256, 160))  # XMM0-XMM15
+    packed = _XSAVE_LEGACY_END
+    for component in range(2, 63):
+        selected = rfbm >> component & 1
+        listed = compacted_bv is not None and compacted_bv >> component & 1
+        if not selected and not listed:
+            continue
+        if component not in state.xsave_layout:
+            raise _NotHandled(f"XSAVE component {component} has no known layout")
+        offset, size, aligned = state.xsave_layout[component]
+        at = offset
+        if compacted_bv is not None:
+            if not listed:
+                continue  # selected but not in the area: the initial state
+            packed = (packed + 63) // 64 * 64 if aligned else packed
+            at, packed = packed, packed + size
+        if selected:
+            pieces.append((component, offset, size, at))
+    return pieces
+
+
+def _xsave(state: _State, insn: _Insn) -> str | None:
+    """xsave, xsaveopt (which may save more than it must) and xsavec: KVM's state to memory."""
+    compacted = insn.mnemonic.startswith("xsavec")
+    try:
+        linear, rfbm, _ = _xsave_checks(state, insn)
+        pieces = _xsave_pieces(state, rfbm, rfbm | _COMPACTED if compacted else None)
+    except _NotHandled:
+        return None
+    kvm = state.vcpu.get_xsave()
+    in_use = int.from_bytes(kvm[_XSAVE_HEADER : _XSAVE_HEADER + 8], "little")
+    end = max([_XSAVE_LEGACY_END, *(at + size for _, _, size, at in pieces)])
+    state.check_write(linear, end)  # fault before writing anything
+    for component, offset, size, at in pieces:
+        # xsavec leaves out components in their initial state (XSTATE_BV says which).
+        if not compacted or component < 0 or in_use >> component & 1:
+            state.write_bytes(linear + at, kvm[offset : offset + size])
+    if compacted:
+        header = (in_use & rfbm).to_bytes(8, "little") + (rfbm | _COMPACTED).to_bytes(8, "little")
+        state.write_bytes(linear + _XSAVE_HEADER, header + bytes(48))
+    else:
+        # XSTATE_BV: the bits RFBM selects say which components are in use; others stay.
+        old = int.from_bytes(state.read_bytes(linear + _XSAVE_HEADER, 8), "little")
+        header_bv = (old & ~rfbm) | (in_use & rfbm)
+        state.write_bytes(linear + _XSAVE_HEADER, header_bv.to_bytes(8, "little"))
+    state.advance()
+    return f"RFBM={rfbm:#x}" + (" compacted" if compacted else "")
+
+
+def _xrstor(state: _State, insn: _Insn) -> str | None:
+    """xrstor, standard or compacted: guest memory (or the initial state) into KVM's state."""
+    try:
+        linear, rfbm, xcr0 = _xsave_checks(state, insn)
+    except _NotHandled:
+        return None
+    header = state.read_bytes(linear + _XSAVE_HEADER, 64)
+    xstate_bv = int.from_bytes(header[:8], "little")
+    xcomp_bv = int.from_bytes(header[8:16], "little")
+    compacted = bool(xcomp_bv & _COMPACTED)
+    # What the CPU refuses with #GP: components not enabled, a header with reserved
+    # bytes set, and in the compacted form XSTATE_BV naming what XCOMP_BV does not.
+    if xstate_bv & ~xcr0 or any(header[16:]):
+        raise GuestFault(GP, 0)
+    if compacted and (xcomp_bv & ~_COMPACTED & ~xcr0 or xstate_bv & ~xcomp_bv):
+        raise GuestFault(GP, 0)
+    if not compacted and xcomp_bv:
+        raise GuestFault(GP, 0)
+    try:
+        pieces = _xsave_pieces(state, rfbm, xcomp_bv if compacted else None)
+    except _NotHandled:
+        return None
+    kvm = bytearray(state.vcpu.get_xsave())
+    end = max([_XSAVE_LEGACY_END, *(at + size for _, _, size, at in pieces)])
+    image = state.read_bytes(linear, end)
+    if rfbm & 6:
+        mxcsr = int.from_bytes(image[24:28], "little")
+        mask = int.from_bytes(kvm[28:32], "little") or 0xFFBF
+        if mxcsr & ~mask:
+            raise GuestFault(GP, 0)
+    for component in range(2, 63):  # selected, but absent from a compacted area
+        if rfbm >> component & 1 and not any(c == component for c, _, _, _ in pieces):
+            offset, size, _ = state.xsave_layout[component]
+            kvm[offset : offset + size] = bytes(size)
+    for component, offset, size, at in pieces:
+        if component < 0:
+            kvm[24:28] = image[24:28]  # MXCSR loads whatever XSTATE_BV says
+        elif xstate_bv >> component & 1:
+            kvm[offset : offset + size] = image[at : at + size]
+        elif offset == 0:
+            kvm[0:24] = _X87_INIT
+        else:
+            kvm[offset : offset + size] = bytes(size)
+    in_use = int.from_bytes(kvm[_XSAVE_HEADER : _XSAVE_HEADER + 8], "little")
+    in_use = (in_use & ~rfbm) | (xstate_bv & rfbm)
+    kvm[_XSAVE_HEADER : _XSAVE_HEADER + 8] = in_use.to_bytes(8, "little")
+    state.vcpu.set_xsave(bytes(kvm))
+    state.advance()
+    form = " compacted" if compacted else ""
+    return f"RFBM={rfbm:#x} XSTATE_BV={xstate_bv:#x}{form}"
+
+
+_HANDLERS: dict[str, Callable[[_State, _Insn], str | None]] = {
+    "int": _int,
+    "int3": _int3,
+    "int1": _int1,
+    "into": _into,
+    "popcnt": _bit_count,
+    "lzcnt": _bit_count,
+    "tzcnt": _bit_count,
+    "movbe": _movbe,
+    "clac": _clac_stac,
+    "stac": _clac_stac,
+    "cmpxchg8b": _cmpxchg8b_16b,
+    "cmpxchg16b": _cmpxchg8b_16b,
+    "clwb": _cache_line,
+    "clflushopt": _cache_line,
+    "clflush": _cache_line,
+    "invpcid": _invpcid,
+    "xgetbv": _xgetbv,
+    "xsetbv": _xsetbv,
+    "wait": _fwait,
+    "fninit": _fninit,
+    "iretd": _iretd,
+    "xsave": _xsave,
+    "xsave64": _xsave,
+    "xsaveopt": _xsave,
+    "xsaveopt64": _xsave,
+    "xsavec": _xsave,
+    "xsavec64": _xsave,
+    "xrstor": _xrstor,
+    "ldmxcsr": _ldmxcsr,
+    "stmxcsr": _stmxcsr,
+    "xrstor64": _xrstor,
+    "fnstsw": _fnstsw,
+    "fnstcw": _fnstcw,
+    "fldcw": _fldcw,
+    "fstp": _fstp,
+    **dict.fromkeys(_X87_CONSTANTS, _fld_constant),
+}
+
+COMPLETED_MNEMONICS = tuple(sorted(_HANDLERS))
+
+
+def xsave_layout(cpuid: list[CpuidEntry]) -> dict[int, tuple[int, int, bool]]:
+    """Extended XSAVE components -> (standard offset, size, aligned in the compacted form),
+    from CPUID leaf 0xD."""
+    return {
+        entry.index: (entry.ebx, entry.eax, bool(entry.ecx & 2))
+        for entry in cpuid
+        if entry.function == 0xD and 2 <= entry.index < 63 and entry.eax
+    }

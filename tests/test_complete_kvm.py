@@ -1,0 +1,148 @@
+"""Instruction completion under the real /dev/kvm, and what this host's KVM does.
+
+The PVM pins record what tools/probe_soft_events.py found on this host; on
+hardware KVM the instructions run and the pins do not apply (they skip, saying so).
+"""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from kvmpy.backends.exits import ExitKind
+from kvmpy.loaders.flat import load_flat
+from kvmpy.machine import Machine
+from tests.helpers import ROOT, assembler, guest, host_kvm_module
+
+pytestmark = pytest.mark.kvm
+
+PVM_ONLY = "pins what PVM does with an instruction it cannot emulate; this host's KVM is {}"
+
+
+def kvmpy_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kvmpy", *args], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+
+
+def test_complete64_passes_and_says_what_it_completed() -> None:
+    image = str(guest("complete64"))
+    done = kvmpy_cli("run", "--mode", "long", "--stats", "--trace=emulated", image)
+    assert "complete64 OK: all checks passed" in done.stdout
+    assert done.returncode == 1, done.stderr
+    if host_kvm_module() == "kvm_pvm":
+        assert "[vcpu0] COMPLETED  0x10011b  int3  (vector 3 through the IDT)" in done.stderr
+        assert "completed instructions: " in done.stderr
+        # 12 in the differential block, 2 faulting (#PF, #GP).
+        assert " int3 1" in done.stderr and "popcnt 14" in done.stderr
+        assert "COMPLETED  0x100206  popcnt rax, qword ptr [rsi]  (#PF)" in done.stderr
+
+
+def test_no_complete_shows_the_hosts_raw_behaviour() -> None:
+    if host_kvm_module() != "kvm_pvm":
+        pytest.skip(PVM_ONLY.format(host_kvm_module() or "missing"))
+    done = kvmpy_cli("run", "--mode", "long", "--no-complete", str(guest("complete64")))
+    assert done.returncode == 4
+    assert "KVM internal error" in done.stderr and "KVM could not run: cc (int3)" in done.stderr
+
+
+def test_info_says_completion_is_on() -> None:
+    done = kvmpy_cli("info")
+    assert "instruction completion: on" in done.stdout
+
+
+# -- the probe's findings, pinned ----------------------------------------------------------
+
+PROBE = """
+    lea handler(%rip), %rax
+    lea idt + 3 * 16(%rip), %rdi
+    mov %ax, (%rdi)
+    movw $0x10, 2(%rdi)
+    movw $0x8e00, 4(%rdi)
+    shr $16, %rax
+    mov %ax, 6(%rdi)
+    lidt idtr(%rip)
+probe:
+    int3
+    movq $1, 0x200008
+    hlt
+handler:
+    incq 0x200010
+    mov (%rsp), %rax
+    mov %rax, 0x200000
+    iretq
+    .data
+    .align 16
+idtr: .word 256 * 16 - 1
+    .quad idt
+    .align 16
+idt: .space 256 * 16
+"""
+
+
+def _int3_probe(tmp_path: Path, advance: bool, how: str) -> tuple[int, int, int, int, int]:
+    """(exit kind, RIP of the int3, RIP the handler saw, reached after, handler entries)."""
+    image = assembler(tmp_path)(PROBE, "long")
+    with Machine(mem_size=4 << 20, irqchip=False) as m:
+        m.load(load_flat(image, 0x100000), mode="long")
+        vcpu = m.vcpu
+        assert vcpu.run() == ExitKind.INTERNAL_ERROR
+        at = vcpu.get_regs().rip
+        if advance:
+            regs = vcpu.get_regs()
+            regs.rip += 1
+            vcpu.set_regs(regs)
+        if how == "interrupt":
+            vcpu.inject_interrupt(3)
+        else:
+            vcpu.inject_exception(3)
+        kind = vcpu.run()
+        seen, after, entries = struct.unpack("<3Q", m.memory.read(0x200000, 24))
+        return kind, at, seen, after, entries
+
+
+@pytest.mark.parametrize("how", ["interrupt", "exception"])
+def test_pvm_delivers_an_injected_event_with_rip_as_it_is(tmp_path: Path, how: str) -> None:
+    if host_kvm_module() != "kvm_pvm":
+        pytest.skip(PVM_ONLY.format(host_kvm_module() or "missing"))
+    kind, at, seen, after, entries = _int3_probe(tmp_path, advance=True, how=how)
+    # RIP advanced by kvmpy is what the handler sees, and iretq returns past the int3.
+    assert (kind, seen, after, entries) == (ExitKind.HLT, at + 1, 1, 1)
+
+
+def test_pvm_does_not_skip_the_instruction_itself(tmp_path: Path) -> None:
+    if host_kvm_module() != "kvm_pvm":
+        pytest.skip(PVM_ONLY.format(host_kvm_module() or "missing"))
+    kind, at, seen, after, entries = _int3_probe(tmp_path, advance=False, how="interrupt")
+    # The handler ran and returned to the int3, which failed again: no double advance.
+    assert (kind, seen, after, entries) == (ExitKind.INTERNAL_ERROR, at, 0, 1)
+
+
+def test_pvm_runs_lzcnt_as_bsr_without_an_exit(tmp_path: Path) -> None:
+    """A host bug completion cannot fix: no exit, a wrong result (lzcnt 0 should be 32)."""
+    if host_kvm_module() != "kvm_pvm":
+        pytest.skip(PVM_ONLY.format(host_kvm_module() or "missing"))
+    image = assembler(tmp_path)(
+        "mov $0x55, %eax\n xor %ebx, %ebx\n lzcnt %ebx, %eax\n out %al, $0xf4\n", "long"
+    )
+    with Machine(mem_size=4 << 20, irqchip=False) as m:
+        m.load(load_flat(image, 0x100000), mode="long")
+        outcome = m.run(timeout=10)
+    assert outcome.exit_code == 0x55  # bsr with a zero source leaves the destination
+    assert m.arch.completer.counts == {}
+
+
+def test_compare_exchange_is_the_cpus_own_on_guest_ram() -> None:
+    with Machine(mem_size=1 << 20, irqchip=False) as m:
+        m.memory.write(0x3000, struct.pack("<QQ", 1, 2))
+        view = m.memory.view(0x3000, 16)
+        assert m.vcpu.compare_exchange(view, 2 << 64 | 1, 4 << 64 | 3) == (True, 2 << 64 | 1)
+        assert m.vcpu.compare_exchange(view, 0, 5) == (False, 4 << 64 | 3)
+        assert struct.unpack("<QQ", m.memory.read(0x3000, 16)) == (3, 4)
+        assert m.vcpu.compare_exchange(m.memory.view(0x3004, 8), 4 << 32, 7) == (True, 4 << 32)
+        with pytest.raises(OSError, match="alignment"):
+            m.vcpu.compare_exchange(m.memory.view(0x3008, 16), 0, 0)
