@@ -126,7 +126,7 @@ class Bus:
         self.mappings: list[Mapping] = []
         self._starts: list[int] = []
         self._dense = name == "port"
-        self.handlers: dict[int, tuple[ReadHandler, WriteHandler, int, threading.Lock]] = {}
+        self.handlers: dict[int, tuple[ReadHandler, WriteHandler, int, LockType | None]] = {}
         self.pages: dict[int, tuple[ReadHandler, WriteHandler, int, int, threading.Lock]] = {}
         self._shared_pages: set[int] = set()  # pages two mappings touch: not in ``pages``
         # (kind, address) -> count of accesses nobody handled, but for the
@@ -158,8 +158,15 @@ class Bus:
         device: Device,
         name: str | None = None,
         lock: LockType | None = None,  # threading.Lock is a function before 3.13
+        *,
+        only_caller: bool = False,
     ) -> None:
-        """Give ``device`` the range; ``lock`` is its lock (a new one if not shared)."""
+        """Give ``device`` the range; ``lock`` is its lock (a new one if not shared).
+
+        ``only_caller``: the vCPU thread is the device's only caller (one vCPU,
+        and the device has no host entry points), so the run loop's fast path
+        may skip the lock; every other path still takes it.
+        """
         label = name or type(device).__name__
         lock = lock or threading.Lock()
         if length <= 0 or base < 0 or base + length > self.address_limit:
@@ -176,7 +183,8 @@ class Bus:
         self.mappings.insert(index, mapping)
         if self._dense:
             for address in range(base, base + length):
-                self.handlers[address] = (device.read, device.write, base, lock)
+                fast_lock = None if only_caller else lock
+                self.handlers[address] = (device.read, device.write, base, fast_lock)
         else:
             self._index_pages(mapping)
 
@@ -216,7 +224,10 @@ class Bus:
                 if self.strict or not 0 <= address < self.address_limit:
                     return self._unhandled("read", address, size, _all_ones(size))
                 return self._unclaimed_port(address).read(0, size)
-            with handler[3]:
+            lock = handler[3]
+            if lock is None:  # the device's only caller is the vCPU thread
+                return handler[0](address - handler[2], size)
+            with lock:
                 return handler[0](address - handler[2], size)
         mapping = self.find(address)
         if mapping is None or address + size > mapping.end:
@@ -234,7 +245,11 @@ class Bus:
                 else:
                     self._unclaimed_port(address).write(0, size, value)
                 return
-            with handler[3]:
+            lock = handler[3]
+            if lock is None:
+                handler[1](address - handler[2], size, value)
+                return
+            with lock:
                 handler[1](address - handler[2], size, value)
             return
         mapping = self.find(address)

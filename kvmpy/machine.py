@@ -185,10 +185,15 @@ class Machine:
     def _add_device(self, entry: DeviceEntry, wiring: Wiring) -> None:
         device = entry.build(wiring)
         lock = threading.Lock()
+        # A device no host thread calls, on a one-vCPU machine, has one caller:
+        # the fast path may skip its lock (the exit round trip pays for it).
+        only_caller = len(self.vcpus) == 1 and getattr(device, "HOST_ENTRY_POINTS", None) == ()
         for bus, ranges in ((self.ports, entry.ports), (self.mmio, entry.mmio)):
             for span in ranges:
                 part = getattr(device, span.part) if span.part else device
-                bus.register(span.base, span.length, part, span.label, lock)
+                bus.register(
+                    span.base, span.length, part, span.label, lock, only_caller=only_caller
+                )
         self._devices[entry.name] = device
         self._device_locks[entry.name] = lock
 

@@ -189,8 +189,12 @@ def _run_fast(vcpu: Vcpu, context: LoopContext) -> Outcome | None:
             port = exit_.io_port
             handler = handlers.get(port)
             if handler is not None:
-                with handler[3]:
+                lock = handler[3]
+                if lock is None:  # the device's only caller is this vCPU
                     handler[1](port - handler[2], exit_.io_size, exit_.value)
+                else:
+                    with lock:
+                        handler[1](port - handler[2], exit_.io_size, exit_.value)
             else:
                 ports.write(port, exit_.io_size, exit_.value)
         elif reason == port_in:
@@ -198,8 +202,12 @@ def _run_fast(vcpu: Vcpu, context: LoopContext) -> Outcome | None:
             size = exit_.io_size
             handler = handlers.get(port)
             if handler is not None:
-                with handler[3]:
+                lock = handler[3]
+                if lock is None:
                     value = handler[0](port - handler[2], size)
+                else:
+                    with lock:
+                        value = handler[0](port - handler[2], size)
             else:
                 value = ports.read(port, size)
             pack[size](buffer, exit_.data_offset, value & mask[size])

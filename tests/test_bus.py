@@ -370,6 +370,7 @@ def test_unclaimed_ports_get_a_counting_stub() -> None:
     assert bus.read(0x99, 2) == 0xFFFF
     assert 0x99 in bus.handlers  # the next access is one lookup
     read, _write, base, lock = bus.handlers[0x99]
+    assert lock is not None
     with lock:
         assert read(0x99 - base, 1) == 0xFF
     bus.write(0x99, 1, 5)
@@ -402,3 +403,17 @@ def test_unclaimed_mmio_pages_get_a_counting_stub_until_claimed() -> None:
     with pytest.raises(UnhandledAccess):
         strict.read(0xD000_0000, 4)
     assert not strict.pages
+
+
+def test_a_device_whose_only_caller_is_the_vcpu_skips_the_lock_on_the_fast_path() -> None:
+    bus = Bus("port", 0x10000)
+    lock = threading.Lock()
+    only, shared = Recorder(), Recorder()
+    bus.register(0x80, 1, only, "POST", lock, only_caller=True)
+    bus.register(0x3F8, 8, shared, "COM1")
+    assert bus.handlers[0x80][3] is None
+    assert bus.handlers[0x3F8][3] is not None
+    # Everything else (host threads, through Machine.device_lock) still has the lock.
+    assert [m.lock for m in bus.mappings if m.name == "POST"] == [lock]
+    bus.write(0x80, 1, 7)
+    assert only.writes == [(0, 1, 7)]

@@ -227,3 +227,11 @@ def test_mmio_of_every_length_and_across_a_device_end_never_raises() -> None:
         assert replies[0] == (ExitKind.MMIO, b"\xff" * 5)  # runs past the device: all ones
         assert all(len(reply) == step for (_, reply), step in zip(replies, [5, 5], strict=False))
         assert m.mmio.unhandled[("read", TESTDEV_BASE + 0xFFD)] == 2
+
+
+def test_only_devices_no_host_thread_calls_skip_the_lock_and_only_with_one_vcpu() -> None:
+    with machine() as m:
+        assert m.ports.handlers[0x80][3] is None  # POST: only the guest calls it
+        assert m.ports.handlers[COM1][3] is m.device_lock("serial")  # stdin feeds it
+    with Machine(mem_size=1 << 20, cpus=2, backend=FakeBackend([], [])) as m:
+        assert m.ports.handlers[0x80][3] is m.device_lock("post")  # two vCPUs may race

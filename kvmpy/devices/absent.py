@@ -41,6 +41,9 @@ class AbsentPorts:
     across reset and restore).
     """
 
+    # Only the guest calls it: no host thread does (see Bus.register, only_caller).
+    HOST_ENTRY_POINTS: ClassVar[tuple[str, ...]] = ()
+
     def __init__(self) -> None:
         self.reads = 0
         self.writes = 0

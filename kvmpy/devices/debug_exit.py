@@ -8,6 +8,7 @@ port 0xf4 with 4 ports, like ``-device isa-debug-exit,iobase=0xf4,iosize=4``.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import ClassVar
 
 from .base import Stateless, access_fits, all_ones
 
@@ -27,6 +28,9 @@ class DebugExit(Stateless):
     ``on_exit`` runs on the calling thread with the device lock held, so it
     must not call back into this device.
     """
+
+    # Only the guest calls it: no host thread does (see Bus.register, only_caller).
+    HOST_ENTRY_POINTS: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, on_exit: Callable[[int], None]) -> None:
         self.on_exit = on_exit

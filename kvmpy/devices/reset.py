@@ -165,6 +165,9 @@ class SystemControlPortA:
     anything beyond port 0x92 is ignored and counted in ``ignored_accesses``.
     """
 
+    # Only the guest calls it: no host thread does (see Bus.register, only_caller).
+    HOST_ENTRY_POINTS: ClassVar[tuple[str, ...]] = ()
+
     def __init__(self, on_reset: Callable[[], None]) -> None:
         self.on_reset = on_reset
         self.ignored_accesses = 0
