@@ -164,8 +164,9 @@ class Bus:
         """Give ``device`` the range; ``lock`` is its lock (a new one if not shared).
 
         ``only_caller``: the vCPU thread is the device's only caller (one vCPU,
-        and the device has no host entry points), so the run loop's fast path
-        may skip the lock; every other path still takes it.
+        and the device has no host entry points), so port dispatch (the run
+        loop and ``read``/``write``) skips the lock; it stays in the mapping
+        for anyone else.
         """
         label = name or type(device).__name__
         lock = lock or threading.Lock()
@@ -182,9 +183,9 @@ class Bus:
         self._starts.insert(index, base)
         self.mappings.insert(index, mapping)
         if self._dense:
+            handler = (device.read, device.write, base, None if only_caller else lock)
             for address in range(base, base + length):
-                fast_lock = None if only_caller else lock
-                self.handlers[address] = (device.read, device.write, base, fast_lock)
+                self.handlers[address] = handler
         else:
             self._index_pages(mapping)
 

@@ -23,7 +23,6 @@ import sys
 import termios
 import threading
 import time
-from _thread import LockType
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
@@ -53,7 +52,7 @@ from kvmpy.machine import DEFAULT_MEM_SIZE, Machine
 from kvmpy.memory import MAX_RAM_SIZE, GuestMemoryError, parse_size
 from kvmpy.outcome import STATUS_ERROR, STATUS_INTERRUPTED, Outcome, OutcomeKind
 from kvmpy.runloop import ExitObserver
-from kvmpy.serialio import SerialPorts
+from kvmpy.serialio import GuestInput, SerialPorts
 from kvmpy.x86.modes import IDENTITY_MAP_SIZE, MODES, CpuSetup, default_load_addr
 
 if TYPE_CHECKING:
@@ -415,13 +414,11 @@ def _terminal_input() -> Iterator[None]:
         termios.tcsetattr(fd, termios.TCSADRAIN, saved)
 
 
-class _StdinPump:
+class _StdinPump(GuestInput):
     """Feeds stdin to the current machine's UART until EOF (survives reboots)."""
 
     def __init__(self) -> None:
-        self.serial: Serial16550 | None = None
-        # The serial device's lock: stdin is a host thread calling into it.
-        self.lock: LockType | None = None
+        super().__init__()
         self.enabled = True  # False when stdin is not COM1's (--serial)
 
     def start(self) -> None:
@@ -440,15 +437,7 @@ class _StdinPump:
                 return
             if not data:
                 return
-            while data:
-                serial, lock = self.serial, self.lock
-                accepted = 0
-                if serial is not None and lock is not None:
-                    with lock:
-                        accepted = serial.feed(data)
-                data = data[accepted:]
-                if data:
-                    time.sleep(0.01)  # the UART's queue is full: let the guest read
+            self.feed(data)  # waits while the UART's queue is full
 
 
 def _report(outcome: Outcome, machine: Machine, verbose: bool) -> None:

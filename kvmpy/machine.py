@@ -30,11 +30,12 @@ from kvmpy.board import Board, DeviceEntry, FirmwareContext, Wiring
 from kvmpy.bus import Bus
 from kvmpy.console import DEFAULT_CONSOLE_LIMIT, ConsoleLog
 from kvmpy.devices.base import IrqCallback, no_irq
+from kvmpy.devices.debug_exit import exit_status as debug_exit_status
 from kvmpy.hostinfo import kvm_modules
 from kvmpy.loaders import LoaderError, LoadPlan, check_plan
 from kvmpy.loaders.detect import load_image
 from kvmpy.memory import PAGE_SIZE, GuestMemory
-from kvmpy.outcome import REPORTED_KINDS, Outcome, OutcomeKind, debug_exit_status
+from kvmpy.outcome import REPORTED_KINDS, Outcome, OutcomeKind
 from kvmpy.runloop import ExitObserver, LoopContext, run_vcpu
 from kvmpy.x86.arch import X86Arch
 from kvmpy.x86.modes import CpuSetup, default_load_addr, setup_mode
@@ -262,11 +263,6 @@ class Machine:
                 slot += 1
         return logged_slot
 
-    # Older name, kept for the tests and tools that use it.
-    @property
-    def vga_slot(self) -> int | None:
-        return self.logged_slot
-
     def screen_dirty(self) -> bool:
         """Whether the guest wrote to the logged window (VGA text) since the last call.
 
@@ -392,7 +388,7 @@ class Machine:
             self.memory.write(gpa, data)
         for segment in plan.segments:
             self.memory.write(segment.gpa, segment.data)
-            self._zero(segment.gpa + len(segment.data), segment.memsz - len(segment.data))
+            self.memory.zero(segment.gpa + len(segment.data), segment.memsz - len(segment.data))
         self.vcpu.set_sregs(setup.sregs)
         if setup.sregs.cr0 & CR0_PG and not self.vcpu.get_sregs().cr0 & CR0_PG:
             # PVM accepts KVM_SET_SREGS but drops CR0.PG outside long mode.
@@ -404,13 +400,6 @@ class Machine:
             )
         self.vcpu.set_regs(dataclasses.replace(setup.regs, **plan.registers))
         return setup
-
-    def _zero(self, gpa: int, length: int) -> None:
-        zero = getattr(self.memory, "zero", None)
-        if zero is not None:
-            zero(gpa, length)
-        elif length > 0:
-            self.memory.write(gpa, bytes(length))
 
     def _check_firmware_overlap(self, plan: LoadPlan) -> None:
         """Refuse a segment over a firmware table or another reserved range, naming both."""
@@ -445,17 +434,13 @@ class Machine:
         self._capture_power_on()
         assert self._power_on is not None
         for name, device in self._devices.items():
-            reset = getattr(device, "reset", None)
-            if reset is not None:
-                with self._device_locks[name]:
-                    reset()
+            with self._device_locks[name]:
+                device.reset()
         for vcpu, state in zip(self.vcpus, self._power_on["vcpus"], strict=True):
             vcpu.load_state(state)
-        load_interrupts = getattr(self.vm, "load_interrupt_state", None)
-        if load_interrupts is not None:
-            load_interrupts(self._power_on["vm"])
+        self.vm.load_interrupt_state(self._power_on["vm"])
         for region in self.memory:
-            self._zero(region.gpa, region.size)
+            self.memory.zero(region.gpa, region.size)
         self._outcome = None
 
     # -- output ----------------------------------------------------------------------------
@@ -689,9 +674,8 @@ class Machine:
             if self._stopping.is_set() or not self._suspended:
                 return
             assert self._power_on is not None
-            load_interrupts = getattr(self.vm, "load_interrupt_state", None)
-            if load_interrupts is not None:  # S3 powers the interrupt controllers off
-                load_interrupts(self._power_on["vm"])
+            # S3 powers the interrupt controllers off.
+            self.vm.load_interrupt_state(self._power_on["vm"])
             self._suspended = False
             self._parked = 0
             self._vcpus_stop.clear()

@@ -13,6 +13,8 @@ import enum
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from kvmpy.devices.debug_exit import exit_status as debug_exit_status
+
 if TYPE_CHECKING:
     from kvmpy.debug.crash import CrashReport
 
@@ -61,11 +63,6 @@ _STATUSES = {
 REPORTED_KINDS = frozenset(
     (OutcomeKind.TRIPLE_FAULT, OutcomeKind.CRASH, OutcomeKind.TIMEOUT, OutcomeKind.INTERRUPTED)
 )
-
-
-def debug_exit_status(code: int) -> int:
-    """QEMU's isa-debug-exit convention: the process exits with (code << 1) | 1."""
-    return ((code << 1) | 1) & 0xFF
 
 
 def exit_status(kind: OutcomeKind, exit_code: int | None = None) -> int:

@@ -264,6 +264,9 @@ class FakeVm:
     def load_state(self, state: dict[str, Any]) -> None:
         self.irq_levels = [(int(irq), bool(level)) for irq, level in state["irq_levels"]]
 
+    def load_interrupt_state(self, state: dict[str, Any]) -> None:
+        self.load_state(state)
+
     def close(self) -> None:
         self.closed = True
 

@@ -632,7 +632,7 @@ def test_vga_window_is_ram_split_into_its_own_slot(assemble: Assembler, tmp_path
         """
     )
     with Machine(mem_size=2 << 20) as m:
-        assert m.vga_slot is not None
+        assert m.logged_slot is not None
         m.load(load_flat(image, 0x7C00), mode="real")
         m.memory.write(VGA_TEXT_BASE + 2, b"\x55\x55")  # written by kvmpy: not in the log
         assert m.screen_dirty() is False
@@ -643,8 +643,8 @@ def test_vga_window_is_ram_split_into_its_own_slot(assemble: Assembler, tmp_path
         assert m.memory.read_u16(VGA_TEXT_BASE + VGA_TEXT_WINDOW - 2) == 0x3333
         assert m.memory.read_u16(VGA_TEXT_BASE + VGA_TEXT_WINDOW) == 0x4444
         # The guest wrote the window's first page (bit 0) and its last (bit 7).
-        assert m.vm.dirty_pages(m.vga_slot, VGA_TEXT_WINDOW // 0x1000) == b"\x81"
-        assert m.vm.dirty_pages(m.vga_slot, VGA_TEXT_WINDOW // 0x1000) == b"\x00"
+        assert m.vm.dirty_pages(m.logged_slot, VGA_TEXT_WINDOW // 0x1000) == b"\x81"
+        assert m.vm.dirty_pages(m.logged_slot, VGA_TEXT_WINDOW // 0x1000) == b"\x00"
         screen = save_screenshot(m, tmp_path / "screen.png")
         assert screen.cell(0, 0) == Cell(0x22, 2, 2, False)
         with pytest.raises(KvmError, match="KVM_GET_DIRTY_LOG"):

@@ -223,6 +223,9 @@ class Vm(Protocol):
 
     def load_state(self, state: dict[str, Any]) -> None: ...
 
+    def load_interrupt_state(self, state: dict[str, Any]) -> None:
+        """The interrupt controllers' part of ``load_state`` (reset, resume from S3)."""
+
     def close(self) -> None: ...
 
 

@@ -431,6 +431,9 @@ class SoftVm:
                 "restore a snapshot under the backend that took it",
             )
 
+    def load_interrupt_state(self, state: dict[str, Any]) -> None:
+        """Nothing to do: the CPU emulator has no interrupt controllers."""
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True
