@@ -15,7 +15,7 @@ LD ?= ld
 OUT := guests/out
 REAL_GUESTS := real_hello pio_loop counter runner_pass runner_fail runner_skip vga_colors chatty \
 	s3_resume
-PROTECTED_GUESTS := protected_hello paged32_hello exit_cycles iret32
+PROTECTED_GUESTS := protected_hello paged32_hello exit_cycles iret32 intn32
 LONG_GUESTS := long_hello triple_fault mmio_hello interrupts gdb_target stress_io cpl0_loop cpl3_loop \
 	complete64
 MULTIBOOT_GUESTS := multiboot_hello

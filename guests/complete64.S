@@ -10,6 +10,9 @@
  * constants) runs once at CPL0 into table_a, then the guest drops to CPL3,
  * where this host runs code natively, runs the same block into table_b and
  * compares the two, results and flags.  Exit code 0: all passed.
+ * A second differential block does the same for SSE and x87 arithmetic, which
+ * kvmpy runs one instruction at a time on the CPU emulator (kvmpy/x86/fallback.py):
+ * results, RFLAGS, MXCSR's exception flags and the x87 status word with C1.
  * (lzcnt/tzcnt and movbe are left out: at CPL0 PVM's emulator runs lzcnt and
  * tzcnt as bsr/bsf and answers movbe from memory with #UD, without an exit,
  * so there is nothing to complete; see docs/completion.md.)
@@ -244,9 +247,11 @@ at_xsetbv:
 	mov	$2, %eax
 	invpcid	(%rdi), %rax
 
-	/* The differential block at CPL0, into table_a. */
+	/* The differential blocks at CPL0, into table_a and simd_a. */
 	lea	table_a(%rip), %rdi
 	call	differential
+	lea	simd_a(%rip), %rdi
+	call	simd_differential
 
 	/* To CPL3: user pages (U in PML4[0], PDPT[0], PD[0]), user segments, IOPL 3. */
 	mov	%cr3, %rax
@@ -276,6 +281,13 @@ user:
 	cld
 	repe cmpsb
 	check	e, msg_differential
+	lea	simd_b(%rip), %rdi
+	call	simd_differential
+	lea	simd_a(%rip), %rsi
+	lea	simd_b(%rip), %rdi
+	mov	$SIMD_SIZE, %ecx
+	repe cmpsb
+	check	e, msg_simd_differential
 	lea	msg_ok(%rip), %rsi
 	call	puts
 	xor	%eax, %eax
@@ -362,6 +374,127 @@ differential:
 	fninit
 	ret
 
+/*
+ * SSE and x87 arithmetic, which this host's KVM gives up on at CPL0: kvmpy runs
+ * each such instruction on the CPU emulator (kvmpy/x86/fallback.py).  Results,
+ * flags, MXCSR and the x87 status word go to (%rdi), 8 bytes a slot.
+ */
+	.macro	keep_rax
+	mov	%rax, (%rdi)
+	add	$8, %rdi
+	.endm
+	.macro	keep_flags
+	pushf
+	pop	%rax
+	and	$FLAGS_MASK, %eax
+	keep_rax
+	.endm
+	.macro	keep_xmm reg
+	movq	\reg, %rax
+	keep_rax
+	pextrq	$1, \reg, %rax
+	keep_rax
+	.endm
+	.macro	keep_mxcsr
+	stmxcsr	(%rdi)
+	movl	$0, 4(%rdi)
+	add	$8, %rdi
+	.endm
+
+simd_differential:
+	mov	$0x1f80, %eax
+	mov	%eax, simd_scratch(%rip)
+	ldmxcsr	simd_scratch(%rip)
+	/* movd xmm15, ecx: the instruction that stopped Debian's cloud kernel. */
+	mov	$0x89abcdef, %ecx
+	pcmpeqd	%xmm15, %xmm15
+	movd	%ecx, %xmm15
+	keep_xmm %xmm15
+	/* Packed and scalar floating point, conversions, rounding exceptions in MXCSR. */
+	movdqa	simd_in(%rip), %xmm0
+	movdqa	simd_in + 16(%rip), %xmm1
+	movaps	%xmm0, %xmm2
+	addps	%xmm1, %xmm2
+	keep_xmm %xmm2
+	movaps	%xmm0, %xmm3
+	mulps	%xmm1, %xmm3
+	keep_xmm %xmm3
+	movaps	%xmm0, %xmm4
+	divps	%xmm1, %xmm4
+	keep_xmm %xmm4
+	keep_mxcsr
+	sqrtsd	simd_in + 32(%rip), %xmm5
+	keep_xmm %xmm5
+	mov	$-7, %rax
+	cvtsi2sd %rax, %xmm6
+	keep_xmm %xmm6
+	cvttsd2si simd_in + 40(%rip), %rax
+	keep_rax
+	cvtsd2si simd_in + 40(%rip), %rax
+	keep_rax
+	keep_mxcsr
+	/* Compares that set RFLAGS. */
+	comisd	simd_in + 32(%rip), %xmm5
+	keep_flags
+	ucomiss	%xmm1, %xmm0
+	keep_flags
+	ptest	%xmm0, %xmm1
+	keep_flags
+	/* Integer SSE. */
+	movdqa	%xmm0, %xmm7
+	pshufb	simd_in + 48(%rip), %xmm7
+	keep_xmm %xmm7
+	movdqa	%xmm0, %xmm8
+	pmulld	%xmm1, %xmm8
+	keep_xmm %xmm8
+	movdqa	%xmm0, %xmm9
+	psadbw	%xmm1, %xmm9
+	keep_xmm %xmm9
+	movq	%xmm9, simd_scratch(%rip)	/* a store to memory */
+	mov	simd_scratch(%rip), %rax
+	keep_rax
+	/* x87: loads of each size, arithmetic, a rounded store, compares. */
+	fninit
+	flds	simd_x87(%rip)			/* 2.5 */
+	fldl	simd_x87 + 8(%rip)		/* 1/3 */
+	fmulp
+	fildl	simd_x87 + 16(%rip)		/* 7 */
+	faddp
+	fsqrt
+	fld1
+	fdivr	%st(1), %st
+	fstpt	(%rdi)
+	add	$10, %rdi
+	fstl	(%rdi)
+	add	$8, %rdi
+	fistpl	(%rdi)
+	add	$4, %rdi
+	fnstsw	(%rdi)
+	add	$2, %rdi
+	fldl	simd_x87 + 8(%rip)
+	fldpi
+	fcomi	%st(1), %st
+	keep_flags
+	fscale
+	fchs
+	fistps	(%rdi)		/* -pi: -3, rounded down in magnitude, C1 clear */
+	fnstsw	2(%rdi)
+	fchs
+	fistpl	4(%rdi)
+	add	$8, %rdi
+	fninit
+	flds	simd_x87(%rip)
+	fchs
+	fistpl	(%rdi)		/* -2.5 to even: -2, C1 clear */
+	fnstsw	4(%rdi)
+	add	$6, %rdi
+	fldl	simd_x87 + 24(%rip)
+	fistpl	(%rdi)		/* -2.75: -3, magnitude rounded up */
+	fnstsw	4(%rdi)
+	add	$6, %rdi
+	fninit
+	ret
+
 on_vector3:
 	incl	count3(%rip)
 	mov	(%rsp), %rax
@@ -425,6 +558,7 @@ msg_xrstor:	.asciz	"FAIL: xrstor64 did not load XMM0 and the x87 stack\n"
 msg_xrstor_init: .asciz	"FAIL: xrstor64 with SSE not in use left XMM0 as it was\n"
 msg_fault_rip:	.asciz	"FAIL: a fault came from an unexpected RIP\n"
 msg_differential: .asciz "FAIL: CPL0 (completed) and CPL3 (native) results differ\n"
+msg_simd_differential: .asciz "FAIL: SSE/x87 at CPL0 (the fallback) and CPL3 (native) differ\n"
 
 	.data
 	.align 16
@@ -466,5 +600,22 @@ scratch:	.quad	0
 	.align 16
 table_a:	.space	TABLE_SIZE
 table_b:	.space	TABLE_SIZE
+	/* 26 slots of 8 bytes, then the x87 part: 10 + 8 + 4 + 2 + 8 + 8 + 6 + 6 bytes. */
+	.set SIMD_SIZE, 26 * 8 + 52
+	.align 16
+simd_a:		.space	SIMD_SIZE
+simd_b:		.space	SIMD_SIZE
+	.align 16
+simd_in:	.float	1.5, -2.25, 3.0e38, 0.1
+	.float	3.0, 0.5, 10.0, 7.0
+	.double	2.0, -2.5
+	.byte	15, 14, 13, 12, 0x80, 10, 9, 8, 7, 6, 5, 4, 3, 0x82, 1, 0
+simd_x87:	.float	2.5
+	.long	0
+	.double	0.3333333333333333
+	.long	7
+	.long	0
+	.double	-2.75
+simd_scratch:	.quad	0
 	.align 16
 idt:	.space	256 * 16

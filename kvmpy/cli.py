@@ -848,10 +848,9 @@ def cmd_info(args: argparse.Namespace) -> int:
         try:
             text = backend.describe()
             if name == "kvm":
-                text += (
-                    "\ninstruction completion: on (instructions KVM cannot emulate are "
-                    "finished by kvmpy, one exit each; --no-complete turns it off)"
-                )
+                from kvmpy.x86.complete import describe_completion
+
+                text += "\n" + describe_completion()
             sections.append(text)
             opened += 1
         finally:

@@ -40,6 +40,20 @@ def test_complete64_passes_and_says_what_it_completed() -> None:
         # 12 in the differential block, 2 faulting (#PF, #GP).
         assert " int3 1" in done.stderr and "popcnt 14" in done.stderr
         assert "COMPLETED  0x100206  popcnt rax, qword ptr [rsi]  (#PF)" in done.stderr
+        # SSE and x87 arithmetic: one instruction each on the CPU emulator (the fallback).
+        assert "movd xmm15, ecx  (one instruction on the CPU emulator)" in done.stderr
+        assert "movd (emulator) 1" in done.stderr and "fistp (emulator) 5" in done.stderr
+
+
+def test_intn32_exception_tests_written_with_int_n_pass() -> None:
+    """A test kernel in kvm-unit-tests' style: int3, int $n (no error code, also for
+    8, 13, 14, 17), into, and a DPL-violating gate giving #GP, at CPL0 and CPL1."""
+    done = kvmpy_cli("run", "--mode", "protected", "--stats", str(guest("intn32")))
+    assert "intn32 OK: int3, int $n, into and the gate DPL check" in done.stdout, done.stderr
+    assert done.returncode == 1, done.stderr
+    if host_kvm_module() == "kvm_pvm":
+        # Every one of them went through completion, the #GP from CPL1 included.
+        assert "completed instructions: iretd 11, int 7, int3 2, into 1" in done.stderr
 
 
 def test_no_complete_shows_the_hosts_raw_behaviour() -> None:
@@ -50,9 +64,10 @@ def test_no_complete_shows_the_hosts_raw_behaviour() -> None:
     assert "KVM internal error" in done.stderr and "KVM could not run: cc (int3)" in done.stderr
 
 
-def test_info_says_completion_is_on() -> None:
+def test_info_says_completion_and_its_fallback_are_on() -> None:
     done = kvmpy_cli("info")
     assert "instruction completion: on" in done.stdout
+    assert "completion fallback: active" in done.stdout
 
 
 # -- the probe's findings, pinned ----------------------------------------------------------

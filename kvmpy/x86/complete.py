@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from kvmpy.backends.base import Vcpu
     from kvmpy.memory import GuestMemory
     from kvmpy.x86.cpuid import CpuidEntry
+    from kvmpy.x86.fallback import Fallback
 
 # Exception vectors (SDM Vol. 3A, 6.3.1).
 DE, DB, BP, OF, UD, NM, GP, NP, SS_FAULT, PF, MF = 0, 1, 3, 4, 6, 7, 13, 11, 12, 14, 16
@@ -150,6 +151,9 @@ class Completer:
         self._lock = threading.Lock()
         self._decoders: dict[int, Any] = {}
         self._decoded: dict[tuple[int, int, bytes], _Insn] = {}
+        # Off: instructions too complex to finish by hand stay crash reports.
+        self.use_fallback = True
+        self._fallback: Fallback | None = None
 
     def complete(self, vcpu: Vcpu) -> bool:
         """True if the failed instruction was completed (or faulted into the guest)."""
@@ -175,15 +179,20 @@ class Completer:
         else:
             name = insn.mnemonic.removeprefix("lock ").removeprefix("rep ")
             text = f"{insn.mnemonic} {insn.raw.op_str}".strip()
-            if name not in _HANDLERS:
+            if name not in _HANDLERS and not self._fallback_takes(insn):
                 return False
         state.insn = insn
         try:
             if insn is None or (0xF0 in insn.prefixes and name not in _LOCKABLE):
                 raise GuestFault(UD)
-            done = _HANDLERS[name](state, insn)
+            handler = _HANDLERS.get(name)
+            done = handler(state, insn) if handler is not None else None
             if done is None:
-                return False
+                # Too complex to finish by hand: one instruction on the CPU emulator.
+                done = self._run_fallback(state, insn)
+                if done is None:
+                    return False
+                name += " (emulator)"
         except GuestFault as fault:
             state.deliver(fault)
             done = f"#{_VECTOR_NAMES.get(fault.vector, str(fault.vector))}"
@@ -194,6 +203,25 @@ class Completer:
         if self.on_complete is not None:
             self.on_complete(vcpu.index, at, text, done)
         return True
+
+    @property
+    def fallback(self) -> Fallback:
+        """The general fallback (kvmpy/x86/fallback.py), made on first use."""
+        if self._fallback is None:
+            from kvmpy.x86.fallback import Fallback
+
+            self._fallback = Fallback()
+        return self._fallback
+
+    def _fallback_takes(self, insn: _Insn) -> bool:
+        from kvmpy.x86.fallback import eligible
+
+        return self.use_fallback and eligible(insn)
+
+    def _run_fallback(self, state: _State, insn: _Insn) -> str | None:
+        if not self.use_fallback:
+            return None
+        return self.fallback.run(state, insn)
 
     def _decode(self, code: bytes, bits: int, rip: int) -> _Insn | None:
         """Decode one instruction; the same bytes at the same RIP (a loop) decode once."""
@@ -1090,6 +1118,24 @@ _HANDLERS: dict[str, Callable[[_State, _Insn], str | None]] = {
 }
 
 COMPLETED_MNEMONICS = tuple(sorted(_HANDLERS))
+
+
+def describe_completion() -> str:
+    """What ``kvmpy info`` says about completion and its fallback (Unicorn not imported)."""
+    from kvmpy.x86.fallback import available
+
+    if available():
+        fallback = (
+            "active (what is too complex to finish by hand, such as SSE and x87 "
+            "arithmetic, runs one instruction at a time on the Unicorn CPU emulator)"
+        )
+    else:
+        fallback = "off (the CPU emulator is not installed: pip install 'kvmpy[soft]')"
+    return (
+        "instruction completion: on (instructions KVM cannot emulate are finished by kvmpy, "
+        "one exit each; --no-complete turns it off)\n"
+        f"completion fallback: {fallback}"
+    )
 
 
 def xsave_layout(cpuid: list[CpuidEntry]) -> dict[int, tuple[int, int, bool]]:
