@@ -13,7 +13,7 @@ import errno
 import mmap
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,6 +74,8 @@ class FakeVcpu:
         # Page (linear, 4 KiB aligned) -> its translation (None: not present), for translate().
         self.pages: dict[int, Translation | None] = {}
         self.xcr0 = 1
+        # What get_msrs() reads.
+        self.msrs: dict[int, int] = {}
         # The XSAVE area at power-on: FCW 0x37F, MXCSR 0x1F80, nothing in use.
         self.xsave = b"\x7f\x03" + bytes(22) + (0x1F80).to_bytes(4, "little") + bytes(4068)
 
@@ -196,6 +198,9 @@ class FakeVcpu:
 
     def set_xsave(self, state: bytes) -> None:
         self.xsave = state
+
+    def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
+        return {index: self.msrs[index] for index in indices if index in self.msrs}
 
     def get_xcr(self, index: int) -> int | None:
         return self.xcr0 if index == 0 else None

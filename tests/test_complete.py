@@ -17,6 +17,7 @@ from kvmpy.backends.exits import ExitKind
 from kvmpy.machine import Machine
 from kvmpy.memory import GuestMemory
 from kvmpy.outcome import OutcomeKind
+from kvmpy.x86 import complete
 from kvmpy.x86.complete import AC, CF, OF_FLAG, ZF, Completer, fpu_from_xsave, xsave_with_fpu
 from kvmpy.x86.registers import CR0_PE, CR0_PG, EFER_LMA, EFER_LME, Fpu, Segment, Sregs
 from tests.fake_backend import FakeBackend, FakeVcpu, Step
@@ -462,5 +463,80 @@ def test_ldmxcsr_marks_sse_in_use_and_refuses_reserved_bits(memory: GuestMemory)
     assert completer(memory).complete(vcpu)
     assert vcpu.injected == [("exception", 13, 0)]
     vcpu = vcpu_at(b"\x0f\xae\x17", long_mode(), rdi=0x3000)  # CR4.OSFXSR clear: #UD
+    assert completer(memory).complete(vcpu)
+    assert vcpu.injected == [("exception", 6, None)]
+
+
+# -- xsaves / xrstors: xsavec / compacted xrstor at CPL0, without supervisor state -----------
+
+
+def test_xsaves_is_compacted_and_xrstors_refuses_the_standard_form(memory: GuestMemory) -> None:
+    kvm = bytearray(4096)
+    kvm[160:176] = bytes(range(16))
+    kvm[24:28] = (0x1F80).to_bytes(4, "little")
+    kvm[512] = 0b10
+    vcpu = vcpu_at(b"\x48\x0f\xc7\x2f", xsave_sregs(), rdi=0x4000, rax=3, rdx=0)  # xsaves64
+    vcpu.xcr0, vcpu.xsave = 3, bytes(kvm)
+    assert completer(memory).complete(vcpu)
+    header = memory.read(0x4000 + 512, 16)
+    assert int.from_bytes(header[:8], "little") == 0b10  # x87 in its initial state: left out
+    assert int.from_bytes(header[8:], "little") == (1 << 63) | 3
+    assert memory.read(0x4000 + 160, 16) == bytes(range(16))
+    # xrstors of that compacted image loads it back.
+    vcpu = vcpu_at(b"\x48\x0f\xc7\x1f", xsave_sregs(), rdi=0x4000, rax=3, rdx=0)  # xrstors64
+    vcpu.xcr0 = 3
+    assert completer(memory).complete(vcpu)
+    assert vcpu.xsave[160:176] == bytes(range(16)) and vcpu.injected == []
+    # The standard form (XCOMP_BV 0) is #GP(0) for xrstors, as is CPL 3.
+    memory.write(0x4000 + 520, bytes(8))
+    vcpu = vcpu_at(b"\x48\x0f\xc7\x1f", xsave_sregs(), rdi=0x4000, rax=3, rdx=0)
+    vcpu.xcr0 = 3
+    assert completer(memory).complete(vcpu)
+    assert vcpu.injected == [("exception", 13, 0)]
+    user = xsave_sregs()
+    user.cs = Segment(selector=0x2B, type=0xB, dpl=3, l=1, limit=0xFFFFFFFF, g=1)
+    vcpu = vcpu_at(b"\x48\x0f\xc7\x2f", user, rdi=0x4000, rax=3, rdx=0)
+    vcpu.xcr0 = 3
+    assert completer(memory).complete(vcpu)
+    assert vcpu.injected == [("exception", 13, 0)]
+
+
+def test_xsaves_of_supervisor_state_is_left_to_the_report(memory: GuestMemory) -> None:
+    """IA32_XSS enables component 11 (CET user): its state is not in KVM's XSAVE area."""
+    vcpu = vcpu_at(b"\x48\x0f\xc7\x2f", xsave_sregs(), rdi=0x4000, rax=(1 << 11) | 3, rdx=0)
+    vcpu.xcr0, vcpu.msrs[0xDA0] = 3, 1 << 11
+    assert not completer(memory).complete(vcpu)
+    vcpu = vcpu_at(b"\x48\x0f\xc7\x2f", xsave_sregs(), rdi=0x4000, rax=3, rdx=0)
+    vcpu.xcr0, vcpu.msrs[0xDA0] = 3, 1 << 11  # enabled but not asked for: fine
+    assert completer(memory).complete(vcpu)
+
+
+# -- rdpru: capstone cannot decode it; the host CPU answers ------------------------------
+
+
+def test_rdpru_without_the_feature_is_undefined(
+    memory: GuestMemory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(complete, "_host_has_rdpru", lambda: False)
+    vcpu = vcpu_at(b"\x0f\x01\xfd", rcx=1)
+    done = completer(memory)
+    assert done.complete(vcpu)
+    assert vcpu.injected == [("exception", 6, None)] and vcpu.regs.rip == RIP
+    assert done.counts == {"rdpru": 1}
+
+
+def test_rdpru_returns_the_host_cpus_counter_and_flags(
+    memory: GuestMemory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(complete, "_host_has_rdpru", lambda: True)
+    monkeypatch.setattr(complete, "_host_rdpru", lambda ecx: (0x1234_5678_9ABC_DEF0 + ecx, CF))
+    vcpu = vcpu_at(b"\x0f\x01\xfd", rcx=1, rax=-1 & (2**64 - 1), rflags=2 | ZF)
+    assert completer(memory).complete(vcpu)
+    assert (vcpu.regs.rax, vcpu.regs.rdx) == (0x9ABC_DEF1, 0x1234_5678)
+    assert vcpu.regs.rflags & (CF | ZF) == CF and vcpu.regs.rip == RIP + 3
+    # At CPL 3 with CR4.TSD set: #UD.
+    user = long_mode(cpl=3)
+    user.cr4 |= 1 << 2
+    vcpu = vcpu_at(b"\x0f\x01\xfd", user)
     assert completer(memory).complete(vcpu)
     assert vcpu.injected == [("exception", 6, None)]

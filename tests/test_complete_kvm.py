@@ -16,6 +16,7 @@ import pytest
 from kvmpy.backends.exits import ExitKind
 from kvmpy.loaders.flat import load_flat
 from kvmpy.machine import Machine
+from kvmpy.x86.complete import _host_has_rdpru
 from tests.helpers import ROOT, assembler, guest, host_kvm_module
 
 pytestmark = pytest.mark.kvm
@@ -149,6 +150,52 @@ def test_pvm_runs_lzcnt_as_bsr_without_an_exit(tmp_path: Path) -> None:
         outcome = m.run(timeout=10)
     assert outcome.exit_code == 0x55  # bsr with a zero source leaves the destination
     assert m.arch.completer.counts == {}
+
+
+RDPRU_PROBE = """
+    lea handler(%rip), %rax
+    lea idt + 6 * 16(%rip), %rdi
+    mov %ax, (%rdi)
+    movw $0x10, 2(%rdi)
+    movw $0x8e00, 4(%rdi)
+    shr $16, %rax
+    mov %ax, 6(%rdi)
+    lidt idtr(%rip)
+    xor %ecx, %ecx
+probe:
+    .byte 0x0f, 0x01, 0xfd
+    mov $0x55, %al
+    out %al, $0xf4
+handler:
+    lea probe(%rip), %rax
+    cmp %rax, (%rsp)
+    jne 1f
+    mov $0x33, %al
+    out %al, $0xf4
+1:  mov $0x44, %al
+    out %al, $0xf4
+    .data
+    .align 16
+idtr: .word 256 * 16 - 1
+    .quad idt
+    .align 16
+idt: .space 256 * 16
+"""
+
+
+def test_rdpru_answers_as_the_host_cpu_does(tmp_path: Path) -> None:
+    """Capstone cannot decode rdpru, PVM cannot emulate it: kvmpy answers as the host CPU
+    would at CPL3 (#UD where the host lacks RDPRU, as this one does)."""
+    image = assembler(tmp_path)(RDPRU_PROBE, "long")
+    with Machine(mem_size=4 << 20, irqchip=False) as m:
+        m.load(load_flat(image, 0x100000), mode="long")
+        outcome = m.run(timeout=10)
+    if _host_has_rdpru():
+        assert outcome.exit_code == 0x55  # read, and went on
+    else:
+        assert outcome.exit_code == 0x33  # #UD, with RIP at the rdpru
+    if host_kvm_module() == "kvm_pvm":
+        assert m.arch.completer.counts == {"rdpru": 1}
 
 
 def test_compare_exchange_is_the_cpus_own_on_guest_ram() -> None:

@@ -170,6 +170,9 @@ class Vcpu(Protocol):
     def set_xsave(self, state: bytes) -> None:
         """Load an XSAVE area in the standard format (as from get_xsave, changed)."""
 
+    def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
+        """Model-specific registers by index; those the backend cannot read are left out."""
+
     def get_xcr(self, index: int) -> int | None:
         """Extended control register ``index`` (0: XCR0); None if the backend has none."""
 

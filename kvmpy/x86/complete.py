@@ -170,6 +170,7 @@ class Completer:
         bits = 64 if mode == "long" else (32 if sregs.cs.db else 16)
         at = regs.rip
         state = _State(vcpu, self.memory, regs, sregs, bits)
+        state.code = code
         state.xsave_layout = self.xsave_layout
         insn = self._decode(code, bits, regs.rip)
         if insn is None:
@@ -238,17 +239,52 @@ class Completer:
         decoder = self._decoders.get(bits)
         if decoder is None:
             decoder = self._decoders[bits] = _decoder(bits)
+        insn: _Insn | None = None
         for raw in decoder.disasm(code, rip, 1):
             insn = _Insn(raw.mnemonic, raw.size, list(raw.operands), _prefixes(code), raw)
-            if len(self._decoded) >= _DECODE_CACHE_SIZE:
-                self._decoded.clear()
-            self._decoded[key] = insn
-            return insn
-        return None
+            break
+        else:
+            insn = _decode_unknown_to_capstone(code, rip)
+            if insn is None:
+                return None
+        if len(self._decoded) >= _DECODE_CACHE_SIZE:
+            self._decoded.clear()
+        self._decoded[key] = insn
+        return insn
 
 
 _VECTOR_NAMES = {DE: "DE", DB: "DB", BP: "BP", OF: "OF", UD: "UD", NM: "NM", NP: "NP"}
 _VECTOR_NAMES.update({SS_FAULT: "SS", GP: "GP", PF: "PF", MF: "MF"})
+
+
+@dataclass
+class _Undecoded:
+    """What kvmpy's code reads of a capstone instruction, for one capstone cannot decode."""
+
+    mnemonic: str
+    address: int
+    size: int
+    bytes: bytes
+    op_str: str = ""
+    groups: tuple[int, ...] = ()
+
+    def group_name(self, group: int) -> str:
+        return ""
+
+
+# Encodings capstone 5 does not know: (bytes after the legacy prefixes, mnemonic).
+_UNKNOWN_TO_CAPSTONE = ((b"\x0f\x01\xfd", "rdpru"),)
+
+
+def _decode_unknown_to_capstone(code: bytes, rip: int) -> _Insn | None:
+    prefixes = _prefixes(code)
+    rest = code[len(prefixes) :]
+    for encoding, mnemonic in _UNKNOWN_TO_CAPSTONE:
+        if rest.startswith(encoding):
+            size = len(prefixes) + len(encoding)
+            raw = _Undecoded(mnemonic, rip, size, code[:size])
+            return _Insn(mnemonic, size, [], prefixes, raw)
+    return None
 
 
 def _prefixes(code: bytes) -> list[int]:
@@ -285,6 +321,7 @@ class _State:
         self.bits = bits
         self.cpl = sregs.cs.selector & 3
         self.insn: _Insn | None = None
+        self.code = b""  # the instruction bytes the backend reported
         self.xsave_layout: dict[int, tuple[int, int, bool]] = {}
 
     # -- finishing ------------------------------------------------------------------
@@ -595,6 +632,72 @@ def _invpcid(state: _State, insn: _Insn) -> str:
 def _canonical(address: int) -> bool:
     top = (address & ((1 << 64) - 1)) >> 47
     return top in (0, (1 << 17) - 1)
+
+
+# -- rdpru (AMD APM Vol. 3): a performance counter read, as the host CPU answers it -------
+
+_CR4_TSD = 1 << 2
+# rdpru with the guest's ECX, run by this process on the host CPU: EDX:EAX and RFLAGS.
+# mov ecx, edi; rdpru; shl rdx, 32; or rax, rdx; pushfq; pop rdx; mov [rsi], rdx; ret
+_RDPRU_STUB = bytes.fromhex("89f9 0f01fd 48c1e220 4809d0 9c 5a 488916 c3")
+
+
+def _host_has_rdpru() -> bool:
+    """Whether the host CPU offers rdpru (the flag its kernel reports), as a guest running
+    at CPL3, natively, finds it; without it the CPU answers #UD."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    return "rdpru" in line.split()
+    except OSError:
+        pass
+    return False
+
+
+_rdpru_function: Callable[[int], tuple[int, int]] | None = None
+
+
+def _host_rdpru(register: int) -> tuple[int, int]:
+    """(EDX:EAX, RFLAGS) of the host CPU's own rdpru for ECX = ``register``."""
+    global _rdpru_function
+    if _rdpru_function is None:
+        import ctypes
+        import mmap
+
+        page = mmap.mmap(-1, mmap.PAGESIZE)
+        page.write(_RDPRU_STUB)
+        address = ctypes.addressof(ctypes.c_char.from_buffer(page))
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.mprotect(ctypes.c_void_p(address), mmap.PAGESIZE, mmap.PROT_READ | mmap.PROT_EXEC):
+            raise _NotHandled("no executable page for rdpru")
+        prototype = ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_uint32, ctypes.c_void_p)
+        stub = prototype(address)
+
+        def run(ecx: int) -> tuple[int, int]:
+            flags = ctypes.c_uint64()
+            value = stub(ecx, ctypes.addressof(flags))
+            return int(value), int(flags.value)
+
+        run.page = page  # type: ignore[attr-defined]  # the stub's page lives as long
+        _rdpru_function = run
+    return _rdpru_function(register)
+
+
+def _rdpru(state: _State, insn: _Insn) -> str | None:
+    """The CPU's answer: #UD without RDPRU or at CPL > 0 with CR4.TSD; else the host
+    CPU's own rdpru (MPERF for ECX 0, APERF for 1), results and flags."""
+    if not _host_has_rdpru() or (state.cpl and state.sregs.cr4 & _CR4_TSD):
+        raise GuestFault(UD)
+    try:
+        value, flags = _host_rdpru(state.read_reg("ecx"))
+    except _NotHandled:
+        return None
+    state.write_reg("eax", value & 0xFFFFFFFF)
+    state.write_reg("edx", value >> 32)
+    state.set_flags(ARITH_FLAGS, flags)
+    state.advance()
+    return f"ECX={state.read_reg('ecx')}"
 
 
 # -- state instructions ------------------------------------------------------------------
@@ -946,20 +1049,36 @@ _COMPACTED = 1 << 63  # XCOMP_BV bit 63: the area is in the compacted format
 _X87_INIT = bytes.fromhex("7f03") + bytes(22)  # FCW 0x37F, the rest of bytes 0-23 zero
 
 
+_MSR_XSS = 0xDA0  # IA32_XSS: the supervisor components xsaves/xrstors handle
+
+
+def _supervisor(insn: _Insn) -> bool:
+    return insn.mnemonic.startswith(("xsaves", "xrstors"))
+
+
 def _xsave_checks(state: _State, insn: _Insn) -> tuple[int, int, int]:
-    """(linear address, RFBM, XCR0) after the faults common to xsave and xrstor."""
+    """(linear address, RFBM, enabled components) after the faults common to the xsave
+    and xrstor family.  xsaves/xrstors: CPL0 only, and XCR0 | IA32_XSS enabled; kvmpy
+    leaves them to the report when they would touch supervisor state, which KVM's
+    XSAVE area does not hold."""
     if not state.sregs.cr4 & CR4_OSXSAVE:
         raise GuestFault(UD)
     if state.sregs.cr0 & CR0_TS:
         raise GuestFault(NM)
+    supervisor = _supervisor(insn)
+    if supervisor and state.cpl:
+        raise GuestFault(GP, 0)
     linear = state.address(insn.operands[0])
     if linear % 64:
         raise GuestFault(GP, 0)
     xcr0 = state.vcpu.get_xcr(0)
     if xcr0 is None:
         raise _NotHandled("no XCR0")
-    rfbm = xcr0 & (state.read_reg("edx") << 32 | state.read_reg("eax"))
-    return linear, rfbm, xcr0
+    xss = state.vcpu.get_msrs([_MSR_XSS]).get(_MSR_XSS, 0) if supervisor else 0
+    rfbm = (xcr0 | xss) & (state.read_reg("edx") << 32 | state.read_reg("eax"))
+    if rfbm & xss:
+        raise _NotHandled("supervisor state components")
+    return linear, rfbm, xcr0 | xss
 
 
 def _xsave_pieces(
@@ -999,8 +1118,9 @@ def _xsave_pieces(
 
 
 def _xsave(state: _State, insn: _Insn) -> str | None:
-    """xsave, xsaveopt (which may save more than it must) and xsavec: KVM's state to memory."""
-    compacted = insn.mnemonic.startswith("xsavec")
+    """xsave, xsaveopt (which may save more than it must), xsavec and xsaves (compacted,
+    user components only): KVM's state to memory."""
+    compacted = insn.mnemonic.startswith(("xsavec", "xsaves"))
     try:
         linear, rfbm, _ = _xsave_checks(state, insn)
         pieces = _xsave_pieces(state, rfbm, rfbm | _COMPACTED if compacted else None)
@@ -1042,8 +1162,8 @@ def _xrstor(state: _State, insn: _Insn) -> str | None:
         raise GuestFault(GP, 0)
     if compacted and (xcomp_bv & ~_COMPACTED & ~xcr0 or xstate_bv & ~xcomp_bv):
         raise GuestFault(GP, 0)
-    if not compacted and xcomp_bv:
-        raise GuestFault(GP, 0)
+    if not compacted and (xcomp_bv or _supervisor(insn)):
+        raise GuestFault(GP, 0)  # xrstors takes only the compacted form
     try:
         pieces = _xsave_pieces(state, rfbm, xcomp_bv if compacted else None)
     except _NotHandled:
@@ -1095,6 +1215,7 @@ _HANDLERS: dict[str, Callable[[_State, _Insn], str | None]] = {
     "clflushopt": _cache_line,
     "clflush": _cache_line,
     "invpcid": _invpcid,
+    "rdpru": _rdpru,
     "xgetbv": _xgetbv,
     "xsetbv": _xsetbv,
     "wait": _fwait,
@@ -1110,6 +1231,10 @@ _HANDLERS: dict[str, Callable[[_State, _Insn], str | None]] = {
     "ldmxcsr": _ldmxcsr,
     "stmxcsr": _stmxcsr,
     "xrstor64": _xrstor,
+    "xsaves": _xsave,
+    "xsaves64": _xsave,
+    "xrstors": _xrstor,
+    "xrstors64": _xrstor,
     "fnstsw": _fnstsw,
     "fnstcw": _fnstcw,
     "fldcw": _fldcw,

@@ -63,7 +63,7 @@ _REFUSED = frozenset(
 )  # fmt: skip
 # Legacy SSE instructions whose 16-byte memory operand need not be aligned.
 _UNALIGNED = frozenset(("movups", "movupd", "movdqu", "lddqu"))
-_OP_MEM = 3  # capstone's X86_OP_MEM
+_OP_REG, _OP_MEM = 1, 3  # capstone's X86_OP_REG, X86_OP_MEM
 _LEGACY_PREFIXES = frozenset((0x66, 0x67, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65))
 # Groups whose instructions the emulator lacks or that touch more than the stepper carries.
 _REFUSED_GROUPS = frozenset(
@@ -184,9 +184,10 @@ class Fallback:
         area = vcpu.get_xsave()
         ymm_at = state.xsave_layout.get(_YMM_COMPONENT)
         fpu, ymm_high = _simd_state(area, ymm_at[0] if ymm_at else None)
+        x87, sse = _register_files(insn)
         try:
             stepper = self._stepper(vcpu.index, state.memory)
-            result = stepper.step(state.regs, state.sregs, fpu, ymm_high)
+            result = stepper.step(state.code, state.regs, state.sregs, fpu, ymm_high, x87, sse)
             if result.vector is None and insn.mnemonic in _X87_ROUNDING:
                 result = self._with_c1(stepper, state, insn, fpu, ymm_high, result)
         except StepRefused:
@@ -220,9 +221,11 @@ class Fallback:
         rounded_up = False
         if result.x87_raised & _PE:
             chopped = dataclasses.replace(fpu, fcw=fpu.fcw | _RC_CHOP)
-            truncated = stepper.step(state.regs, state.sregs, chopped, ymm_high)
+            truncated = stepper.step(
+                state.code, state.regs, state.sregs, chopped, ymm_high, sse=False
+            )
             truncated_memory = _memory_operands(state, insn)
-            again = stepper.step(state.regs, state.sregs, fpu, ymm_high)
+            again = stepper.step(state.code, state.regs, state.sregs, fpu, ymm_high, sse=False)
             if again.vector is not None or again.fpu != result.fpu:
                 raise StepRefused("the instruction did not repeat")
             rounded_up = (truncated.fpu.fpr, truncated_memory) != (
@@ -237,6 +240,23 @@ class Fallback:
         for stepper in self._steppers.values():
             stepper.close()
         self._steppers.clear()
+
+
+def _register_files(insn: _Insn) -> tuple[bool, bool]:
+    """(x87, SSE): which register files ``insn`` may touch, so that only those cross over.
+    An x87 escape (D8-DF) touches no XMM register or MXCSR; an instruction with no MMX
+    or x87 register operand touches no x87 state (cvtpi2ps from memory included)."""
+    code = bytes(insn.raw.bytes)
+    at = 0
+    while at < len(code) and code[at] in _LEGACY_PREFIXES:
+        at += 1
+    if at < len(code) and 0x40 <= code[at] <= 0x4F and at + 1 < len(code):
+        at += 1
+    if at < len(code) and 0xD8 <= code[at] <= 0xDF:
+        return True, False
+    registers = [str(insn.raw.reg_name(op.reg)) for op in insn.operands if op.type == _OP_REG]
+    mmx = any(reg.startswith(("mm", "st")) for reg in registers)
+    return mmx or insn.mnemonic in ("emms", "femms"), True
 
 
 def _check_alignment(state: _State, insn: _Insn) -> None:

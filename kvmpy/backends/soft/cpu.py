@@ -30,6 +30,7 @@ import mmap
 import struct
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 
 from unicorn import (
@@ -1002,6 +1003,13 @@ class SoftVcpu:
 
     def inject_interrupt(self, vector: int) -> None:
         raise BackendError("inject_interrupt", errno.EOPNOTSUPP, "the CPU emulator takes none")
+
+    def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
+        found = {}
+        for index in indices:
+            with contextlib.suppress(UcError):
+                found[index] = int(self.uc.msr_read(index))
+        return found
 
     def get_xcr(self, index: int) -> int | None:
         return None

@@ -22,6 +22,7 @@ import functools
 import mmap
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 from unicorn import UC_ARCH_X86, UC_HOOK_INTR, UC_MODE_64, UC_PROT_ALL, Uc, UcError
 from unicorn import x86_const as x86
@@ -40,7 +41,9 @@ _GPRS = {name: getattr(x86, f"UC_X86_REG_{name.upper()}") for name in GPR_NAMES}
 _XMM = [getattr(x86, f"UC_X86_REG_XMM{i}") for i in range(16)]
 _YMM = [getattr(x86, f"UC_X86_REG_YMM{i}") for i in range(16)]
 _FP = [getattr(x86, f"UC_X86_REG_FP{i}") for i in range(8)]
+_X87_CONTROL = [x86.UC_X86_REG_FPSW, x86.UC_X86_REG_FPTAG, x86.UC_X86_REG_FPCW]
 _EMPTY_TAG = 3  # a full x87 tag word's "empty" (Unicorn keeps only empty or not)
+_CODE_CACHE_SIZE = 4096  # addresses remembered before translated code is dropped
 
 
 # Fields of QEMU's CPU state (Unicorn 2.1) the register API does not reach, as
@@ -72,9 +75,11 @@ def _env_read(cpu: _CpuState, offset: int, size: int) -> bytes | None:
     return ctypes.string_at(cpu.address + _ENV + offset, size)
 
 
-def _env_write(cpu: _CpuState, offset: int, data: bytes) -> None:
+def _env_write(cpu: _CpuState, changes: dict[int, bytes]) -> None:
+    """Write ``changes`` (offset: bytes) into the CPU state at once."""
     cpu.uc.context_update(cpu.context)
-    ctypes.memmove(cpu.address + _ENV + offset, data, len(data))
+    for offset, data in changes.items():
+        ctypes.memmove(cpu.address + _ENV + offset, data, len(data))
     cpu.uc.context_restore(cpu.context)
 
 
@@ -169,6 +174,8 @@ class InstructionStepper:
         self._clean = self.uc.context_save()
         self._hidden = _hidden_fields()
         self._vector: int | None = None
+        # RIP -> the instruction bytes last run there, while translated code is kept.
+        self._code_at: dict[int, bytes] = {}
         self._control: tuple[int, int, int] | None = None  # (CR0, CR4, EFER) loaded last
         self.uc.hook_add(UC_HOOK_INTR, self._on_exception)
 
@@ -176,17 +183,36 @@ class InstructionStepper:
         self._vector = vector
         uc.emu_stop()
 
-    def step(self, regs: Regs, sregs: Sregs, fpu: Fpu, ymm_high: bytes | None) -> StepResult:
-        """Run the instruction at ``regs.rip``; raises StepRefused when it cannot."""
+    def step(
+        self,
+        code: bytes,
+        regs: Regs,
+        sregs: Sregs,
+        fpu: Fpu,
+        ymm_high: bytes | None,
+        x87: bool = True,
+        sse: bool = True,
+    ) -> StepResult:
+        """Run the instruction at ``regs.rip``, whose bytes are ``code`` (as the guest's
+        memory holds them now); raises StepRefused when it cannot.
+
+        ``x87``/``sse``: whether the instruction may touch the x87 (and MMX) registers
+        or the XMM registers and MXCSR; only those go over and come back."""
         uc = self.uc
+        if not self._hidden.float_flags:
+            raise StepRefused("this Unicorn's floating-point flags are not where kvmpy looks")
         try:
             self._load_control(sregs, regs.rflags)
-            self._load_registers(regs, fpu, ymm_high)
-            uc.ctl_flush_tb()  # guest code may have changed since the last step
-            if not self._hidden.float_flags:
-                raise StepRefused("this Unicorn's floating-point flags are not where kvmpy looks")
-            _env_write(self._cpu, _X87_FLAGS, b"\0")
-            _env_write(self._cpu, _SSE_FLAGS, b"\0")
+            self._load_registers(regs, fpu, ymm_high, x87, sse)
+            # Translated code is kept while the bytes it came from stay the same: every
+            # block Unicorn holds starts at an address in _code_at, from the bytes there.
+            known = self._code_at.get(regs.rip)
+            if known != code:
+                if known is not None or len(self._code_at) >= _CODE_CACHE_SIZE:
+                    uc.ctl_flush_tb()
+                    self._code_at.clear()
+                self._code_at[regs.rip] = code
+            _env_write(self._cpu, {_X87_FLAGS: b"\0", _SSE_FLAGS: b"\0"})
             self._vector = None
             uc.emu_start(regs.rip, 0, count=1)
         except UcError as exc:
@@ -197,10 +223,7 @@ class InstructionStepper:
             uc.context_restore(self._clean)
             self._control = None
             return StepResult(regs, fpu, ymm_high, self._vector, cr2, error_code)
-        after, x87_raised = self._read_fpu(fpu)
-        return StepResult(
-            self._read_regs(), after, self._read_ymm_high(ymm_high), x87_raised=x87_raised
-        )
+        return self._read_state(fpu, ymm_high, x87, sse)
 
     def _error_code(self) -> int | None:
         if self._hidden.error_code is None:
@@ -241,86 +264,78 @@ class InstructionStepper:
         uc.reg_write(x86.UC_X86_REG_IDTR, (0, sregs.idt.base, sregs.idt.limit, 0))
         self._cpu.load({name: getattr(sregs, name) for name in SEGMENT_NAMES}, sregs.cr0, rflags)
 
-    def _load_registers(self, regs: Regs, fpu: Fpu, ymm_high: bytes | None) -> None:
-        uc = self.uc
-        for name, reg in _GPRS.items():
-            uc.reg_write(reg, getattr(regs, name))
-        uc.reg_write(x86.UC_X86_REG_RFLAGS, regs.rflags)
-        uc.reg_write(x86.UC_X86_REG_RIP, regs.rip)
-        # x87: Unicorn's FP0-FP7 are the physical registers, ST(i) is R[(TOP + i) % 8];
-        # its tag word has two bits per physical register, of which it keeps "empty".
-        top = (fpu.fsw >> 11) & 7
-        tags = 0
-        for i in range(8):
-            physical = (top + i) & 7
-            raw = int.from_bytes(fpu.fpr[16 * i : 16 * i + 10], "little")
-            uc.reg_write(_FP[physical], (raw & ((1 << 64) - 1), raw >> 64))
-            if not fpu.ftwx >> physical & 1:
-                tags |= _EMPTY_TAG << (2 * physical)
-        uc.reg_write(x86.UC_X86_REG_FPCW, fpu.fcw)
-        uc.reg_write(x86.UC_X86_REG_FPSW, fpu.fsw)
-        uc.reg_write(x86.UC_X86_REG_FPTAG, tags)
-        uc.reg_write(x86.UC_X86_REG_MXCSR, fpu.mxcsr)
-        for i in range(16):
-            low = int.from_bytes(fpu.xmm[16 * i : 16 * i + 16], "little")
-            if ymm_high is None:
-                uc.reg_write(_XMM[i], low)
-            else:
-                high = int.from_bytes(ymm_high[16 * i : 16 * i + 16], "little")
-                uc.reg_write(_YMM[i], high << 128 | low)
+    def _load_registers(
+        self, regs: Regs, fpu: Fpu, ymm_high: bytes | None, x87: bool, sse: bool
+    ) -> None:
+        values: list[tuple[int, Any]] = [(reg, getattr(regs, name)) for name, reg in _GPRS.items()]
+        values += [(x86.UC_X86_REG_RFLAGS, regs.rflags), (x86.UC_X86_REG_RIP, regs.rip)]
+        if x87:
+            # Unicorn's FP0-FP7 are the physical registers, ST(i) is R[(TOP + i) % 8];
+            # its tag word has two bits per physical register, of which it keeps "empty".
+            top = (fpu.fsw >> 11) & 7
+            tags = 0
+            for i in range(8):
+                physical = (top + i) & 7
+                raw = int.from_bytes(fpu.fpr[16 * i : 16 * i + 10], "little")
+                values.append((_FP[physical], (raw & ((1 << 64) - 1), raw >> 64)))
+                if not fpu.ftwx >> physical & 1:
+                    tags |= _EMPTY_TAG << (2 * physical)
+            values += list(zip(_X87_CONTROL, (fpu.fsw, tags, fpu.fcw), strict=True))
+        if sse:
+            values.append((x86.UC_X86_REG_MXCSR, fpu.mxcsr))
+            for i in range(16):
+                low = int.from_bytes(fpu.xmm[16 * i : 16 * i + 16], "little")
+                if ymm_high is None:
+                    values.append((_XMM[i], low))
+                else:
+                    high = int.from_bytes(ymm_high[16 * i : 16 * i + 16], "little")
+                    values.append((_YMM[i], high << 128 | low))
+        self.uc.reg_write_batch(values)
 
     # -- reading back --------------------------------------------------------------------
 
-    def _read_regs(self) -> Regs:
-        uc = self.uc
-        values = {name: int(uc.reg_read(reg)) for name, reg in _GPRS.items()}
-        return Regs(
-            **values,
-            rip=int(uc.reg_read(x86.UC_X86_REG_RIP)),
-            rflags=int(uc.reg_read(x86.UC_X86_REG_RFLAGS)),
-        )
-
-    def _read_fpu(self, before: Fpu) -> tuple[Fpu, int]:
-        """The x87 and SSE state after the instruction; FOP/FIP/FDP stay as they were
-        (the emulator does not keep them)."""
-        uc = self.uc
-        fsw = int(uc.reg_read(x86.UC_X86_REG_FPSW))
-        tags = int(uc.reg_read(x86.UC_X86_REG_FPTAG))
-        top = (fsw >> 11) & 7
-        fpr = bytearray(128)
-        ftwx = 0
-        for physical in range(8):
-            mantissa, exponent = uc.reg_read(_FP[physical])
-            i = (physical - top) & 7
-            fpr[16 * i : 16 * i + 10] = (int(mantissa) | int(exponent) << 64).to_bytes(10, "little")
-            if (tags >> (2 * physical)) & 3 != _EMPTY_TAG:
-                ftwx |= 1 << physical
-        xmm = b"".join(int(uc.reg_read(reg)).to_bytes(16, "little") for reg in _XMM)
-        fcw = int(uc.reg_read(x86.UC_X86_REG_FPCW))
-        mxcsr = int(uc.reg_read(x86.UC_X86_REG_MXCSR))
+    def _read_state(self, before: Fpu, ymm_high: bytes | None, x87: bool, sse: bool) -> StepResult:
+        """The state after the instruction, with the exceptions it raised in FSW and
+        MXCSR.  FOP/FIP/FDP stay as they were (the emulator does not keep them)."""
+        wanted = [*_GPRS.values(), x86.UC_X86_REG_RIP, x86.UC_X86_REG_RFLAGS]
+        if x87:
+            wanted += [*_FP, *_X87_CONTROL]
+        if sse:
+            wanted += [x86.UC_X86_REG_MXCSR, *(_XMM if ymm_high is None else _YMM)]
+        values = iter(self.uc.reg_read_batch(wanted))
+        gprs = {name: int(next(values)) for name in _GPRS}
+        regs = Regs(**gprs, rip=int(next(values)), rflags=int(next(values)))
         # The exceptions the instruction raised, which QEMU 5 leaves in softfloat's status.
-        x87_raised = _x86_flags((_env_read(self._cpu, _X87_FLAGS, 1) or b"\0")[0])
-        sse_raised = _x86_flags((_env_read(self._cpu, _SSE_FLAGS, 1) or b"\0")[0])
-        if x87_raised & ~fcw or sse_raised & ~(mxcsr >> 7):
-            # Unmasked, the CPU leaves the destination as it was and raises #XM (SSE) or
-            # stores a different result and signals #MF later (x87); the emulator does not.
-            raise StepRefused("an unmasked floating-point exception")
-        fsw |= x87_raised
-        after = dataclasses.replace(
-            before,
-            fcw=fcw,
-            fsw=fsw,
-            ftwx=ftwx,
-            mxcsr=mxcsr | sse_raised,
-            fpr=bytes(fpr),
-            xmm=xmm,
-        )
-        return after, x87_raised
-
-    def _read_ymm_high(self, before: bytes | None) -> bytes | None:
-        if before is None:
-            return None
-        return b"".join((int(self.uc.reg_read(reg)) >> 128).to_bytes(16, "little") for reg in _YMM)
+        flags = _env_read(self._cpu, _X87_FLAGS, _SSE_FLAGS - _X87_FLAGS + 1) or bytes(33)
+        x87_raised, sse_raised = _x86_flags(flags[0]), _x86_flags(flags[-1])
+        fpu = before
+        if x87:
+            physical_registers = [next(values) for _ in range(8)]
+            fsw, tags, fcw = (int(next(values)) for _ in range(3))
+            if x87_raised & ~fcw:
+                # Unmasked, the CPU stores another result and signals #MF; the emulator not.
+                raise StepRefused("an unmasked x87 exception")
+            top = (fsw >> 11) & 7
+            fpr = bytearray(128)
+            ftwx = 0
+            for physical, (mantissa, exponent) in enumerate(physical_registers):
+                i = (physical - top) & 7
+                raw = int(mantissa) | int(exponent) << 64
+                fpr[16 * i : 16 * i + 10] = raw.to_bytes(10, "little")
+                if (tags >> (2 * physical)) & 3 != _EMPTY_TAG:
+                    ftwx |= 1 << physical
+            fpu = dataclasses.replace(fpu, fcw=fcw, fsw=fsw | x87_raised, ftwx=ftwx, fpr=bytes(fpr))
+        if sse:
+            mxcsr = int(next(values))
+            if sse_raised & ~(mxcsr >> 7):
+                # Unmasked, the CPU leaves the destination and raises #XM; the emulator not.
+                raise StepRefused("an unmasked SIMD exception")
+            vectors = [int(next(values)) for _ in range(16)]
+            xmm = b"".join((v & ((1 << 128) - 1)).to_bytes(16, "little") for v in vectors)
+            if ymm_high is not None:
+                ymm_high = b"".join((v >> 128).to_bytes(16, "little") for v in vectors)
+            fpu = dataclasses.replace(fpu, mxcsr=mxcsr | sse_raised, xmm=xmm)
+        return StepResult(regs, fpu, ymm_high, x87_raised=x87_raised if x87 else 0)
 
     def close(self) -> None:
         """Unmap guest RAM: the stepper must not outlive the mappings it was given."""
