@@ -9,15 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
 from typing import Any
 
 from kvmpy.backends.base import IrqRoute
 from kvmpy.devices.base import IrqCallback
+from kvmpy.records import Record, field
 
 
-@dataclass(frozen=True)
-class IoRange:
+class IoRange(Record):
     """A port or MMIO range a device answers; ``part``: the attribute that serves it."""
 
     base: int
@@ -34,8 +33,7 @@ def _no_suspend() -> None:
     """A request_suspend for machines that cannot suspend: the request is ignored."""
 
 
-@dataclass(frozen=True)
-class Wiring:
+class Wiring(Record):
     """What a device factory may connect a device to."""
 
     irq: Callable[[int], IrqCallback]  # an interrupt line by number (a no-op without irqchip)
@@ -53,8 +51,7 @@ class Wiring:
     request_suspend: Callable[[], None] = _no_suspend
 
 
-@dataclass(frozen=True)
-class DeviceEntry:
+class DeviceEntry(Record):
     """One device on the board: its name (also its snapshot key), how to build it, where."""
 
     name: str
@@ -63,8 +60,7 @@ class DeviceEntry:
     mmio: tuple[IoRange, ...] = ()
 
 
-@dataclass(frozen=True)
-class FirmwareContext:
+class FirmwareContext(Record):
     """What firmware tables are built from."""
 
     cpus: int
@@ -72,8 +68,7 @@ class FirmwareContext:
     has_irqchip: bool
 
 
-@dataclass(frozen=True)
-class FirmwareTable:
+class FirmwareTable(Record):
     """Data firmware would leave in RAM, at ``address``, reserved up to ``address + size``."""
 
     name: str
@@ -83,8 +78,7 @@ class FirmwareTable:
     needs_irqchip: bool = False
 
 
-@dataclass(frozen=True)
-class Board:
+class Board(Record):
     """A whole machine's description."""
 
     name: str

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import struct
 from typing import Protocol
 
 import pytest
 
+from kvmpy import records
 from kvmpy.devices.base import DeviceStateError
 from kvmpy.devices.pci import (
     CLASS_HOST_BRIDGE,
@@ -236,9 +236,9 @@ def test_state_round_trips_and_read_only_bytes_are_refused() -> None:
     assert other.read(0xCF8, 4) == address(1, register=0x3C)
     forged = bytearray(state.configs[0])
     forged[0] = 0x34  # the vendor ID is read-only
-    bad = dataclasses.replace(state, configs=(bytes(forged), state.configs[1]))
+    bad = records.replace(state, configs=(bytes(forged), state.configs[1]))
     with pytest.raises(DeviceStateError, match="configs: byte 0x0"):
         other.pci.restore(bad)
     with pytest.raises(DeviceStateError, match="1 functions, not 2"):
-        other.pci.restore(dataclasses.replace(state, configs=state.configs[:1]))
+        other.pci.restore(records.replace(state, configs=state.configs[:1]))
     assert other.config(0, 0, 0, 2) == 0x8086  # nothing was taken

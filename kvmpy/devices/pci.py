@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import ClassVar
 
 from kvmpy.devices.base import (
@@ -45,6 +44,7 @@ from kvmpy.devices.base import (
     flags,
     no_irq,
 )
+from kvmpy.records import Record
 
 CONFIG_ADDRESS_PORT = 0xCF8
 RESET_CONTROL_PORT = 0xCF9
@@ -97,8 +97,7 @@ PCI_IRQ_BASE = 16
 PCI_IRQ_PINS = 4
 
 
-@dataclass(frozen=True)
-class PciAddress:
+class PciAddress(Record):
     bus: int
     device: int
     function: int
@@ -111,8 +110,7 @@ class PciAddress:
         return f"{self.bus:02x}:{self.device:02x}.{self.function}"
 
 
-@dataclass(frozen=True)
-class PciBar:
+class PciBar(Record):
     """A base address register: ``size`` bytes (a power of two) of I/O or memory space."""
 
     size: int
@@ -288,8 +286,7 @@ class _Port:
         self._write(offset, size, value & all_ones(size))
 
 
-@dataclass(frozen=True)
-class PciHostState:
+class PciHostState(Record):
     VERSION: ClassVar[int] = 1
     config_address: int = bounded(0, U32)
     reset_control: int = flags(RCR_SYS_RST)

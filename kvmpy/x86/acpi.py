@@ -192,9 +192,7 @@ def _fadt(facs: int, dsdt: int) -> bytes:
     return _table(b"FACP", 1, body)
 
 
-def acpi_tables(
-    cpus: int, address: int = ACPI_TABLES_ADDR, *, irq0_on_pin2: bool = False
-) -> bytes:
+def acpi_tables(cpus: int, address: int = ACPI_TABLES_ADDR, *, irq0_on_pin2: bool = False) -> bytes:
     """All the tables, laid out from ``address`` (16-byte aligned; FACS 64-byte aligned).
 
     ``irq0_on_pin2``: the MADT says ISA IRQ 0 arrives at GSI 2 (see above).

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from typing import Any
 
 from kvmpy.backends.base import InterruptController, IrqRoute
@@ -68,6 +67,7 @@ from kvmpy.devices.serial import Serial16550
 from kvmpy.devices.testdev import TESTDEV_BASE, TESTDEV_SIZE, TestDevice
 from kvmpy.devices.vga import VGA_PORT_BASE, VGA_PORTS, VGA_TEXT_BASE, VGA_TEXT_WINDOW, Vga
 from kvmpy.memory import pc_ram_layout
+from kvmpy.records import Record
 from kvmpy.x86.acpi import (
     FACS_FIRMWARE_WAKING_VECTOR,
     FACS_OFFSET,
@@ -102,8 +102,7 @@ from kvmpy.x86.mptable import mp_tables
 from kvmpy.x86.registers import Sregs
 
 
-@dataclass(frozen=True)
-class PciSlot:
+class PciSlot(Record):
     """A PCI function on bus 0: where, and how to build it."""
 
     address: PciAddress
@@ -242,7 +241,9 @@ def _mp_tables(context: FirmwareContext) -> bytes:
 
 
 FIRMWARE = (
-    FirmwareTable("BIOS Data Area", BDA_ADDR, BDA_SIZE, lambda c: bios_data_area((COM1_PORT,))),
+    FirmwareTable(
+        "BIOS Data Area", BDA_ADDR, BDA_SIZE, lambda c: bios_data_area((COM1_PORT, COM2_PORT))
+    ),
     FirmwareTable("MP tables", MP_TABLE_ADDR, MP_TABLE_SIZE, _mp_tables, needs_irqchip=True),
     FirmwareTable(
         "ACPI tables",
