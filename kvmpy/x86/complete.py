@@ -256,8 +256,7 @@ _VECTOR_NAMES = {DE: "DE", DB: "DB", BP: "BP", OF: "OF", UD: "UD", NM: "NM", NP:
 _VECTOR_NAMES.update({SS_FAULT: "SS", GP: "GP", PF: "PF", MF: "MF"})
 
 
-@dataclass
-class _Undecoded:
+class _Undecoded(Record, frozen=False):
     """What kvmpy's code reads of a capstone instruction, for one capstone cannot decode."""
 
     mnemonic: str

@@ -27,12 +27,12 @@ that faults on its second page may have written the first.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import mmap
 import threading
 from typing import TYPE_CHECKING, Any
 
+from kvmpy.records import replace
 from kvmpy.x86.complete import DE, GP, MF, NM, PF, SS_FAULT, GuestFault
 from kvmpy.x86.registers import CR0_EM, CR0_TS, Fpu
 
@@ -220,7 +220,7 @@ class Fallback:
 
         rounded_up = False
         if result.x87_raised & _PE:
-            chopped = dataclasses.replace(fpu, fcw=fpu.fcw | _RC_CHOP)
+            chopped = replace(fpu, fcw=fpu.fcw | _RC_CHOP)
             truncated = stepper.step(
                 state.code, state.regs, state.sregs, chopped, ymm_high, sse=False
             )
@@ -233,7 +233,7 @@ class Fallback:
                 _memory_operands(state, insn),
             )
         c1 = _C1 if rounded_up else 0
-        result.fpu = dataclasses.replace(result.fpu, fsw=(result.fpu.fsw & ~_C1) | c1)
+        result.fpu = replace(result.fpu, fsw=(result.fpu.fsw & ~_C1) | c1)
         return result
 
     def close(self) -> None:

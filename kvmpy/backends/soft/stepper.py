@@ -17,11 +17,9 @@ per vCPU.  A stepper is not thread-safe.
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import functools
 import mmap
 import struct
-from dataclasses import dataclass
 from typing import Any
 
 from unicorn import UC_ARCH_X86, UC_HOOK_INTR, UC_MODE_64, UC_PROT_ALL, Uc, UcError
@@ -35,6 +33,7 @@ from kvmpy.backends.soft.cpu import (
     _CpuState,
     _reset_to_real_mode,
 )
+from kvmpy.records import Record, replace
 from kvmpy.x86.registers import CR0_PG, EFER_LMA, GPR_NAMES, SEGMENT_NAMES, Fpu, Regs, Sregs
 
 _GPRS = {name: getattr(x86, f"UC_X86_REG_{name.upper()}") for name in GPR_NAMES}
@@ -60,8 +59,7 @@ _SSE_FLAGS = 850 - _ENV
 _SOFTFLOAT_TO_X86 = ((1, 0x01), (4, 0x04), (8, 0x08), (16, 0x10), (32, 0x20), (128, 0x30))
 
 
-@dataclass(frozen=True)
-class _HiddenFields:
+class _HiddenFields(Record):
     error_code: int | None
     float_flags: bool  # _X87_FLAGS and _SSE_FLAGS hold softfloat's flags
 
@@ -131,8 +129,7 @@ def _host_address(mapping: mmap.mmap) -> int:
     return address
 
 
-@dataclass
-class StepResult:
+class StepResult(Record, frozen=False):
     """What one instruction did: the new state, or the exception it raised instead.
 
     ``vector`` is None when the instruction completed; then ``regs``, ``fpu``
@@ -324,7 +321,7 @@ class InstructionStepper:
                 fpr[16 * i : 16 * i + 10] = raw.to_bytes(10, "little")
                 if (tags >> (2 * physical)) & 3 != _EMPTY_TAG:
                     ftwx |= 1 << physical
-            fpu = dataclasses.replace(fpu, fcw=fcw, fsw=fsw | x87_raised, ftwx=ftwx, fpr=bytes(fpr))
+            fpu = replace(fpu, fcw=fcw, fsw=fsw | x87_raised, ftwx=ftwx, fpr=bytes(fpr))
         if sse:
             mxcsr = int(next(values))
             if sse_raised & ~(mxcsr >> 7):
@@ -334,7 +331,7 @@ class InstructionStepper:
             xmm = b"".join((v & ((1 << 128) - 1)).to_bytes(16, "little") for v in vectors)
             if ymm_high is not None:
                 ymm_high = b"".join((v >> 128).to_bytes(16, "little") for v in vectors)
-            fpu = dataclasses.replace(fpu, mxcsr=mxcsr | sse_raised, xmm=xmm)
+            fpu = replace(fpu, mxcsr=mxcsr | sse_raised, xmm=xmm)
         return StepResult(regs, fpu, ymm_high, x87_raised=x87_raised if x87 else 0)
 
     def close(self) -> None:
