@@ -157,6 +157,12 @@ def test_cr0_ts_gives_nm_and_a_misaligned_movaps_gp0(memory: GuestMemory) -> Non
     assert vcpu.injected == [("exception", 13, 0)]
 
 
+def test_sse42_string_compares_take_unaligned_operands(memory: GuestMemory) -> None:
+    done, vcpu = machine(memory, bytes.fromhex("660f3a630600"), rsi=DATA + 8)  # pcmpistri
+    assert done.complete(vcpu)
+    assert vcpu.injected == [] and vcpu.regs.rip == RIP + 6
+
+
 def test_refused_mmio_system_instructions_and_no_unicorn(memory: GuestMemory) -> None:
     # Memory that is not RAM (the LAPIC's page, mapped by the guest): the crash report stays.
     memory.write(PD + 8 * 8, struct.pack("<Q", 0xFEE00000 & ~0x1FFFFF | 0x83))

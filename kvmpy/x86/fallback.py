@@ -61,8 +61,11 @@ _REFUSED = frozenset(
     ("monitor", "mwait", "monitorx", "mwaitx", "fnstenv", "fldenv", "fnsave", "frstor",
      "fxsave", "fxsave64", "fxrstor", "fxrstor64")
 )  # fmt: skip
-# Legacy SSE instructions whose 16-byte memory operand need not be aligned.
-_UNALIGNED = frozenset(("movups", "movupd", "movdqu", "lddqu"))
+# Legacy SSE instructions whose 16-byte memory operand need not be aligned (SDM Vol. 1,
+# 12.10.4 for the SSE4.2 string compares).
+_UNALIGNED = frozenset(
+    ("movups", "movupd", "movdqu", "lddqu", "pcmpestri", "pcmpestrm", "pcmpistri", "pcmpistrm")
+)
 _OP_REG, _OP_MEM = 1, 3  # capstone's X86_OP_REG, X86_OP_MEM
 _LEGACY_PREFIXES = frozenset((0x66, 0x67, 0xF2, 0xF3, 0x2E, 0x36, 0x3E, 0x26, 0x64, 0x65))
 # Groups whose instructions the emulator lacks or that touch more than the stepper carries.
