@@ -6,7 +6,9 @@ int $n, popcnt, cmpxchg16b, clac/stac, xgetbv, fwait and more.  The vCPU
 then stops with an internal error that carries the instruction's bytes.
 ``Completer.complete`` decodes them, and when it knows the instruction it
 does exactly what the Intel SDM says (results, flags, faults), advances RIP
-and lets the guest go on.  Whatever it does not know stays a crash report.
+and lets the guest go on.  What is too complex to write by hand (SSE and x87
+arithmetic) runs as one instruction on the CPU emulator (``kvmpy/x86/fallback.py``).
+Whatever else it does not know stays a crash report.
 
 Faults are raised into the guest, as the CPU would: #PF with CR2 for an
 unmapped or forbidden page, #GP, #UD, #NM, #MF.  Software interrupts go

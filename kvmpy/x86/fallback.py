@@ -20,9 +20,13 @@ leaves the crash report as it was.  Exceptions that can be known exactly are
 raised into the guest: #DE, #NM, #MF, #XM, #GP(0), #SS(0), and #PF with the
 error code kvmpy's own page walk gives for the faulting address.
 
-Known differences from the CPU: x87 FOP/FIP/FDP are left as they were; the
-emulator does not raise #XM for unmasked SIMD exceptions; a memory write
-that faults on its second page may have written the first.
+What the emulator (QEMU 5's TCG) does differently is corrected here or in the
+stepper: MXCSR and FSW exception flags, x87 C1 after rounding, 16-byte
+alignment checks; or refused: unmasked exceptions, the x87 functions it
+computes in double precision, AVX.  Known and left: x87 FOP/FIP/FDP stay as
+they were, x87 stack overflow/underflow is not detected, DE for denormal
+operands is not tracked, and a memory write that faults on its second page
+may have written the first (docs/completion.md).
 """
 
 from __future__ import annotations
