@@ -10,10 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvmpy.backends.base import IrqRoute
 from kvmpy.devices.base import IrqCallback
+
+if TYPE_CHECKING:
+    from kvmpy.bus import DeviceSpaces
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,9 @@ class DeviceEntry:
     build: Callable[[Wiring], Any]
     ports: tuple[IoRange, ...] = ()
     mmio: tuple[IoRange, ...] = ()
+    # For a device that maps ranges while the guest runs (a PCI host's BARs):
+    # called once with the device and its hold on the buses.
+    attach: Callable[[Any, DeviceSpaces], None] | None = None
 
 
 @dataclass(frozen=True)
@@ -70,6 +76,7 @@ class FirmwareContext:
     cpus: int
     cpu_signature: tuple[int, int]  # CPUID leaf 1 EAX, EDX
     has_irqchip: bool
+    low_ram: int  # RAM below the hole: where the PCI memory window may start
 
 
 @dataclass(frozen=True)

@@ -123,8 +123,12 @@ class Bus:
         self.name = name
         self.address_limit = address_limit
         self.strict = strict
-        self.mappings: list[Mapping] = []
-        self._starts: list[int] = []
+        # (range starts, mappings), sorted, replaced whole on every change so
+        # that a vCPU thread searching it never sees a half-updated pair.
+        self._table: tuple[list[int], list[Mapping]] = ([], [])
+        # Serialises register/unregister (a guest moving a PCI BAR on one vCPU
+        # while another does the same); lookups take no lock.
+        self._layout_lock = threading.Lock()
         self._dense = name == "port"
         self.handlers: dict[int, tuple[ReadHandler, WriteHandler, int, LockType | None]] = {}
         self.pages: dict[int, tuple[ReadHandler, WriteHandler, int, int, threading.Lock]] = {}
@@ -135,6 +139,15 @@ class Bus:
         self._unclaimed: dict[int, _Unclaimed] = {}
         self._unclaimed_pages: dict[int, _UnclaimedPage] = {}
         self._unclaimed_lock = threading.Lock()
+
+    @property
+    def mappings(self) -> list[Mapping]:
+        """Every registered range, sorted by base (a snapshot: do not change it)."""
+        return self._table[1]
+
+    @property
+    def _starts(self) -> list[int]:
+        return self._table[0]
 
     @property
     def unhandled(self) -> Counter[tuple[str, int]]:
@@ -172,22 +185,70 @@ class Bus:
         lock = lock or threading.Lock()
         if length <= 0 or base < 0 or base + length > self.address_limit:
             raise BusError(f"{label}: {self.name} range {base:#x}+{length:#x} is out of bounds")
-        for other in self.mappings:
-            if base < other.end and other.base < base + length:
-                raise BusError(
-                    f"{label}: {self.name} range {base:#x}-{base + length - 1:#x} overlaps "
-                    f"{other.name} at {other.base:#x}-{other.end - 1:#x}"
-                )
-        mapping = Mapping(base, length, device, label, lock)
-        index = bisect.bisect(self._starts, base)
-        self._starts.insert(index, base)
-        self.mappings.insert(index, mapping)
-        if self._dense:
-            handler = (device.read, device.write, base, None if only_caller else lock)
-            for address in range(base, base + length):
-                self.handlers[address] = handler
-        else:
-            self._index_pages(mapping)
+        with self._layout_lock:
+            starts, mappings = self._table
+            for other in mappings:
+                if base < other.end and other.base < base + length:
+                    raise BusError(
+                        f"{label}: {self.name} range {base:#x}-{base + length - 1:#x} overlaps "
+                        f"{other.name} at {other.base:#x}-{other.end - 1:#x}"
+                    )
+            mapping = Mapping(base, length, device, label, lock)
+            index = bisect.bisect(starts, base)
+            self._table = (
+                [*starts[:index], base, *starts[index:]],
+                [*mappings[:index], mapping, *mappings[index:]],
+            )
+            if self._dense:
+                handler = (device.read, device.write, base, None if only_caller else lock)
+                for address in range(base, base + length):
+                    self.handlers[address] = handler
+            else:
+                self._index_pages(mapping)
+
+    def unregister(self, base: int, device: Device) -> None:
+        """Take back the range at ``base`` that ``device`` was given (a PCI BAR moving).
+
+        Accesses to it are unclaimed again.  BusError if ``device`` has no range there.
+        """
+        with self._layout_lock:
+            starts, mappings = self._table
+            index = bisect.bisect_left(starts, base)
+            if (
+                index == len(starts)
+                or starts[index] != base
+                or mappings[index].device is not device
+            ):
+                raise BusError(f"{self.name} range at {base:#x} is not {type(device).__name__}'s")
+            mapping = mappings[index]
+            self._table = (
+                starts[:index] + starts[index + 1 :],
+                mappings[:index] + mappings[index + 1 :],
+            )
+            if self._dense:
+                for address in range(mapping.base, mapping.end):
+                    stub = self._unclaimed.get(address)
+                    if stub is None:
+                        self.handlers.pop(address, None)
+                    else:  # a port touched while unclaimed before: its stub again
+                        self.handlers[address] = (
+                            stub.read,
+                            stub.write,
+                            address,
+                            self._unclaimed_lock,
+                        )
+                return
+            first = mapping.base >> PAGE_SHIFT
+            last = (mapping.end - 1) >> PAGE_SHIFT
+            # A huge mapping indexed no pages, and can share only its edge pages.
+            span = range(first, last + 1) if last - first < MAX_INDEXED_PAGES else (first, last)
+            for page in span:
+                self.pages.pop(page, None)
+                self._shared_pages.discard(page)
+            # The neighbours that shared a page with it may now own it alone.
+            for other in self._table[1]:
+                if other.base >> PAGE_SHIFT <= last and first <= (other.end - 1) >> PAGE_SHIFT:
+                    self._index_pages(other)
 
     def _index_pages(self, mapping: Mapping) -> None:
         first = mapping.base >> PAGE_SHIFT
@@ -211,9 +272,10 @@ class Bus:
 
     def find(self, address: int) -> Mapping | None:
         """The mapping that owns ``address``."""
-        index = bisect.bisect(self._starts, address) - 1
+        starts, mappings = self._table
+        index = bisect.bisect(starts, address) - 1
         if index >= 0:
-            mapping = self.mappings[index]
+            mapping = mappings[index]
             if address < mapping.end:
                 return mapping
         return None
@@ -277,7 +339,9 @@ class Bus:
         start, end = page << PAGE_SHIFT, (page + 1) << PAGE_SHIFT
         if end > self.address_limit or any(m.base < end and start < m.end for m in self.mappings):
             return
-        stub = self._unclaimed_pages[page] = _UnclaimedPage(start)
+        stub = self._unclaimed_pages.get(page)  # kept from before a range there went away
+        if stub is None:
+            stub = self._unclaimed_pages[page] = _UnclaimedPage(start)
         self.pages[page] = (stub.read, stub.write, start, end, self._unclaimed_lock)
 
     def _unhandled(self, kind: str, address: int, size: int, result: int) -> int:
@@ -285,3 +349,23 @@ class Bus:
         if self.strict:
             raise UnhandledAccess(self.name, kind, address, size)
         return result
+
+
+class DeviceSpaces:
+    """A device's hold on both buses, for ranges it maps while the guest runs (PCI BARs).
+
+    Every range is registered under the device's own lock, so a guest access
+    to it and a guest write that moves it are never in flight together.
+    """
+
+    def __init__(self, ports: Bus, mmio: Bus, lock: LockType) -> None:
+        self.ports = ports
+        self.mmio = mmio
+        self.lock = lock
+
+    def register(self, io: bool, base: int, length: int, device: Device, label: str) -> None:
+        (self.ports if io else self.mmio).register(base, length, device, label, self.lock)
+
+    def unregister(self, io: bool, base: int, device: Device) -> None:
+        (self.ports if io else self.mmio).unregister(base, device)
+

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from kvmpy._process import Terminated
 from kvmpy.backends.base import Backend, BackendError, Capability, Vcpu, Vm, open_backend, require
 from kvmpy.board import Board, DeviceEntry, FirmwareContext, Wiring
-from kvmpy.bus import Bus
+from kvmpy.bus import Bus, DeviceSpaces
 from kvmpy.console import DEFAULT_CONSOLE_LIMIT, ConsoleLog
 from kvmpy.devices.base import IrqCallback, no_irq
 from kvmpy.devices.debug_exit import exit_status as debug_exit_status
@@ -195,6 +195,8 @@ class Machine:
                 bus.register(
                     span.base, span.length, part, span.label, lock, only_caller=only_caller
                 )
+        if entry.attach is not None:
+            entry.attach(device, DeviceSpaces(self.ports, self.mmio, lock))
         self._devices[entry.name] = device
         self._device_locks[entry.name] = lock
 
@@ -378,7 +380,12 @@ class Machine:
         setup = setup_mode(mode or plan.mode or "real", self.vcpu.get_sregs(), plan.entry)
         check_plan(plan, self.memory, setup.reserved())
         self._check_firmware_overlap(plan)
-        context = FirmwareContext(len(self.vcpus), self.arch.cpu_signature, self.has_irqchip)
+        context = FirmwareContext(
+            len(self.vcpus),
+            self.arch.cpu_signature,
+            self.has_irqchip,
+            low_ram=self.memory.regions[0].size,
+        )
         firmware = [
             (table.address, table.build(context))
             for table in self.board.firmware

@@ -52,6 +52,7 @@ from kvmpy.devices.pci import (
     PciAddress,
     PciFunction,
     PciHost,
+    PciWindows,
     i440fx_host_bridge,
     pci_interrupt_gsi,
     piix3_isa_bridge,
@@ -117,16 +118,41 @@ PCI_FUNCTIONS = (
     PciSlot(PciAddress(0, 1, 0), lambda w: piix3_isa_bridge()),
 )
 
+# What the host bridge forwards to bus 0, as QEMU's PC: I/O from 0xd00 (ISA
+# devices own what is below), memory from the end of low RAM up to kvmpy's
+# testdev page, below the IOAPIC, the LAPIC and the firmware at the top.
+PCI_IO_WINDOW = (0x0D00, 0x1_0000)
+PCI_MEMORY_END = TESTDEV_BASE
 
-def _pci_host(wiring: Wiring) -> PciHost:
+
+def pci_windows(low_ram: int) -> PciWindows:
+    return PciWindows(io=PCI_IO_WINDOW, memory=(low_ram, PCI_MEMORY_END))
+
+
+def _pci_host(slots: tuple[PciSlot, ...], wiring: Wiring) -> PciHost:
     functions = {}
-    for slot in PCI_FUNCTIONS:
+    for slot in slots:
         function = slot.build(wiring)
         if slot.interrupt_pin:
             gsi = pci_interrupt_gsi(slot.address.device, slot.interrupt_pin)
             function.connect_interrupt(slot.interrupt_pin, gsi, wiring.irq(gsi))
         functions[slot.address] = function
-    return PciHost(functions, wiring.request_reset)
+    return PciHost(functions, wiring.request_reset, pci_windows(wiring.low_ram))
+
+
+def pci_entry(slots: tuple[PciSlot, ...] = PCI_FUNCTIONS) -> DeviceEntry:
+    """The PCI host bridge with ``slots`` on bus 0 (the board's entry "pci")."""
+    return DeviceEntry(
+        "pci",
+        lambda w: _pci_host(slots, w),
+        ports=(
+            IoRange(CONFIG_ADDRESS_PORT, 1, "PCI CONFIG_ADDRESS", part="address_port"),
+            IoRange(RESET_CONTROL_PORT, 1, "PIIX reset control", part="reset_port"),
+            IoRange(CONFIG_ADDRESS_PORT + 2, 2, "PCI CONFIG_ADDRESS", part="address_tail_port"),
+            IoRange(CONFIG_DATA_PORT, CONFIG_DATA_PORTS, "PCI CONFIG_DATA", part="data_port"),
+        ),
+        attach=lambda host, spaces: host.attach(spaces),
+    )
 
 
 DEVICES = (
@@ -192,16 +218,7 @@ DEVICES = (
         lambda w: AcpiPmTimer(),
         ports=(IoRange(PM_TIMER_PORT, PM_TIMER_PORTS, "ACPI PM timer"),),
     ),
-    DeviceEntry(
-        "pci",
-        _pci_host,
-        ports=(
-            IoRange(CONFIG_ADDRESS_PORT, 1, "PCI CONFIG_ADDRESS", part="address_port"),
-            IoRange(RESET_CONTROL_PORT, 1, "PIIX reset control", part="reset_port"),
-            IoRange(CONFIG_ADDRESS_PORT + 2, 2, "PCI CONFIG_ADDRESS", part="address_tail_port"),
-            IoRange(CONFIG_DATA_PORT, CONFIG_DATA_PORTS, "PCI CONFIG_DATA", part="data_port"),
-        ),
-    ),
+    pci_entry(),
     DeviceEntry(
         "pc_testdev",
         lambda w: PcTestDevice(w.irq, w.flush_page),
@@ -248,7 +265,9 @@ FIRMWARE = (
         "ACPI tables",
         ACPI_TABLES_ADDR,
         ACPI_TABLES_SIZE,
-        lambda c: acpi_tables(c.cpus, irq0_on_pin2=True),
+        lambda c: acpi_tables(
+            c.cpus, irq0_on_pin2=True, pci_windows=pci_windows(c.low_ram), pci_gsi=pci_interrupt_gsi
+        ),
         needs_irqchip=True,
     ),
 )
