@@ -116,8 +116,9 @@ class Board:
     # Suspend to RAM (ACPI S3).  ``wake(locked)`` is asked, while the machine
     # sleeps, whether a wake event arrived (``locked(name)`` gives a device
     # under its lock); ``resume_setup(memory, reset_sregs)`` says where the
-    # boot CPU resumes (a CpuSetup; its memory is not written).  None: the
-    # board cannot sleep, and a request to is ignored.
+    # boot CPU resumes (a CpuSetup; its memory, which must lie in the board's
+    # firmware area, is written first).  None: the board cannot sleep, and a
+    # request to is ignored.
     wake: Callable[[Callable[[str], AbstractContextManager[Any]]], bool] | None = None
     resume_setup: Callable[[Any, Any], Any] | None = None
 

@@ -695,6 +695,8 @@ class Machine:
         vcpu.load_state(self._power_on["vcpus"][vcpu.index])
         if vcpu is self.vcpu:
             setup = self.board.resume_setup(self.memory, vcpu.get_sregs())
+            for gpa, data in setup.memory:  # firmware's own area: its GDT, page tables
+                self.memory.write(gpa, data)
             vcpu.set_sregs(setup.sregs)
             vcpu.set_regs(setup.regs)
 

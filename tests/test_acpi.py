@@ -192,12 +192,14 @@ def test_fadt_declares_the_24_bit_pm_timer() -> None:
     assert not flags & FADT_TMR_VAL_EXT  # 24 bits, as the timer is
 
 
-def test_facs_is_version_1_with_empty_waking_vectors() -> None:
+def test_facs_is_version_2_with_empty_waking_vectors_and_64_bit_wake() -> None:
     facs = tables(1)[b"FACS"]
     assert struct.unpack_from("<4sI", facs) == (b"FACS", 64)
-    assert facs[32] == 1
+    assert facs[32] == 2
     assert struct.unpack_from("<IQ", facs, 12)[0] == 0
     assert struct.unpack_from("<Q", facs, 24)[0] == 0
+    assert struct.unpack_from("<I", facs, 20)[0] == 1 << 1  # 64BIT_WAKE_SUPPORTED_F
+    assert struct.unpack_from("<I", facs, 36)[0] == 0  # OSPM flags: the guest's to set
 
 
 def _pkg_length(aml: bytes, at: int) -> tuple[int, int]:

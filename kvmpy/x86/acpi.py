@@ -8,7 +8,8 @@ FADT, and the sleep states in the DSDT.  kvmpy writes just those:
     RSDT  "RSDT"      points at the FADT and the MADT
     FADT  "FACP"      PM1a event block 0x600, control 0x604, PM timer 0x608
                       (24-bit: TMR_VAL_EXT clear), SCI 9
-    FACS  "FACS"      version 1: the waking vectors a resume from S3 jumps to
+    FACS  "FACS"      version 2: the waking vectors a resume from S3 jumps to,
+                      with 64BIT_WAKE_SUPPORTED_F (a 64-bit resume on request)
     DSDT  "DSDT"      \\_S3 (SLP_TYP 1), \\_S5 (SLP_TYP 0), as QEMU numbers
                       them, and \\_SB.PCI0, the PCI host bridge (PNP0A03) that
                       configuration mechanism #1 at 0xCF8 reaches: its _CRS
@@ -71,11 +72,17 @@ FADT_TMR_VAL_EXT = 1 << 8
 FADT_FLAGS = FADT_WBINVD | FADT_PROC_C1 | FADT_SLP_BUTTON | FADT_RTC_S4
 
 FACS_OFFSET = 0x40  # from the RSDP: the FACS is 64-byte aligned
-FACS_VERSION = 1  # ACPI 2.0: has x_firmware_waking_vector
+FACS_VERSION = 2  # ACPI 4.0 on: x_firmware_waking_vector, the flags, the OSPM flags
 FACS_SIZE = 64
 FACS_FIRMWARE_WAKING_VECTOR = 12  # offsets inside the FACS
+FACS_FLAGS = 20
 FACS_X_FIRMWARE_WAKING_VECTOR = 24
 FACS_VERSION_OFFSET = 32
+FACS_OSPM_FLAGS = 36
+# FACS flags: the platform can resume at x_firmware_waking_vector in 64-bit mode...
+FACS_64BIT_WAKE_SUPPORTED = 1 << 1
+# ...and OSPM flags: the guest asks it to.
+OSPM_64BIT_WAKE = 1 << 0
 
 # AML opcodes (ACPI 6.x, chapter 20).
 AML_ZERO = 0x00
@@ -313,6 +320,7 @@ def acpi_tables(
     rsdp = rsdp[:8] + bytes([checksum8(rsdp)]) + rsdp[9:]
     facs = bytearray(FACS_SIZE)
     struct.pack_into("<4sI", facs, 0, b"FACS", FACS_SIZE)
+    struct.pack_into("<I", facs, FACS_FLAGS, FACS_64BIT_WAKE_SUPPORTED)
     facs[FACS_VERSION_OFFSET] = FACS_VERSION
 
     image = bytearray(rsdt_at + len(rsdt) - address)

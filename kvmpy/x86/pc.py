@@ -8,6 +8,7 @@ is adding one ``DeviceEntry`` to ``DEVICES``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -70,10 +71,14 @@ from kvmpy.devices.testdev import TESTDEV_BASE, TESTDEV_SIZE, TestDevice
 from kvmpy.devices.vga import VGA_PORT_BASE, VGA_PORTS, VGA_TEXT_BASE, VGA_TEXT_WINDOW, Vga
 from kvmpy.memory import pc_ram_layout
 from kvmpy.x86.acpi import (
+    FACS_64BIT_WAKE_SUPPORTED,
     FACS_FIRMWARE_WAKING_VECTOR,
+    FACS_FLAGS,
     FACS_OFFSET,
+    FACS_OSPM_FLAGS,
     FACS_VERSION_OFFSET,
     FACS_X_FIRMWARE_WAKING_VECTOR,
+    OSPM_64BIT_WAKE,
     acpi_tables,
 )
 from kvmpy.x86.bios import bios_data_area
@@ -98,9 +103,16 @@ from kvmpy.x86.layout import (
     TIMER_IOAPIC_PIN,
     TIMER_IRQ,
 )
-from kvmpy.x86.modes import CpuSetup, protected_mode, real_mode_vector
+from kvmpy.x86.modes import (
+    GDT_ADDR,
+    CpuSetup,
+    long_mode,
+    long_mode_page_tables,
+    protected_mode,
+    real_mode_vector,
+)
 from kvmpy.x86.mptable import mp_tables
-from kvmpy.x86.registers import Sregs
+from kvmpy.x86.registers import DTable, Sregs
 
 
 @dataclass(frozen=True)
@@ -296,14 +308,46 @@ def press_power_button(machine: Any) -> None:
         events.raise_status(PWRBTN_STS)
 
 
+# Where firmware keeps what a resume in 32- or 64-bit mode needs: a GDT and the
+# page tables of the identity map, in the ACPI area past the tables (memory the
+# memory maps do not give the guest), written afresh on every resume.
+RESUME_GDT_ADDR = ACPI_TABLES_ADDR + 0x8000
+RESUME_PAGE_TABLES_ADDR = ACPI_TABLES_ADDR + 0x9000  # 6 pages: PML4, PDPT, 4 PDs
+
+
+def _in_firmware_area(setup: CpuSetup) -> CpuSetup:
+    """``setup`` (protected or long mode) with its GDT and page tables moved to firmware's."""
+    gdt = dict(setup.memory)[GDT_ADDR]
+    sregs = dataclasses.replace(setup.sregs, gdt=DTable(RESUME_GDT_ADDR, setup.sregs.gdt.limit))
+    memory = [(RESUME_GDT_ADDR, gdt)]
+    if setup.mode == "long":
+        sregs = dataclasses.replace(sregs, cr3=RESUME_PAGE_TABLES_ADDR)
+        memory.append((RESUME_PAGE_TABLES_ADDR, long_mode_page_tables(RESUME_PAGE_TABLES_ADDR)))
+    # The waking code sets up its own stack.
+    return CpuSetup(setup.mode, dataclasses.replace(setup.regs, rsp=0), sregs, memory)
+
+
 def _resume_setup(memory: Any, reset_sregs: Sregs) -> CpuSetup:
-    """Where the guest said to resume, in the FACS: the 32-bit flat protected-mode
-    x_firmware_waking_vector if the FACS is version 1 or later and it is set (and
-    below 4 GiB), else real mode at firmware_waking_vector (CS = vector >> 4)."""
+    """Where and how the guest said to resume, in the FACS (ACPI 6.5, 5.2.10).
+
+    x_firmware_waking_vector, when the FACS is version 1 or later and the guest
+    set it (below 4 GiB): 64-bit mode there if the guest set 64BIT_WAKE_F in
+    the OSPM flags and the FACS (version 2 on) says 64BIT_WAKE_SUPPORTED_F;
+    else 32-bit flat protected mode, paging off.  Otherwise real mode at
+    firmware_waking_vector (CS = vector >> 4).  Long mode runs on an identity
+    map of the low 4 GiB; both get a flat GDT; interrupts are off.
+    """
     facs = ACPI_TABLES_ADDR + FACS_OFFSET
+    version = memory.read_u8(facs + FACS_VERSION_OFFSET)
     x_vector = memory.read_u64(facs + FACS_X_FIRMWARE_WAKING_VECTOR)
-    if memory.read_u8(facs + FACS_VERSION_OFFSET) >= 1 and 0 < x_vector < 1 << 32:
-        return protected_mode(reset_sregs, x_vector)
+    if version >= 1 and 0 < x_vector < 1 << 32:
+        wake64 = (
+            version >= 2
+            and memory.read_u32(facs + FACS_FLAGS) & FACS_64BIT_WAKE_SUPPORTED
+            and memory.read_u32(facs + FACS_OSPM_FLAGS) & OSPM_64BIT_WAKE
+        )
+        build = long_mode if wake64 else protected_mode
+        return _in_firmware_area(build(reset_sregs, x_vector))
     vector = memory.read_u32(facs + FACS_FIRMWARE_WAKING_VECTOR) & 0xFFFFF
     return real_mode_vector(reset_sregs, vector)
 
