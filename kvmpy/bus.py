@@ -47,6 +47,8 @@ class Mapping:
     name: str
     # The device's one lock: every caller, vCPU or host thread, holds it around a call.
     lock: threading.Lock
+    # Whether the vCPU thread is the device's only caller (dispatch skips the lock).
+    only_caller: bool = False
 
     @property
     def end(self) -> int:
@@ -63,18 +65,17 @@ class _Unclaimed:
     """What an unclaimed port dispatches to once touched: all-ones, dropped, counted.
 
     So the run loop handles a port nobody claims as it handles one a device
-    claims (one dict lookup), instead of searching the ranges and building a
-    counter key on every access.
+    claims (one dict lookup, one call), instead of searching the ranges and
+    building a counter key on every access.
     """
 
-    def __init__(self, size_mask: Callable[[int], int]) -> None:
+    def __init__(self) -> None:
         self.reads = 0
         self.writes = 0
-        self._size_mask = size_mask
 
     def read(self, offset: int, size: int) -> int:
         self.reads += 1
-        return self._size_mask(size)
+        return (1 << (size << 3)) - 1
 
     def write(self, offset: int, size: int, value: int) -> None:
         self.writes += 1
@@ -91,7 +92,7 @@ class _UnclaimedPage:
     def read(self, offset: int, size: int) -> int:
         reads = self.reads
         reads[offset] = reads.get(offset, 0) + 1
-        return (1 << (8 * size)) - 1
+        return (1 << (size << 3)) - 1
 
     def write(self, offset: int, size: int, value: int) -> None:
         writes = self.writes
@@ -117,9 +118,14 @@ class Bus:
     Devices take no locks of their own: the bus holds the device's lock
     (given at registration, one per device even when it spans several
     ranges) around every read and write, and host threads take the same lock.
+    Dispatch skips it for a device whose only caller is the vCPU thread
+    (``only_caller``); with ``one_vcpu`` (a machine of one vCPU: nothing but
+    its thread dispatches) the unclaimed stubs skip theirs too.
     """
 
-    def __init__(self, name: str, address_limit: int, *, strict: bool = False) -> None:
+    def __init__(
+        self, name: str, address_limit: int, *, strict: bool = False, one_vcpu: bool = False
+    ) -> None:
         self.name = name
         self.address_limit = address_limit
         self.strict = strict
@@ -131,14 +137,16 @@ class Bus:
         self._layout_lock = threading.Lock()
         self._dense = name == "port"
         self.handlers: dict[int, tuple[ReadHandler, WriteHandler, int, LockType | None]] = {}
-        self.pages: dict[int, tuple[ReadHandler, WriteHandler, int, int, threading.Lock]] = {}
+        # page -> (read, write, base, end, the lock dispatch takes, or None)
+        self.pages: dict[int, tuple[ReadHandler, WriteHandler, int, int, LockType | None]] = {}
         self._shared_pages: set[int] = set()  # pages two mappings touch: not in ``pages``
         # (kind, address) -> count of accesses nobody handled, but for the
         # unclaimed ports' stubs (``unhandled`` adds them up).
         self._misses: Counter[tuple[str, int]] = Counter()
         self._unclaimed: dict[int, _Unclaimed] = {}
         self._unclaimed_pages: dict[int, _UnclaimedPage] = {}
-        self._unclaimed_lock = threading.Lock()
+        # What dispatch to an unclaimed stub holds: nothing if one vCPU is all that calls.
+        self._unclaimed_lock: LockType | None = None if one_vcpu else threading.Lock()
 
     @property
     def mappings(self) -> list[Mapping]:
@@ -177,9 +185,8 @@ class Bus:
         """Give ``device`` the range; ``lock`` is its lock (a new one if not shared).
 
         ``only_caller``: the vCPU thread is the device's only caller (one vCPU,
-        and the device has no host entry points), so port dispatch (the run
-        loop and ``read``/``write``) skips the lock; it stays in the mapping
-        for anyone else.
+        and the device has no host entry points), so the run loop's dispatch,
+        port or MMIO, skips the lock; it stays in the mapping for anyone else.
         """
         label = name or type(device).__name__
         lock = lock or threading.Lock()
@@ -193,7 +200,7 @@ class Bus:
                         f"{label}: {self.name} range {base:#x}-{base + length - 1:#x} overlaps "
                         f"{other.name} at {other.base:#x}-{other.end - 1:#x}"
                     )
-            mapping = Mapping(base, length, device, label, lock)
+            mapping = Mapping(base, length, device, label, lock, only_caller)
             index = bisect.bisect(starts, base)
             self._table = (
                 [*starts[:index], base, *starts[index:]],
@@ -257,7 +264,8 @@ class Bus:
             for page in [page for page in self.pages if first <= page <= last]:
                 del self.pages[page]  # unclaimed-page stubs it now claims
             return
-        entry = (mapping.device.read, mapping.device.write, mapping.base, mapping.end, mapping.lock)
+        lock = None if mapping.only_caller else mapping.lock
+        entry = (mapping.device.read, mapping.device.write, mapping.base, mapping.end, lock)
         for page in range(first, last + 1):
             start, end = page << PAGE_SHIFT, (page + 1) << PAGE_SHIFT
             shared = page in self._shared_pages or any(
@@ -327,7 +335,7 @@ class Bus:
         """The counting stub for ``port``, installed in ``handlers`` (not on a strict bus)."""
         stub = self._unclaimed.get(port)
         if stub is None:
-            stub = self._unclaimed[port] = _Unclaimed(_all_ones)
+            stub = self._unclaimed[port] = _Unclaimed()
             self.handlers[port] = (stub.read, stub.write, port, self._unclaimed_lock)
         return stub
 

@@ -160,8 +160,10 @@ class Machine:
             self._closer = stack.pop_all()
         self.vcpu = self.vcpus[0]  # the bootstrap processor
 
-        self.ports = Bus("port", board.port_space, strict=strict)
-        self.mmio = Bus("mmio", board.mmio_space, strict=strict)
+        # Only vCPU threads dispatch on the buses: with one, unclaimed stubs need no lock.
+        one_vcpu = len(self.vcpus) == 1
+        self.ports = Bus("port", board.port_space, strict=strict, one_vcpu=one_vcpu)
+        self.mmio = Bus("mmio", board.mmio_space, strict=strict, one_vcpu=one_vcpu)
         wiring = Wiring(
             irq=self.irq_line,
             request_reset=self.request_reset,

@@ -398,6 +398,9 @@ class PciHost:
     until it moves somewhere free, as a hostile guest gets nothing from it.
     """
 
+    # Only the guest calls it: no host thread does (see Bus.register, only_caller).
+    HOST_ENTRY_POINTS: ClassVar[tuple[str, ...]] = ()
+
     def __init__(
         self,
         functions: dict[PciAddress, PciFunction],
