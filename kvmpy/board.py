@@ -9,18 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kvmpy.backends.base import IrqRoute
 from kvmpy.devices.base import IrqCallback
+from kvmpy.records import Record, field
 
 if TYPE_CHECKING:
     from kvmpy.bus import DeviceSpaces
 
 
-@dataclass(frozen=True)
-class IoRange:
+class IoRange(Record):
     """A port or MMIO range a device answers; ``part``: the attribute that serves it."""
 
     base: int
@@ -37,8 +36,7 @@ def _no_suspend() -> None:
     """A request_suspend for machines that cannot suspend: the request is ignored."""
 
 
-@dataclass(frozen=True)
-class Wiring:
+class Wiring(Record):
     """What a device factory may connect a device to."""
 
     irq: Callable[[int], IrqCallback]  # an interrupt line by number (a no-op without irqchip)
@@ -56,8 +54,7 @@ class Wiring:
     request_suspend: Callable[[], None] = _no_suspend
 
 
-@dataclass(frozen=True)
-class DeviceEntry:
+class DeviceEntry(Record):
     """One device on the board: its name (also its snapshot key), how to build it, where."""
 
     name: str
@@ -69,8 +66,7 @@ class DeviceEntry:
     attach: Callable[[Any, DeviceSpaces], None] | None = None
 
 
-@dataclass(frozen=True)
-class FirmwareContext:
+class FirmwareContext(Record):
     """What firmware tables are built from."""
 
     cpus: int
@@ -79,8 +75,7 @@ class FirmwareContext:
     low_ram: int  # RAM below the hole: where the PCI memory window may start
 
 
-@dataclass(frozen=True)
-class FirmwareTable:
+class FirmwareTable(Record):
     """Data firmware would leave in RAM, at ``address``, reserved up to ``address + size``."""
 
     name: str
@@ -90,8 +85,7 @@ class FirmwareTable:
     needs_irqchip: bool = False
 
 
-@dataclass(frozen=True)
-class Board:
+class Board(Record):
     """A whole machine's description."""
 
     name: str

@@ -16,9 +16,9 @@ import threading
 from _thread import LockType
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from kvmpy.devices.base import Device
+from kvmpy.records import Record
 
 ReadHandler = Callable[[int, int], int]
 WriteHandler = Callable[[int, int, int], None]
@@ -39,8 +39,7 @@ class UnhandledAccess(Exception):
         self.size = size
 
 
-@dataclass(frozen=True)
-class Mapping:
+class Mapping(Record):
     base: int
     length: int
     device: Device

@@ -13,7 +13,6 @@ owns the threads: one per vCPU, and one for the devices' timers.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import itertools
 import signal
@@ -36,6 +35,7 @@ from kvmpy.loaders import LoaderError, LoadPlan, check_plan
 from kvmpy.loaders.detect import load_image
 from kvmpy.memory import PAGE_SIZE, GuestMemory
 from kvmpy.outcome import REPORTED_KINDS, Outcome, OutcomeKind
+from kvmpy.records import replace
 from kvmpy.runloop import ExitObserver, LoopContext, run_vcpu
 from kvmpy.x86.arch import X86Arch
 from kvmpy.x86.modes import CpuSetup, default_load_addr, setup_mode
@@ -407,7 +407,7 @@ class Machine:
                 f"this host's KVM ({', '.join(kvm_modules()) or 'unknown'}) ignored CR0.PG: "
                 f"it cannot run guests in {setup.mode} mode",
             )
-        self.vcpu.set_regs(dataclasses.replace(setup.regs, **plan.registers))
+        self.vcpu.set_regs(replace(setup.regs, **plan.registers))
         return setup
 
     def _check_firmware_overlap(self, plan: LoadPlan) -> None:
@@ -557,9 +557,9 @@ class Machine:
         vcpu = self.vcpus[index] if 0 <= index < len(self.vcpus) else self.vcpu
         if outcome.kind in (OutcomeKind.TIMEOUT, OutcomeKind.INTERRUPTED):
             report = crash_report(vcpu, self.memory, outcome.kind.value)
-            return dataclasses.replace(outcome, report=report)
+            return replace(outcome, report=report)
         report = crash_report(vcpu, self.memory, outcome.message, outcome.detail, outcome.code)
-        return dataclasses.replace(outcome, report=report, message=report.summary())
+        return replace(outcome, report=report, message=report.summary())
 
     def stop(self, outcome: Outcome) -> None:
         """End the run with ``outcome`` (the first stop wins).  Safe from any thread."""

@@ -4,7 +4,7 @@ A snapshot directory holds two files:
 
     snapshot.json        header, machine configuration, every vCPU's and the
                          VM's KVM state (opaque structs as base64), each
-                         device's explicit state (its versioned dataclass),
+                         device's explicit state (its versioned record),
                          and the memory extents; with a SHA-256 of its content
     memory-<random>.bin  guest RAM as a sparse file: only non-zero pages are
                          written, so untouched memory costs no disk and no time
@@ -35,7 +35,6 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import dataclasses
 import errno
 import hashlib
 import json
@@ -48,11 +47,11 @@ import types
 import typing
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvmpy.devices.base import U8, U16, U32, U64, DeviceStateError, state_field_types
+from kvmpy.records import Record, fields
 from kvmpy.x86.registers import Regs, Sregs
 
 if TYPE_CHECKING:
@@ -98,8 +97,7 @@ class SnapshotError(ValueError):
     """A snapshot that cannot be written, or one that is corrupt or foreign."""
 
 
-@dataclass
-class Snapshot:
+class Snapshot(Record, frozen=False):
     """A machine's complete state, in memory (see ``save``/``load`` for the files)."""
 
     config: dict[str, Any]
@@ -473,8 +471,8 @@ def _check_vcpu(value: object, where: str, irqchip: bool) -> None:
         where,
         ("regs", "sregs", "xsave", "xcrs", "msrs", "lapic", "events", "mp_state", "debugregs"),
     )
-    _check_fields(vcpu["regs"], f"{where}.regs", {f.name: U64 for f in dataclasses.fields(Regs)})
-    sregs = _keys(vcpu["sregs"], f"{where}.sregs", [f.name for f in dataclasses.fields(Sregs)])
+    _check_fields(vcpu["regs"], f"{where}.regs", {f.name: U64 for f in fields(Regs)})
+    sregs = _keys(vcpu["sregs"], f"{where}.sregs", [f.name for f in fields(Sregs)])
     for name in _SEGMENT_NAMES:
         _check_fields(sregs[name], f"{where}.sregs.{name}", _SEGMENT_WIDTHS)
     for name in ("gdt", "idt"):
@@ -678,12 +676,10 @@ def _memory_extents(machine: Machine) -> list[tuple[int, bytes]]:
 
 
 def device_state(device: Any) -> dict[str, Any]:
-    """``device.state()`` as JSON data: its dataclass's VERSION and every field."""
+    """``device.state()`` as JSON data: its record's VERSION and every field."""
     state = device.state()
-    fields = {
-        field.name: _to_json(getattr(state, field.name)) for field in dataclasses.fields(state)
-    }
-    return {"version": type(state).VERSION, "state": fields}
+    values = {spec.name: _to_json(getattr(state, spec.name)) for spec in fields(state)}
+    return {"version": type(state).VERSION, "state": values}
 
 
 def restore_device_state(device: Any, saved: object, name: str | None = None) -> None:
@@ -704,7 +700,7 @@ def _to_json(value: object) -> Any:
 
 
 def _device_state_from_json(device: Any, saved: object, name: str) -> Any:
-    """The device's state dataclass built from JSON, each field of its declared type."""
+    """The device's state record built from JSON, each field of its declared type."""
     cls: Any = type(device.state())
     try:
         saved = _keys(saved, f"device {name}", ("version", "state"))
@@ -714,10 +710,10 @@ def _device_state_from_json(device: Any, saved: object, name: str) -> Any:
                 f"device {name}: state version {version!r}, this kvmpy reads {cls.VERSION}"
             )
         hints = state_field_types(cls)
-        names = [field.name for field in dataclasses.fields(cls)]
-        fields = _keys(saved["state"], f"device {name} state", names)
+        names = [spec.name for spec in fields(cls)]
+        saved_fields = _keys(saved["state"], f"device {name} state", names)
         values = {
-            field: _from_json(fields[field], hints[field], f"device {name} state.{field}")
+            field: _from_json(saved_fields[field], hints[field], f"device {name} state.{field}")
             for field in names
         }
     except _Invalid as exc:

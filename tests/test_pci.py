@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import struct
 import threading
 from typing import Protocol
 
 import pytest
 
+from kvmpy import records
 from kvmpy.board import Board, Wiring
 from kvmpy.bus import Bus, DeviceSpaces
 from kvmpy.devices.base import DeviceStateError
@@ -240,11 +240,11 @@ def test_state_round_trips_and_read_only_bytes_are_refused() -> None:
     assert other.read(0xCF8, 4) == address(1, register=0x3C)
     forged = bytearray(state.configs[0])
     forged[0] = 0x34  # the vendor ID is read-only
-    bad = dataclasses.replace(state, configs=(bytes(forged), state.configs[1]))
+    bad = records.replace(state, configs=(bytes(forged), state.configs[1]))
     with pytest.raises(DeviceStateError, match="configs: byte 0x0"):
         other.pci.restore(bad)
     with pytest.raises(DeviceStateError, match="1 functions, not 2"):
-        other.pci.restore(dataclasses.replace(state, configs=state.configs[:1]))
+        other.pci.restore(records.replace(state, configs=state.configs[:1]))
     assert other.config(0, 0, 0, 2) == 0x8086  # nothing was taken
 
 
@@ -413,7 +413,7 @@ def board_with(*slots: PciSlot) -> Board:
         pci_entry((*PCI_FUNCTIONS, *slots)) if entry.name == "pci" else entry
         for entry in PC.devices
     )
-    return dataclasses.replace(PC, devices=devices)
+    return records.replace(PC, devices=devices)
 
 
 def fake_wiring() -> Wiring:

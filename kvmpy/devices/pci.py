@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import ClassVar
 
 from kvmpy.bus import BusError, DeviceSpaces
@@ -47,6 +46,7 @@ from kvmpy.devices.base import (
     flags,
     no_irq,
 )
+from kvmpy.records import Record
 
 CONFIG_ADDRESS_PORT = 0xCF8
 RESET_CONTROL_PORT = 0xCF9
@@ -102,8 +102,7 @@ PCI_IRQ_BASE = 16
 PCI_IRQ_PINS = 4
 
 
-@dataclass(frozen=True)
-class PciAddress:
+class PciAddress(Record):
     bus: int
     device: int
     function: int
@@ -116,8 +115,7 @@ class PciAddress:
         return f"{self.bus:02x}:{self.device:02x}.{self.function}"
 
 
-@dataclass(frozen=True)
-class PciBar:
+class PciBar(Record):
     """A base address register: ``size`` bytes (a power of two) of I/O or memory space.
 
     A memory BAR with ``address64`` takes two registers (the next holds the
@@ -338,8 +336,7 @@ class _Port:
         self._write(offset, size, value & all_ones(size))
 
 
-@dataclass(frozen=True)
-class PciHostState:
+class PciHostState(Record):
     VERSION: ClassVar[int] = 1
     config_address: int = bounded(0, U32)
     reset_control: int = flags(RCR_SYS_RST)
@@ -364,8 +361,7 @@ class _BarRange(Stateless):
         self._function.write_bar(self._index, offset, size, value)
 
 
-@dataclass(frozen=True)
-class PciWindows:
+class PciWindows(Record):
     """The address ranges the host bridge forwards to bus 0: a BAR decodes only inside them.
 
     ``io`` and ``memory`` are [start, end) ranges; the board's ACPI ``_CRS``

@@ -8,12 +8,11 @@ is adding one ``DeviceEntry`` to ``DEVICES``.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from typing import Any
 
+from kvmpy import records
 from kvmpy.backends.base import InterruptController, IrqRoute
 from kvmpy.board import Board, DeviceEntry, FirmwareContext, FirmwareTable, IoRange, Wiring
 from kvmpy.devices.absent import LINUX_PROBED_PORTS, AbsentPorts
@@ -70,6 +69,7 @@ from kvmpy.devices.serial import Serial16550
 from kvmpy.devices.testdev import TESTDEV_BASE, TESTDEV_SIZE, TestDevice
 from kvmpy.devices.vga import VGA_PORT_BASE, VGA_PORTS, VGA_TEXT_BASE, VGA_TEXT_WINDOW, Vga
 from kvmpy.memory import pc_ram_layout
+from kvmpy.records import Record
 from kvmpy.x86.acpi import (
     FACS_64BIT_WAKE_SUPPORTED,
     FACS_FIRMWARE_WAKING_VECTOR,
@@ -115,8 +115,7 @@ from kvmpy.x86.mptable import mp_tables
 from kvmpy.x86.registers import DTable, Sregs
 
 
-@dataclass(frozen=True)
-class PciSlot:
+class PciSlot(Record):
     """A PCI function on bus 0: where, and how to build it."""
 
     address: PciAddress
@@ -318,13 +317,13 @@ RESUME_PAGE_TABLES_ADDR = ACPI_TABLES_ADDR + 0x9000  # 6 pages: PML4, PDPT, 4 PD
 def _in_firmware_area(setup: CpuSetup) -> CpuSetup:
     """``setup`` (protected or long mode) with its GDT and page tables moved to firmware's."""
     gdt = dict(setup.memory)[GDT_ADDR]
-    sregs = dataclasses.replace(setup.sregs, gdt=DTable(RESUME_GDT_ADDR, setup.sregs.gdt.limit))
+    sregs = records.replace(setup.sregs, gdt=DTable(RESUME_GDT_ADDR, setup.sregs.gdt.limit))
     memory = [(RESUME_GDT_ADDR, gdt)]
     if setup.mode == "long":
-        sregs = dataclasses.replace(sregs, cr3=RESUME_PAGE_TABLES_ADDR)
+        sregs = records.replace(sregs, cr3=RESUME_PAGE_TABLES_ADDR)
         memory.append((RESUME_PAGE_TABLES_ADDR, long_mode_page_tables(RESUME_PAGE_TABLES_ADDR)))
     # The waking code sets up its own stack.
-    return CpuSetup(setup.mode, dataclasses.replace(setup.regs, rsp=0), sregs, memory)
+    return CpuSetup(setup.mode, records.replace(setup.regs, rsp=0), sregs, memory)
 
 
 def _resume_setup(memory: Any, reset_sregs: Sregs) -> CpuSetup:
