@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import itertools
 import struct
 import threading
 from typing import Protocol
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from kvmpy import records
 from kvmpy.board import Board, Wiring
@@ -28,6 +31,7 @@ from kvmpy.loaders.flat import load_flat
 from kvmpy.machine import Machine
 from kvmpy.x86.mptable import mp_tables
 from kvmpy.x86.pc import PC, PCI_FUNCTIONS, PciSlot, pci_entry, pci_windows
+from tests.fuzzing import budget
 from tests.helpers import Assembler
 
 
@@ -500,3 +504,57 @@ def test_a_guest_sizes_programs_enables_and_uses_bars(assemble: Assembler) -> No
         function = m.device("pci", PciHost).functions[PciAddress(0, 3, 0)]
         assert isinstance(function, ScratchFunction)
         assert function.memory[1][0xFF8:0xFFC] == (0x12345678).to_bytes(4, "little")
+
+
+@st.composite
+def config_writes(draw: st.DrawFn) -> list[tuple[int, int, int]]:
+    """(register, size, value) writes to 00:03.0: command, BARs, and sizing probes."""
+    register = st.sampled_from([0x04, 0x10, 0x14, 0x18, 0x1C, 0x20, 0x3C])
+    value = st.one_of(
+        st.just(0xFFFF_FFFF),
+        st.sampled_from([0, 1, 2, 3, 0x1000, 0xFFF0, 0x0CF8, 0xE000_0000, 0xFEB0_0000 - 0x2000]),
+        st.integers(0, 0xFFFF_FFFF),
+    )
+    write = st.tuples(register, st.sampled_from([1, 2, 4]), value)
+    return draw(st.lists(write, max_size=40))
+
+
+def _check_buses(setup: Attached) -> None:
+    """What a hostile guest must never achieve: a BAR outside the windows, over
+    another range, or buses that disagree with the configuration space."""
+    function = setup.function
+    mapped = setup.mapped()
+    command = function.read_config(0x04, 2)
+    for index, at in mapped.items():
+        bar = function.bars[index]
+        assert at == function.bar_address(index)
+        assert command & (1 if bar.io else 2)
+        start, end = WINDOWS.io if bar.io else WINDOWS.memory
+        assert start <= at and at + bar.size <= end
+    assert setup.mmio.find(0xFEB0_0000 - 0x2000) is not None
+    assert setup.mmio.find(0xFEB0_0000 - 0x2000).device is setup.other  # type: ignore[union-attr]
+    for bus in (setup.ports, setup.mmio):
+        ranges = bus.mappings
+        for first, second in itertools.pairwise(ranges):
+            assert first.end <= second.base
+    for mapping in setup.ports.mappings:
+        for port in range(mapping.base, mapping.end):
+            assert setup.ports.handlers[port][0] == mapping.device.read
+    for port, handler in setup.ports.handlers.items():  # the rest are unclaimed stubs
+        if setup.ports.find(port) is None:
+            assert handler[0] == setup.ports._unclaimed[port].read
+
+
+@given(config_writes())
+@budget()
+def test_a_hostile_guest_cannot_put_a_bar_where_it_does_not_belong(
+    writes: list[tuple[int, int, int]],
+) -> None:
+    setup = Attached()
+    for register, size, value in writes:
+        setup.ports.read(0x1000, 1)  # touched unclaimed too, now and then
+        setup.config_write(register, size, value & ((1 << (8 * size)) - 1))
+        _check_buses(setup)
+    setup.host.pci.reset()
+    assert setup.mapped() == {} and setup.ports.mappings == []
+    assert [m.device for m in setup.mmio.mappings] == [setup.other]
