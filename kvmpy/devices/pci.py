@@ -23,7 +23,10 @@ A ``PciFunction`` is a 256-byte configuration space with a write mask: what
 the guest may change (command, cache line, latency, BARs, interrupt line) is
 in the mask, everything else is read-only.  A BAR of size S decodes its
 address bits only, so the usual size probe (write all-ones, read back)
-answers ~(S - 1) plus the type bits.  Status bits are write-1-to-clear.
+answers ~(S - 1) plus the type bits (a 64-bit BAR's high register all
+ones below 4 GiB).  Status bits are write-1-to-clear.  While the command
+register enables I/O or memory decode, the host maps each BAR that lies in
+its windows on the port or MMIO bus (see ``PciHost``).
 """
 
 from __future__ import annotations
@@ -151,10 +154,13 @@ def pci_interrupt_gsi(device: int, pin: int) -> int:
 class PciFunction:
     """One function's configuration space: identity, BARs, interrupt pin.
 
-    Subclasses (a real device) override ``config_written`` to see what the
-    guest changed, e.g. to move their BARs, and raise their interrupt with
-    ``set_interrupt``.  The board connects the pin (``connect_interrupt``),
-    as firmware would, writing the IOAPIC pin to the interrupt line register.
+    Subclasses (a real device) answer accesses to their BARs in ``read_bar``
+    and ``write_bar`` (``offset`` lies inside the BAR; a port access may run
+    past its end), may override ``config_written`` to see what the guest
+    changed, and raise their interrupt with ``set_interrupt``.  The host maps
+    and unmaps the BARs (``PciHost``).  The board connects the pin
+    (``connect_interrupt``), as firmware would, writing the IOAPIC pin to the
+    interrupt line register.
     """
 
     def __init__(
