@@ -54,6 +54,7 @@ from kvmpy.outcome import STATUS_ERROR, STATUS_INTERRUPTED, Outcome, OutcomeKind
 from kvmpy.runloop import ExitObserver
 from kvmpy.serialio import GuestInput, SerialPorts
 from kvmpy.x86.modes import IDENTITY_MAP_SIZE, MODES, CpuSetup, default_load_addr
+from kvmpy.x86.topology import CpuTopology, parse_smp
 
 if TYPE_CHECKING:
     from kvmpy.control import RunControl
@@ -112,6 +113,13 @@ def _count(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
     return value
+
+
+def _smp(text: str) -> CpuTopology:
+    try:
+        return parse_smp(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _trace_kinds(text: str) -> set[str]:
@@ -334,7 +342,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="guest RAM (default: 128M)",
     )
     run.add_argument(
-        "--cpus", "-smp", type=_count, default=1, metavar="N", help="vCPUs (default: 1)"
+        "--cpus",
+        "-smp",
+        dest="topology",
+        type=_smp,
+        default=CpuTopology(),
+        metavar="N[,sockets=S,cores=C,threads=T]",
+        help="vCPUs, and the topology CPUID describes, as QEMU's -smp (default: 1; "
+        "N alone is one socket of N cores)",
     )
     run.add_argument(
         "--append", "-append", default="", metavar="ARGS", help="the kernel command line"
@@ -805,7 +820,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         _serial(args, output) as ports,
         Machine(
             mem_size=args.mem,
-            cpus=args.cpus,
+            topology=args.topology,
             irqchip=args.irqchip,
             strict=args.strict,
             serial_output=ports.com1_output,

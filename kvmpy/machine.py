@@ -41,6 +41,7 @@ from kvmpy.x86.arch import X86Arch
 from kvmpy.x86.modes import CpuSetup, default_load_addr, setup_mode
 from kvmpy.x86.pc import PC
 from kvmpy.x86.registers import CR0_PG
+from kvmpy.x86.topology import CpuTopology
 
 if TYPE_CHECKING:
     from kvmpy.snapshot import Snapshot
@@ -70,6 +71,9 @@ class Machine:
     1..n-1 then wait for INIT/SIPI from the guest.  Without it, HLT exits
     to kvmpy, which ends the run.
 
+    ``topology`` (``kvmpy.x86.topology``, QEMU's ``-smp``) sets the sockets,
+    cores and threads CPUID describes; by default one socket of ``cpus`` cores.
+
     Serial output is kept in ``console`` and passed to ``serial_output``.
     Every device has one lock (``device_lock``): the buses hold it around
     guest accesses, and host threads (timers, stdin, displays) take it too.
@@ -80,6 +84,7 @@ class Machine:
         *,
         mem_size: int = DEFAULT_MEM_SIZE,
         cpus: int = 1,
+        topology: CpuTopology | None = None,
         irqchip: bool | None = None,
         strict: bool = False,
         serial_output: Callable[[bytes], None] | None = None,
@@ -92,6 +97,10 @@ class Machine:
     ) -> None:
         if mem_size < board.min_ram:
             raise ValueError(f"guest RAM must be at least 1 MiB, not {mem_size} bytes")
+        if topology is not None:
+            if cpus not in (1, topology.cpus):
+                raise ValueError(f"{cpus} vCPUs asked for, but the topology has {topology.cpus}")
+            cpus = topology.cpus
         if cpus < 1:
             raise ValueError(f"need at least one vCPU, not {cpus}")
         if cpus > 1 and irqchip is False:
@@ -136,7 +145,9 @@ class Machine:
             max_cpus = self.backend.max_vcpus()
             if cpus > max_cpus:
                 raise ValueError(f"{cpus} vCPUs asked for, but this host's KVM allows {max_cpus}")
-            self.arch = X86Arch(self.backend.supported_cpuid())
+            # As QEMU's -smp N: N cores in one socket unless told otherwise.
+            self.topology = topology or CpuTopology(cores=cpus)
+            self.arch = X86Arch(self.backend.supported_cpuid(), self.topology)
             self.vm: Vm = self.backend.create_vm(irqchip=irqchip, scratch_base=board.scratch_base)
             stack.callback(self.vm.close)
             if irqchip and board.irq_routes:
@@ -327,6 +338,7 @@ class Machine:
             machine = cls(
                 mem_size=config["mem_size"],
                 cpus=config["cpus"],
+                topology=config.get("topology") and CpuTopology(*config["topology"]),
                 irqchip=config["irqchip"],
                 cmdline=config["cmdline"],
                 memory_file=memory_file,

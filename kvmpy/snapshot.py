@@ -53,6 +53,7 @@ from typing import TYPE_CHECKING, Any
 from kvmpy.devices.base import U8, U16, U32, U64, DeviceStateError, state_field_types
 from kvmpy.records import Record, fields
 from kvmpy.x86.registers import Regs, Sregs
+from kvmpy.x86.topology import checked_topology
 
 if TYPE_CHECKING:
     from kvmpy.machine import Machine
@@ -430,7 +431,10 @@ def _check_parts(config_value: object, vcpus_value: object, vm: object, devices:
 
 
 def _check_config(value: object) -> dict[str, Any]:
-    config = _keys(value, "config", ("mem_size", "ram", "cpus", "irqchip", "cmdline"))
+    keys = ["mem_size", "ram", "cpus", "irqchip", "cmdline"]
+    if isinstance(value, dict) and "topology" in value:  # optional: older snapshots lack it
+        keys.append("topology")
+    config = _keys(value, "config", keys)
     mem_size = _int(config["mem_size"], "config.mem_size", MIN_MEM_SIZE, MAX_MEM_SIZE)
     if mem_size % PAGE:
         raise _Invalid(f"config.mem_size: {mem_size:#x} is not a multiple of 4 KiB")
@@ -453,6 +457,14 @@ def _check_config(value: object) -> dict[str, Any]:
         raise _Invalid("config.irqchip: not a boolean")
     if cpus > 1 and not config["irqchip"]:
         raise _Invalid("config: more than one vCPU needs the irqchip")
+    if "topology" in config:
+        counts = _list(config["topology"], "config.topology", 3)
+        try:
+            topology = checked_topology(*counts)
+        except (TypeError, ValueError) as exc:
+            raise _Invalid(f"config.topology: {exc}") from None
+        if topology.cpus != cpus:
+            raise _Invalid(f"config.topology: {topology.describe()} CPUs, config.cpus is {cpus}")
     cmdline = config["cmdline"]
     if not isinstance(cmdline, str) or len(cmdline) > MAX_CMDLINE or "\0" in cmdline:
         raise _Invalid(f"config.cmdline: not a string of at most {MAX_CMDLINE} characters")
@@ -627,6 +639,11 @@ def take_snapshot(machine: Machine) -> Snapshot:
             "mem_size": machine.memory.size,
             "ram": [[region.gpa, region.size] for region in machine.memory],
             "cpus": len(machine.vcpus),
+            "topology": [
+                machine.topology.sockets,
+                machine.topology.cores,
+                machine.topology.threads,
+            ],
             "irqchip": machine.has_irqchip,
             "cmdline": machine.cmdline,
         },

@@ -270,7 +270,9 @@ def _mp_tables(context: FirmwareContext) -> bytes:
 
 
 FIRMWARE = (
-    FirmwareTable("BIOS Data Area", BDA_ADDR, BDA_SIZE, lambda c: bios_data_area((COM1_PORT,))),
+    FirmwareTable(
+        "BIOS Data Area", BDA_ADDR, BDA_SIZE, lambda c: bios_data_area((COM1_PORT, COM2_PORT))
+    ),
     FirmwareTable("MP tables", MP_TABLE_ADDR, MP_TABLE_SIZE, _mp_tables, needs_irqchip=True),
     FirmwareTable(
         "ACPI tables",
