@@ -11,7 +11,6 @@ what tells how much the Python loop adds.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from kvmpy import records
 from kvmpy.debug.trace import ExitStats
 from kvmpy.loaders.flat import load_flat
 from kvmpy.machine import Machine
@@ -54,7 +54,7 @@ def time_kvmpy(exits: int, with_stats: bool = False) -> float:
         if with_stats:
             machine.observer = ExitStats(machine.ports, machine.mmio)
         machine.load(load_flat(GUEST, 0x7C00), mode="real")
-        machine.vcpu.set_regs(dataclasses.replace(machine.vcpu.get_regs(), rcx=exits))
+        machine.vcpu.set_regs(records.replace(machine.vcpu.get_regs(), rcx=exits))
         start = time.perf_counter()
         outcome = machine.run(timeout=600)
         elapsed = time.perf_counter() - start

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from kvmpy import records
 from kvmpy.backends.base import BackendError, open_backend
 from kvmpy.loaders.flat import load_flat
 from kvmpy.machine import Machine
@@ -55,7 +56,7 @@ def run_loop(backend: str, image: Path, count: int) -> Sample:
     with Machine(mem_size=16 << 20, backend=backend, irqchip=False) as machine:
         mode = "real" if image.name == "pio_loop.bin" else "long"
         machine.load(load_flat(image, 0x7C00 if mode == "real" else 0x100000), mode=mode)
-        machine.vcpu.set_regs(dataclasses.replace(machine.vcpu.get_regs(), rcx=count))
+        machine.vcpu.set_regs(records.replace(machine.vcpu.get_regs(), rcx=count))
         start = time.perf_counter()
         outcome = machine.run(timeout=600)
         elapsed = time.perf_counter() - start

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvmpy.backends.base import IrqRoute
 from kvmpy.devices.base import IrqCallback
+from kvmpy.records import Record, field
+
+if TYPE_CHECKING:
+    from kvmpy.bus import DeviceSpaces
 
 
-@dataclass(frozen=True)
-class IoRange:
+class IoRange(Record):
     """A port or MMIO range a device answers; ``part``: the attribute that serves it."""
 
     base: int
@@ -34,8 +36,7 @@ def _no_suspend() -> None:
     """A request_suspend for machines that cannot suspend: the request is ignored."""
 
 
-@dataclass(frozen=True)
-class Wiring:
+class Wiring(Record):
     """What a device factory may connect a device to."""
 
     irq: Callable[[int], IrqCallback]  # an interrupt line by number (a no-op without irqchip)
@@ -53,27 +54,28 @@ class Wiring:
     request_suspend: Callable[[], None] = _no_suspend
 
 
-@dataclass(frozen=True)
-class DeviceEntry:
+class DeviceEntry(Record):
     """One device on the board: its name (also its snapshot key), how to build it, where."""
 
     name: str
     build: Callable[[Wiring], Any]
     ports: tuple[IoRange, ...] = ()
     mmio: tuple[IoRange, ...] = ()
+    # For a device that maps ranges while the guest runs (a PCI host's BARs):
+    # called once with the device and its hold on the buses.
+    attach: Callable[[Any, DeviceSpaces], None] | None = None
 
 
-@dataclass(frozen=True)
-class FirmwareContext:
+class FirmwareContext(Record):
     """What firmware tables are built from."""
 
     cpus: int
     cpu_signature: tuple[int, int]  # CPUID leaf 1 EAX, EDX
     has_irqchip: bool
+    low_ram: int  # RAM below the hole: where the PCI memory window may start
 
 
-@dataclass(frozen=True)
-class FirmwareTable:
+class FirmwareTable(Record):
     """Data firmware would leave in RAM, at ``address``, reserved up to ``address + size``."""
 
     name: str
@@ -83,8 +85,7 @@ class FirmwareTable:
     needs_irqchip: bool = False
 
 
-@dataclass(frozen=True)
-class Board:
+class Board(Record):
     """A whole machine's description."""
 
     name: str
@@ -109,8 +110,9 @@ class Board:
     # Suspend to RAM (ACPI S3).  ``wake(locked)`` is asked, while the machine
     # sleeps, whether a wake event arrived (``locked(name)`` gives a device
     # under its lock); ``resume_setup(memory, reset_sregs)`` says where the
-    # boot CPU resumes (a CpuSetup; its memory is not written).  None: the
-    # board cannot sleep, and a request to is ignored.
+    # boot CPU resumes (a CpuSetup; its memory, which must lie in the board's
+    # firmware area, is written first).  None: the board cannot sleep, and a
+    # request to is ignored.
     wake: Callable[[Callable[[str], AbstractContextManager[Any]]], bool] | None = None
     resume_setup: Callable[[Any, Any], Any] | None = None
 

@@ -54,6 +54,7 @@ from kvmpy.outcome import STATUS_ERROR, STATUS_INTERRUPTED, Outcome, OutcomeKind
 from kvmpy.runloop import ExitObserver
 from kvmpy.serialio import GuestInput, SerialPorts
 from kvmpy.x86.modes import IDENTITY_MAP_SIZE, MODES, CpuSetup, default_load_addr
+from kvmpy.x86.topology import CpuTopology, parse_smp
 
 if TYPE_CHECKING:
     from kvmpy.control import RunControl
@@ -112,6 +113,13 @@ def _count(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
     return value
+
+
+def _smp(text: str) -> CpuTopology:
+    try:
+        return parse_smp(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _trace_kinds(text: str) -> set[str]:
@@ -250,6 +258,33 @@ def _open_accel(args: argparse.Namespace) -> Backend:
     return backend
 
 
+def _terminal_columns() -> int:
+    """The width help is wrapped to, found as ``shutil.get_terminal_size`` finds it."""
+    try:
+        return int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        pass
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+    except (AttributeError, ValueError, OSError):
+        return 80
+
+
+class _Formatter(argparse.HelpFormatter):
+    """argparse's help formatter, given its width: left to itself it imports
+    shutil (with bz2, lzma and zlib) while the parser is built, 2 ms of every run."""
+
+    def __init__(
+        self,
+        prog: str,
+        indent_increment: int = 2,
+        max_help_position: int = 24,
+        width: int | None = None,
+    ) -> None:
+        width = _terminal_columns() - 2 if width is None else width
+        super().__init__(prog, indent_increment, max_help_position, width)
+
+
 class _Parser(argparse.ArgumentParser):
     """Takes --trace's kinds only as --trace=KINDS, so `--trace IMAGE` keeps its image;
     ``run`` needs an image, positional or -kernel's."""
@@ -270,11 +305,18 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="kvmpy", description="A KVM micro-hypervisor in Python.")
+    parser = _Parser(
+        prog="kvmpy", description="A KVM micro-hypervisor in Python.", formatter_class=_Formatter
+    )
     parser.add_argument("--version", action="version", version=f"kvmpy {kvmpy.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = commands.add_parser("run", help="run a guest image", description="Run a guest image.")
+    run = commands.add_parser(
+        "run",
+        help="run a guest image",
+        description="Run a guest image.",
+        formatter_class=_Formatter,
+    )
     run.add_argument(
         "image",
         nargs="?",
@@ -300,7 +342,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="guest RAM (default: 128M)",
     )
     run.add_argument(
-        "--cpus", "-smp", type=_count, default=1, metavar="N", help="vCPUs (default: 1)"
+        "--cpus",
+        "-smp",
+        dest="topology",
+        type=_smp,
+        default=CpuTopology(),
+        metavar="N[,sockets=S,cores=C,threads=T]",
+        help="vCPUs, and the topology CPUID describes, as QEMU's -smp (default: 1; "
+        "N alone is one socket of N cores)",
     )
     run.add_argument(
         "--append", "-append", default="", metavar="ARGS", help="the kernel command line"
@@ -350,12 +399,16 @@ def build_parser() -> argparse.ArgumentParser:
         "restore",
         help="resume a guest from a snapshot",
         description="Resume a guest saved with --snapshot-at-exit (or Machine.snapshot).",
+        formatter_class=_Formatter,
     )
     restore.add_argument("directory", help="the snapshot directory")
     _add_run_options(restore)
 
     info = commands.add_parser(
-        "info", help="describe the host's KVM", description="Describe the host's KVM."
+        "info",
+        help="describe the host's KVM",
+        description="Describe the host's KVM.",
+        formatter_class=_Formatter,
     )
     info.add_argument("--kvm", metavar="PATH", help=argparse.SUPPRESS)
     return parser
@@ -767,7 +820,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         _serial(args, output) as ports,
         Machine(
             mem_size=args.mem,
-            cpus=args.cpus,
+            topology=args.topology,
             irqchip=args.irqchip,
             strict=args.strict,
             serial_output=ports.com1_output,

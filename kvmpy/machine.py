@@ -13,7 +13,6 @@ owns the threads: one per vCPU, and one for the devices' timers.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import itertools
 import signal
@@ -27,7 +26,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from kvmpy._process import Terminated
 from kvmpy.backends.base import Backend, BackendError, Capability, Vcpu, Vm, open_backend, require
 from kvmpy.board import Board, DeviceEntry, FirmwareContext, Wiring
-from kvmpy.bus import Bus
+from kvmpy.bus import Bus, DeviceSpaces
 from kvmpy.console import DEFAULT_CONSOLE_LIMIT, ConsoleLog
 from kvmpy.devices.base import IrqCallback, no_irq
 from kvmpy.devices.debug_exit import exit_status as debug_exit_status
@@ -36,11 +35,13 @@ from kvmpy.loaders import LoaderError, LoadPlan, check_plan
 from kvmpy.loaders.detect import load_image
 from kvmpy.memory import PAGE_SIZE, GuestMemory
 from kvmpy.outcome import REPORTED_KINDS, Outcome, OutcomeKind
+from kvmpy.records import replace
 from kvmpy.runloop import ExitObserver, LoopContext, run_vcpu
 from kvmpy.x86.arch import X86Arch
 from kvmpy.x86.modes import CpuSetup, default_load_addr, setup_mode
 from kvmpy.x86.pc import PC
 from kvmpy.x86.registers import CR0_PG
+from kvmpy.x86.topology import CpuTopology
 
 if TYPE_CHECKING:
     from kvmpy.snapshot import Snapshot
@@ -70,6 +71,9 @@ class Machine:
     1..n-1 then wait for INIT/SIPI from the guest.  Without it, HLT exits
     to kvmpy, which ends the run.
 
+    ``topology`` (``kvmpy.x86.topology``, QEMU's ``-smp``) sets the sockets,
+    cores and threads CPUID describes; by default one socket of ``cpus`` cores.
+
     Serial output is kept in ``console`` and passed to ``serial_output``.
     Every device has one lock (``device_lock``): the buses hold it around
     guest accesses, and host threads (timers, stdin, displays) take it too.
@@ -80,6 +84,7 @@ class Machine:
         *,
         mem_size: int = DEFAULT_MEM_SIZE,
         cpus: int = 1,
+        topology: CpuTopology | None = None,
         irqchip: bool | None = None,
         strict: bool = False,
         serial_output: Callable[[bytes], None] | None = None,
@@ -92,6 +97,10 @@ class Machine:
     ) -> None:
         if mem_size < board.min_ram:
             raise ValueError(f"guest RAM must be at least 1 MiB, not {mem_size} bytes")
+        if topology is not None:
+            if cpus not in (1, topology.cpus):
+                raise ValueError(f"{cpus} vCPUs asked for, but the topology has {topology.cpus}")
+            cpus = topology.cpus
         if cpus < 1:
             raise ValueError(f"need at least one vCPU, not {cpus}")
         if cpus > 1 and irqchip is False:
@@ -136,7 +145,9 @@ class Machine:
             max_cpus = self.backend.max_vcpus()
             if cpus > max_cpus:
                 raise ValueError(f"{cpus} vCPUs asked for, but this host's KVM allows {max_cpus}")
-            self.arch = X86Arch(self.backend.supported_cpuid())
+            # As QEMU's -smp N: N cores in one socket unless told otherwise.
+            self.topology = topology or CpuTopology(cores=cpus)
+            self.arch = X86Arch(self.backend.supported_cpuid(), self.topology)
             self.vm: Vm = self.backend.create_vm(irqchip=irqchip, scratch_base=board.scratch_base)
             stack.callback(self.vm.close)
             if irqchip and board.irq_routes:
@@ -160,8 +171,10 @@ class Machine:
             self._closer = stack.pop_all()
         self.vcpu = self.vcpus[0]  # the bootstrap processor
 
-        self.ports = Bus("port", board.port_space, strict=strict)
-        self.mmio = Bus("mmio", board.mmio_space, strict=strict)
+        # Only vCPU threads dispatch on the buses: with one, unclaimed stubs need no lock.
+        one_vcpu = len(self.vcpus) == 1
+        self.ports = Bus("port", board.port_space, strict=strict, one_vcpu=one_vcpu)
+        self.mmio = Bus("mmio", board.mmio_space, strict=strict, one_vcpu=one_vcpu)
         wiring = Wiring(
             irq=self.irq_line,
             request_reset=self.request_reset,
@@ -195,6 +208,8 @@ class Machine:
                 bus.register(
                     span.base, span.length, part, span.label, lock, only_caller=only_caller
                 )
+        if entry.attach is not None:
+            entry.attach(device, DeviceSpaces(self.ports, self.mmio, lock))
         self._devices[entry.name] = device
         self._device_locks[entry.name] = lock
 
@@ -323,6 +338,7 @@ class Machine:
             machine = cls(
                 mem_size=config["mem_size"],
                 cpus=config["cpus"],
+                topology=config.get("topology") and CpuTopology(*config["topology"]),
                 irqchip=config["irqchip"],
                 cmdline=config["cmdline"],
                 memory_file=memory_file,
@@ -378,7 +394,12 @@ class Machine:
         setup = setup_mode(mode or plan.mode or "real", self.vcpu.get_sregs(), plan.entry)
         check_plan(plan, self.memory, setup.reserved())
         self._check_firmware_overlap(plan)
-        context = FirmwareContext(len(self.vcpus), self.arch.cpu_signature, self.has_irqchip)
+        context = FirmwareContext(
+            len(self.vcpus),
+            self.arch.cpu_signature,
+            self.has_irqchip,
+            low_ram=self.memory.regions[0].size,
+        )
         firmware = [
             (table.address, table.build(context))
             for table in self.board.firmware
@@ -398,7 +419,7 @@ class Machine:
                 f"this host's KVM ({', '.join(kvm_modules()) or 'unknown'}) ignored CR0.PG: "
                 f"it cannot run guests in {setup.mode} mode",
             )
-        self.vcpu.set_regs(dataclasses.replace(setup.regs, **plan.registers))
+        self.vcpu.set_regs(replace(setup.regs, **plan.registers))
         return setup
 
     def _check_firmware_overlap(self, plan: LoadPlan) -> None:
@@ -548,9 +569,9 @@ class Machine:
         vcpu = self.vcpus[index] if 0 <= index < len(self.vcpus) else self.vcpu
         if outcome.kind in (OutcomeKind.TIMEOUT, OutcomeKind.INTERRUPTED):
             report = crash_report(vcpu, self.memory, outcome.kind.value)
-            return dataclasses.replace(outcome, report=report)
+            return replace(outcome, report=report)
         report = crash_report(vcpu, self.memory, outcome.message, outcome.detail, outcome.code)
-        return dataclasses.replace(outcome, report=report, message=report.summary())
+        return replace(outcome, report=report, message=report.summary())
 
     def stop(self, outcome: Outcome) -> None:
         """End the run with ``outcome`` (the first stop wins).  Safe from any thread."""
@@ -688,6 +709,8 @@ class Machine:
         vcpu.load_state(self._power_on["vcpus"][vcpu.index])
         if vcpu is self.vcpu:
             setup = self.board.resume_setup(self.memory, vcpu.get_sregs())
+            for gpa, data in setup.memory:  # firmware's own area: its GDT, page tables
+                self.memory.write(gpa, data)
             vcpu.set_sregs(setup.sregs)
             vcpu.set_regs(setup.regs)
 

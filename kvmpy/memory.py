@@ -10,7 +10,8 @@ from __future__ import annotations
 import contextlib
 import mmap
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+
+from kvmpy.records import Record, field
 
 # Where the PCI/MMIO hole below 4 GiB starts: RAM beyond this goes above 4 GiB.
 LOW_RAM_END = 0xC000_0000
@@ -72,8 +73,7 @@ def parse_size(text: str | int) -> int:
     return amount * _SIZE_UNITS[unit]
 
 
-@dataclass
-class MemoryRegion:
+class MemoryRegion(Record, frozen=False):
     """A contiguous range of guest RAM and the host mapping behind it."""
 
     gpa: int

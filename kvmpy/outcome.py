@@ -10,10 +10,10 @@ disassembler.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from kvmpy.devices.debug_exit import exit_status as debug_exit_status
+from kvmpy.records import Record
 
 if TYPE_CHECKING:
     from kvmpy.debug.crash import CrashReport
@@ -72,8 +72,7 @@ def exit_status(kind: OutcomeKind, exit_code: int | None = None) -> int:
     return _STATUSES[kind]
 
 
-@dataclass(frozen=True)
-class Outcome:
+class Outcome(Record):
     """How a run ended.
 
     ``vcpu`` is the vCPU the event happened on (None for machine-wide

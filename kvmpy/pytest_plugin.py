@@ -31,7 +31,6 @@ import os
 import re
 import sys
 from collections.abc import Generator, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -41,6 +40,7 @@ from kvmpy.backends.base import BACKENDS, KVM_PATH, BackendError, open_backend
 from kvmpy.loaders import LoaderError
 from kvmpy.loaders.detect import FORMATS
 from kvmpy.memory import parse_size
+from kvmpy.records import Record
 from kvmpy.testing import (
     GuestStopped,
     RunResult,
@@ -329,8 +329,7 @@ class GuestFailed(AssertionError):
     """A guest did not end as expected; the message says how it ended."""
 
 
-@dataclass(frozen=True)
-class GuestSpec:
+class GuestSpec(Record):
     """One guest test: an image and how to run it (an entry of guests.toml)."""
 
     name: str

@@ -31,7 +31,6 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +38,7 @@ import kvmpy
 from kvmpy.control import ControlError, RunControl
 from kvmpy.memory import PAGE_SIZE, GuestMemoryError
 from kvmpy.outcome import Outcome, OutcomeKind
+from kvmpy.records import Record
 
 if TYPE_CHECKING:
     from kvmpy.backends.base import Vcpu
@@ -77,8 +77,7 @@ def _error(exc: QmpError, msg_id: object = None) -> dict[str, Any]:
 # -- where to listen ------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class QmpAddress:
+class QmpAddress(Record):
     """A parsed ``--qmp`` value."""
 
     kind: str  # "unix" or "tcp"

@@ -28,8 +28,9 @@ import threading
 import time
 from _thread import LockType
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from kvmpy.records import Record
 
 if TYPE_CHECKING:
     import socket
@@ -45,8 +46,7 @@ _HELD_LIMIT = 64 * 1024  # guest output kept while the monitor has the terminal
 # -- parsing ----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class SerialSpec:
+class SerialSpec(Record):
     """One ``--serial`` value."""
 
     kind: str  # stdio, mon, file, pty, unix, tcp, null

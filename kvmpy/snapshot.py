@@ -4,7 +4,7 @@ A snapshot directory holds two files:
 
     snapshot.json        header, machine configuration, every vCPU's and the
                          VM's KVM state (opaque structs as base64), each
-                         device's explicit state (its versioned dataclass),
+                         device's explicit state (its versioned record),
                          and the memory extents; with a SHA-256 of its content
     memory-<random>.bin  guest RAM as a sparse file: only non-zero pages are
                          written, so untouched memory costs no disk and no time
@@ -35,7 +35,6 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import dataclasses
 import errno
 import hashlib
 import json
@@ -48,12 +47,13 @@ import types
 import typing
 import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kvmpy.devices.base import U8, U16, U32, U64, DeviceStateError, state_field_types
+from kvmpy.records import Record, fields
 from kvmpy.x86.registers import Regs, Sregs
+from kvmpy.x86.topology import checked_topology
 
 if TYPE_CHECKING:
     from kvmpy.machine import Machine
@@ -98,8 +98,7 @@ class SnapshotError(ValueError):
     """A snapshot that cannot be written, or one that is corrupt or foreign."""
 
 
-@dataclass
-class Snapshot:
+class Snapshot(Record, frozen=False):
     """A machine's complete state, in memory (see ``save``/``load`` for the files)."""
 
     config: dict[str, Any]
@@ -432,7 +431,10 @@ def _check_parts(config_value: object, vcpus_value: object, vm: object, devices:
 
 
 def _check_config(value: object) -> dict[str, Any]:
-    config = _keys(value, "config", ("mem_size", "ram", "cpus", "irqchip", "cmdline"))
+    keys = ["mem_size", "ram", "cpus", "irqchip", "cmdline"]
+    if isinstance(value, dict) and "topology" in value:  # optional: older snapshots lack it
+        keys.append("topology")
+    config = _keys(value, "config", keys)
     mem_size = _int(config["mem_size"], "config.mem_size", MIN_MEM_SIZE, MAX_MEM_SIZE)
     if mem_size % PAGE:
         raise _Invalid(f"config.mem_size: {mem_size:#x} is not a multiple of 4 KiB")
@@ -455,6 +457,14 @@ def _check_config(value: object) -> dict[str, Any]:
         raise _Invalid("config.irqchip: not a boolean")
     if cpus > 1 and not config["irqchip"]:
         raise _Invalid("config: more than one vCPU needs the irqchip")
+    if "topology" in config:
+        counts = _list(config["topology"], "config.topology", 3)
+        try:
+            topology = checked_topology(*counts)
+        except (TypeError, ValueError) as exc:
+            raise _Invalid(f"config.topology: {exc}") from None
+        if topology.cpus != cpus:
+            raise _Invalid(f"config.topology: {topology.describe()} CPUs, config.cpus is {cpus}")
     cmdline = config["cmdline"]
     if not isinstance(cmdline, str) or len(cmdline) > MAX_CMDLINE or "\0" in cmdline:
         raise _Invalid(f"config.cmdline: not a string of at most {MAX_CMDLINE} characters")
@@ -473,8 +483,8 @@ def _check_vcpu(value: object, where: str, irqchip: bool) -> None:
         where,
         ("regs", "sregs", "xsave", "xcrs", "msrs", "lapic", "events", "mp_state", "debugregs"),
     )
-    _check_fields(vcpu["regs"], f"{where}.regs", {f.name: U64 for f in dataclasses.fields(Regs)})
-    sregs = _keys(vcpu["sregs"], f"{where}.sregs", [f.name for f in dataclasses.fields(Sregs)])
+    _check_fields(vcpu["regs"], f"{where}.regs", {f.name: U64 for f in fields(Regs)})
+    sregs = _keys(vcpu["sregs"], f"{where}.sregs", [f.name for f in fields(Sregs)])
     for name in _SEGMENT_NAMES:
         _check_fields(sregs[name], f"{where}.sregs.{name}", _SEGMENT_WIDTHS)
     for name in ("gdt", "idt"):
@@ -629,6 +639,11 @@ def take_snapshot(machine: Machine) -> Snapshot:
             "mem_size": machine.memory.size,
             "ram": [[region.gpa, region.size] for region in machine.memory],
             "cpus": len(machine.vcpus),
+            "topology": [
+                machine.topology.sockets,
+                machine.topology.cores,
+                machine.topology.threads,
+            ],
             "irqchip": machine.has_irqchip,
             "cmdline": machine.cmdline,
         },
@@ -678,12 +693,10 @@ def _memory_extents(machine: Machine) -> list[tuple[int, bytes]]:
 
 
 def device_state(device: Any) -> dict[str, Any]:
-    """``device.state()`` as JSON data: its dataclass's VERSION and every field."""
+    """``device.state()`` as JSON data: its record's VERSION and every field."""
     state = device.state()
-    fields = {
-        field.name: _to_json(getattr(state, field.name)) for field in dataclasses.fields(state)
-    }
-    return {"version": type(state).VERSION, "state": fields}
+    values = {spec.name: _to_json(getattr(state, spec.name)) for spec in fields(state)}
+    return {"version": type(state).VERSION, "state": values}
 
 
 def restore_device_state(device: Any, saved: object, name: str | None = None) -> None:
@@ -704,7 +717,7 @@ def _to_json(value: object) -> Any:
 
 
 def _device_state_from_json(device: Any, saved: object, name: str) -> Any:
-    """The device's state dataclass built from JSON, each field of its declared type."""
+    """The device's state record built from JSON, each field of its declared type."""
     cls: Any = type(device.state())
     try:
         saved = _keys(saved, f"device {name}", ("version", "state"))
@@ -714,10 +727,10 @@ def _device_state_from_json(device: Any, saved: object, name: str) -> Any:
                 f"device {name}: state version {version!r}, this kvmpy reads {cls.VERSION}"
             )
         hints = state_field_types(cls)
-        names = [field.name for field in dataclasses.fields(cls)]
-        fields = _keys(saved["state"], f"device {name} state", names)
+        names = [spec.name for spec in fields(cls)]
+        saved_fields = _keys(saved["state"], f"device {name} state", names)
         values = {
-            field: _from_json(fields[field], hints[field], f"device {name} state.{field}")
+            field: _from_json(saved_fields[field], hints[field], f"device {name} state.{field}")
             for field in names
         }
     except _Invalid as exc:

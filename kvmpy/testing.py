@@ -18,7 +18,6 @@ import signal
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from kvmpy.loaders.multiboot import parse_module
 from kvmpy.machine import Machine
 from kvmpy.memory import parse_size
 from kvmpy.outcome import Outcome, OutcomeKind
+from kvmpy.records import Record
 
 __all__ = [
     "GuestStopped",
@@ -66,8 +66,7 @@ class GuestStopped(SerialTimeout):
     """The guest stopped (exited, crashed, timed out) before the pattern appeared."""
 
 
-@dataclass(frozen=True)
-class RunResult:
+class RunResult(Record):
     """How a run ended, with the serial output it produced."""
 
     outcome: Outcome

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from kvmpy import records
 from kvmpy.backends.base import (
     BackendError,
     Capability,
@@ -89,8 +90,8 @@ class FakeVcpu:
         self._last = step
         # One record, updated in place: the run loop holds on to it.
         fresh = ExitRecord(**step.fields)
-        for name in ExitRecord.__slots__:
-            setattr(self.exit, name, getattr(fresh, name))
+        for spec in records.fields(ExitRecord):
+            setattr(self.exit, spec.name, getattr(fresh, spec.name))
         if step.data:
             offset = self.exit.data_offset
             self.io_buffer[offset : offset + len(step.data)] = step.data

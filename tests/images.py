@@ -23,8 +23,10 @@ def elf32(
     code_at = 52 + 32 * phnum
     notes_at = code_at + len(code)
     size = notes_at + len(notes)
-    ehdr = b"\x7fELF\x01\x01\x01" + bytes(9) + struct.pack(
-        "<HHIIIIIHHHHHH", 2, 3, 1, paddr + code_at, 52, 0, 0, 52, 32, phnum, 40, 0, 0
+    ehdr = (
+        b"\x7fELF\x01\x01\x01"
+        + bytes(9)
+        + struct.pack("<HHIIIIIHHHHHH", 2, 3, 1, paddr + code_at, 52, 0, 0, 52, 32, phnum, 40, 0, 0)
     )
     load = struct.pack(
         "<IIIIIIII", PT_LOAD, 0, paddr, paddr, size, size if memsz is None else memsz, 5, 0x1000
@@ -37,8 +39,10 @@ def elf64(code: bytes = CODE, *, memsz: int | None = None, paddr: int = LOAD_ADD
     """An ELF64 (EM_X86_64) executable: one PT_LOAD of the whole file, entered at ``code``."""
     code_at = 64 + 56
     size = code_at + len(code)
-    ehdr = b"\x7fELF\x02\x01\x01" + bytes(9) + struct.pack(
-        "<HHIQQQIHHHHHH", 2, 62, 1, paddr + code_at, 64, 0, 0, 64, 56, 1, 64, 0, 0
+    ehdr = (
+        b"\x7fELF\x02\x01\x01"
+        + bytes(9)
+        + struct.pack("<HHIQQQIHHHHHH", 2, 62, 1, paddr + code_at, 64, 0, 0, 64, 56, 1, 64, 0, 0)
     )
     load = struct.pack(
         "<IIQQQQQQ", PT_LOAD, 5, 0, paddr, paddr, size, size if memsz is None else memsz, 0x1000

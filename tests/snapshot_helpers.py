@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import base64
-import dataclasses
 import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from kvmpy import records
 from kvmpy.snapshot import Snapshot, device_state
 from kvmpy.x86.registers import Regs, Sregs
 from tests.device_catalog import FACTORIES, build
@@ -25,8 +25,8 @@ def _b64(size: int) -> str:
 def synthetic(tag: str = "old", extents: list[tuple[int, bytes]] | None = None) -> Snapshot:
     """A well-formed snapshot (as far as files go; KVM would refuse its zeroed structs)."""
     vcpu = {
-        "regs": dataclasses.asdict(Regs(rip=0x7C00)),
-        "sregs": dataclasses.asdict(Sregs()),
+        "regs": records.asdict(Regs(rip=0x7C00)),
+        "sregs": records.asdict(Sregs()),
         "xsave": _b64(4096),
         "xcrs": _b64(392),
         "msrs": [[0x10, 5]],

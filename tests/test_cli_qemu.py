@@ -12,6 +12,7 @@ import pytest
 
 from kvmpy.cli import _check_outputs, _qemu_spellings, build_parser, main
 from kvmpy.loaders.detect import initrd_modules
+from kvmpy.x86.topology import CpuTopology
 from tests.helpers import ROOT, Assembler, guest
 
 MiB = 1 << 20
@@ -23,7 +24,9 @@ def _run_args(*argv: str) -> argparse.Namespace:
 
 def test_qemu_spellings_parse_as_the_long_options() -> None:
     args = _run_args("-m", "64", "-smp", "2", "-append", "console=ttyS0", "-s", "-S", "k.elf")
-    assert (args.mem, args.cpus, args.append) == (64 * MiB, 2, "console=ttyS0")
+    assert (args.mem, args.topology.cpus, args.append) == (64 * MiB, 2, "console=ttyS0")
+    assert _run_args("-smp", "4,sockets=2", "k").topology == CpuTopology(2, 2, 1)
+    assert _run_args("--cpus", "3", "k").topology == CpuTopology(1, 3, 1)
     assert (args.gdb, args.start_paused, args.image) == ("tcp::1234", True, "k.elf")
     assert _run_args("--mem", "4096B", "k").mem == 4096
     assert _run_args("--qmp", "unix:/tmp/q,server", "k").qmp == "unix:/tmp/q,server"

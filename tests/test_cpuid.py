@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
+from kvmpy import records
 from kvmpy.x86.cpuid import LEAF1_ECX_HYPERVISOR, CpuidEntry, vcpu_cpuid, vendor
 
 # "GenuineIntel" in EBX, EDX, ECX order.
@@ -64,7 +63,7 @@ def test_x2apic_leaves_get_the_full_apic_id(apic_id: int) -> None:
         entry = table[key]
         assert entry.edx == apic_id, key
         original = by_key(supported())[key]
-        assert dataclasses.replace(entry, edx=original.edx) == original
+        assert records.replace(entry, edx=original.edx) == original
 
 
 def test_other_entries_are_untouched() -> None:
@@ -93,7 +92,7 @@ def test_input_is_not_mutated() -> None:
 
 def test_entries_are_frozen() -> None:
     entry = CpuidEntry(1)
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(records.FrozenRecordError):
         entry.ebx = 1  # type: ignore[misc]
 
 

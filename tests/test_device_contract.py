@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import threading
 import typing
@@ -10,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from kvmpy import records
 from kvmpy.devices.base import Device, DeviceStateError, all_ones
 from kvmpy.devices.serial import LSR, LSR_BI, RBR
 from kvmpy.snapshot import SnapshotError, device_state, restore_device_state
@@ -42,10 +42,10 @@ def test_every_device_has_the_five_methods_and_no_lock(name: str) -> None:
 def test_state_is_a_frozen_versioned_dataclass(name: str) -> None:
     state: Any = build(name).device.state()
     assert isinstance(type(state).VERSION, int)
-    assert dataclasses.is_dataclass(state)
-    fields = dataclasses.fields(state)
+    assert records.is_record(state)
+    fields = records.fields(state)
     if fields:
-        with pytest.raises(dataclasses.FrozenInstanceError):
+        with pytest.raises(records.FrozenRecordError):
             setattr(state, fields[0].name, getattr(state, fields[0].name))
 
 
@@ -106,7 +106,7 @@ def _bad_values(hint: Any) -> list[object]:
 CASES = [
     (name, field.name, bad)
     for name in NAMES
-    for field in dataclasses.fields(build(name).device.state())
+    for field in records.fields(build(name).device.state())
     for bad in _bad_values(typing.get_type_hints(type(build(name).device.state()))[field.name])
 ]
 
@@ -115,7 +115,7 @@ CASES = [
 def test_restore_rejects_a_bad_field_and_names_it(name: str, field: str, bad: object) -> None:
     device = busy(name)
     before = device.state()
-    wrong = dataclasses.replace(before, **{field: bad})
+    wrong = records.replace(before, **{field: bad})
     with pytest.raises(DeviceStateError, match=field) as caught:
         device.restore(wrong)
     assert caught.value.field == field
@@ -150,14 +150,14 @@ def test_restore_rejects_wiring_and_unknown_fields_from_json() -> None:
 
 def test_serial_host_queue_beyond_the_devices_own_limit_is_refused() -> None:
     device = build("serial").device  # host_queue_limit=256
-    state = dataclasses.replace(device.state(), host=((0x41, 0),) * 257)
+    state = records.replace(device.state(), host=((0x41, 0),) * 257)
     with pytest.raises(DeviceStateError, match="host"):
         device.restore(state)
 
 
 def test_serial_fifo_beyond_its_capacity_is_refused() -> None:
     device = build("serial").device  # FIFOs off: one byte of receiver
-    state = dataclasses.replace(device.state(), rx=((0x41, 0),) * 2)
+    state = records.replace(device.state(), rx=((0x41, 0),) * 2)
     with pytest.raises(DeviceStateError, match="FIFO holds 1"):
         device.restore(state)
 
@@ -174,14 +174,14 @@ def test_serial_break_is_bounded_by_the_host_queue() -> None:
 
 def test_bytes_fields_are_range_checked_too() -> None:
     device = build("vga").device
-    state = dataclasses.replace(device.state(), dac=bytes([0x40]) * 768)  # 6-bit levels
+    state = records.replace(device.state(), dac=bytes([0x40]) * 768)  # 6-bit levels
     with pytest.raises(DeviceStateError, match="dac"):
         device.restore(state)
 
 
 def test_fw_cfg_offset_past_the_item_is_refused() -> None:
     device = build("fw_cfg").device
-    state = dataclasses.replace(device.state(), offset=5)  # the signature has 4 bytes
+    state = records.replace(device.state(), offset=5)  # the signature has 4 bytes
     with pytest.raises(DeviceStateError, match="offset"):
         device.restore(state)
 

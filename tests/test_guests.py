@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import subprocess
 import sys
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from kvmpy import records
 from kvmpy.backends.base import BackendError as KvmError
 from kvmpy.devices.base import Stateless
 from kvmpy.loaders.flat import load_flat
@@ -266,9 +266,9 @@ def test_run_can_resume_after_a_timeout(assemble: Assembler) -> None:
     image = assemble("1: test %ecx, %ecx\njnz 1b\nmov $5, %al\nout %al, $0xf4")
     with Machine(mem_size=1 << 20) as m:
         m.load(load_flat(image, 0x7C00), mode="real")
-        m.vcpu.set_regs(dataclasses.replace(m.vcpu.get_regs(), rcx=1))
+        m.vcpu.set_regs(records.replace(m.vcpu.get_regs(), rcx=1))
         assert m.run(timeout=0.3).reason == "timeout"
-        m.vcpu.set_regs(dataclasses.replace(m.vcpu.get_regs(), rcx=0))
+        m.vcpu.set_regs(records.replace(m.vcpu.get_regs(), rcx=0))
         assert m.run(timeout=10).exit_code == 5
 
 

@@ -236,6 +236,9 @@ def test_guest_finds_com1_in_the_bios_data_area(assemble: Assembler) -> None:
         m.load(load_flat(assemble(source), 0x7C00), mode="real")
         assert m.run(timeout=30).exit_code == 0
         assert bytes(m.console) == b"!"
+        # COM2 too, and two serial ports in the equipment word, as SeaBIOS leaves them.
+        assert m.memory.read(0x402, 2) == (0x2F8).to_bytes(2, "little")
+        assert (int.from_bytes(m.memory.read(0x410, 2), "little") >> 9) & 7 == 2
 
 
 def test_ctrl_c_stops_every_vcpu_and_exits_130(assemble: Assembler) -> None:

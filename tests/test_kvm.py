@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 from pathlib import Path
 
 import pytest
 
+from kvmpy import records
 from kvmpy.backends.exits import ExitKind
 from kvmpy.backends.kvm._kvm import ffi, lib
 from kvmpy.backends.kvm.ioctls import Kvm, KvmError
@@ -68,7 +68,7 @@ def test_failed_ioctl_names_the_ioctl() -> None:
 def test_register_round_trips() -> None:
     with Kvm() as kvm, kvm.create_vm() as vm, vm.create_vcpu(0) as vcpu:
         vcpu.set_cpuid(vcpu_cpuid(kvm.supported_cpuid(), apic_id=0))
-        regs = dataclasses.replace(vcpu.get_regs(), rax=0x1122334455667788, r15=7, rip=0x1000)
+        regs = records.replace(vcpu.get_regs(), rax=0x1122334455667788, r15=7, rip=0x1000)
         vcpu.set_regs(regs)
         assert vcpu.get_regs() == regs
 
@@ -79,7 +79,7 @@ def test_register_round_trips() -> None:
         assert back.efer & 0x500 == 0x500
         assert back.cr3 == setup.sregs.cr3
 
-        fpu = dataclasses.replace(Fpu(), mxcsr=0x1F80, xmm=bytes(range(256)))
+        fpu = records.replace(Fpu(), mxcsr=0x1F80, xmm=bytes(range(256)))
         vcpu.set_fpu(fpu)
         assert vcpu.get_fpu().xmm == fpu.xmm
 

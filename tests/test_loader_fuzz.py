@@ -132,9 +132,7 @@ def test_the_unmutated_images_load(kind: str) -> None:
 def test_mutated_images_load_or_give_a_loader_error(kind: str) -> None:
     original, image_format = IMAGES[kind]
 
-    @settings(
-        max_examples=FUZZ_EXAMPLES, deadline=None, database=None, derandomize=not LONG_FUZZ
-    )
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, derandomize=not LONG_FUZZ)
     @given(data=mutated(original), forced=st.booleans())
     def check(data: bytes, forced: bool) -> None:
         # Detected, and also forced to the original's format (as --format does).

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from kvmpy import records
 from kvmpy.loaders import LoaderError, LoadPlan, LoadSegment, check_plan
 from kvmpy.loaders import flat as flat_module
 from kvmpy.loaders.flat import MAX_FLAT_SIZE, load_flat
@@ -238,5 +238,5 @@ def test_check_plan_with_the_real_reserved_ranges(ram: GuestMemory) -> None:
 def test_load_segment_end() -> None:
     segment = LoadSegment(0x1000, b"abc", 0x10)
     assert segment.end == 0x1010
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(records.FrozenRecordError):
         segment.gpa = 0  # type: ignore[misc]

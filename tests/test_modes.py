@@ -7,13 +7,13 @@ tests decode those bytes the way the CPU would (SDM Vol. 3A, chapters 3 and 4).
 from __future__ import annotations
 
 import copy
-import dataclasses
 import itertools
 import struct
 from collections.abc import Callable, Iterator
 
 import pytest
 
+from kvmpy import records
 from kvmpy.memory import GuestMemory
 from kvmpy.x86.modes import (
     CODE_SELECTOR,
@@ -85,10 +85,10 @@ def reset_sregs() -> Sregs:
     return Sregs(
         cs=code,
         ds=data,
-        es=dataclasses.replace(data),
-        fs=dataclasses.replace(data),
-        gs=dataclasses.replace(data),
-        ss=dataclasses.replace(data),
+        es=records.replace(data),
+        fs=records.replace(data),
+        gs=records.replace(data),
+        ss=records.replace(data),
         tr=Segment(limit=0xFFFF, type=0xB, s=0),
         ldt=Segment(limit=0xFFFF, type=0x2, s=0),
         gdt=DTable(0, 0xFFFF),
@@ -100,7 +100,7 @@ def reset_sregs() -> Sregs:
 
 def dirty_sregs() -> Sregs:
     """Reset state with bits a builder must clear (or keep) set."""
-    return dataclasses.replace(
+    return records.replace(
         reset_sregs(),
         cr0=CR0_CD | CR0_NW | CR0_ET | CR0_EM | CR0_PE | CR0_PG,
         cr4=CR4_PGE | CR4_PAE | CR4_PSE,
@@ -312,7 +312,7 @@ def test_protected_mode_from_dirty_state() -> None:
 
 
 def test_protected_mode_keeps_unrelated_cr0_bits() -> None:
-    base = dataclasses.replace(reset_sregs(), cr0=CR0_WP | CR0_AM | CR0_TS)
+    base = records.replace(reset_sregs(), cr0=CR0_WP | CR0_AM | CR0_TS)
     assert protected_mode(base, 0).sregs.cr0 == CR0_WP | CR0_AM | CR0_TS | 0x33
 
 
@@ -570,12 +570,12 @@ def test_cpu_mode_for_each_state() -> None:
     assert cpu_mode(paged32_mode(base, 0).sregs) == "paged32"
     long = long_mode(base, 0).sregs
     assert cpu_mode(long) == "long"
-    compat = dataclasses.replace(long, cs=segment_from_descriptor(0x10, FLAT_CODE32))
+    compat = records.replace(long, cs=segment_from_descriptor(0x10, FLAT_CODE32))
     assert compat.cs.l == 0
     assert cpu_mode(compat) == "compat"
-    pae32 = dataclasses.replace(long, efer=0, cs=compat.cs)
+    pae32 = records.replace(long, efer=0, cs=compat.cs)
     assert cpu_mode(pae32) == "pae32"
-    paged32_pae = dataclasses.replace(paged32_mode(base, 0).sregs, cr4=CR4_PAE)
+    paged32_pae = records.replace(paged32_mode(base, 0).sregs, cr4=CR4_PAE)
     assert cpu_mode(paged32_pae) == "pae32"
 
 

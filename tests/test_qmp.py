@@ -384,9 +384,11 @@ def test_system_reset_restarts_the_guest_and_snapshots_round_trip(
 @pytest.mark.kvm
 def test_suspend_and_wakeup_events_of_a_guest_in_s3(tmp_path: Path) -> None:
     socket_path = tmp_path / "qmp.sock"
-    process = Kvmpy(str(guest("s3_resume")), "--qmp", f"unix:{socket_path},server")
+    process = Kvmpy(str(guest("s3_resume")), "-S", "--qmp", f"unix:{socket_path},server")
     try:
         qmp = _connect(socket_path, process)
+        _cmd(qmp, "cont")  # once negotiated: events before that are not sent
+        _event(qmp, "RESUME")
         _event(qmp, "SUSPEND")  # the guest wrote SLP_TYP 1 | SLP_EN
         assert _cmd(qmp, "query-status")["status"] == "suspended"
         _event(qmp, "WAKEUP")  # its RTC alarm, two seconds later
@@ -401,9 +403,13 @@ def test_suspend_and_wakeup_events_of_a_guest_in_s3(tmp_path: Path) -> None:
 @pytest.mark.kvm
 def test_system_wakeup_wakes_a_sleeping_guest(tmp_path: Path) -> None:
     socket_path = tmp_path / "qmp.sock"
-    process = Kvmpy(str(guest("s3_resume")), "--qmp", f"unix:{socket_path},server")
+    # Paused until the client has negotiated: events before that are not sent
+    # (as in QEMU), and a busy host could let the guest suspend before it.
+    process = Kvmpy(str(guest("s3_resume")), "-S", "--qmp", f"unix:{socket_path},server")
     try:
         qmp = _connect(socket_path, process)
+        _cmd(qmp, "cont")
+        _event(qmp, "RESUME")
         _event(qmp, "SUSPEND")
         started = time.monotonic()
         _cmd(qmp, "system_wakeup")  # before the guest's alarm: kvmpy presses the power button

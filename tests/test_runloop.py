@@ -169,9 +169,7 @@ def test_a_machine_needs_what_it_asks_the_backend_for() -> None:
 
 
 def test_application_processors_wait_for_sipi_and_every_vcpu_runs() -> None:
-    with Machine(
-        mem_size=1 << 20, cpus=2, backend=FakeBackend([guest_exit()], [])
-    ) as m:
+    with Machine(mem_size=1 << 20, cpus=2, backend=FakeBackend([guest_exit()], [])) as m:
         assert [v.mp_state for v in m.vm.vcpus] == [0, 1]  # type: ignore[attr-defined]
         assert m.run(timeout=5).kind is OutcomeKind.EXIT
 

@@ -253,6 +253,11 @@ MALFORMED = {
     "memory size": ("memory.size", MEM_SIZE * 2, "mem_size is"),
     "cpus vs vcpus": ("config.cpus", 2, "irqchip|vcpus"),
     "mp_state": ("vcpus.0.mp_state", -1, "outside"),
+    "topology count": ("config.topology", [1, 1, 2], "config.topology: .*config.cpus is 1"),
+    "topology type": ("config.topology", [1, "1", 1], "config.topology: .*cores='1'"),
+    "topology shape": ("config.topology", [1, 1], "config.topology"),
+    "topology gaps": ("config.topology", [2, 3, 1], "config.topology: .*power of two"),
+    "topology list": ("config.topology", 5, "config.topology: not a list"),
 }
 
 
@@ -279,6 +284,12 @@ def test_unparsable_headers_are_refused(saved: Path, text: str) -> None:
     (saved / "snapshot.json").write_bytes(text.encode("utf-8", "surrogateescape"))
     with pytest.raises(SnapshotError):
         Snapshot.load(saved)
+
+
+def test_the_topology_is_optional_and_checked(saved: Path) -> None:
+    assert "topology" not in Snapshot.load(saved).config  # as kvmpy before -smp topologies
+    edit_body(saved, _set("config.topology", [1, 1, 1]))
+    assert Snapshot.load(saved).config["topology"] == [1, 1, 1]
 
 
 def test_version_1_snapshots_are_refused_as_such(saved: Path) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import re
 import subprocess
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from kvmpy import records
 from kvmpy.debug.trace import ExitStats, ExitTracer, parse_trace_kinds
 from kvmpy.loaders.flat import load_flat
 from kvmpy.machine import Machine
@@ -76,7 +76,7 @@ def test_stats_count_exits_per_port() -> None:
     stats = ExitStats(m.ports, m.mmio)
     m.observer = stats
     m.load(load_flat(guest("pio_loop"), 0x7C00), mode="real")
-    m.vcpu.set_regs(dataclasses.replace(m.vcpu.get_regs(), rcx=500))
+    m.vcpu.set_regs(records.replace(m.vcpu.get_regs(), rcx=500))
     assert m.run(timeout=60).exit_code == 0
     m.close()
     rows = {(name, where): row for name, where, row in stats.rows()}

@@ -5,7 +5,7 @@ with scripted exits in the tests.  Nothing above this package imports a
 backend's own modules; everything goes through these protocols, the exit
 kinds in ``exits.py`` and ``open_backend``.
 
-Register state crosses the boundary as the architecture's dataclasses
+Register state crosses the boundary as the architecture's records
 (``kvmpy.x86.registers`` for x86); a second architecture would bring its
 own.  State a backend keeps for itself (KVM's LAPIC, xsave and irqchip
 structs) crosses it only as opaque, JSON-safe dicts for snapshots.
@@ -18,9 +18,9 @@ import errno
 import mmap
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any, Protocol
 
+from kvmpy.records import Record
 from kvmpy.x86.cpuid import CpuidEntry
 from kvmpy.x86.registers import Fpu, Regs, Sregs
 
@@ -62,8 +62,7 @@ class MpState(enum.IntEnum):
     OTHER = 3
 
 
-@dataclass(frozen=True)
-class Translation:
+class Translation(Record):
     """A linear address translated through the guest's paging."""
 
     physical_address: int
@@ -79,8 +78,7 @@ class InterruptController(str, enum.Enum):
     IOAPIC = "ioapic"
 
 
-@dataclass(frozen=True)
-class IrqRoute:
+class IrqRoute(Record):
     """Global system interrupt ``gsi`` drives ``pin`` of ``controller``."""
 
     gsi: int

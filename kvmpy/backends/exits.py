@@ -12,7 +12,8 @@ when the vCPU was kicked, anything else when the backend failed.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+
+from kvmpy.records import Record, field
 
 
 class ExitKind(enum.IntEnum):
@@ -46,8 +47,7 @@ class SystemEvent(enum.IntEnum):
     OTHER = 4
 
 
-@dataclass(slots=True)
-class ExitRecord:
+class ExitRecord(Record, frozen=False):
     """The decoded exit, for backends written in Python (the shim has its own struct).
 
     Only the fields for the kind returned are meaningful.

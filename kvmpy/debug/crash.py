@@ -8,7 +8,6 @@ instruction marked, and the top of the stack.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from kvmpy.backends.base import BackendError
@@ -19,6 +18,7 @@ from kvmpy.debug.guestview import (
     disassemble_around,
     read_linear,
 )
+from kvmpy.records import Record, field
 from kvmpy.x86.registers import (
     CR0_FLAG_NAMES,
     CR4_FLAG_NAMES,
@@ -40,8 +40,7 @@ if TYPE_CHECKING:
 STACK_WORDS = 8
 
 
-@dataclass
-class CrashReport:
+class CrashReport(Record, frozen=False):
     """A fatal guest event and the vCPU state that goes with it."""
 
     reason: str

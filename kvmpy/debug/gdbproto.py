@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Protocol
+
+from kvmpy.records import Record, field
 
 # -- signals (gdb's own numbering, include/gdb/signals.def) ------------------------------
 
@@ -112,25 +113,21 @@ def unescape(data: bytes) -> bytes:
     return bytes(out)
 
 
-@dataclass(frozen=True)
-class Packet:
+class Packet(Record):
     payload: bytes
 
 
-@dataclass(frozen=True)
-class BadPacket:
+class BadPacket(Record):
     """A packet whose checksum did not match (ask for it again with ``-``)."""
 
     payload: bytes
 
 
-@dataclass(frozen=True)
-class Interrupt:
+class Interrupt(Record):
     """gdb's 0x03: stop the running target."""
 
 
-@dataclass(frozen=True)
-class Ack:
+class Ack(Record):
     good: bool
 
 
@@ -191,8 +188,7 @@ class PacketDecoder:
 # -- registers and target descriptions -----------------------------------------------
 
 
-@dataclass(frozen=True)
-class Register:
+class Register(Record):
     name: str
     bits: int
     type: str = "int"
@@ -203,15 +199,13 @@ class Register:
         return self.bits // 8
 
 
-@dataclass(frozen=True)
-class Feature:
+class Feature(Record):
     name: str
     registers: tuple[Register, ...]
     types: str = ""  # XML type definitions the registers use
 
 
-@dataclass(frozen=True)
-class RegisterLayout:
+class RegisterLayout(Record):
     """One register set: its gdb architecture, features and the g-packet order."""
 
     architecture: str
@@ -281,8 +275,7 @@ def encode_register(reg: Register, value: int | None) -> str:
 # -- what a target must do ---------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Stop:
+class Stop(Record):
     """The target stopped: a signal, the thread, and why (for the T reply)."""
 
     signal: int
@@ -291,8 +284,7 @@ class Stop:
     address: int = 0  # the data address, for watchpoints
 
 
-@dataclass(frozen=True)
-class Exited:
+class Exited(Record):
     """The target is gone: exited with ``code``, or terminated by ``signal``."""
 
     code: int = 0

@@ -53,7 +53,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, TypeVar
 
 from kvmpy.debug.coreapi import (
@@ -92,6 +91,7 @@ from kvmpy.debug.guestview import code_address, read_linear, translate, write_li
 from kvmpy.debug.hostprobe import DebugSupport, probe_debug_support
 from kvmpy.debug.softbreak import SoftBreakpoints
 from kvmpy.memory import GuestMemoryError
+from kvmpy.records import Record, field
 from kvmpy.x86.debugregs import BREAKPOINT_VECTOR, DEBUG_VECTOR, DebugRegisters
 from kvmpy.x86.gdb_registers import (
     AMD64,
@@ -119,16 +119,14 @@ MAX_DEFERRED = 64  # packets kept while the guest runs (all-stop gdb sends none)
 # -- the stub ----------------------------------------------------------------------------
 
 
-@dataclass
-class _Request:
+class _Request(Record, frozen=False):
     fn: Callable[[Vcpu], object]
     done: threading.Event = field(default_factory=threading.Event)
     result: object = None
     error: BaseException | None = None
 
 
-@dataclass
-class _VcpuState:
+class _VcpuState(Record, frozen=False):
     vcpu: Vcpu
     started: bool = False
     parked: bool = False

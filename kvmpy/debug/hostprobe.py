@@ -8,15 +8,13 @@ never comes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from kvmpy.debug.coreapi import ExitObserver, Vcpu
 from kvmpy.debug.gdbproto import WATCH_WRITE
+from kvmpy.records import Record
 from kvmpy.x86.debugregs import BREAKPOINT_VECTOR, DR6_BS, DR7_LEN, DR7_RW, dr7_bits
 
 
-@dataclass(frozen=True)
-class DebugSupport:
+class DebugSupport(Record):
     """Which KVM_SET_GUEST_DEBUG features a probe guest (long mode, CPL0) saw work."""
 
     single_step: bool = True

@@ -10,15 +10,14 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from kvmpy.debug.gdbproto import E_FAULT, TargetError
 from kvmpy.memory import GuestMemory, GuestMemoryError
+from kvmpy.records import Record
 from kvmpy.x86.debugregs import INT3
 
 
-@dataclass(frozen=True)
-class _Patched:
+class _Patched(Record):
     gpa: int
     original: int
 

@@ -9,7 +9,6 @@ exits in between are handled by the run loop as usual, so stepping over an
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TextIO
@@ -19,6 +18,7 @@ from kvmpy.backends.exits import ExitKind
 from kvmpy.debug.guestview import capstone_mode, code_address, disassemble, read_linear
 from kvmpy.debug.trace import format_address
 from kvmpy.outcome import Outcome, OutcomeKind
+from kvmpy.records import fields
 from kvmpy.runloop import ExitObserver
 from kvmpy.x86.registers import RFLAGS_IF, Regs, cpu_mode
 
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from kvmpy.backends.base import Vcpu
     from kvmpy.memory import GuestMemory
 
-_REG_FIELDS = tuple(field.name for field in dataclasses.fields(Regs))
+_REG_FIELDS = tuple(field.name for field in fields(Regs))
 
 
 def changed_registers(before: Regs, after: Regs) -> list[tuple[str, int, int]]:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, TextIO
 
 from kvmpy.backends.exits import EXIT_NAMES, ExitKind
 from kvmpy.bus import Bus
 from kvmpy.debug.guestview import capstone_mode, code_address, disassemble, read_linear
+from kvmpy.records import Record
 from kvmpy.runloop import ExitCounter, ExitObserver
 from kvmpy.x86.registers import Sregs, cpu_mode
 
@@ -212,8 +212,7 @@ class ExitTracer(ExitObserver):
         return ""
 
 
-@dataclass
-class StatsRow:
+class StatsRow(Record, frozen=False):
     count: int = 0
     run_ns: int = 0
     handle_ns: int = 0

@@ -15,8 +15,9 @@ ports belong to the PCI host bridge.)
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
+
+from kvmpy.records import Record
 
 from .base import all_ones, check_state
 
@@ -27,8 +28,7 @@ LINUX_PROBED_PORTS: tuple[tuple[int, int, str], ...] = (
 )
 
 
-@dataclass(frozen=True)
-class AbsentPortsState:
+class AbsentPortsState(Record):
     """Nothing there has state."""
 
     VERSION: ClassVar[int] = 1

@@ -27,8 +27,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import ClassVar
+
+from kvmpy.records import Record
 
 from .base import (
     U8,
@@ -54,8 +55,7 @@ SLEEP_TYPE_SOFT_OFF = 0  # S5 in QEMU's DSDT and ours
 SLEEP_TYPE_SUSPEND = 1  # S3
 
 
-@dataclass(frozen=True)
-class AcpiPmControlState:
+class AcpiPmControlState(Record):
     VERSION: ClassVar[int] = 1
     value: int = bounded(0, U16)
 
@@ -66,6 +66,9 @@ class AcpiPmControl:
     Both run with the device lock held: they must not call back into this
     device.  SLP_EN is write-only: it reads 0 and is not kept.
     """
+
+    # Only the guest calls it: no host thread does (see Bus.register, only_caller).
+    HOST_ENTRY_POINTS: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self, on_power_off: Callable[[], None], on_suspend: Callable[[], None] | None = None
@@ -138,8 +141,7 @@ def _timer_epoch(clock_ns: int) -> int:
     return pm_timer_count(clock_ns) >> (PM_TIMER_BITS - 1)
 
 
-@dataclass(frozen=True)
-class AcpiPmEventState:
+class AcpiPmEventState(Record):
     VERSION: ClassVar[int] = 2
     registers: bytes = bounded(0, U8, length=PM1A_EVT_PORTS)
     timer_status: bool = boolean()  # TMR_STS: the count's bit 23 changed since cleared
@@ -233,6 +235,9 @@ class AcpiPmTimer(Stateless):
 
     Its count is host time, so it has no state of its own to save.
     """
+
+    # Only the guest calls it: no host thread does (see Bus.register, only_caller).
+    HOST_ENTRY_POINTS: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, clock: Callable[[], int] = time.monotonic_ns) -> None:
         self._clock = clock

@@ -7,7 +7,7 @@ the call, so that two calls into the same device never overlap.  The host-side
 entry points a device has besides the :class:`Device` methods are listed in
 its class docstring under "Host entry points"; they need the same lock.
 
-A device's guest-visible state is an immutable dataclass apart from its
+A device's guest-visible state is an immutable record (kvmpy.records) apart from its
 private fields and its wiring (interrupt callbacks, outputs, host limits),
 as rust-vmm's vm-superio does with ``SerialState``.  ``state()`` returns it
 and ``restore()`` validates every field (type, range, length against the
@@ -22,12 +22,13 @@ write is dropped; each such access is counted in ``ignored_accesses``.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import types
 import typing
 from collections.abc import Callable
 from typing import Any, ClassVar, Protocol, TypeVar
+
+from kvmpy.records import Record, field, fields
 
 # Set an interrupt line high (True) or low (False).  The machine connects it to
 # KVM_IRQ_LINE; tests connect it to a list.
@@ -45,7 +46,7 @@ def no_irq(level: bool) -> None:
 
 
 class DeviceState(Protocol):
-    """What every device's state dataclass has: a format version."""
+    """What every device's state record has: a format version."""
 
     VERSION: ClassVar[int]
 
@@ -70,7 +71,7 @@ class Device(Protocol):
         """Return to the power-on state, keeping the wiring (callbacks, outputs)."""
 
     def state(self) -> Any:
-        """The guest-visible state, as the device's frozen, versioned dataclass."""
+        """The guest-visible state, as the device's frozen, versioned record."""
 
     def restore(self, state: Any) -> None:
         """Take ``state`` (validated first; DeviceStateError if it is not acceptable)."""
@@ -108,7 +109,7 @@ def bounded(
     ``length`` fixes the number of items of a tuple or bytes field,
     ``max_length`` caps it, and ``mask`` names the only bits an integer may set.
     """
-    return dataclasses.field(
+    return field(
         metadata={
             "low": low,
             "high": high,
@@ -121,7 +122,7 @@ def bounded(
 
 def boolean() -> Any:
     """A state field holding a bool (declared like the others, so that none has a default)."""
-    return dataclasses.field()
+    return field()
 
 
 def flags(mask: int) -> Any:
@@ -131,7 +132,7 @@ def flags(mask: int) -> Any:
 
 @functools.cache
 def state_field_types(cls: type) -> dict[str, Any]:
-    """The declared type of every field of state dataclass ``cls`` (resolved once)."""
+    """The declared type of every field of state record ``cls`` (resolved once)."""
     return typing.get_type_hints(cls)
 
 
@@ -184,38 +185,37 @@ def check_state(device: str, state: object, cls: type[StateT]) -> StateT:
     if type(state) is not cls:
         raise DeviceStateError(device, "state", f"a {type(state).__name__}, not a {cls.__name__}")
     hints = state_field_types(cls)
-    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
-        value = getattr(state, field.name)
-        problem = _type_problem(value, hints[field.name])
+    for spec in fields(cls):  # type: ignore[arg-type]
+        value = getattr(state, spec.name)
+        problem = _type_problem(value, hints[spec.name])
         if problem:
-            raise DeviceStateError(device, field.name, problem)
-        meta = field.metadata
+            raise DeviceStateError(device, spec.name, problem)
+        meta = spec.metadata
         if isinstance(value, tuple | bytes):
             if meta.get("length") is not None and len(value) != meta["length"]:
                 raise DeviceStateError(
-                    device, field.name, f"{len(value)} items, not {meta['length']}"
+                    device, spec.name, f"{len(value)} items, not {meta['length']}"
                 )
             if meta.get("max_length") is not None and len(value) > meta["max_length"]:
                 raise DeviceStateError(
-                    device, field.name, f"{len(value)} items, more than {meta['max_length']}"
+                    device, spec.name, f"{len(value)} items, more than {meta['max_length']}"
                 )
         if "low" in meta:
             for number in _integers(value):
                 if not meta["low"] <= number <= meta["high"]:
                     raise DeviceStateError(
                         device,
-                        field.name,
+                        spec.name,
                         f"{number:#x} is outside {meta['low']:#x}..{meta['high']:#x}",
                     )
                 if meta.get("mask") is not None and number & ~meta["mask"]:
                     raise DeviceStateError(
-                        device, field.name, f"{number:#x} has bits outside {meta['mask']:#x}"
+                        device, spec.name, f"{number:#x} has bits outside {meta['mask']:#x}"
                     )
     return state
 
 
-@dataclasses.dataclass(frozen=True)
-class NoState:
+class NoState(Record):
     """The state of a device that keeps nothing the guest can see."""
 
     VERSION: ClassVar[int] = 1

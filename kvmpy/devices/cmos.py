@@ -37,8 +37,9 @@ from __future__ import annotations
 import datetime
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import ClassVar
+
+from kvmpy.records import Record
 
 from .base import (
     U8,
@@ -150,8 +151,7 @@ NS_HIGH = (1 << 63) - 1
 OFFSET_LIMIT = 1 << 72
 
 
-@dataclass(frozen=True)
-class CmosState:
+class CmosState(Record):
     """The CMOS RAM (with the stopped clock's registers) and the clock's bookkeeping.
 
     ``offset`` is the guest time minus the host time, ``checked`` the host

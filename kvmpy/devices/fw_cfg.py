@@ -29,8 +29,9 @@ cannot tell the difference.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
+
+from kvmpy.records import Record
 
 from .base import U16, U32, DeviceStateError, access_fits, all_ones, bounded, check_state
 
@@ -84,8 +85,7 @@ U16_MAX = U16
 U32_MAX = U32
 
 
-@dataclass(frozen=True)
-class FwCfgState:
+class FwCfgState(Record):
     """The selected key and how far into its item the guest has read.
 
     The items themselves are configuration, built by the machine again.

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import ClassVar
 
 from kvmpy.devices.base import (
@@ -48,6 +47,7 @@ from kvmpy.devices.base import (
     bounded,
     check_state,
 )
+from kvmpy.records import Record
 
 SCRATCH_PORT = 0xE0
 FLUSH_PORT = 0xE4
@@ -65,8 +65,7 @@ _UNPACK = {size: struct.Struct(fmt).unpack_from for size, fmt in _FORMATS.items(
 _PACK = {size: struct.Struct(fmt).pack_into for size, fmt in _FORMATS.items()}
 
 
-@dataclass(frozen=True)
-class PcTestDeviceState:
+class PcTestDeviceState(Record):
     VERSION: ClassVar[int] = 1
     scratch: int = bounded(0, U32)
     memory: bytes = bounded(0, U8, length=IOMEM_SIZE)
@@ -119,6 +118,8 @@ class PcTestDevice:
     """
 
     __test__ = False  # a device, not a pytest test class
+    # Only the guest calls it: no host thread does (see Bus.register, only_caller).
+    HOST_ENTRY_POINTS: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,

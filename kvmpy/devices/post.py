@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
+
+from kvmpy.records import Record
 
 from .base import MAX_ACCESS_SIZE, U8, all_ones, bounded, check_state
 
@@ -11,8 +12,7 @@ POST_PORT = 0x80
 POST_PORTS = 1  # one port: the only valid offset is 0
 
 
-@dataclass(frozen=True)
-class PostCodeState:
+class PostCodeState(Record):
     VERSION: ClassVar[int] = 1
     last: int = bounded(0, U8)
 

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, ClassVar
+
+from kvmpy.records import Record
 
 from .base import (
     U8,
@@ -130,14 +131,12 @@ OUTPUT_QUEUE_LIMIT = 16  # bytes per device, like a PS/2 device's queue
 I8042_SPAN = I8042_COMMAND_PORT - I8042_DATA_PORT + 1  # offsets I8042.read/write decode
 
 
-@dataclass(frozen=True)
-class SystemControlPortAState:
+class SystemControlPortAState(Record):
     VERSION: ClassVar[int] = 1
     value: int = bounded(0, U8)
 
 
-@dataclass(frozen=True)
-class I8042State:
+class I8042State(Record):
     """The controller, the keyboard's pending command, and both output queues.
 
     ``pending_command`` and ``kbd_pending`` are -1 when nothing is pending.

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import ClassVar
+
+from kvmpy.records import Record
 
 from .base import (
     U8,
@@ -131,8 +132,7 @@ RX_ERRORS = LSR_PE | LSR_FE | LSR_BI  # the error bits a received byte can carry
 FCR_STORED = FCR_ENABLE | FCR_DMA | FCR_TRIGGER  # the FCR bits the UART keeps
 
 
-@dataclass(frozen=True)
-class SerialState:
+class SerialState(Record):
     """The UART's registers and receive path; everything a guest can observe.
 
     ``rx`` is the receive FIFO (or holding register) and ``host`` the bytes

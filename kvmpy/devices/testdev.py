@@ -42,8 +42,9 @@ all ones, is not written, and is counted in ``ignored_accesses``.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 from typing import ClassVar
+
+from kvmpy.records import Record
 
 from .base import U32, access_fits, all_ones, bounded, check_state
 
@@ -60,8 +61,7 @@ REG_DOORBELL = 0x0C
 DOORBELL_LIMIT = 1024  # doorbell values kept; older ones are dropped (and counted)
 
 
-@dataclass(frozen=True)
-class TestDeviceState:
+class TestDeviceState(Record):
     """The registers and the doorbell ring, oldest value first."""
 
     __test__: ClassVar[bool] = False  # not a pytest test class

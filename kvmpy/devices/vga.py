@@ -29,8 +29,9 @@ and is counted in ``ignored_accesses``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import ClassVar
+
+from kvmpy.records import Record
 
 from .base import U8, U64, access_fits, all_ones, boolean, bounded, check_state
 
@@ -99,8 +100,7 @@ DAC_ENTRIES = 256
 DAC_LEVEL = 0x3F  # the DAC's components have 6 bits
 
 
-@dataclass(frozen=True)
-class VgaState:
+class VgaState(Record):
     """Every register, the DAC (red, green, blue per entry, entry by entry) and its latches."""
 
     VERSION: ClassVar[int] = 1

@@ -13,7 +13,6 @@ of 9x16 pixels; the 9th column is background, except for characters
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from kvmpy.devices.vga import (
@@ -27,6 +26,7 @@ from kvmpy.devices.vga import (
 from kvmpy.display.font import FONT, GLYPH_HEIGHT
 from kvmpy.display.png import encode_png
 from kvmpy.memory import GuestMemory
+from kvmpy.records import Record, field
 
 RGB = tuple[int, int, int]
 
@@ -90,8 +90,7 @@ def decode_cells(text: bytes | bytearray, blink_enabled: bool = True) -> list[Ce
     ]
 
 
-@dataclass(frozen=True)
-class TextScreen:
+class TextScreen(Record):
     """A snapshot of the screen: the 4000-byte text buffer and the display state."""
 
     text: bytes

@@ -6,17 +6,15 @@ after ``check_plan`` has confirmed that it fits.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from kvmpy.memory import GuestMemory
+from kvmpy.records import Record, field
 
 
 class LoaderError(ValueError):
     """A malformed or unloadable image; the message names the file and the field."""
 
 
-@dataclass(frozen=True)
-class LoadSegment:
+class LoadSegment(Record):
     """Bytes to place at ``gpa``, followed by zeros up to ``memsz``."""
 
     gpa: int
@@ -28,8 +26,7 @@ class LoadSegment:
         return self.gpa + self.memsz
 
 
-@dataclass
-class LoadPlan:
+class LoadPlan(Record, frozen=False):
     """What to place where, and where to start."""
 
     source: str

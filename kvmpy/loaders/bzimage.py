@@ -37,11 +37,11 @@ from __future__ import annotations
 import itertools
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from kvmpy.loaders import LoaderError, LoadPlan, LoadSegment
 from kvmpy.loaders.elf import ELFCLASS64, ElfImage, parse_elf, read_image
+from kvmpy.records import Record
 
 HDRS_MAGIC = b"HdrS"
 HDRS_OFFSET = 0x202
@@ -112,8 +112,7 @@ IDENTITY_MAPPED = LIMIT_4G
 OLD_KERNEL_EXPANSION = 4
 
 
-@dataclass(frozen=True)
-class SetupHeader:
+class SetupHeader(Record):
     """The setup header fields the loader needs, from the image."""
 
     version: int

@@ -131,9 +131,7 @@ def load_image(
         )
     memory = list(e820) if e820 is not None else memory_map(ram)
     if image_format == "bzimage":
-        return load_bzimage(
-            path, e820=memory, cmdline=cmdline, initrd=initrd, rsdp=rsdp, data=data
-        )
+        return load_bzimage(path, e820=memory, cmdline=cmdline, initrd=initrd, rsdp=rsdp, data=data)
     if image_format == "multiboot":
         mods = initrd_modules(str(initrd)) if initrd is not None else []
         return load_multiboot(

@@ -39,10 +39,10 @@ import itertools
 import os
 import stat
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 from kvmpy.loaders import LoaderError, LoadPlan, LoadSegment
+from kvmpy.records import Record
 
 ELF_MAGIC = b"\x7fELF"
 ELFCLASS32 = 1
@@ -78,8 +78,7 @@ _MACHINE_NAMES = {EM_386: "EM_386", EM_X86_64: "EM_X86_64"}
 _EXPECTED_MACHINE = {ELFCLASS32: EM_386, ELFCLASS64: EM_X86_64}
 
 
-@dataclass(frozen=True)
-class ElfSegment:
+class ElfSegment(Record):
     """One ``PT_LOAD`` program header."""
 
     index: int
@@ -91,8 +90,7 @@ class ElfSegment:
     flags: int
 
 
-@dataclass(frozen=True)
-class ElfImage:
+class ElfImage(Record):
     """The parts of a validated ELF file that loading needs."""
 
     elf_class: int  # ELFCLASS32 or ELFCLASS64

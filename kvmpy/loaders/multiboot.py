@@ -56,11 +56,11 @@ import os
 import stat
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from kvmpy.loaders import LoaderError, LoadPlan, LoadSegment
 from kvmpy.loaders.elf import ELFCLASS64, MAX_IMAGE_SIZE, is_elf, load_elf, read_image
+from kvmpy.records import Record
 from kvmpy.x86.modes import PAGE_TABLE_END, STACK_TOP
 
 MULTIBOOT_MAGIC = 0x1BADB002
@@ -125,8 +125,7 @@ ADDRESS_LIMIT_32 = 1 << 32
 PHYS_ADDRESS_LIMIT = 1 << 52
 
 
-@dataclass(frozen=True)
-class MultibootHeader:
+class MultibootHeader(Record):
     """A Multiboot header found at ``offset`` in the image.
 
     The address fields are 0 unless ``flags`` has bit 16, the video fields 0

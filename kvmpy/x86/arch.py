@@ -14,6 +14,7 @@ from kvmpy.outcome import Outcome, OutcomeKind
 from kvmpy.x86.complete import Completer, xsave_layout
 from kvmpy.x86.cpuid import CpuidEntry, vcpu_cpuid
 from kvmpy.x86.registers import RFLAGS_IF
+from kvmpy.x86.topology import CpuTopology, apply_topology
 
 if TYPE_CHECKING:
     from kvmpy.backends.base import Vcpu
@@ -25,8 +26,9 @@ class X86Arch:
 
     name = "x86_64"
 
-    def __init__(self, supported_cpuid: list[CpuidEntry]) -> None:
+    def __init__(self, supported_cpuid: list[CpuidEntry], topology: CpuTopology) -> None:
         self.supported_cpuid = supported_cpuid
+        self.topology = topology
         leaf1 = next((e for e in supported_cpuid if e.function == 1), None)
         # (EAX, EDX) of leaf 1: the CPU signature and features the MP table records.
         self.cpu_signature = (leaf1.eax, leaf1.edx) if leaf1 else (0, 0)
@@ -43,7 +45,8 @@ class X86Arch:
 
     def init_vcpu(self, vcpu: Vcpu, index: int, irqchip: bool) -> None:
         """CPUID with this vCPU's APIC ID; application processors wait for INIT/SIPI."""
-        vcpu.set_cpuid(vcpu_cpuid(self.supported_cpuid, apic_id=index))
+        table = vcpu_cpuid(self.supported_cpuid, apic_id=index)
+        vcpu.set_cpuid(apply_topology(table, self.topology, apic_id=index))
         if index and irqchip:
             vcpu.set_mp_state(MpState.WAIT_FOR_SIPI)
 

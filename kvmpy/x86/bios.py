@@ -2,7 +2,7 @@
 
 Kernels written for QEMU sometimes read the BDA at 0x400 rather than probe:
 the COM port addresses, the equipment word and the base-memory size.  These
-are the values SeaBIOS leaves on a QEMU PC with one serial port.
+are the values SeaBIOS leaves on a QEMU PC with COM1 and COM2.
 """
 
 from __future__ import annotations

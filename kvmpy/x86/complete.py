@@ -22,10 +22,10 @@ import struct
 import threading
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kvmpy.memory import PAGE_SIZE, GuestMemoryError
+from kvmpy.records import Record
 from kvmpy.x86.registers import (
     CR0_EM,
     CR0_MP,
@@ -118,8 +118,7 @@ _X87_CONSTANTS: dict[str, tuple[int, int, tuple[int, ...], int]] = {
 _X87_INDEFINITE = (0xFFFF, 0xC000000000000000)
 
 
-@dataclass
-class _Insn:
+class _Insn(Record, frozen=False):
     mnemonic: str
     size: int
     operands: list[Any]

@@ -7,10 +7,10 @@ must differ per vCPU, which KVM does not fill in for us.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-from dataclasses import dataclass
 from pathlib import Path
+
+from kvmpy.records import Record, replace
 
 # Leaf 1 ECX bit 31: "running under a hypervisor", as every VMM reports it.
 LEAF1_ECX_HYPERVISOR = 1 << 31
@@ -21,8 +21,7 @@ EXTENDED_MAX_LEAF = 0x80000000
 DEFAULT_BRAND = "kvmpy virtual CPU"
 
 
-@dataclass(frozen=True)
-class CpuidEntry:
+class CpuidEntry(Record):
     """One ``struct kvm_cpuid_entry2``."""
 
     function: int
@@ -69,7 +68,7 @@ def _with_brand(table: list[CpuidEntry], brand: str) -> list[CpuidEntry]:
     ):
         return table  # KVM already says something: keep it
     result = [
-        dataclasses.replace(entry, eax=max(entry.eax, BRAND_LEAVES[-1]))
+        replace(entry, eax=max(entry.eax, BRAND_LEAVES[-1]))
         if entry.function == EXTENDED_MAX_LEAF
         else entry
         for entry in table
@@ -92,13 +91,13 @@ def vcpu_cpuid(
     table = []
     for entry in supported:
         if entry.function == 1:
-            entry = dataclasses.replace(
+            entry = replace(
                 entry,
                 ebx=(entry.ebx & 0x00FFFFFF) | ((apic_id & 0xFF) << 24),
                 ecx=entry.ecx | LEAF1_ECX_HYPERVISOR,
             )
         elif entry.function in (0xB, 0x1F):
-            entry = dataclasses.replace(entry, edx=apic_id)
+            entry = replace(entry, edx=apic_id)
         table.append(entry)
     return table
 

@@ -8,8 +8,6 @@ bytes, so gdb's ``watch`` on an unaligned range takes several registers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from kvmpy.debug.gdbproto import (
     BP_HARDWARE,
     BP_SOFTWARE,
@@ -21,6 +19,7 @@ from kvmpy.debug.gdbproto import (
     WATCH_WRITE,
     TargetError,
 )
+from kvmpy.records import Record
 
 DR6_BS = 1 << 14  # single-step
 DR_SLOTS = 4
@@ -40,8 +39,7 @@ def dr7_bits(index: int, rw: int, length: int) -> int:
     return 1 << (2 * index) | rw << (16 + 4 * index) | length << (18 + 4 * index)
 
 
-@dataclass(frozen=True)
-class Slot:
+class Slot(Record):
     """One debug register's worth of a gdb breakpoint or watchpoint."""
 
     kind: int  # the Z packet type

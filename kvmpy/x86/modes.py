@@ -17,11 +17,10 @@ Low-memory layout used by the builders (all below the 1 MiB load address):
 
 from __future__ import annotations
 
-import dataclasses
 import struct
-from dataclasses import dataclass, field
 from typing import Any
 
+from kvmpy.records import Record, field, replace
 from kvmpy.x86.registers import (
     CR0_CD,
     CR0_EM,
@@ -75,8 +74,7 @@ ONE_GIB = 1 << 30
 IDENTITY_MAP_SIZE = 4 << 30  # 4 GiB covers low RAM and the MMIO hole (LAPIC, IOAPIC)
 
 
-@dataclass
-class CpuSetup:
+class CpuSetup(Record, frozen=False):
     """Registers to load and guest memory to fill before the first KVM_RUN."""
 
     mode: str
@@ -137,9 +135,7 @@ def _flat_gdt(code_flags: int) -> tuple[bytes, Segment, Segment]:
 
 def _load_segments(base: Sregs, code: Segment, data: Segment, **changes: Any) -> Sregs:
     """``base`` with CS = ``code``, every data segment = ``data``, and ``changes``."""
-    return dataclasses.replace(
-        base, cs=code, ds=data, es=data, fs=data, gs=data, ss=data, **changes
-    )
+    return replace(base, cs=code, ds=data, es=data, fs=data, gs=data, ss=data, **changes)
 
 
 def _with_segments(base: Sregs, code: Segment, data: Segment, gdt_size: int) -> Sregs:
@@ -181,7 +177,7 @@ def real_mode_vector(base: Sregs, vector: int) -> CpuSetup:
 def protected_mode(base: Sregs, entry: int, stack: int = STACK_TOP) -> CpuSetup:
     """32-bit flat protected mode, paging off."""
     gdt, code, data = _flat_gdt(FLAGS_32)
-    sregs = dataclasses.replace(
+    sregs = replace(
         _with_segments(base, code, data, len(gdt)),
         cr0=_protected_cr0(base) & ~CR0_PG,
         cr4=CR4_OSFXSR | CR4_OSXMMEXCPT,
@@ -200,7 +196,7 @@ def paged32_page_directory() -> bytes:
 def paged32_mode(base: Sregs, entry: int, stack: int = STACK_TOP) -> CpuSetup:
     """32-bit protected mode with paging: 4 MiB identity-mapped pages."""
     setup = protected_mode(base, entry, stack)
-    sregs = dataclasses.replace(
+    sregs = replace(
         setup.sregs,
         cr0=setup.sregs.cr0 | CR0_PG,
         cr3=PAGE_TABLE_ADDR,
@@ -234,7 +230,7 @@ def long_mode_page_tables(root: int = PAGE_TABLE_ADDR) -> bytes:
 def long_mode(base: Sregs, entry: int, stack: int = STACK_TOP) -> CpuSetup:
     """64-bit long mode: EFER.LME/LMA, PAE paging with the identity map, CS.L=1."""
     gdt, code, data = _flat_gdt(FLAGS_CODE64)
-    sregs = dataclasses.replace(
+    sregs = replace(
         _with_segments(base, code, data, len(gdt)),
         cr0=_protected_cr0(base) | CR0_PG,
         cr3=PAGE_TABLE_ADDR,

@@ -1,4 +1,4 @@
-"""x86 register state as plain dataclasses (no KVM, no cffi).
+"""x86 register state as plain records (kvmpy.records) (no KVM, no cffi).
 
 Field names follow ``struct kvm_regs`` / ``struct kvm_sregs`` so the ioctl
 layer can convert by name, and so code here reads like the Intel SDM.
@@ -6,9 +6,9 @@ layer can convert by name, and so code here reads like the Intel SDM.
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
 from typing import Any
+
+from kvmpy.records import Record, field, fields
 
 GPR_NAMES = (
     "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
@@ -44,8 +44,7 @@ EFER_LMA = 1 << 10
 EFER_NXE = 1 << 11
 
 
-@dataclass
-class Regs:
+class Regs(Record, frozen=False):
     """General-purpose registers, RIP and RFLAGS."""
 
     rax: int = 0
@@ -68,8 +67,7 @@ class Regs:
     rflags: int = RFLAGS_RESERVED
 
 
-@dataclass
-class Segment:
+class Segment(Record, frozen=False):
     """A segment register with its hidden descriptor cache."""
 
     base: int = 0
@@ -86,16 +84,14 @@ class Segment:
     unusable: int = 0
 
 
-@dataclass
-class DTable:
+class DTable(Record, frozen=False):
     """GDTR or IDTR."""
 
     base: int = 0
     limit: int = 0xFFFF
 
 
-@dataclass
-class Sregs:
+class Sregs(Record, frozen=False):
     """Segment, control and descriptor-table registers."""
 
     cs: Segment = field(default_factory=Segment)
@@ -121,7 +117,7 @@ class Sregs:
 SEGMENT_NAMES = ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")
 DTABLE_NAMES = ("gdt", "idt")
 CONTROL_NAMES = ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")
-SEGMENT_FIELDS = tuple(f.name for f in dataclasses.fields(Segment))
+SEGMENT_FIELDS = tuple(f.name for f in fields(Segment))
 
 
 def cpu_mode(sregs: Sregs) -> str:
@@ -173,8 +169,7 @@ def segment_summary(segment: Segment) -> str:
     )
 
 
-@dataclass
-class Fpu:
+class Fpu(Record, frozen=False):
     """x87/SSE state from ``struct kvm_fpu``."""
 
     fcw: int = 0x37F
@@ -189,7 +184,7 @@ class Fpu:
 
 
 def sregs_from_dict(data: dict[str, Any]) -> Sregs:
-    """The inverse of ``dataclasses.asdict`` for ``Sregs`` (snapshots store them so)."""
+    """The inverse of ``records.asdict`` for ``Sregs`` (snapshots store them so)."""
     fields: dict[str, Any] = {}
     for name, value in data.items():
         if name in ("gdt", "idt"):

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from kvmpy.backends.kvm._kvm import lib
 from kvmpy.backends.kvm.ioctls import Kvm
 from kvmpy.hostinfo import MODULE_DESCRIPTIONS, cpuinfo_fields, kvm_modules
+from kvmpy.records import Record
 from kvmpy.x86.cpuid import vendor
 
 # Capabilities worth showing, in the order shown.
@@ -20,8 +19,7 @@ KEY_CAPABILITIES = (
 COUNT_CAPABILITIES = {"NR_VCPUS", "MAX_VCPUS", "NR_MEMSLOTS"}
 
 
-@dataclass
-class HostInfo:
+class HostInfo(Record, frozen=False):
     api_version: int
     modules: list[str]
     cpu_vendor: str

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import dataclasses
 import errno
 import mmap
 import os
@@ -33,6 +32,7 @@ from kvmpy.backends.base import (
 )
 from kvmpy.backends.exits import IO_DIRECTION_OUT, ExitKind, SystemEvent
 from kvmpy.backends.kvm._kvm import ffi, lib
+from kvmpy.records import asdict, fields
 from kvmpy.x86.cpuid import CpuidEntry
 from kvmpy.x86.registers import (
     CONTROL_NAMES,
@@ -252,7 +252,7 @@ class Kvm(_Fd):
             lib.kvmshim_ioctl(self.fd, lib.KVM_GET_SUPPORTED_CPUID, buf),
         )
         entries = ffi.cast("struct kvm_cpuid_entry2 *", buf + ffi.sizeof("struct kvm_cpuid2"))
-        names = [f.name for f in dataclasses.fields(CpuidEntry)]
+        names = [f.name for f in fields(CpuidEntry)]
         return [
             CpuidEntry(**{name: getattr(entries[i], name) for name in names})
             for i in range(header.nent)
@@ -588,7 +588,7 @@ class Vcpu(_Fd):
         ffi.cast("struct kvm_cpuid2 *", buf).nent = len(table)
         entries = ffi.cast("struct kvm_cpuid_entry2 *", buf + ffi.sizeof("struct kvm_cpuid2"))
         for i, entry in enumerate(table):
-            _to_struct(entry, entries[i], [f.name for f in dataclasses.fields(CpuidEntry)])
+            _to_struct(entry, entries[i], [f.name for f in fields(CpuidEntry)])
         _check("KVM_SET_CPUID2", lib.kvmshim_ioctl(self.fd, lib.KVM_SET_CPUID2, buf))
 
     def translate(self, linear_address: int) -> Translation | None:
@@ -825,8 +825,8 @@ class Vcpu(_Fd):
         msrs = self.vm.saved_msrs(self) if self.vm is not None else []
         lapic = self.vm is None or self.vm.has_irqchip
         return {
-            "regs": dataclasses.asdict(self.get_regs()),
-            "sregs": dataclasses.asdict(self.get_sregs()),
+            "regs": asdict(self.get_regs()),
+            "sregs": asdict(self.get_sregs()),
             "xsave": _b64(self.get_xsave()),
             "xcrs": _b64(self.get_xcrs()),
             "msrs": [[index, value] for index, value in self.get_msrs(msrs).items()],

@@ -24,7 +24,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import ctypes
-import dataclasses
 import errno
 import mmap
 import struct
@@ -56,6 +55,7 @@ from kvmpy.backends.base import (
 from kvmpy.backends.exits import EXIT_NAMES, ExitKind, ExitRecord, SystemEvent
 from kvmpy.backends.soft import events
 from kvmpy.backends.soft.paging import translate
+from kvmpy.records import Record, asdict
 from kvmpy.x86.cpuid import CpuidEntry
 from kvmpy.x86.registers import (
     CR0_PE,
@@ -312,8 +312,7 @@ class SoftBackend:
         pass
 
 
-@dataclasses.dataclass
-class _Slot:
+class _Slot(Record, frozen=False):
     gpa: int
     size: int
     backing: mmap.mmap
@@ -1045,8 +1044,8 @@ class SoftVcpu:
         fpu = self.get_fpu()
         packed = _FPU_STATE.pack(fpu.fcw, fpu.fsw, fpu.ftwx, fpu.mxcsr, fpu.fpr, fpu.xmm)
         return {
-            "regs": dataclasses.asdict(self.get_regs()),
-            "sregs": dataclasses.asdict(self.get_sregs()),
+            "regs": asdict(self.get_regs()),
+            "sregs": asdict(self.get_sregs()),
             "xsave": base64.b64encode(SOFT_STATE_MAGIC + packed).decode("ascii"),
             "xcrs": "",
             "events": "",

@@ -12,11 +12,10 @@ delivering #DF is a triple fault: the CPU shuts down.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
-from dataclasses import dataclass
 from typing import Protocol
 
+from kvmpy.records import Record, replace
 from kvmpy.x86.modes import segment_from_descriptor
 from kvmpy.x86.registers import CR0_PE, EFER_LMA, RFLAGS_IF, RFLAGS_TF, Segment
 
@@ -68,8 +67,7 @@ class Result(enum.Enum):
     SHUTDOWN = "shutdown"  # triple fault
 
 
-@dataclass
-class Frame:
+class Frame(Record, frozen=False):
     """What the CPU state is at the event: enough to build the frame and find the handler."""
 
     cr0: int
@@ -110,9 +108,7 @@ def _is_double_fault(first: int, second: int) -> bool:
     return first in _CONTRIBUTORY and second in _CONTRIBUTORY
 
 
-def deliver(
-    cpu: CpuAccess, vector: int, error_code: int | None, software: bool = False
-) -> Result:
+def deliver(cpu: CpuAccess, vector: int, error_code: int | None, software: bool = False) -> Result:
     """Deliver ``vector`` (with ``error_code`` when it has one) as the CPU would.
 
     ``software``: an INT n, INT3 or INTO, which is never a fault.
@@ -164,7 +160,7 @@ def _deliver_real(cpu: CpuAccess, state: Frame, vector: int) -> None:
         cpu.write_linear(state.ss.base + sp, value.to_bytes(2, "little"))
     rflags = state.rflags & ~(RFLAGS_IF | RFLAGS_TF | RFLAGS_AC | RFLAGS_RF)
     selector = entry >> 16
-    cs = dataclasses.replace(state.cs, selector=selector, base=selector << 4)
+    cs = replace(state.cs, selector=selector, base=selector << 4)
     cpu.jump(cs, entry & 0xFFFF, (state.rsp & ~0xFFFF) | sp, rflags, None)
 
 
