@@ -40,7 +40,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kvmpy.loaders import LoaderError, LoadPlan, LoadSegment
-from kvmpy.loaders.elf import ELFCLASS64, ElfImage, parse_elf, read_image
+from kvmpy.loaders.elf import ELFCLASS64, MAX_IMAGE_SIZE, ElfImage, parse_elf, read_image
 from kvmpy.records import Record
 
 HDRS_MAGIC = b"HdrS"
@@ -340,8 +340,9 @@ def host_decompressed_kernel(
     payload = data[start : start + header.payload_length]
     try:
         # The vmlinux file (plus its relocation table) is not much larger than
-        # the memory it needs, init_size: twice that bounds a hostile image.
-        kernel = decompress_payload(payload, limit=2 * header.init_size)
+        # the memory it needs, init_size: twice that, and at most what kvmpy
+        # reads of any image, bounds a hostile one.
+        kernel = decompress_payload(payload, limit=min(2 * header.init_size, MAX_IMAGE_SIZE))
         image = parse_elf(kernel, "<decompressed payload>")
     except (PayloadError, LoaderError):
         return None
