@@ -375,4 +375,3 @@ class DeviceSpaces:
 
     def unregister(self, io: bool, base: int, device: Device) -> None:
         (self.ports if io else self.mmio).unregister(base, device)
-

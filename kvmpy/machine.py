@@ -170,6 +170,7 @@ class Machine:
                 self.vcpus.append(vcpu)
             self._closer = stack.pop_all()
         self.vcpu = self.vcpus[0]  # the bootstrap processor
+        self.loaded_plan: LoadPlan | None = None  # what load() placed last
 
         # Only vCPU threads dispatch on the buses: with one, unclaimed stubs need no lock.
         one_vcpu = len(self.vcpus) == 1
@@ -363,6 +364,7 @@ class Machine:
         entry: int | None = None,
         modules: Sequence[tuple[str, str]] = (),
         initrd: str | Path | None = None,
+        host_decompress: bool = True,
     ) -> CpuSetup:
         """Load a kernel or program as ``kvmpy run`` does, and point vCPU 0 at it.
 
@@ -370,6 +372,8 @@ class Machine:
         a flat image runs in real mode at 0x7c00 unless ``mode`` and ``load_addr``
         say otherwise.  The kernel command line is the machine's ``cmdline``;
         ``initrd`` is an initial RAM disk for a bzImage, PVH or multiboot kernel.
+        ``host_decompress`` False lets a bzImage decompress itself, as under QEMU
+        (slower where the host emulates CPL0; keeps KASLR).
         """
         plan = load_image(
             image,
@@ -381,6 +385,7 @@ class Machine:
             modules=list(modules),
             initrd=initrd,
             rsdp=self.acpi_rsdp,
+            host_decompress=host_decompress,
         )
         return self.load(plan, mode=mode)
 
@@ -391,6 +396,7 @@ class Machine:
     def load(self, plan: LoadPlan, mode: str | None = None) -> CpuSetup:
         """Place ``plan`` in RAM and point the bootstrap vCPU at its entry in ``mode``."""
         self._capture_power_on()
+        self.loaded_plan = plan
         setup = setup_mode(mode or plan.mode or "real", self.vcpu.get_sregs(), plan.entry)
         check_plan(plan, self.memory, setup.reserved())
         self._check_firmware_overlap(plan)

@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from kvmpy.backends.base import StatsTable, Vcpu
 
 
-
 def _packer(size: int) -> Callable[[bytearray, int, int], None]:
     """Writes a ``size``-byte little-endian value at an offset (the odd sizes of split MMIO)."""
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import random
 import struct
 import subprocess
 import sys
@@ -419,6 +420,23 @@ def test_a_host_decompressed_kernel_starts_in_long_mode_with_rsi_at_the_zero_pag
         assert m.vcpu.get_regs().rip == 0x1000000
         outcome = m.run(timeout=20)
     assert outcome.exit_code == 0x21, outcome.message
+
+
+def test_run_says_who_decompressed_and_can_leave_it_to_the_kernel(tmp_path: Path) -> None:
+    # Text that does not compress: the protected-mode part reaches past its 64-bit entry.
+    image = write(
+        tmp_path, compressed_bzimage(vmlinux(b"\xf4" + random.Random(1).randbytes(0x400)))
+    )
+    assert "kernel decompressed by kvmpy" in load_bzimage(image, e820=E820).detail
+    verbose = run_cli("-v", "--timeout", "5", image)
+    assert (
+        f"kvmpy: {image}: bzimage image, long mode, loaded at 0x1000000, entry 0x1000000; "
+        "kernel decompressed by kvmpy, at its link address (no KASLR)"
+    ) in verbose.stderr
+    itself = run_cli("-v", "--decompress", "guest", "--timeout", "5", image)
+    assert f"kvmpy: {image}: bzimage image, long mode, loaded at 0x1000000, entry 0x1000200\n" in (
+        itself.stderr
+    )
 
 
 # -- detection: a header or an explicit choice, never a guess -----------------------------

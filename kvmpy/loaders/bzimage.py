@@ -457,6 +457,7 @@ def load_bzimage(
     if decompressed is not None:
         plan.entry = decompressed[0].entry
         plan.mode = "long"
+        plan.detail = "kernel decompressed by kvmpy, at its link address (no KASLR)"
     elif header.has_64bit_entry:
         plan.entry = load_addr + ENTRY_64_OFFSET
         plan.mode = "long"
