@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvmpy.backends.base import IrqRoute
 from kvmpy.devices.base import IrqCallback
 from kvmpy.records import Record, field
+
+if TYPE_CHECKING:
+    from kvmpy.bus import DeviceSpaces
 
 
 class IoRange(Record):
@@ -58,6 +61,9 @@ class DeviceEntry(Record):
     build: Callable[[Wiring], Any]
     ports: tuple[IoRange, ...] = ()
     mmio: tuple[IoRange, ...] = ()
+    # For a device that maps ranges while the guest runs (a PCI host's BARs):
+    # called once with the device and its hold on the buses.
+    attach: Callable[[Any, DeviceSpaces], None] | None = None
 
 
 class FirmwareContext(Record):
@@ -66,6 +72,7 @@ class FirmwareContext(Record):
     cpus: int
     cpu_signature: tuple[int, int]  # CPUID leaf 1 EAX, EDX
     has_irqchip: bool
+    low_ram: int  # RAM below the hole: where the PCI memory window may start
 
 
 class FirmwareTable(Record):
@@ -103,8 +110,9 @@ class Board(Record):
     # Suspend to RAM (ACPI S3).  ``wake(locked)`` is asked, while the machine
     # sleeps, whether a wake event arrived (``locked(name)`` gives a device
     # under its lock); ``resume_setup(memory, reset_sregs)`` says where the
-    # boot CPU resumes (a CpuSetup; its memory is not written).  None: the
-    # board cannot sleep, and a request to is ignored.
+    # boot CPU resumes (a CpuSetup; its memory, which must lie in the board's
+    # firmware area, is written first).  None: the board cannot sleep, and a
+    # request to is ignored.
     wake: Callable[[Callable[[str], AbstractContextManager[Any]]], bool] | None = None
     resume_setup: Callable[[Any, Any], Any] | None = None
 

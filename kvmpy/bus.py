@@ -46,6 +46,8 @@ class Mapping(Record):
     name: str
     # The device's one lock: every caller, vCPU or host thread, holds it around a call.
     lock: threading.Lock
+    # Whether the vCPU thread is the device's only caller (dispatch skips the lock).
+    only_caller: bool = False
 
     @property
     def end(self) -> int:
@@ -62,18 +64,17 @@ class _Unclaimed:
     """What an unclaimed port dispatches to once touched: all-ones, dropped, counted.
 
     So the run loop handles a port nobody claims as it handles one a device
-    claims (one dict lookup), instead of searching the ranges and building a
-    counter key on every access.
+    claims (one dict lookup, one call), instead of searching the ranges and
+    building a counter key on every access.
     """
 
-    def __init__(self, size_mask: Callable[[int], int]) -> None:
+    def __init__(self) -> None:
         self.reads = 0
         self.writes = 0
-        self._size_mask = size_mask
 
     def read(self, offset: int, size: int) -> int:
         self.reads += 1
-        return self._size_mask(size)
+        return (1 << (size << 3)) - 1
 
     def write(self, offset: int, size: int, value: int) -> None:
         self.writes += 1
@@ -90,7 +91,7 @@ class _UnclaimedPage:
     def read(self, offset: int, size: int) -> int:
         reads = self.reads
         reads[offset] = reads.get(offset, 0) + 1
-        return (1 << (8 * size)) - 1
+        return (1 << (size << 3)) - 1
 
     def write(self, offset: int, size: int, value: int) -> None:
         writes = self.writes
@@ -116,24 +117,44 @@ class Bus:
     Devices take no locks of their own: the bus holds the device's lock
     (given at registration, one per device even when it spans several
     ranges) around every read and write, and host threads take the same lock.
+    Dispatch skips it for a device whose only caller is the vCPU thread
+    (``only_caller``); with ``one_vcpu`` (a machine of one vCPU: nothing but
+    its thread dispatches) the unclaimed stubs skip theirs too.
     """
 
-    def __init__(self, name: str, address_limit: int, *, strict: bool = False) -> None:
+    def __init__(
+        self, name: str, address_limit: int, *, strict: bool = False, one_vcpu: bool = False
+    ) -> None:
         self.name = name
         self.address_limit = address_limit
         self.strict = strict
-        self.mappings: list[Mapping] = []
-        self._starts: list[int] = []
+        # (range starts, mappings), sorted, replaced whole on every change so
+        # that a vCPU thread searching it never sees a half-updated pair.
+        self._table: tuple[list[int], list[Mapping]] = ([], [])
+        # Serialises register/unregister (a guest moving a PCI BAR on one vCPU
+        # while another does the same); lookups take no lock.
+        self._layout_lock = threading.Lock()
         self._dense = name == "port"
         self.handlers: dict[int, tuple[ReadHandler, WriteHandler, int, LockType | None]] = {}
-        self.pages: dict[int, tuple[ReadHandler, WriteHandler, int, int, threading.Lock]] = {}
+        # page -> (read, write, base, end, the lock dispatch takes, or None)
+        self.pages: dict[int, tuple[ReadHandler, WriteHandler, int, int, LockType | None]] = {}
         self._shared_pages: set[int] = set()  # pages two mappings touch: not in ``pages``
         # (kind, address) -> count of accesses nobody handled, but for the
         # unclaimed ports' stubs (``unhandled`` adds them up).
         self._misses: Counter[tuple[str, int]] = Counter()
         self._unclaimed: dict[int, _Unclaimed] = {}
         self._unclaimed_pages: dict[int, _UnclaimedPage] = {}
-        self._unclaimed_lock = threading.Lock()
+        # What dispatch to an unclaimed stub holds: nothing if one vCPU is all that calls.
+        self._unclaimed_lock: LockType | None = None if one_vcpu else threading.Lock()
+
+    @property
+    def mappings(self) -> list[Mapping]:
+        """Every registered range, sorted by base (a snapshot: do not change it)."""
+        return self._table[1]
+
+    @property
+    def _starts(self) -> list[int]:
+        return self._table[0]
 
     @property
     def unhandled(self) -> Counter[tuple[str, int]]:
@@ -163,30 +184,77 @@ class Bus:
         """Give ``device`` the range; ``lock`` is its lock (a new one if not shared).
 
         ``only_caller``: the vCPU thread is the device's only caller (one vCPU,
-        and the device has no host entry points), so port dispatch (the run
-        loop and ``read``/``write``) skips the lock; it stays in the mapping
-        for anyone else.
+        and the device has no host entry points), so the run loop's dispatch,
+        port or MMIO, skips the lock; it stays in the mapping for anyone else.
         """
         label = name or type(device).__name__
         lock = lock or threading.Lock()
         if length <= 0 or base < 0 or base + length > self.address_limit:
             raise BusError(f"{label}: {self.name} range {base:#x}+{length:#x} is out of bounds")
-        for other in self.mappings:
-            if base < other.end and other.base < base + length:
-                raise BusError(
-                    f"{label}: {self.name} range {base:#x}-{base + length - 1:#x} overlaps "
-                    f"{other.name} at {other.base:#x}-{other.end - 1:#x}"
-                )
-        mapping = Mapping(base, length, device, label, lock)
-        index = bisect.bisect(self._starts, base)
-        self._starts.insert(index, base)
-        self.mappings.insert(index, mapping)
-        if self._dense:
-            handler = (device.read, device.write, base, None if only_caller else lock)
-            for address in range(base, base + length):
-                self.handlers[address] = handler
-        else:
-            self._index_pages(mapping)
+        with self._layout_lock:
+            starts, mappings = self._table
+            for other in mappings:
+                if base < other.end and other.base < base + length:
+                    raise BusError(
+                        f"{label}: {self.name} range {base:#x}-{base + length - 1:#x} overlaps "
+                        f"{other.name} at {other.base:#x}-{other.end - 1:#x}"
+                    )
+            mapping = Mapping(base, length, device, label, lock, only_caller)
+            index = bisect.bisect(starts, base)
+            self._table = (
+                [*starts[:index], base, *starts[index:]],
+                [*mappings[:index], mapping, *mappings[index:]],
+            )
+            if self._dense:
+                handler = (device.read, device.write, base, None if only_caller else lock)
+                for address in range(base, base + length):
+                    self.handlers[address] = handler
+            else:
+                self._index_pages(mapping)
+
+    def unregister(self, base: int, device: Device) -> None:
+        """Take back the range at ``base`` that ``device`` was given (a PCI BAR moving).
+
+        Accesses to it are unclaimed again.  BusError if ``device`` has no range there.
+        """
+        with self._layout_lock:
+            starts, mappings = self._table
+            index = bisect.bisect_left(starts, base)
+            if (
+                index == len(starts)
+                or starts[index] != base
+                or mappings[index].device is not device
+            ):
+                raise BusError(f"{self.name} range at {base:#x} is not {type(device).__name__}'s")
+            mapping = mappings[index]
+            self._table = (
+                starts[:index] + starts[index + 1 :],
+                mappings[:index] + mappings[index + 1 :],
+            )
+            if self._dense:
+                for address in range(mapping.base, mapping.end):
+                    stub = self._unclaimed.get(address)
+                    if stub is None:
+                        self.handlers.pop(address, None)
+                    else:  # a port touched while unclaimed before: its stub again
+                        self.handlers[address] = (
+                            stub.read,
+                            stub.write,
+                            address,
+                            self._unclaimed_lock,
+                        )
+                return
+            first = mapping.base >> PAGE_SHIFT
+            last = (mapping.end - 1) >> PAGE_SHIFT
+            # A huge mapping indexed no pages, and can share only its edge pages.
+            span = range(first, last + 1) if last - first < MAX_INDEXED_PAGES else (first, last)
+            for page in span:
+                self.pages.pop(page, None)
+                self._shared_pages.discard(page)
+            # The neighbours that shared a page with it may now own it alone.
+            for other in self._table[1]:
+                if other.base >> PAGE_SHIFT <= last and first <= (other.end - 1) >> PAGE_SHIFT:
+                    self._index_pages(other)
 
     def _index_pages(self, mapping: Mapping) -> None:
         first = mapping.base >> PAGE_SHIFT
@@ -195,7 +263,8 @@ class Bus:
             for page in [page for page in self.pages if first <= page <= last]:
                 del self.pages[page]  # unclaimed-page stubs it now claims
             return
-        entry = (mapping.device.read, mapping.device.write, mapping.base, mapping.end, mapping.lock)
+        lock = None if mapping.only_caller else mapping.lock
+        entry = (mapping.device.read, mapping.device.write, mapping.base, mapping.end, lock)
         for page in range(first, last + 1):
             start, end = page << PAGE_SHIFT, (page + 1) << PAGE_SHIFT
             shared = page in self._shared_pages or any(
@@ -210,9 +279,10 @@ class Bus:
 
     def find(self, address: int) -> Mapping | None:
         """The mapping that owns ``address``."""
-        index = bisect.bisect(self._starts, address) - 1
+        starts, mappings = self._table
+        index = bisect.bisect(starts, address) - 1
         if index >= 0:
-            mapping = self.mappings[index]
+            mapping = mappings[index]
             if address < mapping.end:
                 return mapping
         return None
@@ -264,7 +334,7 @@ class Bus:
         """The counting stub for ``port``, installed in ``handlers`` (not on a strict bus)."""
         stub = self._unclaimed.get(port)
         if stub is None:
-            stub = self._unclaimed[port] = _Unclaimed(_all_ones)
+            stub = self._unclaimed[port] = _Unclaimed()
             self.handlers[port] = (stub.read, stub.write, port, self._unclaimed_lock)
         return stub
 
@@ -276,7 +346,9 @@ class Bus:
         start, end = page << PAGE_SHIFT, (page + 1) << PAGE_SHIFT
         if end > self.address_limit or any(m.base < end and start < m.end for m in self.mappings):
             return
-        stub = self._unclaimed_pages[page] = _UnclaimedPage(start)
+        stub = self._unclaimed_pages.get(page)  # kept from before a range there went away
+        if stub is None:
+            stub = self._unclaimed_pages[page] = _UnclaimedPage(start)
         self.pages[page] = (stub.read, stub.write, start, end, self._unclaimed_lock)
 
     def _unhandled(self, kind: str, address: int, size: int, result: int) -> int:
@@ -284,3 +356,22 @@ class Bus:
         if self.strict:
             raise UnhandledAccess(self.name, kind, address, size)
         return result
+
+
+class DeviceSpaces:
+    """A device's hold on both buses, for ranges it maps while the guest runs (PCI BARs).
+
+    Every range is registered under the device's own lock, so a guest access
+    to it and a guest write that moves it are never in flight together.
+    """
+
+    def __init__(self, ports: Bus, mmio: Bus, lock: LockType) -> None:
+        self.ports = ports
+        self.mmio = mmio
+        self.lock = lock
+
+    def register(self, io: bool, base: int, length: int, device: Device, label: str) -> None:
+        (self.ports if io else self.mmio).register(base, length, device, label, self.lock)
+
+    def unregister(self, io: bool, base: int, device: Device) -> None:
+        (self.ports if io else self.mmio).unregister(base, device)

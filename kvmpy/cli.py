@@ -53,7 +53,7 @@ from kvmpy.memory import MAX_RAM_SIZE, GuestMemoryError, parse_size
 from kvmpy.outcome import STATUS_ERROR, STATUS_INTERRUPTED, Outcome, OutcomeKind
 from kvmpy.runloop import ExitObserver
 from kvmpy.serialio import GuestInput, SerialPorts
-from kvmpy.x86.modes import IDENTITY_MAP_SIZE, MODES, CpuSetup, default_load_addr
+from kvmpy.x86.modes import IDENTITY_MAP_SIZE, MODES, CpuSetup
 from kvmpy.x86.topology import CpuTopology, parse_smp
 
 if TYPE_CHECKING:
@@ -369,6 +369,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="an initial RAM disk for a Linux kernel (bzImage or PVH); for a multiboot "
         'kernel, modules as QEMU\'s -initrd "FILE ARGS,FILE" gives them',
+    )
+    run.add_argument(
+        "--decompress",
+        choices=("host", "guest"),
+        default="host",
+        help="who unpacks a 64-bit bzImage's compressed kernel: kvmpy, which starts it "
+        "at its link address without KASLR (default), or the kernel's own decompressor, "
+        "as under QEMU (slow where the host emulates CPL0, as PVM does)",
     )
     run.add_argument(
         "--load-addr",
@@ -739,22 +747,11 @@ def _check_outputs(args: argparse.Namespace) -> None:
 def _describe_boot(args: argparse.Namespace, m: Machine, setup: CpuSetup) -> None:
     """-v: one line on what was detected and where it starts."""
     from kvmpy.debug.guestview import code_address
-    from kvmpy.loaders.detect import detect_format, load_image
+    from kvmpy.loaders.detect import detect_format
 
     image_format = args.format or detect_format(args.image)
-    load_addr = args.load_addr
-    if load_addr is None:
-        load_addr = default_load_addr(args.mode or "real")
-    plan = load_image(
-        args.image,
-        ram=[(region.gpa, region.size) for region in m.memory],
-        image_format=image_format,
-        load_addr=load_addr,
-        entry=args.entry,
-        cmdline=m.cmdline,
-        modules=[parse_module(text) for text in args.module],
-        rsdp=m.acpi_rsdp,
-    )
+    plan = m.loaded_plan
+    assert plan is not None  # boot() has loaded it
     # The image itself, not the boot data a loader adds (the multiboot information).
     image = [
         segment.gpa
@@ -763,9 +760,10 @@ def _describe_boot(args: argparse.Namespace, m: Machine, setup: CpuSetup) -> Non
     ]
     low = min(image, default=plan.entry)
     entry = code_address(setup.sregs, setup.regs.rip)
+    detail = f"; {plan.detail}" if plan.detail else ""
     print(
         f"kvmpy: {args.image}: {image_format} image, {setup.mode} mode, "
-        f"loaded at {low:#x}, entry {entry:#x}",
+        f"loaded at {low:#x}, entry {entry:#x}{detail}",
         file=sys.stderr,
     )
 
@@ -842,6 +840,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 entry=args.entry,
                 modules=modules,
                 initrd=args.initrd,
+                host_decompress=args.decompress == "host",
             )
             if args.verbose and not described:
                 _describe_boot(args, m, setup)

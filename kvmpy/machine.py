@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from kvmpy._process import Terminated
 from kvmpy.backends.base import Backend, BackendError, Capability, Vcpu, Vm, open_backend, require
 from kvmpy.board import Board, DeviceEntry, FirmwareContext, Wiring
-from kvmpy.bus import Bus
+from kvmpy.bus import Bus, DeviceSpaces
 from kvmpy.console import DEFAULT_CONSOLE_LIMIT, ConsoleLog
 from kvmpy.devices.base import IrqCallback, no_irq
 from kvmpy.devices.debug_exit import exit_status as debug_exit_status
@@ -170,9 +170,12 @@ class Machine:
                 self.vcpus.append(vcpu)
             self._closer = stack.pop_all()
         self.vcpu = self.vcpus[0]  # the bootstrap processor
+        self.loaded_plan: LoadPlan | None = None  # what load() placed last
 
-        self.ports = Bus("port", board.port_space, strict=strict)
-        self.mmio = Bus("mmio", board.mmio_space, strict=strict)
+        # Only vCPU threads dispatch on the buses: with one, unclaimed stubs need no lock.
+        one_vcpu = len(self.vcpus) == 1
+        self.ports = Bus("port", board.port_space, strict=strict, one_vcpu=one_vcpu)
+        self.mmio = Bus("mmio", board.mmio_space, strict=strict, one_vcpu=one_vcpu)
         wiring = Wiring(
             irq=self.irq_line,
             request_reset=self.request_reset,
@@ -206,6 +209,8 @@ class Machine:
                 bus.register(
                     span.base, span.length, part, span.label, lock, only_caller=only_caller
                 )
+        if entry.attach is not None:
+            entry.attach(device, DeviceSpaces(self.ports, self.mmio, lock))
         self._devices[entry.name] = device
         self._device_locks[entry.name] = lock
 
@@ -359,6 +364,7 @@ class Machine:
         entry: int | None = None,
         modules: Sequence[tuple[str, str]] = (),
         initrd: str | Path | None = None,
+        host_decompress: bool = True,
     ) -> CpuSetup:
         """Load a kernel or program as ``kvmpy run`` does, and point vCPU 0 at it.
 
@@ -366,6 +372,8 @@ class Machine:
         a flat image runs in real mode at 0x7c00 unless ``mode`` and ``load_addr``
         say otherwise.  The kernel command line is the machine's ``cmdline``;
         ``initrd`` is an initial RAM disk for a bzImage, PVH or multiboot kernel.
+        ``host_decompress`` False lets a bzImage decompress itself, as under QEMU
+        (slower where the host emulates CPL0; keeps KASLR).
         """
         plan = load_image(
             image,
@@ -377,6 +385,7 @@ class Machine:
             modules=list(modules),
             initrd=initrd,
             rsdp=self.acpi_rsdp,
+            host_decompress=host_decompress,
         )
         return self.load(plan, mode=mode)
 
@@ -387,10 +396,16 @@ class Machine:
     def load(self, plan: LoadPlan, mode: str | None = None) -> CpuSetup:
         """Place ``plan`` in RAM and point the bootstrap vCPU at its entry in ``mode``."""
         self._capture_power_on()
+        self.loaded_plan = plan
         setup = setup_mode(mode or plan.mode or "real", self.vcpu.get_sregs(), plan.entry)
         check_plan(plan, self.memory, setup.reserved())
         self._check_firmware_overlap(plan)
-        context = FirmwareContext(len(self.vcpus), self.arch.cpu_signature, self.has_irqchip)
+        context = FirmwareContext(
+            len(self.vcpus),
+            self.arch.cpu_signature,
+            self.has_irqchip,
+            low_ram=self.memory.regions[0].size,
+        )
         firmware = [
             (table.address, table.build(context))
             for table in self.board.firmware
@@ -700,6 +715,8 @@ class Machine:
         vcpu.load_state(self._power_on["vcpus"][vcpu.index])
         if vcpu is self.vcpu:
             setup = self.board.resume_setup(self.memory, vcpu.get_sregs())
+            for gpa, data in setup.memory:  # firmware's own area: its GDT, page tables
+                self.memory.write(gpa, data)
             vcpu.set_sregs(setup.sregs)
             vcpu.set_regs(setup.regs)
 

@@ -28,17 +28,21 @@ from kvmpy.outcome import Outcome, OutcomeKind
 if TYPE_CHECKING:
     from kvmpy.backends.base import StatsTable, Vcpu
 
-# Indexed by access size: struct packers and masks for 1 to 8 bytes.
-_PACK: tuple[Callable[..., None] | None, ...] = (
-    None,
-    struct.Struct("<B").pack_into,
-    struct.Struct("<H").pack_into,
-    None,
-    struct.Struct("<I").pack_into,
-    None,
-    None,
-    None,
-    struct.Struct("<Q").pack_into,
+
+def _packer(size: int) -> Callable[[bytearray, int, int], None]:
+    """Writes a ``size``-byte little-endian value at an offset (the odd sizes of split MMIO)."""
+
+    def pack_into(buffer: bytearray, offset: int, value: int) -> None:
+        buffer[offset : offset + size] = value.to_bytes(size, "little")
+
+    return pack_into
+
+
+_STRUCTS = {1: "<B", 2: "<H", 4: "<I", 8: "<Q"}
+# Indexed by access size: packers and masks for 1 to 8 bytes.
+_PACK: tuple[Callable[[bytearray, int, int], None], ...] = tuple(
+    struct.Struct(_STRUCTS[size]).pack_into if size in _STRUCTS else _packer(size)
+    for size in range(9)
 )
 _MASK = tuple((1 << (8 * size)) - 1 for size in range(9))
 
@@ -216,20 +220,26 @@ def _run_fast(vcpu: Vcpu, context: LoopContext) -> Outcome | None:
             address = exit_.mmio_addr
             size = exit_.mmio_len
             page = pages.get(address >> 12)
-            if page is None or not page[2] <= address <= page[3] - size or not 0 < size <= 8:
-                _mmio(vcpu, mmio)  # shared pages, unclaimed addresses, odd sizes
+            # (read, write, base, end, lock): the access must lie in [base, end).
+            if page is None or not 0 < size <= 8:
+                _mmio(vcpu, mmio)  # shared pages, unclaimed addresses, bad sizes
+                continue
+            read, write, base, end, lock = page
+            if not base <= address <= end - size:
+                _mmio(vcpu, mmio)  # runs past the device's range
             elif exit_.mmio_is_write:
-                with page[4]:
-                    page[1](address - page[2], size, exit_.value & mask[size])
-            else:
-                with page[4]:
-                    value = page[0](address - page[2], size) & mask[size]
-                packer = pack[size]
-                if packer is not None:
-                    packer(buffer, exit_.data_offset, value)
+                if lock is None:  # the device's only caller is this vCPU
+                    write(address - base, size, exit_.value & mask[size])
                 else:
-                    offset = exit_.data_offset
-                    buffer[offset : offset + size] = value.to_bytes(size, "little")
+                    with lock:
+                        write(address - base, size, exit_.value & mask[size])
+            else:
+                if lock is None:
+                    value = read(address - base, size) & mask[size]
+                else:
+                    with lock:
+                        value = read(address - base, size) & mask[size]
+                pack[size](buffer, exit_.data_offset, value)
         elif reason < 0:
             if _interrupted(vcpu, reason, stopping):
                 return None

@@ -20,16 +20,27 @@ from kvmpy.devices.acpi_pm import (
     AcpiPmEvent,
     AcpiPmTimer,
 )
+from kvmpy.devices.pci import pci_interrupt_gsi
+from kvmpy.devices.testdev import TESTDEV_BASE
 from kvmpy.loaders.flat import load_flat
 from kvmpy.machine import Machine
 from kvmpy.x86.acpi import FADT_TMR_VAL_EXT, acpi_tables, aml_pkg_length, eisa_id
 from kvmpy.x86.layout import ACPI_TABLES_ADDR, IOAPIC_ADDR
+from kvmpy.x86.mptable import mp_tables
+from kvmpy.x86.pc import PC, pci_windows
 from tests.helpers import Assembler
+
+LOW_RAM = 16 << 20
 
 
 def tables(cpus: int, irq0_on_pin2: bool = False) -> dict[bytes, bytes]:
-    """Every table reachable from the RSDP, by signature, each checksum verified."""
-    image = acpi_tables(cpus, irq0_on_pin2=irq0_on_pin2)
+    """Every table reachable from the RSDP, by signature, each checksum verified.
+
+    Built as the PC board builds them, for ``LOW_RAM`` bytes of RAM.
+    """
+    image = acpi_tables(
+        cpus, irq0_on_pin2=irq0_on_pin2, pci_windows=pci_windows(LOW_RAM), pci_gsi=pci_interrupt_gsi
+    )
 
     def at(address: int) -> bytes:
         return image[address - ACPI_TABLES_ADDR :]
@@ -181,12 +192,14 @@ def test_fadt_declares_the_24_bit_pm_timer() -> None:
     assert not flags & FADT_TMR_VAL_EXT  # 24 bits, as the timer is
 
 
-def test_facs_is_version_1_with_empty_waking_vectors() -> None:
+def test_facs_is_version_2_with_empty_waking_vectors_and_64_bit_wake() -> None:
     facs = tables(1)[b"FACS"]
     assert struct.unpack_from("<4sI", facs) == (b"FACS", 64)
-    assert facs[32] == 1
+    assert facs[32] == 2
     assert struct.unpack_from("<IQ", facs, 12)[0] == 0
     assert struct.unpack_from("<Q", facs, 24)[0] == 0
+    assert struct.unpack_from("<I", facs, 20)[0] == 1 << 1  # 64BIT_WAKE_SUPPORTED_F
+    assert struct.unpack_from("<I", facs, 36)[0] == 0  # OSPM flags: the guest's to set
 
 
 def _pkg_length(aml: bytes, at: int) -> tuple[int, int]:
@@ -238,8 +251,16 @@ def _parse_data(aml: bytes, at: int) -> tuple[object, int]:
         return op, at + 1
     if op == 0x0A:
         return aml[at + 1], at + 2
+    if op == 0x0B:
+        return struct.unpack_from("<H", aml, at + 1)[0], at + 3
     if op == 0x0C:
         return struct.unpack_from("<I", aml, at + 1)[0], at + 5
+    if op == 0x11:  # Buffer: its bytes
+        length, took = _pkg_length(aml, at + 1)
+        end = at + 1 + length
+        size, cursor = _parse_data(aml, at + 1 + took)
+        assert isinstance(size, int) and cursor + size == end
+        return aml[cursor:end], end
     if op == 0x12:  # Package
         length, took = _pkg_length(aml, at + 1)
         end = at + 1 + length
@@ -261,7 +282,69 @@ def test_dsdt_has_the_sleep_states_and_the_pci_root_bridge() -> None:
     assert names["\\._S5_"] == (0, 0, 0, 0)
     assert names["\\_SB_.PCI0"] == "Device"
     assert names["\\_SB_.PCI0._HID"] == eisa_id("PNP0A03") == 0x030AD041
-    assert names["\\_SB_.PCI0._ADR"] == 0
+    assert names["\\_SB_.PCI0._UID"] == 0
+
+
+def _resources(template: bytes) -> list[tuple[object, ...]]:
+    """The descriptors of a resource template, decoded: (kind, ...fields)."""
+    found: list[tuple[object, ...]] = []
+    at = 0
+    while True:
+        tag = template[at]
+        if tag == 0x79:  # end tag
+            assert at + 2 == len(template)
+            return found
+        if tag == 0x47:  # I/O port
+            found.append(("io", *struct.unpack_from("<BHHBB", template, at + 1)))
+            at += 8
+        elif tag in (0x87, 0x88):  # DWord, Word address space
+            length = struct.unpack_from("<H", template, at + 1)[0]
+            width = "I" if tag == 0x87 else "H"
+            space, general, specific, *numbers = struct.unpack_from(
+                f"<BBB5{width}", template, at + 3
+            )
+            _, low, high, translation, size = numbers
+            assert translation == 0 and size == high - low + 1 and general == 0x0C
+            found.append((("memory", "io", "bus")[space], low, high, specific))
+            at += 3 + length
+        else:
+            raise AssertionError(f"unexpected resource descriptor {tag:#x}")
+
+
+def test_the_pci_root_bridge_resources_are_the_boards_windows() -> None:
+    names: dict[str, object] = {}
+    _parse_terms(tables(1)[b"DSDT"][36:], "\\", names)
+    crs = names["\\_SB_.PCI0._CRS"]
+    assert isinstance(crs, bytes)
+    assert _resources(crs) == [
+        ("bus", 0, 0xFF, 0),
+        ("io", 1, 0xCF8, 0xCF8, 1, 8),
+        ("io", 0, 0xCF7, 3),
+        ("io", 0xD00, 0xFFFF, 3),  # where I/O BARs decode
+        ("memory", LOW_RAM, TESTDEV_BASE - 1, 1),  # ...and memory BARs: RAM's end to testdev
+    ]
+    assert pci_windows(LOW_RAM).memory == (LOW_RAM, TESTDEV_BASE)
+
+
+def test_the_pci_routing_table_matches_the_mp_table_and_the_gsi_routes() -> None:
+    names: dict[str, object] = {}
+    _parse_terms(tables(1)[b"DSDT"][36:], "\\", names)
+    prt = names["\\_SB_.PCI0._PRT"]
+    assert isinstance(prt, tuple) and len(prt) == 32 * 4
+    routes = {}
+    for entry in prt:
+        assert isinstance(entry, tuple)
+        address, pin, source, gsi = entry
+        assert isinstance(address, int) and address & 0xFFFF == 0xFFFF and source == 0
+        routes[(address >> 16, pin + 1)] = gsi
+    assert routes == {
+        (slot, pin): pci_interrupt_gsi(slot, pin) for slot in range(32) for pin in range(1, 5)
+    }
+    assert set(routes.values()) == {16, 17, 18, 19}
+    # The MP table says the same for a function with a pin, and the GSIs reach the IOAPIC.
+    table = mp_tables(1, 0, 0, pci_interrupts=[(3, 1, routes[(3, 1)])])
+    assert struct.pack("<BBHBBBB", 3, 0, 0x0F, 0, 3 << 2, 1, 19) in table
+    assert {(r.gsi, r.pin) for r in PC.irq_routes if r.gsi >= 16} >= {(g, g) for g in range(16, 20)}
 
 
 def test_aml_package_lengths_of_every_size() -> None:
@@ -277,6 +360,17 @@ def test_iasl_disassembles_the_dsdt(tmp_path: Path) -> None:
     text = (tmp_path / "dsdt.dsl").read_text()
     assert "Name (_S3, Package (0x04)" in text
     assert "Device (PCI0)" in text and 'EisaId ("PNP0A03")' in text
+    # iasl took the _CRS buffer for a valid resource template, and every descriptor in it.
+    assert "Name (_CRS, ResourceTemplate ()" in text
+    for descriptor in ("WordBusNumber (", "IO (Decode16,", "WordIO (", "DWordMemory ("):
+        assert descriptor in text
+    assert "Name (_PRT, Package (0x80)" in text
+    # And the disassembly compiles back cleanly: no errors, no warnings.
+    compiled = subprocess.run(
+        ["iasl", "-p", "again", "dsdt.dsl"], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert compiled.returncode == 0, compiled.stdout + compiled.stderr
+    assert "0 Errors, 0 Warnings" in compiled.stdout, compiled.stdout
 
 
 def test_pm_timer_counts_at_3_579545_mhz_in_24_bits() -> None:

@@ -385,6 +385,7 @@ def test_unclaimed_mmio_pages_get_a_counting_stub_until_claimed() -> None:
     bus = Bus("mmio", 1 << 52)
     assert bus.read(0xD000_0010, 4) == 0xFFFF_FFFF
     read, write, _base, _end, lock = bus.pages[0xD0000]
+    assert lock is not None  # two vCPUs may count at once
     with lock:
         assert read(0x20, 2) == 0xFFFF
         write(0x20, 1, 0)
@@ -417,3 +418,48 @@ def test_a_device_whose_only_caller_is_the_vcpu_skips_the_lock_on_the_fast_path(
     assert [m.lock for m in bus.mappings if m.name == "POST"] == [lock]
     bus.write(0x80, 1, 7)
     assert only.writes == [(0, 1, 7)]
+
+
+def test_with_one_vcpu_the_stubs_and_only_caller_devices_dispatch_without_a_lock() -> None:
+    ports = Bus("port", 0x10000, one_vcpu=True)
+    mmio = Bus("mmio", 1 << 52, one_vcpu=True)
+    ports.read(0x99, 1)
+    mmio.read(0xD000_0000, 4)
+    assert ports.handlers[0x99][3] is None and mmio.pages[0xD0000][4] is None
+    assert ports.unhandled == {("read", 0x99): 1}
+    mmio.register(0xE000_0000, 0x1000, Recorder(1), "alone", only_caller=True)
+    mmio.register(0xE000_1000, 0x1000, Recorder(2), "shared")
+    assert mmio.pages[0xE0000][4] is None
+    assert mmio.pages[0xE0001][4] is mmio.mappings[-1].lock  # a host thread may call it
+
+
+def test_unregister_gives_the_range_back() -> None:
+    ports = _port_bus()
+    a, b = Recorder(1), Recorder(2)
+    ports.read(0x1002, 1)  # unclaimed first: a stub
+    ports.register(0x1000, 4, a, "bar")
+    assert ports.read(0x1002, 1) == 1
+    with pytest.raises(BusError, match="not Recorder's"):
+        ports.unregister(0x1000, b)
+    with pytest.raises(BusError):
+        ports.unregister(0x1001, a)
+    ports.unregister(0x1000, a)
+    assert ports.mappings == [] and ports._starts == []
+    assert ports.read(0x1002, 1) == 0xFF and ports.read(0x1000, 1) == 0xFF
+    assert ports.handlers[0x1002][0] == ports._unclaimed[0x1002].read  # its stub again
+    assert ports.unhandled == {("read", 0x1002): 2, ("read", 0x1000): 1}
+    ports.register(0x1000, 4, b, "moved back")
+    assert ports.read(0x1003, 1) == 2
+
+    mmio = _mmio_bus()
+    mmio.register(0xE000_0000, 0x800, a, "first half")
+    mmio.register(0xE000_0800, 0x800, b, "second half")
+    assert 0xE0000 not in mmio.pages  # shared: found by binary search
+    assert mmio.read(0xE000_0900, 4) == 2
+    mmio.unregister(0xE000_0000, a)
+    assert mmio.pages[0xE0000][2:4] == (0xE000_0800, 0xE000_1000)  # b has it alone now
+    assert mmio.read(0xE000_0100, 4) == 0xFFFF_FFFF and mmio.read(0xE000_0900, 4) == 2
+    mmio.unregister(0xE000_0800, b)
+    assert 0xE0000 not in mmio.pages or mmio.pages[0xE0000][0] != b.read
+    assert mmio.read(0xE000_0900, 4) == 0xFFFF_FFFF
+    assert mmio.find(0xE000_0900) is None

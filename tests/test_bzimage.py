@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gzip
+import random
 import struct
 import subprocess
 import sys
@@ -314,6 +316,127 @@ def test_32bit_entry_in_flat_protected_mode_with_esi_at_the_zero_page(tmp_path: 
         m.boot(write(tmp_path, make_bzimage(code, xloadflags=0)))
         outcome = m.run(timeout=20)
     assert outcome.exit_code == 0x21, outcome.message
+
+
+# -- host-side decompression: the payload's vmlinux, placed as its decompressor would ------
+
+KERNEL_VIRT = 0xFFFFFFFF80000000
+DATA_ADDR = 0x1200000
+
+
+def vmlinux(code: bytes, *, text_at: int = 0x1000000, data_at: int = DATA_ADDR) -> bytes:
+    """An ELF64 like Linux's vmlinux: PT_LOADs linked high, physical addresses in p_paddr,
+    e_entry the physical address of the first byte of text."""
+    data = b"data" * 4
+    ehdr = (
+        b"\x7fELF\x02\x01\x01"
+        + bytes(9)
+        + struct.pack("<HHIQQQIHHHHHH", 2, 62, 1, text_at, 64, 0, 0, 64, 56, 2, 64, 0, 0)
+    )
+    text_off, data_off = 0x1000, 0x1000 + len(code)
+    phdrs = struct.pack(
+        "<IIQQQQQQ", 1, 5, text_off, KERNEL_VIRT + text_at, text_at, len(code), len(code), 0x1000
+    ) + struct.pack(
+        "<IIQQQQQQ", 1, 6, data_off, KERNEL_VIRT + data_at, data_at, len(data), 0x1000, 0x1000
+    )
+    head = ehdr + phdrs
+    return head + bytes(text_off - len(head)) + code + data
+
+
+def compressed_bzimage(kernel: bytes, **fields: Any) -> bytes:
+    """A bzImage whose payload is ``kernel`` gzipped (its own size footer), 0x40 bytes into
+    the protected-mode part, behind a stand-in for the decompressor."""
+    packed = gzip.compress(kernel, mtime=0)
+    image = bytearray(make_bzimage(b"\xf4" * 0x40 + packed, **fields))
+    struct.pack_into("<II", image, 0x248, 0x40, len(packed))
+    return bytes(image)
+
+
+def test_a_compressed_kernel_is_decompressed_and_placed_by_its_program_headers(
+    tmp_path: Path,
+) -> None:
+    code = b"\xf4" * 0x300
+    image = compressed_bzimage(vmlinux(code), loadflags=0x03)  # with KASLR_FLAG set
+    plan = load_bzimage(write(tmp_path, image), e820=E820, cmdline="quiet")
+    assert (plan.mode, plan.entry, plan.registers) == ("long", 0x1000000, {"rsi": ZERO_PAGE_ADDR})
+    text = next(s for s in plan.segments if s.gpa == 0x1000000)
+    data = next(s for s in plan.segments if s.gpa == DATA_ADDR)
+    assert (text.data, text.memsz) == (code, len(code))
+    assert (data.data, data.memsz) == (b"data" * 4, 0x1000)
+    # KASLR_FLAG is the decompressor's note to the kernel: it did not randomise.
+    assert zero_page(plan)[0x211] == 0x01 | 0x80
+
+
+def test_host_decompression_can_be_turned_off(tmp_path: Path) -> None:
+    image = compressed_bzimage(vmlinux(b"\xf4"))
+    plan = load_bzimage(write(tmp_path, image), e820=E820, host_decompress=False)
+    assert plan.entry == 0x1000000 + 0x200
+    assert next(s for s in plan.segments if s.gpa == 0x1000000).data == image[1024:]
+
+
+@pytest.mark.parametrize(
+    ("kernel", "fields", "why"),
+    [
+        (vmlinux(b"\xf4", text_at=0x1200000, data_at=0x1300000), {}, "not at pref_address"),
+        (vmlinux(b"\xf4", data_at=0x1400000), {}, "past init_size"),
+        (vmlinux(b"\xf4"), {"xloadflags": 0}, "a 32-bit entry only"),
+        (b"\x7fELF" + bytes(60), {}, "not a valid ELF"),
+    ],
+)
+def test_a_kernel_the_host_cannot_place_decompresses_itself(
+    tmp_path: Path, kernel: bytes, fields: dict[str, Any], why: str
+) -> None:
+    image = compressed_bzimage(kernel, init_size=0x400000, **fields)
+    plan = load_bzimage(write(tmp_path, image), e820=E820)
+    assert plan.entry in (0x1000000, 0x1000000 + 0x200), why
+    assert next(s for s in plan.segments if s.gpa == 0x1000000).data == image[1024:], why
+
+
+def test_a_payload_the_host_cannot_decompress_is_left_to_the_kernel(tmp_path: Path) -> None:
+    image = bytearray(compressed_bzimage(vmlinux(b"\xf4")))
+    pm = 1024
+    image[pm + 0x40 : pm + 0x44] = b"\x28\xb5\x2f\xfd"  # zstd's magic
+    plan = load_bzimage(write(tmp_path, bytes(image)), e820=E820)
+    assert plan.entry == 0x1000000 + 0x200
+    struct.pack_into("<I", image, 0x24C, 1 << 30)  # payload_length past the file
+    plan = load_bzimage(write(tmp_path, bytes(image)), e820=E820)
+    assert plan.entry == 0x1000000 + 0x200
+
+
+@pytest.mark.kvm
+def test_a_host_decompressed_kernel_starts_in_long_mode_with_rsi_at_the_zero_page(
+    tmp_path: Path,
+) -> None:
+    from kvmpy.machine import Machine
+
+    code = assemble_payload(
+        tmp_path,
+        "mov %cr0, %rax\nbt $31, %eax\njnc 1f\n"
+        + CHECK_ZERO_PAGE.replace("%esi", "%rsi").replace("{bx}", "rbx"),
+        64,
+    )
+    with Machine(mem_size=64 * MIB, cmdline="ok") as m:
+        m.boot(write(tmp_path, compressed_bzimage(vmlinux(code))))
+        assert m.vcpu.get_regs().rip == 0x1000000
+        outcome = m.run(timeout=20)
+    assert outcome.exit_code == 0x21, outcome.message
+
+
+def test_run_says_who_decompressed_and_can_leave_it_to_the_kernel(tmp_path: Path) -> None:
+    # Text that does not compress: the protected-mode part reaches past its 64-bit entry.
+    image = write(
+        tmp_path, compressed_bzimage(vmlinux(b"\xf4" + random.Random(1).randbytes(0x400)))
+    )
+    assert "kernel decompressed by kvmpy" in load_bzimage(image, e820=E820).detail
+    verbose = run_cli("-v", "--timeout", "5", image)
+    assert (
+        f"kvmpy: {image}: bzimage image, long mode, loaded at 0x1000000, entry 0x1000000; "
+        "kernel decompressed by kvmpy, at its link address (no KASLR)"
+    ) in verbose.stderr
+    itself = run_cli("-v", "--decompress", "guest", "--timeout", "5", image)
+    assert f"kvmpy: {image}: bzimage image, long mode, loaded at 0x1000000, entry 0x1000200\n" in (
+        itself.stderr
+    )
 
 
 # -- detection: a header or an explicit choice, never a guess -----------------------------

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
 import struct
+import threading
 from typing import Protocol
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from kvmpy import records
+from kvmpy.board import Board, Wiring
+from kvmpy.bus import Bus, DeviceSpaces
 from kvmpy.devices.base import DeviceStateError
 from kvmpy.devices.pci import (
     CLASS_HOST_BRIDGE,
@@ -16,6 +22,7 @@ from kvmpy.devices.pci import (
     PciBar,
     PciFunction,
     PciHost,
+    PciWindows,
     i440fx_host_bridge,
     pci_interrupt_gsi,
     piix3_isa_bridge,
@@ -23,7 +30,8 @@ from kvmpy.devices.pci import (
 from kvmpy.loaders.flat import load_flat
 from kvmpy.machine import Machine
 from kvmpy.x86.mptable import mp_tables
-from kvmpy.x86.pc import PC
+from kvmpy.x86.pc import PC, PCI_FUNCTIONS, PciSlot, pci_entry, pci_windows
+from tests.fuzzing import budget
 from tests.helpers import Assembler
 
 
@@ -242,3 +250,311 @@ def test_state_round_trips_and_read_only_bytes_are_refused() -> None:
     with pytest.raises(DeviceStateError, match="1 functions, not 2"):
         other.pci.restore(records.replace(state, configs=state.configs[:1]))
     assert other.config(0, 0, 0, 2) == 0x8086  # nothing was taken
+
+
+# -- BARs on the buses ---------------------------------------------------------------------
+
+
+class ScratchFunction(PciFunction):
+    """A test function: BAR0 16 I/O ports, BAR1 4 KiB of memory, BAR2 (64-bit) 4 KiB.
+
+    Each BAR is plain memory: reads give back what was written, so a test
+    sees which BAR, at which offset, answered.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(
+            0x1B36,
+            0x0005,
+            0xFF0000,
+            bars=(PciBar(16, io=True), PciBar(0x1000), PciBar(0x1000, address64=True)),
+        )
+        self.memory = [bytearray(bar.size) for bar in self.bars]
+
+    def read_bar(self, index: int, offset: int, size: int) -> int:
+        return int.from_bytes(
+            self.memory[index][offset : offset + size].ljust(size, b"\xff"), "little"
+        )
+
+    def write_bar(self, index: int, offset: int, size: int, value: int) -> None:
+        data = value.to_bytes(size, "little")[: len(self.memory[index]) - offset]
+        self.memory[index][offset : offset + len(data)] = data
+
+
+WINDOWS = PciWindows(io=(0x0D00, 0x10000), memory=(0x0800_0000, 0xFEB0_0000))
+
+
+class Attached:
+    """A host with ScratchFunction at 00:03.0, its BARs mapped on two real buses."""
+
+    def __init__(self) -> None:
+        self.function = ScratchFunction()
+        self.host = Host({PciAddress(0, 3, 0): self.function})
+        self.host.pci.windows = WINDOWS
+        self.ports, self.mmio = Bus("port", 0x10000), Bus("mmio", 1 << 52)
+        self.other = Recorder()
+        self.mmio.register(0xFEB0_0000 - 0x2000, 0x1000, self.other, "another device")
+        self.host.pci.attach(DeviceSpaces(self.ports, self.mmio, threading.Lock()))
+
+    def config_write(self, register: int, size: int, value: int) -> None:
+        self.host.outl(0xCF8, address(3, register=register & ~3))
+        self.host.write(0xCFC + (register & 3), size, value)
+
+    def config_read(self, register: int) -> int:
+        return self.host.config(3, 0, register, 4)
+
+    def mapped(self) -> dict[int, int]:
+        return {index: at for (_, index), at in self.host.pci.mapped_bars().items()}
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def read(self, offset: int, size: int) -> int:
+        self.reads += 1
+        return 0x5A
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        return None
+
+    def reset(self) -> None:
+        return None
+
+    def state(self) -> None:
+        return None
+
+    def restore(self, state: object) -> None:
+        return None
+
+
+def test_64_bit_bar_sizing_reads_the_size_mask_in_both_halves() -> None:
+    setup = Attached()
+    assert setup.config_read(0x18) == 0x4  # 64-bit memory, not prefetchable
+    for register in (0x18, 0x1C):
+        setup.config_write(register, 4, 0xFFFF_FFFF)
+    assert (setup.config_read(0x18), setup.config_read(0x1C)) == (0xFFFF_F004, 0xFFFF_FFFF)
+    setup.config_write(0x1C, 4, 0x1)
+    setup.config_write(0x18, 4, 0x2000)
+    assert setup.function.bar_address(2) == 0x1_0000_2000
+    with pytest.raises(ValueError, match="6 BAR registers"):
+        PciFunction(1, 1, 0, bars=[PciBar(16, address64=True)] * 4)
+
+
+def test_a_programmed_bar_is_mapped_only_while_decode_is_on() -> None:
+    setup = Attached()
+    setup.config_write(0x10, 4, 0xFFFF_FFFF)  # sizing: nothing decodes up there
+    assert setup.config_read(0x10) == 0xFFFF_FFF1
+    setup.config_write(0x10, 4, 0x1000)
+    setup.config_write(0x14, 4, 0xE000_0000)
+    assert setup.mapped() == {}  # decode is still off
+    setup.config_write(0x04, 2, 0x1)  # I/O space on
+    assert setup.mapped() == {0: 0x1000}
+    setup.ports.write(0x1004, 2, 0xBEEF)
+    assert setup.ports.read(0x1004, 2) == 0xBEEF
+    assert setup.function.memory[0][4:6] == b"\xef\xbe"
+    assert setup.mmio.read(0xE000_0000, 4) == 0xFFFF_FFFF  # memory decode is off
+    setup.config_write(0x04, 2, 0x3)  # and memory space
+    assert setup.mapped() == {0: 0x1000, 1: 0xE000_0000}
+    setup.mmio.write(0xE000_0FFC, 4, 0x1234_5678)
+    assert setup.mmio.read(0xE000_0FFC, 4) == 0x1234_5678
+    assert setup.function.memory[1][0xFFC:] == (0x1234_5678).to_bytes(4, "little")
+    assert setup.mmio.read(0xE000_0FFE, 4) == 0xFFFF_FFFF  # runs past the BAR's end
+
+    setup.config_write(0x10, 4, 0x2000)  # move the I/O BAR
+    assert setup.mapped()[0] == 0x2000
+    assert setup.ports.read(0x1004, 2) == 0xFFFF  # the old place is unclaimed again
+    assert setup.ports.read(0x2004, 2) == 0xBEEF
+    setup.config_write(0x04, 2, 0x2)  # I/O decode off
+    assert setup.mapped() == {1: 0xE000_0000}
+    assert setup.ports.read(0x2004, 2) == 0xFFFF
+    assert [m.name for m in setup.ports.mappings] == []
+
+
+def test_a_bar_over_a_taken_range_or_outside_the_window_is_refused() -> None:
+    setup = Attached()
+    setup.config_write(0x04, 2, 0x3)
+    setup.config_write(0x14, 4, 0xFEB0_0000 - 0x2000)  # over another device's page
+    assert setup.mapped() == {} and setup.host.pci.refused_bars == 1
+    assert setup.mmio.read(0xFEB0_0000 - 0x2000, 1) == 0x5A  # which keeps it
+    setup.config_write(0x18, 4, 0xFEB0_0000 - 0x2000)  # the 64-bit BAR too
+    assert setup.host.pci.refused_bars == 2
+    setup.config_write(0x18, 4, 0x0900_0000)
+    assert setup.mapped() == {2: 0x0900_0000}
+    setup.config_write(0x14, 4, 0x0900_0000)  # over the other BAR
+    assert setup.mapped() == {2: 0x0900_0000}
+    setup.config_write(0x14, 4, 0x0400_0000)  # below the window (RAM)
+    setup.config_write(0x10, 4, 0x0CF8)  # over the configuration ports, below the window
+    setup.config_write(0x1C, 4, 0x1)  # the 64-bit BAR above 4 GiB: outside the window
+    assert setup.mapped() == {}
+    setup.config_write(0x1C, 4, 0x0)
+    setup.config_write(0x14, 4, 0x0A00_0000)
+    setup.config_write(0x10, 4, 0xFFF0)  # the last 16 ports
+    assert setup.mapped() == {0: 0xFFF0, 1: 0x0A00_0000, 2: 0x0900_0000}
+    setup.config_write(0x10, 4, 0xFFFF_FFFF)  # sizing while decoding: 0xfffffff0 is no port
+    assert 0 not in setup.mapped()
+    setup.config_write(0x10, 4, 0xFFF0)
+
+    state = setup.host.pci.state()
+    setup.host.pci.reset()
+    assert setup.mapped() == {} and setup.ports.mappings == [] and len(setup.mmio.mappings) == 1
+    setup.host.pci.restore(state)
+    assert setup.mapped() == {0: 0xFFF0, 1: 0x0A00_0000, 2: 0x0900_0000}
+
+
+def test_adding_a_pci_function_is_one_board_entry() -> None:
+    board = board_with(PciSlot(PciAddress(0, 3, 0), lambda w: ScratchFunction(), interrupt_pin=1))
+    entry = board.entry("pci")
+    assert entry.attach is not None
+    host = entry.build(fake_wiring())
+    assert isinstance(host.functions[PciAddress(0, 3, 0)], ScratchFunction)
+    assert host.functions[PciAddress(0, 3, 0)].config[0x3C] == pci_interrupt_gsi(3, 1)
+    assert host.windows == pci_windows(16 << 20)
+
+
+def board_with(*slots: PciSlot) -> Board:
+    devices = tuple(
+        pci_entry((*PCI_FUNCTIONS, *slots)) if entry.name == "pci" else entry
+        for entry in PC.devices
+    )
+    return records.replace(PC, devices=devices)
+
+
+def fake_wiring() -> Wiring:
+    return Wiring(
+        irq=lambda n: lambda level: None,
+        request_reset=lambda: None,
+        request_power_off=lambda: None,
+        guest_exit=lambda code: None,
+        serial_output=lambda data: None,
+        ram_size=16 << 20,
+        low_ram=16 << 20,
+        cpus=1,
+        cmdline="",
+    )
+
+
+@pytest.mark.kvm
+def test_a_guest_sizes_programs_enables_and_uses_bars(assemble: Assembler) -> None:
+    # Long mode (identity-mapped 4 GiB): size BAR0 (I/O) and BAR1 (memory) of
+    # 00:03.0, place them at 0x1000 and 0xe0000000, enable decode, write
+    # through both, read back; exit with code 0 when all matched, else the
+    # number of the failed check.
+    source = """
+        mov $0xcf8, %dx
+        mov $0x80001810, %eax           /* 00:03.0 BAR0 */
+        out %eax, %dx
+        mov $0xcfc, %dx
+        mov $0xffffffff, %eax
+        out %eax, %dx
+        in %dx, %eax
+        mov $1, %bl
+        cmp $0xfffffff1, %eax           /* 16 ports, I/O */
+        jne fail
+        mov $0x1000, %eax
+        out %eax, %dx
+        mov $0xcf8, %dx
+        mov $0x80001814, %eax           /* BAR1 */
+        out %eax, %dx
+        mov $0xcfc, %dx
+        mov $0xffffffff, %eax
+        out %eax, %dx
+        in %dx, %eax
+        mov $2, %bl
+        cmp $0xfffff000, %eax           /* 4 KiB of memory */
+        jne fail
+        mov $0xe0000000, %eax
+        out %eax, %dx
+        mov $0x1004, %dx
+        mov $3, %bl
+        in %dx, %ax
+        cmp $0xffff, %ax                /* decode off: nobody answers */
+        jne fail
+        mov $0xcf8, %dx
+        mov $0x80001804, %eax           /* command: I/O and memory space */
+        out %eax, %dx
+        mov $0xcfc, %dx
+        mov $0x3, %ax
+        out %ax, %dx
+        mov $0x1004, %dx
+        mov $0xbeef, %ax
+        out %ax, %dx
+        xor %ax, %ax
+        in %dx, %ax
+        mov $4, %bl
+        cmp $0xbeef, %ax
+        jne fail
+        mov $0xe0000ff8, %rsi
+        movl $0x12345678, (%rsi)
+        mov (%rsi), %eax
+        mov $5, %bl
+        cmp $0x12345678, %eax
+        jne fail
+        xor %bl, %bl
+    fail:
+        mov %bl, %al
+        out %al, $0xf4
+        hlt
+    """
+    board = board_with(PciSlot(PciAddress(0, 3, 0), lambda w: ScratchFunction()))
+    with Machine(mem_size=16 << 20, board=board) as m:
+        m.load(load_flat(assemble(source, "long"), 0x10_0000), mode="long")
+        outcome = m.run(timeout=30)
+        assert outcome.exit_code == 0, outcome
+        function = m.device("pci", PciHost).functions[PciAddress(0, 3, 0)]
+        assert isinstance(function, ScratchFunction)
+        assert function.memory[1][0xFF8:0xFFC] == (0x12345678).to_bytes(4, "little")
+
+
+@st.composite
+def config_writes(draw: st.DrawFn) -> list[tuple[int, int, int]]:
+    """(register, size, value) writes to 00:03.0: command, BARs, and sizing probes."""
+    register = st.sampled_from([0x04, 0x10, 0x14, 0x18, 0x1C, 0x20, 0x3C])
+    value = st.one_of(
+        st.just(0xFFFF_FFFF),
+        st.sampled_from([0, 1, 2, 3, 0x1000, 0xFFF0, 0x0CF8, 0xE000_0000, 0xFEB0_0000 - 0x2000]),
+        st.integers(0, 0xFFFF_FFFF),
+    )
+    write = st.tuples(register, st.sampled_from([1, 2, 4]), value)
+    return draw(st.lists(write, max_size=40))
+
+
+def _check_buses(setup: Attached) -> None:
+    """What a hostile guest must never achieve: a BAR outside the windows, over
+    another range, or buses that disagree with the configuration space."""
+    function = setup.function
+    mapped = setup.mapped()
+    command = function.read_config(0x04, 2)
+    for index, at in mapped.items():
+        bar = function.bars[index]
+        assert at == function.bar_address(index)
+        assert command & (1 if bar.io else 2)
+        start, end = WINDOWS.io if bar.io else WINDOWS.memory
+        assert start <= at and at + bar.size <= end
+    assert setup.mmio.find(0xFEB0_0000 - 0x2000) is not None
+    assert setup.mmio.find(0xFEB0_0000 - 0x2000).device is setup.other  # type: ignore[union-attr]
+    for bus in (setup.ports, setup.mmio):
+        ranges = bus.mappings
+        for first, second in itertools.pairwise(ranges):
+            assert first.end <= second.base
+    for mapping in setup.ports.mappings:
+        for port in range(mapping.base, mapping.end):
+            assert setup.ports.handlers[port][0] == mapping.device.read
+    for port, handler in setup.ports.handlers.items():  # the rest are unclaimed stubs
+        if setup.ports.find(port) is None:
+            assert handler[0] == setup.ports._unclaimed[port].read
+
+
+@given(config_writes())
+@budget()
+def test_a_hostile_guest_cannot_put_a_bar_where_it_does_not_belong(
+    writes: list[tuple[int, int, int]],
+) -> None:
+    setup = Attached()
+    for register, size, value in writes:
+        setup.ports.read(0x1000, 1)  # touched unclaimed too, now and then
+        setup.config_write(register, size, value & ((1 << (8 * size)) - 1))
+        _check_buses(setup)
+    setup.host.pci.reset()
+    assert setup.mapped() == {} and setup.ports.mappings == []
+    assert [m.device for m in setup.mmio.mappings] == [setup.other]

@@ -33,12 +33,48 @@ def test_resume_goes_to_the_facs_vectors() -> None:
         assert resume_at(memory) == ("real", 0x9A12, 0x9A120, 3)  # CS = vector >> 4
         memory.write_u64(FACS + 24, 0x20_0000)
         mode, _, _, rip = resume_at(memory)
-        assert (mode, rip) == ("protected", 0x20_0000)  # version 1: the 32-bit vector
+        assert (mode, rip) == ("protected", 0x20_0000)  # the x vector: 32-bit
+        memory.write_u32(FACS + 36, 1)  # OSPM flags: 64BIT_WAKE_F
+        mode, _, _, rip = resume_at(memory)
+        assert (mode, rip) == ("long", 0x20_0000)
+        memory.write_u32(FACS + 20, 0)  # without 64BIT_WAKE_SUPPORTED_F: 32-bit
+        assert resume_at(memory)[0] == "protected"
+        memory.write_u32(FACS + 20, 2)
+        memory.write_u8(FACS + 32, 1)  # a version 1 FACS has no OSPM flags
+        assert resume_at(memory)[0] == "protected"
         memory.write_u8(FACS + 32, 0)  # a version 0 FACS has no x vector
         assert resume_at(memory)[0] == "real"
-        memory.write_u8(FACS + 32, 1)
+        memory.write_u8(FACS + 32, 2)
         memory.write_u64(FACS + 24, 1 << 40)  # beyond 32 bits: not usable
         assert resume_at(memory)[0] == "real"
+
+
+def test_a_64_bit_resume_runs_on_firmwares_own_gdt_and_identity_map() -> None:
+    assert PC.resume_setup is not None
+    with GuestMemory.with_ram(1 << 20) as memory:
+        memory.write(ACPI_TABLES_ADDR, acpi_tables(1))
+        memory.write_u64(FACS + 24, 0x30_0000)
+        memory.write_u32(FACS + 36, 1)
+        setup = PC.resume_setup(memory, Sregs())
+    assert setup.sregs.efer & 0x500 == 0x500 and setup.sregs.cr0 & 1 << 31  # LME, LMA, PG
+    assert setup.sregs.cs.l == 1 and setup.regs.rflags & 1 << 9 == 0  # 64-bit code, IF clear
+    # The GDT and page tables go to the ACPI area past the tables, not into the
+    # guest's RAM (the memory maps leave 0x9fc00-0xfffff out).
+    firmware = (ACPI_TABLES_ADDR + 0x1000, ACPI_TABLES_ADDR + 0x10000)
+    assert all(firmware[0] <= gpa and gpa + len(data) <= firmware[1] for gpa, data in setup.memory)
+    assert setup.sregs.gdt.base in dict(setup.memory)
+    assert setup.sregs.cr3 in dict(setup.memory)
+    assert len(acpi_tables(1)) <= 0x1000  # the tables stay clear of them
+
+
+@pytest.mark.kvm
+def test_a_guest_resumes_in_32_then_64_bit_mode_at_the_x_vector() -> None:
+    with Machine(mem_size=16 << 20) as m:
+        m.load(load_flat(guest("s3_wake64"), 0x10_0000), mode="long")
+        outcome = m.run(timeout=60)
+        assert outcome.exit_code == 0, (outcome, m.console)
+        assert b"32-bit protected mode" in bytes(m.console)
+        assert b"64-bit mode with 64BIT_WAKE_F: PASS" in bytes(m.console)
 
 
 @pytest.mark.kvm

@@ -67,6 +67,9 @@ class AcpiPmControl:
     device.  SLP_EN is write-only: it reads 0 and is not kept.
     """
 
+    # Only the guest calls it: no host thread does (see Bus.register, only_caller).
+    HOST_ENTRY_POINTS: ClassVar[tuple[str, ...]] = ()
+
     def __init__(
         self, on_power_off: Callable[[], None], on_suspend: Callable[[], None] | None = None
     ) -> None:
@@ -232,6 +235,9 @@ class AcpiPmTimer(Stateless):
 
     Its count is host time, so it has no state of its own to save.
     """
+
+    # Only the guest calls it: no host thread does (see Bus.register, only_caller).
+    HOST_ENTRY_POINTS: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, clock: Callable[[], int] = time.monotonic_ns) -> None:
         self._clock = clock

@@ -118,6 +118,8 @@ class PcTestDevice:
     """
 
     __test__ = False  # a device, not a pytest test class
+    # Only the guest calls it: no host thread does (see Bus.register, only_caller).
+    HOST_ENTRY_POINTS: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,

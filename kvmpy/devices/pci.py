@@ -23,7 +23,10 @@ A ``PciFunction`` is a 256-byte configuration space with a write mask: what
 the guest may change (command, cache line, latency, BARs, interrupt line) is
 in the mask, everything else is read-only.  A BAR of size S decodes its
 address bits only, so the usual size probe (write all-ones, read back)
-answers ~(S - 1) plus the type bits.  Status bits are write-1-to-clear.
+answers ~(S - 1) plus the type bits (a 64-bit BAR's high register all
+ones below 4 GiB).  Status bits are write-1-to-clear.  While the command
+register enables I/O or memory decode, the host maps each BAR that lies in
+its windows on the port or MMIO bus (see ``PciHost``).
 """
 
 from __future__ import annotations
@@ -32,11 +35,13 @@ import struct
 from collections.abc import Callable, Sequence
 from typing import ClassVar
 
+from kvmpy.bus import BusError, DeviceSpaces
 from kvmpy.devices.base import (
     U8,
     U32,
     DeviceStateError,
     IrqCallback,
+    Stateless,
     access_fits,
     all_ones,
     bounded,
@@ -84,6 +89,9 @@ STATUS_WRITE_ONE_TO_CLEAR = 0xF900  # the error bits
 
 BAR_IO = 0x1  # bit 0 of an I/O BAR
 BAR_MEM64 = 0x4
+BAR_PREFETCHABLE = 0x8
+COMMAND_IO = 1 << 0  # the function decodes its I/O BARs
+COMMAND_MEMORY = 1 << 1  # ... and its memory BARs
 
 # QEMU's PC: Intel 440FX host bridge and PIIX3 ISA bridge.
 INTEL_VENDOR = 0x8086
@@ -111,16 +119,31 @@ class PciAddress(Record):
 
 
 class PciBar(Record):
-    """A base address register: ``size`` bytes (a power of two) of I/O or memory space."""
+    """A base address register: ``size`` bytes (a power of two) of I/O or memory space.
+
+    A memory BAR with ``address64`` takes two registers (the next holds the
+    address's high half), as 64-bit BARs do.
+    """
 
     size: int
     io: bool = False
     prefetchable: bool = False
+    address64: bool = False
 
     def __post_init__(self) -> None:
         smallest = 4 if self.io else 16
-        if self.size < smallest or self.size & (self.size - 1):
-            raise ValueError(f"a PCI BAR is a power of two of at least {smallest} bytes")
+        largest = 1 << 16 if self.io else 1 << (63 if self.address64 else 31)
+        if not smallest <= self.size <= largest or self.size & (self.size - 1):
+            raise ValueError(
+                f"a PCI BAR is a power of two of {smallest} to {largest:#x} bytes, not {self.size}"
+            )
+        if self.io and (self.prefetchable or self.address64):
+            raise ValueError("an I/O BAR is neither prefetchable nor 64-bit")
+
+    @property
+    def registers(self) -> int:
+        """How many of the six BAR registers it takes."""
+        return 2 if self.address64 else 1
 
 
 def pci_interrupt_gsi(device: int, pin: int) -> int:
@@ -131,10 +154,13 @@ def pci_interrupt_gsi(device: int, pin: int) -> int:
 class PciFunction:
     """One function's configuration space: identity, BARs, interrupt pin.
 
-    Subclasses (a real device) override ``config_written`` to see what the
-    guest changed, e.g. to move their BARs, and raise their interrupt with
-    ``set_interrupt``.  The board connects the pin (``connect_interrupt``),
-    as firmware would, writing the IOAPIC pin to the interrupt line register.
+    Subclasses (a real device) answer accesses to their BARs in ``read_bar``
+    and ``write_bar`` (``offset`` lies inside the BAR; a port access may run
+    past its end), may override ``config_written`` to see what the guest
+    changed, and raise their interrupt with ``set_interrupt``.  The host maps
+    and unmaps the BARs (``PciHost``).  The board connects the pin
+    (``connect_interrupt``), as firmware would, writing the IOAPIC pin to the
+    interrupt line register.
     """
 
     def __init__(
@@ -149,9 +175,12 @@ class PciFunction:
         subsystem: int = 0,
         bars: Sequence[PciBar] = (),
     ) -> None:
-        if len(bars) > BAR_COUNT:
-            raise ValueError(f"a PCI function has at most {BAR_COUNT} BARs")
+        registers = [sum(bar.registers for bar in bars[:i]) for i in range(len(bars) + 1)]
+        if registers[-1] > BAR_COUNT:
+            raise ValueError(f"a PCI function has {BAR_COUNT} BAR registers, not {registers[-1]}")
         self.bars = tuple(bars)
+        # Where each BAR's (low) register is in configuration space.
+        self.bar_offsets = tuple(BAR0 + 4 * register for register in registers[:-1])
         self._irq: IrqCallback = no_irq
         self.config = bytearray(CONFIG_SPACE_SIZE)
         self.write_mask = bytearray(CONFIG_SPACE_SIZE)
@@ -164,14 +193,19 @@ class PciFunction:
         self.write_mask[CACHE_LINE_SIZE] = 0xFF
         self.write_mask[LATENCY_TIMER] = 0xFF
         self.write_mask[INTERRUPT_LINE] = 0xFF
-        for index, bar in enumerate(self.bars):
-            at = BAR0 + 4 * index
+        # A BAR decodes only its address bits: the size probe reads ~(size - 1).
+        for bar, at in zip(self.bars, self.bar_offsets, strict=True):
             if bar.io:
                 flags, mask = BAR_IO, ~(bar.size - 1) & 0xFFFF_FFFC
             else:
-                flags, mask = (0x8 if bar.prefetchable else 0), ~(bar.size - 1) & 0xFFFF_FFF0
+                flags = (BAR_PREFETCHABLE if bar.prefetchable else 0) | (
+                    BAR_MEM64 if bar.address64 else 0
+                )
+                mask = ~(bar.size - 1) & 0xFFFF_FFF0
             struct.pack_into("<I", self.config, at, flags)
             struct.pack_into("<I", self.write_mask, at, mask)
+            if bar.address64:
+                struct.pack_into("<I", self.write_mask, at + 4, ~(bar.size - 1) >> 32 & U32)
         self.power_on = bytes(self.config)
 
     def connect_interrupt(self, pin: int, line: int, irq: IrqCallback) -> None:
@@ -198,8 +232,30 @@ class PciFunction:
 
     def bar_address(self, index: int) -> int:
         """Where the guest put BAR ``index`` (0 until it programs it)."""
-        value = int(struct.unpack_from("<I", self.config, BAR0 + 4 * index)[0])
-        return value & (~0x3 if self.bars[index].io else ~0xF) & 0xFFFF_FFFF
+        bar, at = self.bars[index], self.bar_offsets[index]
+        value = int(struct.unpack_from("<I", self.config, at)[0])
+        if bar.io:
+            return value & ~0x3 & U32
+        if bar.address64:
+            value |= int(struct.unpack_from("<I", self.config, at + 4)[0]) << 32
+        return value & ~0xF
+
+    def decoded_bars(self) -> list[tuple[int, int]]:
+        """(index, address) of every BAR the command register lets decode."""
+        command = self.read_config(COMMAND, 2)
+        return [
+            (index, self.bar_address(index))
+            for index, bar in enumerate(self.bars)
+            if command & (COMMAND_IO if bar.io else COMMAND_MEMORY)
+        ]
+
+    def read_bar(self, index: int, offset: int, size: int) -> int:
+        """A guest read of ``size`` bytes at ``offset`` into BAR ``index``'s range: a hook."""
+        return all_ones(size)
+
+    def write_bar(self, index: int, offset: int, size: int, value: int) -> None:
+        """A guest write into BAR ``index``'s range: a hook (dropped by default)."""
+        return None
 
     def read_config(self, offset: int, size: int) -> int:
         return int.from_bytes(self.config[offset : offset + size], "little")
@@ -294,6 +350,38 @@ class PciHostState(Record):
     configs: tuple[bytes, ...] = bounded(0, U8, max_length=MAX_DEVICES * MAX_FUNCTIONS)
 
 
+class _BarRange(Stateless):
+    """What the bus calls for one decoded BAR: the function's BAR hooks, with the index.
+
+    Its state is the function's (the configuration space and the device behind).
+    """
+
+    def __init__(self, function: PciFunction, index: int) -> None:
+        self._function = function
+        self._index = index
+
+    def read(self, offset: int, size: int) -> int:
+        return self._function.read_bar(self._index, offset, size)
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        self._function.write_bar(self._index, offset, size, value)
+
+
+class PciWindows(Record):
+    """The address ranges the host bridge forwards to bus 0: a BAR decodes only inside them.
+
+    ``io`` and ``memory`` are [start, end) ranges; the board's ACPI ``_CRS``
+    says the same.
+    """
+
+    io: tuple[int, int]
+    memory: tuple[int, int]
+
+
+# Without a board's windows, BARs never decode.
+NO_WINDOWS = PciWindows((0, 0), (0, 0))
+
+
 class PciHost:
     """Bus 0 behind configuration mechanism #1, and the PIIX reset control register.
 
@@ -302,19 +390,39 @@ class PciHost:
     ``reset_port`` at 0xcf9, ``address_tail_port`` at 0xcfa (2 ports: the
     register's other bytes, which narrow accesses neither read nor change)
     and ``data_port`` at 0xcfc (4 ports).
+
+    BARs: once the buses are attached (``attach``), a BAR whose decode bit
+    (I/O or memory space in the command register) is set and whose address
+    lies wholly inside ``windows`` is mapped on the port or MMIO bus, and
+    routed to its function's ``read_bar``/``write_bar``; moving it or turning
+    decode off unmaps it.  A BAR the guest puts over a range already taken
+    (another device, another BAR) stays unmapped, counted in ``refused_bars``,
+    until it moves somewhere free, as a hostile guest gets nothing from it.
     """
 
+    # Only the guest calls it: no host thread does (see Bus.register, only_caller).
+    HOST_ENTRY_POINTS: ClassVar[tuple[str, ...]] = ()
+
     def __init__(
-        self, functions: dict[PciAddress, PciFunction], request_reset: Callable[[], None]
+        self,
+        functions: dict[PciAddress, PciFunction],
+        request_reset: Callable[[], None],
+        windows: PciWindows = NO_WINDOWS,
     ) -> None:
         for address in functions:
             if address.bus != 0:
                 raise ValueError(f"PCI function {address}: only bus 0 is modelled")
         self.functions = dict(functions)
         self.request_reset = request_reset
+        self.windows = windows
         self.config_address = 0
         self.reset_control = 0
         self.ignored_accesses = 0
+        self.refused_bars = 0
+        self._spaces: DeviceSpaces | None = None
+        # (function address, BAR index) -> (address, its range object) of mapped BARs.
+        self._mapped: dict[tuple[PciAddress, int], tuple[int, _BarRange]] = {}
+        self._refused: dict[tuple[PciAddress, int], int] = {}  # and where it was refused
         self.address_port = _Port(self, 1, self._read_address, self._write_address)
         self.address_tail_port = _Port(self, 2, self._read_nothing, self._write_nothing)
         self.reset_port = _Port(self, 1, self._read_reset_control, self._write_reset_control)
@@ -346,12 +454,65 @@ class PciHost:
         self.reset_control = checked.reset_control
         for function, config in zip(functions, checked.configs, strict=True):
             function.config[:] = config
+        self._map_all_bars()
 
     def reset(self) -> None:
         self.config_address = 0
         self.reset_control = 0
         for function in self.functions.values():
             function.reset()
+        self._map_all_bars()
+
+    # -- BARs on the buses ---------------------------------------------------------------
+
+    def attach(self, spaces: DeviceSpaces) -> None:
+        """Map BARs through ``spaces`` from now on (the machine does this once)."""
+        self._spaces = spaces
+        self._map_all_bars()
+
+    def mapped_bars(self) -> dict[tuple[PciAddress, int], int]:
+        """(function address, BAR index) -> address of every BAR on a bus now."""
+        return {key: address for key, (address, _) in self._mapped.items()}
+
+    def _map_all_bars(self) -> None:
+        for address, function in self.functions.items():
+            self._map_bars(address, function)
+
+    def _decodes(self, bar: PciBar, address: int) -> bool:
+        start, end = self.windows.io if bar.io else self.windows.memory
+        return start <= address and address + bar.size <= end
+
+    def _map_bars(self, where: PciAddress, function: PciFunction) -> None:
+        """Bring the buses in line with ``function``'s BARs and command register."""
+        spaces = self._spaces
+        if spaces is None:
+            return
+        wanted = {
+            index: address
+            for index, address in function.decoded_bars()
+            if self._decodes(function.bars[index], address)
+        }
+        for index, bar in enumerate(function.bars):
+            key = (where, index)
+            mapped = self._mapped.get(key)
+            address = wanted.get(index)
+            if mapped is not None and mapped[0] == address:
+                continue
+            if mapped is not None:
+                spaces.unregister(bar.io, mapped[0], mapped[1])
+                del self._mapped[key]
+            if address is None:
+                continue
+            window = _BarRange(function, index)
+            try:
+                spaces.register(bar.io, address, bar.size, window, f"PCI {where} BAR{index}")
+            except BusError:
+                if self._refused.get(key) != address:  # count each refused placement once
+                    self._refused[key] = address
+                    self.refused_bars += 1
+                continue
+            self._refused.pop(key, None)
+            self._mapped[key] = (address, window)
 
     def function_at(self, bus: int, device: int, function: int) -> PciFunction | None:
         if bus != 0:
@@ -413,3 +574,8 @@ class PciHost:
         if selected is not None:
             function, register = selected
             function.write_config(register, size, value)
+            if register < BAR0 + 4 * BAR_COUNT and register + size > COMMAND:
+                address = self.config_address
+                self._map_bars(
+                    PciAddress(0, (address >> 11) & 0x1F, (address >> 8) & 0x7), function
+                )

@@ -39,6 +39,8 @@ class LoadPlan(Record, frozen=False):
     # (start, end) ranges of segments holding loader-built boot data (e.g. the
     # Multiboot information); nothing else the machine places may overlap them.
     reserved: list[tuple[int, int]] = field(default_factory=list)
+    # What the loader did beyond placing the image, for `kvmpy run -v`.
+    detail: str = ""
 
 
 def check_plan(plan: LoadPlan, memory: GuestMemory, reserved: list[tuple[int, int]]) -> None:

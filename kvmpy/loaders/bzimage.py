@@ -14,7 +14,12 @@ Firecracker does:
 - a kernel with XLF_KERNEL_64 (protocol 2.12+) starts at its 64-bit entry,
   load address + 0x200, in long mode with the first 4 GiB identity-mapped
   and RSI = the zero page; any other kernel starts at the load address in
-  flat 32-bit protected mode, paging off, ESI = the zero page.
+  flat 32-bit protected mode, paging off, ESI = the zero page;
+- but first, a 64-bit kernel's compressed payload (``payload_offset``,
+  ``payload_length``) is decompressed here when the host has the codec, and
+  the ``vmlinux`` inside is placed and entered as the kernel's own
+  decompressor would (``host_decompressed_kernel``): on a PVM host the
+  guest's decompressor runs at emulated CPL0 and costs seconds to minutes.
 
 Low-memory layout (clear of the GDT at 0x500, the page tables at
 0x1000-0x6fff and the stack below 0x80000):
@@ -35,7 +40,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from kvmpy.loaders import LoaderError, LoadPlan, LoadSegment
-from kvmpy.loaders.elf import read_image
+from kvmpy.loaders.elf import ELFCLASS64, MAX_IMAGE_SIZE, ElfImage, parse_elf, read_image
 from kvmpy.records import Record
 
 HDRS_MAGIC = b"HdrS"
@@ -62,6 +67,8 @@ KERNEL_ALIGNMENT = 0x230
 RELOCATABLE_KERNEL = 0x234
 XLOADFLAGS = 0x236
 CMDLINE_SIZE = 0x238
+PAYLOAD_OFFSET = 0x248  # protocol 2.08, as is PAYLOAD_LENGTH
+PAYLOAD_LENGTH = 0x24C
 PREF_ADDRESS = 0x258
 INIT_SIZE = 0x260
 # The setup header ends where its jump (at 0x200, "jmp short") lands: 0x202 + the
@@ -82,6 +89,7 @@ E820_ENTRY = struct.Struct("<QQI")
 ZERO_PAGE_SIZE = 0x1000
 
 LOADFLAG_LOADED_HIGH = 0x01
+LOADFLAG_KASLR = 0x02  # set only by the kernel's own decompressor, for the kernel
 LOADFLAG_CAN_USE_HEAP = 0x80
 XLF_KERNEL_64 = 0x01
 XLF_CAN_BE_LOADED_ABOVE_4G = 0x02
@@ -118,6 +126,8 @@ class SetupHeader(Record):
     pref_address: int
     init_size: int
     header_end: int
+    payload_offset: int = 0  # the compressed kernel, relative to the protected-mode code
+    payload_length: int = 0
 
     @property
     def has_64bit_entry(self) -> bool:
@@ -204,6 +214,13 @@ def parse_setup_header(data: bytes, name: str = "<bzImage>") -> SetupHeader:
             )
     else:
         init_size = payload_size * OLD_KERNEL_EXPANSION
+    payload_offset = payload_length = 0
+    if version >= 0x208:
+        payload_offset, payload_length = struct.unpack_from("<II", data, PAYLOAD_OFFSET)
+        if payload_offset + payload_length > payload_size:
+            # Only host decompression reads these; a kernel that lies here is left to
+            # decompress itself, so the header is not refused for it.
+            payload_offset = payload_length = 0
     return SetupHeader(
         version=version,
         setup_sects=setup_sects,
@@ -216,6 +233,8 @@ def parse_setup_header(data: bytes, name: str = "<bzImage>") -> SetupHeader:
         pref_address=pref_address,
         init_size=init_size,
         header_end=header_end,
+        payload_offset=payload_offset,
+        payload_length=payload_length,
     )
 
 
@@ -293,6 +312,50 @@ def place_initrd(
     )
 
 
+def host_decompressed_kernel(
+    data: bytes, header: SetupHeader, footprint_end: int
+) -> tuple[ElfImage, bytes] | None:
+    """The kernel's ELF (parsed, and its bytes), decompressed here, when it can start as
+    its own decompressor would start it.
+
+    What the kernel's decompressor does, without KASLR, is: decompress the
+    payload (an ELF ``vmlinux``), copy each PT_LOAD segment to its physical
+    address, and jump to the entry with RSI = the zero page, in long mode with
+    an identity map.  Doing that here saves running the decompressor at the
+    guest's CPL0, which a PVM host emulates about 1000 times slower than
+    native.  vmlinux's ``startup_64`` is written for this ("we come here
+    either directly from a 64bit bootloader, or from the decompressor").
+
+    None, and the kernel decompresses itself, unless: the kernel has the
+    64-bit entry; the payload's codec is one the host has (gzip, xz, lzma,
+    bzip2, LZ4); it holds an ELF64 x86-64 executable; and its segments lie in
+    the ``init_size`` footprint the decompressor would use, the lowest at its
+    start, so no relocation is needed.
+    """
+    from kvmpy.loaders.kernel_payload import PayloadError, decompress_payload
+
+    if not header.has_64bit_entry or header.payload_length == 0:
+        return None
+    start = header.setup_size + header.payload_offset
+    payload = data[start : start + header.payload_length]
+    try:
+        # The vmlinux file (plus its relocation table) is not much larger than
+        # the memory it needs, init_size: twice that, and at most what kvmpy
+        # reads of any image, bounds a hostile one.
+        kernel = decompress_payload(payload, limit=min(2 * header.init_size, MAX_IMAGE_SIZE))
+        image = parse_elf(kernel, "<decompressed payload>")
+    except (PayloadError, LoaderError):
+        return None
+    if image.elf_class != ELFCLASS64 or not image.segments:
+        return None
+    run_at = footprint_end - header.init_size
+    if min(seg.paddr for seg in image.segments) != run_at:
+        return None
+    if any(seg.paddr + seg.memsz > footprint_end for seg in image.segments):
+        return None
+    return image, kernel
+
+
 def _screen_info() -> bytes:
     """A VGA text console of 80x25 in mode 3, as the BIOS leaves it."""
     info = bytearray(0x40)
@@ -312,13 +375,17 @@ def load_bzimage(
     initrd: str | Path | None = None,
     rsdp: int = 0,
     data: bytes | None = None,
+    host_decompress: bool = True,
 ) -> LoadPlan:
     """Plan a Linux boot protocol boot of the image at ``path``.
 
     ``e820``: the board's memory map as (start, size, type) entries;
     ``initrd``: a file to pass as the initial RAM disk; ``rsdp``: the ACPI
     RSDP's address, passed to kernels of protocol 2.14+ (0: none; older ones scan);
-    ``data``: the image's bytes, when already read from ``path``.
+    ``data``: the image's bytes, when already read from ``path``;
+    ``host_decompress``: decompress a 64-bit kernel here and start it as its
+    decompressor would (see ``host_decompressed_kernel``), at its link
+    address, as with ``nokaslr``; False lets the kernel decompress itself.
     """
     name = str(path)
     if data is None:
@@ -340,7 +407,7 @@ def load_bzimage(
     params[SCREEN_INFO : SCREEN_INFO + 0x40] = _screen_info()
     params[SETUP_SECTS : header.header_end] = data[SETUP_SECTS : header.header_end]
     params[TYPE_OF_LOADER] = TYPE_OF_LOADER_UNDEFINED
-    params[LOADFLAGS] = header.loadflags | LOADFLAG_CAN_USE_HEAP
+    params[LOADFLAGS] = (header.loadflags | LOADFLAG_CAN_USE_HEAP) & ~LOADFLAG_KASLR
     struct.pack_into("<I", params, CODE32_START, load_addr)
     struct.pack_into("<H", params, HEAP_END_PTR, HEAP_END)
     struct.pack_into("<I", params, CMD_LINE_PTR, CMDLINE_ADDR)
@@ -357,9 +424,19 @@ def load_bzimage(
         E820_ENTRY.pack_into(params, E820_TABLE + index * E820_ENTRY.size, *entry)
 
     plan = LoadPlan(source=name, entry=load_addr)
-    plan.segments.append(
-        LoadSegment(load_addr, data[header.setup_size :], len(data) - header.setup_size)
+    decompressed = (
+        host_decompressed_kernel(data, header, footprint_end) if host_decompress else None
     )
+    if decompressed is None:
+        plan.segments.append(
+            LoadSegment(load_addr, data[header.setup_size :], len(data) - header.setup_size)
+        )
+    else:
+        image, kernel = decompressed
+        plan.segments += [
+            LoadSegment(seg.paddr, kernel[seg.offset : seg.offset + seg.filesz], seg.memsz)
+            for seg in image.segments
+        ]
     if initrd is not None:
         ramdisk = read_image(initrd, what="initrd")
         limit = header.initrd_addr_max + 1
@@ -377,7 +454,11 @@ def load_bzimage(
         (ZERO_PAGE_ADDR, ZERO_PAGE_ADDR + ZERO_PAGE_SIZE),
         (CMDLINE_ADDR, CMDLINE_ADDR + len(command) + 1),
     ]
-    if header.has_64bit_entry:
+    if decompressed is not None:
+        plan.entry = decompressed[0].entry
+        plan.mode = "long"
+        plan.detail = "kernel decompressed by kvmpy, at its link address (no KASLR)"
+    elif header.has_64bit_entry:
         plan.entry = load_addr + ENTRY_64_OFFSET
         plan.mode = "long"
     else:

@@ -100,6 +100,7 @@ def load_image(
     rsdp: int = 0,
     e820: Sequence[tuple[int, int, int]] | None = None,
     data: bytes | None = None,
+    host_decompress: bool = True,
 ) -> LoadPlan:
     """Load ``path`` with the loader for ``image_format`` (detected when None).
 
@@ -111,7 +112,9 @@ def load_image(
     QEMU's -initrd list of modules, "file1 args,file2", before ``modules``);
     ``rsdp``, the ACPI tables' address, to PVH and bzImage kernels.  ``e820``
     is the board's memory map as (start, size, type) entries; by default,
-    ``ram`` with the firmware areas reserved.
+    ``ram`` with the firmware areas reserved.  ``host_decompress``: a 64-bit
+    bzImage's kernel is decompressed here rather than by its own code
+    (``kvmpy.loaders.bzimage.host_decompressed_kernel``).
     """
     if image_format is not None and image_format not in FORMATS:
         raise LoaderError(
@@ -131,7 +134,15 @@ def load_image(
         )
     memory = list(e820) if e820 is not None else memory_map(ram)
     if image_format == "bzimage":
-        return load_bzimage(path, e820=memory, cmdline=cmdline, initrd=initrd, rsdp=rsdp, data=data)
+        return load_bzimage(
+            path,
+            e820=memory,
+            cmdline=cmdline,
+            initrd=initrd,
+            rsdp=rsdp,
+            data=data,
+            host_decompress=host_decompress,
+        )
     if image_format == "multiboot":
         mods = initrd_modules(str(initrd)) if initrd is not None else []
         return load_multiboot(

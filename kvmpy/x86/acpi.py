@@ -8,10 +8,13 @@ FADT, and the sleep states in the DSDT.  kvmpy writes just those:
     RSDT  "RSDT"      points at the FADT and the MADT
     FADT  "FACP"      PM1a event block 0x600, control 0x604, PM timer 0x608
                       (24-bit: TMR_VAL_EXT clear), SCI 9
-    FACS  "FACS"      version 1: the waking vectors a resume from S3 jumps to
+    FACS  "FACS"      version 2: the waking vectors a resume from S3 jumps to,
+                      with 64BIT_WAKE_SUPPORTED_F (a 64-bit resume on request)
     DSDT  "DSDT"      \\_S3 (SLP_TYP 1), \\_S5 (SLP_TYP 0), as QEMU numbers
                       them, and \\_SB.PCI0, the PCI host bridge (PNP0A03) that
-                      configuration mechanism #1 at 0xCF8 reaches
+                      configuration mechanism #1 at 0xCF8 reaches: its _CRS
+                      (bus numbers, I/O and memory windows) and _PRT (each
+                      slot's INTA-D on a fixed IOAPIC input, as the MP table)
     MADT  "APIC"      a local APIC per CPU, the IOAPIC, LINT1 as NMI
 
 With KVM's default routing ISA IRQ n is IOAPIC pin n, so the MADT needs no
@@ -25,6 +28,7 @@ without one, ACPI assumes active low.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 
 from kvmpy.devices.acpi_pm import (
     PM1A_CNT_PORT,
@@ -37,6 +41,14 @@ from kvmpy.devices.acpi_pm import (
     SLEEP_TYPE_SUSPEND,
 )
 from kvmpy.devices.cmos import RTC_CENTURY
+from kvmpy.devices.pci import (
+    CONFIG_ADDRESS_PORT,
+    MAX_DEVICES,
+    NO_WINDOWS,
+    PCI_IRQ_PINS,
+    PciWindows,
+    pci_interrupt_gsi,
+)
 from kvmpy.x86.layout import (
     ACPI_TABLES_ADDR,
     IOAPIC_ADDR,
@@ -60,19 +72,27 @@ FADT_TMR_VAL_EXT = 1 << 8
 FADT_FLAGS = FADT_WBINVD | FADT_PROC_C1 | FADT_SLP_BUTTON | FADT_RTC_S4
 
 FACS_OFFSET = 0x40  # from the RSDP: the FACS is 64-byte aligned
-FACS_VERSION = 1  # ACPI 2.0: has x_firmware_waking_vector
+FACS_VERSION = 2  # ACPI 4.0 on: x_firmware_waking_vector, the flags, the OSPM flags
 FACS_SIZE = 64
 FACS_FIRMWARE_WAKING_VECTOR = 12  # offsets inside the FACS
+FACS_FLAGS = 20
 FACS_X_FIRMWARE_WAKING_VECTOR = 24
 FACS_VERSION_OFFSET = 32
+FACS_OSPM_FLAGS = 36
+# FACS flags: the platform can resume at x_firmware_waking_vector in 64-bit mode...
+FACS_64BIT_WAKE_SUPPORTED = 1 << 1
+# ...and OSPM flags: the guest asks it to.
+OSPM_64BIT_WAKE = 1 << 0
 
 # AML opcodes (ACPI 6.x, chapter 20).
 AML_ZERO = 0x00
 AML_ONE = 0x01
 AML_NAME = 0x08
 AML_BYTE = 0x0A
+AML_WORD = 0x0B
 AML_DWORD = 0x0C
 AML_SCOPE = 0x10
+AML_BUFFER = 0x11
 AML_PACKAGE = 0x12
 AML_EXT_PREFIX = 0x5B
 AML_DEVICE = 0x82  # after the prefix
@@ -96,6 +116,8 @@ def aml_integer(value: int) -> bytes:
         return bytes([value])
     if 0 <= value <= 0xFF:
         return bytes([AML_BYTE, value])
+    if 0 <= value <= 0xFFFF:
+        return bytes([AML_WORD]) + value.to_bytes(2, "little")
     return bytes([AML_DWORD]) + value.to_bytes(4, "little")
 
 
@@ -106,8 +128,84 @@ def aml_name(name: bytes, value: bytes) -> bytes:
 
 
 def aml_package(*integers: int) -> bytes:
-    body = bytes([len(integers)]) + b"".join(aml_integer(i) for i in integers)
+    return aml_package_of(*(aml_integer(i) for i in integers))
+
+
+def aml_package_of(*elements: bytes) -> bytes:
+    """A package of already encoded data objects (at most 255)."""
+    body = bytes([len(elements)]) + b"".join(elements)
     return bytes([AML_PACKAGE]) + aml_pkg_length(len(body)) + body
+
+
+def aml_buffer(data: bytes) -> bytes:
+    body = aml_integer(len(data)) + data
+    return bytes([AML_BUFFER]) + aml_pkg_length(len(body)) + body
+
+
+# Resource descriptors (ACPI 6.x, 6.4): the bridge's windows, in ``_CRS``.
+_IO_PORT_DESCRIPTOR = 0x47  # small item: I/O port, 7 bytes
+_END_TAG = 0x79  # small item: end tag, 1 byte (a zero checksum: not checked)
+_DWORD_ADDRESS_SPACE = 0x87
+_WORD_ADDRESS_SPACE = 0x88
+_SPACE_MEMORY, _SPACE_IO, _SPACE_BUS = 0, 1, 2
+# General flags: a window the bridge produces, positive decode, fixed bounds.
+_PRODUCER_FIXED = 0x0C  # _MAF | _MIF
+_IO_ENTIRE_RANGE = 0x3
+_MEMORY_READ_WRITE = 0x1  # non-cacheable
+
+
+def _word_space(space: int, specific: int, start: int, end: int) -> bytes:
+    """A Word Address Space Descriptor for [start, end)."""
+    return struct.pack(
+        "<BHBBBHHHHH", _WORD_ADDRESS_SPACE, 13, space, _PRODUCER_FIXED, specific,
+        0, start, end - 1, 0, end - start,
+    )  # fmt: skip
+
+
+def _dword_space(space: int, specific: int, start: int, end: int) -> bytes:
+    """A DWord Address Space Descriptor for [start, end)."""
+    return struct.pack(
+        "<BHBBBIIIII", _DWORD_ADDRESS_SPACE, 23, space, _PRODUCER_FIXED, specific,
+        0, start, end - 1, 0, end - start,
+    )  # fmt: skip
+
+
+def pci_host_resources(windows: PciWindows) -> bytes:
+    """``_CRS`` of the host bridge: buses 0-255, the configuration ports, the windows.
+
+    As QEMU's PC: I/O below the configuration ports goes to the ISA devices
+    behind the ISA bridge, I/O from 0xd00 and the memory window to PCI BARs.
+    """
+    io_start, io_end = windows.io
+    memory_start, memory_end = windows.memory
+    resources = [
+        _word_space(_SPACE_BUS, 0, 0, 0x100),
+        struct.pack(
+            "<BBHHBB", _IO_PORT_DESCRIPTOR, 1, CONFIG_ADDRESS_PORT, CONFIG_ADDRESS_PORT, 1, 8
+        ),  # decodes 16 bits
+        _word_space(_SPACE_IO, _IO_ENTIRE_RANGE, 0, CONFIG_ADDRESS_PORT),
+    ]
+    if io_start < io_end:
+        resources.append(_word_space(_SPACE_IO, _IO_ENTIRE_RANGE, io_start, io_end))
+    if memory_start < memory_end:
+        resources.append(_dword_space(_SPACE_MEMORY, _MEMORY_READ_WRITE, memory_start, memory_end))
+    return b"".join((*resources, bytes([_END_TAG, 0])))
+
+
+def pci_routing_table(gsi: Callable[[int, int], int]) -> bytes:
+    """``_PRT``: every slot's INTA-INTD, wired to a fixed GSI (``gsi(slot, pin 1-4)``).
+
+    The form with source 0: the GSI is hard-wired, level-triggered and active
+    low, as the MP table's PCI entries say.  It names IOAPIC inputs, so it
+    holds in APIC mode only; no link devices route PCI interrupts to the PICs.
+    """
+    return aml_package_of(
+        *(
+            aml_package(slot << 16 | 0xFFFF, pin - 1, 0, gsi(slot, pin))
+            for slot in range(MAX_DEVICES)
+            for pin in range(1, PCI_IRQ_PINS + 1)
+        )
+    )
 
 
 def aml_scope(path: bytes, *terms: bytes) -> bytes:
@@ -128,7 +226,7 @@ def eisa_id(text: str) -> int:
     return int.from_bytes(vendor.to_bytes(2, "big") + product.to_bytes(2, "big"), "little")
 
 
-def dsdt_aml() -> bytes:
+def dsdt_aml(windows: PciWindows, gsi: Callable[[int, int], int] = pci_interrupt_gsi) -> bytes:
     """The DSDT's definition block: sleep states, and the PCI host bridge."""
     return b"".join(
         (
@@ -140,8 +238,9 @@ def dsdt_aml() -> bytes:
                 aml_device(
                     b"PCI0",
                     aml_name(b"_HID", aml_integer(eisa_id("PNP0A03"))),
-                    aml_name(b"_ADR", aml_integer(0)),
                     aml_name(b"_UID", aml_integer(0)),
+                    aml_name(b"_CRS", aml_buffer(pci_host_resources(windows))),
+                    aml_name(b"_PRT", pci_routing_table(gsi)),
                 ),
             ),
         )
@@ -192,16 +291,25 @@ def _fadt(facs: int, dsdt: int) -> bytes:
     return _table(b"FACP", 1, body)
 
 
-def acpi_tables(cpus: int, address: int = ACPI_TABLES_ADDR, *, irq0_on_pin2: bool = False) -> bytes:
+def acpi_tables(
+    cpus: int,
+    address: int = ACPI_TABLES_ADDR,
+    *,
+    irq0_on_pin2: bool = False,
+    pci_windows: PciWindows = NO_WINDOWS,
+    pci_gsi: Callable[[int, int], int] = pci_interrupt_gsi,
+) -> bytes:
     """All the tables, laid out from ``address`` (16-byte aligned; FACS 64-byte aligned).
 
     ``irq0_on_pin2``: the MADT says ISA IRQ 0 arrives at GSI 2 (see above).
+    ``pci_windows`` and ``pci_gsi`` are the host bridge's (its ``_CRS`` and
+    ``_PRT``): the board's, which decode BARs and route interrupts the same way.
     """
     if not 1 <= cpus <= 254:
         raise ValueError(f"the MADT describes 1 to 254 CPUs here, not {cpus}")
     facs_at = address + FACS_OFFSET
     dsdt_at = facs_at + 0x40
-    dsdt = _table(b"DSDT", 1, dsdt_aml())
+    dsdt = _table(b"DSDT", 1, dsdt_aml(pci_windows, pci_gsi))
     fadt_at = _align(dsdt_at + len(dsdt))
     fadt = _fadt(facs_at, dsdt_at)
     madt_at = _align(fadt_at + len(fadt))
@@ -212,6 +320,7 @@ def acpi_tables(cpus: int, address: int = ACPI_TABLES_ADDR, *, irq0_on_pin2: boo
     rsdp = rsdp[:8] + bytes([checksum8(rsdp)]) + rsdp[9:]
     facs = bytearray(FACS_SIZE)
     struct.pack_into("<4sI", facs, 0, b"FACS", FACS_SIZE)
+    struct.pack_into("<I", facs, FACS_FLAGS, FACS_64BIT_WAKE_SUPPORTED)
     facs[FACS_VERSION_OFFSET] = FACS_VERSION
 
     image = bytearray(rsdt_at + len(rsdt) - address)

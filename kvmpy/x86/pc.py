@@ -12,6 +12,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from typing import Any
 
+from kvmpy import records
 from kvmpy.backends.base import InterruptController, IrqRoute
 from kvmpy.board import Board, DeviceEntry, FirmwareContext, FirmwareTable, IoRange, Wiring
 from kvmpy.devices.absent import LINUX_PROBED_PORTS, AbsentPorts
@@ -51,6 +52,7 @@ from kvmpy.devices.pci import (
     PciAddress,
     PciFunction,
     PciHost,
+    PciWindows,
     i440fx_host_bridge,
     pci_interrupt_gsi,
     piix3_isa_bridge,
@@ -69,10 +71,14 @@ from kvmpy.devices.vga import VGA_PORT_BASE, VGA_PORTS, VGA_TEXT_BASE, VGA_TEXT_
 from kvmpy.memory import pc_ram_layout
 from kvmpy.records import Record
 from kvmpy.x86.acpi import (
+    FACS_64BIT_WAKE_SUPPORTED,
     FACS_FIRMWARE_WAKING_VECTOR,
+    FACS_FLAGS,
     FACS_OFFSET,
+    FACS_OSPM_FLAGS,
     FACS_VERSION_OFFSET,
     FACS_X_FIRMWARE_WAKING_VECTOR,
+    OSPM_64BIT_WAKE,
     acpi_tables,
 )
 from kvmpy.x86.bios import bios_data_area
@@ -97,9 +103,16 @@ from kvmpy.x86.layout import (
     TIMER_IOAPIC_PIN,
     TIMER_IRQ,
 )
-from kvmpy.x86.modes import CpuSetup, protected_mode, real_mode_vector
+from kvmpy.x86.modes import (
+    GDT_ADDR,
+    CpuSetup,
+    long_mode,
+    long_mode_page_tables,
+    protected_mode,
+    real_mode_vector,
+)
 from kvmpy.x86.mptable import mp_tables
-from kvmpy.x86.registers import Sregs
+from kvmpy.x86.registers import DTable, Sregs
 
 
 class PciSlot(Record):
@@ -116,16 +129,41 @@ PCI_FUNCTIONS = (
     PciSlot(PciAddress(0, 1, 0), lambda w: piix3_isa_bridge()),
 )
 
+# What the host bridge forwards to bus 0, as QEMU's PC: I/O from 0xd00 (ISA
+# devices own what is below), memory from the end of low RAM up to kvmpy's
+# testdev page, below the IOAPIC, the LAPIC and the firmware at the top.
+PCI_IO_WINDOW = (0x0D00, 0x1_0000)
+PCI_MEMORY_END = TESTDEV_BASE
 
-def _pci_host(wiring: Wiring) -> PciHost:
+
+def pci_windows(low_ram: int) -> PciWindows:
+    return PciWindows(io=PCI_IO_WINDOW, memory=(low_ram, PCI_MEMORY_END))
+
+
+def _pci_host(slots: tuple[PciSlot, ...], wiring: Wiring) -> PciHost:
     functions = {}
-    for slot in PCI_FUNCTIONS:
+    for slot in slots:
         function = slot.build(wiring)
         if slot.interrupt_pin:
             gsi = pci_interrupt_gsi(slot.address.device, slot.interrupt_pin)
             function.connect_interrupt(slot.interrupt_pin, gsi, wiring.irq(gsi))
         functions[slot.address] = function
-    return PciHost(functions, wiring.request_reset)
+    return PciHost(functions, wiring.request_reset, pci_windows(wiring.low_ram))
+
+
+def pci_entry(slots: tuple[PciSlot, ...] = PCI_FUNCTIONS) -> DeviceEntry:
+    """The PCI host bridge with ``slots`` on bus 0 (the board's entry "pci")."""
+    return DeviceEntry(
+        "pci",
+        lambda w: _pci_host(slots, w),
+        ports=(
+            IoRange(CONFIG_ADDRESS_PORT, 1, "PCI CONFIG_ADDRESS", part="address_port"),
+            IoRange(RESET_CONTROL_PORT, 1, "PIIX reset control", part="reset_port"),
+            IoRange(CONFIG_ADDRESS_PORT + 2, 2, "PCI CONFIG_ADDRESS", part="address_tail_port"),
+            IoRange(CONFIG_DATA_PORT, CONFIG_DATA_PORTS, "PCI CONFIG_DATA", part="data_port"),
+        ),
+        attach=lambda host, spaces: host.attach(spaces),
+    )
 
 
 DEVICES = (
@@ -191,16 +229,7 @@ DEVICES = (
         lambda w: AcpiPmTimer(),
         ports=(IoRange(PM_TIMER_PORT, PM_TIMER_PORTS, "ACPI PM timer"),),
     ),
-    DeviceEntry(
-        "pci",
-        _pci_host,
-        ports=(
-            IoRange(CONFIG_ADDRESS_PORT, 1, "PCI CONFIG_ADDRESS", part="address_port"),
-            IoRange(RESET_CONTROL_PORT, 1, "PIIX reset control", part="reset_port"),
-            IoRange(CONFIG_ADDRESS_PORT + 2, 2, "PCI CONFIG_ADDRESS", part="address_tail_port"),
-            IoRange(CONFIG_DATA_PORT, CONFIG_DATA_PORTS, "PCI CONFIG_DATA", part="data_port"),
-        ),
-    ),
+    pci_entry(),
     DeviceEntry(
         "pc_testdev",
         lambda w: PcTestDevice(w.irq, w.flush_page),
@@ -249,7 +278,9 @@ FIRMWARE = (
         "ACPI tables",
         ACPI_TABLES_ADDR,
         ACPI_TABLES_SIZE,
-        lambda c: acpi_tables(c.cpus, irq0_on_pin2=True),
+        lambda c: acpi_tables(
+            c.cpus, irq0_on_pin2=True, pci_windows=pci_windows(c.low_ram), pci_gsi=pci_interrupt_gsi
+        ),
         needs_irqchip=True,
     ),
 )
@@ -278,14 +309,46 @@ def press_power_button(machine: Any) -> None:
         events.raise_status(PWRBTN_STS)
 
 
+# Where firmware keeps what a resume in 32- or 64-bit mode needs: a GDT and the
+# page tables of the identity map, in the ACPI area past the tables (memory the
+# memory maps do not give the guest), written afresh on every resume.
+RESUME_GDT_ADDR = ACPI_TABLES_ADDR + 0x8000
+RESUME_PAGE_TABLES_ADDR = ACPI_TABLES_ADDR + 0x9000  # 6 pages: PML4, PDPT, 4 PDs
+
+
+def _in_firmware_area(setup: CpuSetup) -> CpuSetup:
+    """``setup`` (protected or long mode) with its GDT and page tables moved to firmware's."""
+    gdt = dict(setup.memory)[GDT_ADDR]
+    sregs = records.replace(setup.sregs, gdt=DTable(RESUME_GDT_ADDR, setup.sregs.gdt.limit))
+    memory = [(RESUME_GDT_ADDR, gdt)]
+    if setup.mode == "long":
+        sregs = records.replace(sregs, cr3=RESUME_PAGE_TABLES_ADDR)
+        memory.append((RESUME_PAGE_TABLES_ADDR, long_mode_page_tables(RESUME_PAGE_TABLES_ADDR)))
+    # The waking code sets up its own stack.
+    return CpuSetup(setup.mode, records.replace(setup.regs, rsp=0), sregs, memory)
+
+
 def _resume_setup(memory: Any, reset_sregs: Sregs) -> CpuSetup:
-    """Where the guest said to resume, in the FACS: the 32-bit flat protected-mode
-    x_firmware_waking_vector if the FACS is version 1 or later and it is set (and
-    below 4 GiB), else real mode at firmware_waking_vector (CS = vector >> 4)."""
+    """Where and how the guest said to resume, in the FACS (ACPI 6.5, 5.2.10).
+
+    x_firmware_waking_vector, when the FACS is version 1 or later and the guest
+    set it (below 4 GiB): 64-bit mode there if the guest set 64BIT_WAKE_F in
+    the OSPM flags and the FACS (version 2 on) says 64BIT_WAKE_SUPPORTED_F;
+    else 32-bit flat protected mode, paging off.  Otherwise real mode at
+    firmware_waking_vector (CS = vector >> 4).  Long mode runs on an identity
+    map of the low 4 GiB; both get a flat GDT; interrupts are off.
+    """
     facs = ACPI_TABLES_ADDR + FACS_OFFSET
+    version = memory.read_u8(facs + FACS_VERSION_OFFSET)
     x_vector = memory.read_u64(facs + FACS_X_FIRMWARE_WAKING_VECTOR)
-    if memory.read_u8(facs + FACS_VERSION_OFFSET) >= 1 and 0 < x_vector < 1 << 32:
-        return protected_mode(reset_sregs, x_vector)
+    if version >= 1 and 0 < x_vector < 1 << 32:
+        wake64 = (
+            version >= 2
+            and memory.read_u32(facs + FACS_FLAGS) & FACS_64BIT_WAKE_SUPPORTED
+            and memory.read_u32(facs + FACS_OSPM_FLAGS) & OSPM_64BIT_WAKE
+        )
+        build = long_mode if wake64 else protected_mode
+        return _in_firmware_area(build(reset_sregs, x_vector))
     vector = memory.read_u32(facs + FACS_FIRMWARE_WAKING_VECTOR) & 0xFFFFF
     return real_mode_vector(reset_sregs, vector)
 
