@@ -568,7 +568,15 @@ class GdbStub(ExitObserver):
             raise TargetError(f"no thread {thread}")
         state = self._states[thread - 1]
         request = _Request(fn)
+        deadline = time.monotonic() + REQUEST_TIMEOUT
         with self._cond:
+            # A vCPU thread that has started but not parked yet is on its way
+            # there (a slow start on a busy host): wait for it, a while.
+            while not state.parked and state.vcpu.thread_ident is not None and not self._closed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(min(left, PARK_POLL))
             if state.parked:
                 state.requests.append(request)
                 self._cond.notify_all()
