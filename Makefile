@@ -42,27 +42,27 @@ $(VENV)/.installed: pyproject.toml setup.py kvmpy/backends/kvm/_build.py $(wildc
 
 guests: $(GUESTS) $(TOYKERNEL_ELF) $(OUT)/gdb_target.elf
 
-$(REAL_GUESTS:%=$(OUT)/%.bin): $(OUT)/%.bin: guests/%.S guests/real.ld guests/puts.inc
+$(REAL_GUESTS:%=$(OUT)/%.bin): $(OUT)/%.bin: guests/%.S guests/real.ld guests/puts.inc guests/rtc_alarm.inc
 	@mkdir -p $(OUT)
 	$(AS) --32 -I guests -o $(OUT)/$*.o $<
 	$(LD) -m elf_i386 -T guests/real.ld -o $@ $(OUT)/$*.o
 
-$(PROTECTED_GUESTS:%=$(OUT)/%.bin): $(OUT)/%.bin: guests/%.S guests/protected.ld guests/puts.inc
+$(PROTECTED_GUESTS:%=$(OUT)/%.bin): $(OUT)/%.bin: guests/%.S guests/protected.ld guests/puts.inc guests/rtc_alarm.inc
 	@mkdir -p $(OUT)
 	$(AS) --32 -I guests -o $(OUT)/$*.o $<
 	$(LD) -m elf_i386 -T guests/protected.ld -o $@ $(OUT)/$*.o
 
-$(LONG_GUESTS:%=$(OUT)/%.bin): $(OUT)/%.bin: guests/%.S guests/long.ld guests/puts.inc
+$(LONG_GUESTS:%=$(OUT)/%.bin): $(OUT)/%.bin: guests/%.S guests/long.ld guests/puts.inc guests/rtc_alarm.inc
 	@mkdir -p $(OUT)
 	$(AS) --64 -I guests -o $(OUT)/$*.o $<
 	$(LD) -m elf_x86_64 -T guests/long.ld -o $@ $(OUT)/$*.o
 
-$(MULTIBOOT_GUESTS:%=$(OUT)/%.elf): $(OUT)/%.elf: guests/%.S guests/multiboot.ld guests/puts.inc
+$(MULTIBOOT_GUESTS:%=$(OUT)/%.elf): $(OUT)/%.elf: guests/%.S guests/multiboot.ld guests/puts.inc guests/rtc_alarm.inc
 	@mkdir -p $(OUT)
 	$(AS) --32 -I guests -o $(OUT)/$*.o $<
 	$(LD) -m elf_i386 --no-warn-rwx-segments -T guests/multiboot.ld -o $@ $(OUT)/$*.o
 
-$(PVH_GUESTS:%=$(OUT)/%.elf): $(OUT)/%.elf: guests/%.S guests/pvh.ld guests/puts.inc
+$(PVH_GUESTS:%=$(OUT)/%.elf): $(OUT)/%.elf: guests/%.S guests/pvh.ld guests/puts.inc guests/rtc_alarm.inc
 	@mkdir -p $(OUT)
 	$(AS) --32 -I guests -o $(OUT)/$*.o $<
 	$(LD) -m elf_i386 --no-warn-rwx-segments -T guests/pvh.ld -o $@ $(OUT)/$*.o

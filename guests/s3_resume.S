@@ -12,6 +12,7 @@
 	.set DEBUG_EXIT, 0xf4
 	.set RTC_INDEX, 0x70
 	.set RTC_DATA, 0x71
+	.include "rtc_alarm.inc"
 	.set SLP_S3, (1 << 10) | (1 << 13)	/* SLP_TYP 1 (\_S3), SLP_EN */
 	.set RTC_EN, 1 << 10
 	.set RTC_STS, 1 << 10
@@ -60,34 +61,7 @@ _start:
 
 	movw	$0x5a5a, marker			/* RAM must keep this */
 
-	/* RTC: binary, 24-hour, alarm interrupt on; alarm at seconds + 2. */
-	mov	$0x0b, %al
-	out	%al, $RTC_INDEX
-	mov	$0x26, %al			/* AIE | DM (binary) | 24-hour */
-	out	%al, $RTC_DATA
-	mov	$0x00, %al
-	out	%al, $RTC_INDEX
-	in	$RTC_DATA, %al
-	add	$2, %al
-	cmp	$60, %al
-	jb	6f
-	sub	$60, %al
-6:	mov	%al, %bl
-	mov	$0x01, %al			/* seconds alarm */
-	out	%al, $RTC_INDEX
-	mov	%bl, %al
-	out	%al, $RTC_DATA
-	mov	$0x03, %al			/* minutes alarm: any */
-	out	%al, $RTC_INDEX
-	mov	$0xc0, %al
-	out	%al, $RTC_DATA
-	mov	$0x05, %al			/* hours alarm: any */
-	out	%al, $RTC_INDEX
-	mov	$0xc0, %al
-	out	%al, $RTC_DATA
-	mov	$0x0c, %al			/* read C: no stale alarm flag */
-	out	%al, $RTC_INDEX
-	in	$RTC_DATA, %al
+	rtc_alarm_in_two_seconds
 
 	/* PM1: clear every status bit, enable the RTC wake, sleep. */
 	mov	pm1a_evt, %dx

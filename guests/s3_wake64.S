@@ -18,6 +18,7 @@
 	.set COM1, 0x3f8
 	.set RTC_INDEX, 0x70
 	.set RTC_DATA, 0x71
+	.include "rtc_alarm.inc"
 	.set SLP_S3, (1 << 10) | (1 << 13)	/* SLP_TYP 1 (\_S3), SLP_EN */
 	.set RTC_EN, 1 << 10
 	.set WAK_STS, 1 << 15
@@ -33,37 +34,11 @@
 	.set CR0_PG, 1 << 31
 	.set STACK, 0x80000
 
-/* Set the RTC alarm two seconds ahead (binary mode, AIE), clear PM1 status,
+/* Set the RTC alarm two seconds ahead (rtc_alarm.inc), clear PM1 status,
  * enable the RTC wake and enter S3.  Mode-neutral code: port I/O and 32-bit
  * moves through absolute addresses below 4 GiB only. */
 .macro sleep_until_alarm
-	mov	$0x0b, %al
-	out	%al, $RTC_INDEX
-	mov	$0x26, %al			/* AIE | DM (binary) | 24-hour */
-	out	%al, $RTC_DATA
-	mov	$0x00, %al
-	out	%al, $RTC_INDEX
-	in	$RTC_DATA, %al
-	add	$2, %al
-	cmp	$60, %al
-	jb	1f
-	sub	$60, %al
-1:	mov	%al, %bl
-	mov	$0x01, %al			/* seconds alarm */
-	out	%al, $RTC_INDEX
-	mov	%bl, %al
-	out	%al, $RTC_DATA
-	mov	$0x03, %al			/* minutes and hours: any */
-	out	%al, $RTC_INDEX
-	mov	$0xc0, %al
-	out	%al, $RTC_DATA
-	mov	$0x05, %al
-	out	%al, $RTC_INDEX
-	mov	$0xc0, %al
-	out	%al, $RTC_DATA
-	mov	$0x0c, %al			/* read C: no stale alarm flag */
-	out	%al, $RTC_INDEX
-	in	$RTC_DATA, %al
+	rtc_alarm_in_two_seconds
 	movl	pm1a_evt, %edx
 	mov	$0xffff, %ax
 	out	%ax, %dx
