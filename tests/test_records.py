@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import pickle
 from typing import ClassVar
 
 import pytest
@@ -140,3 +142,12 @@ def test_a_class_keeps_the_methods_it_defines() -> None:
     assert records.is_record(Loose) and records.is_record(Loose(1)) and not records.is_record(1)
     with pytest.raises(TypeError):
         records.fields(int)  # type: ignore[arg-type]
+
+
+def test_copies_and_pickles_keep_value_and_frozenness() -> None:
+    point = Point(1, 2, ["a"], "n")
+    for twin in (copy.copy(point), copy.deepcopy(point), pickle.loads(pickle.dumps(point))):
+        assert twin == point and twin.note == "n"
+        with pytest.raises(records.FrozenRecordError):
+            twin.x = 5  # type: ignore[misc]
+    assert copy.deepcopy(point).tags is not point.tags
