@@ -180,6 +180,26 @@ int kvmshim_install_kick_handler(int signo)
 	return sigaction(signo, &sa, NULL) < 0 ? -errno : 0;
 }
 
+/*
+ * rdpru on the host CPU, for completing a guest's (the caller has checked the
+ * CPU has it): returns EDX:EAX and stores RFLAGS.  The stack pointer steps
+ * over the red zone before pushfq, which the compiler may be using, with lea,
+ * which leaves the flags as rdpru set them.
+ */
+uint64_t kvmshim_rdpru(uint32_t ecx, uint64_t *rflags)
+{
+	uint32_t low, high;
+	uint64_t flags;
+
+	__asm__ __volatile__(".byte 0x0f, 0x01, 0xfd\n\t" /* rdpru */
+			     "lea -128(%%rsp), %%rsp\n\tpushfq\n\tpopq %2\n\tlea 128(%%rsp), %%rsp"
+			     : "=a"(low), "=d"(high), "=r"(flags)
+			     : "c"(ecx)
+			     : "cc");
+	*rflags = flags;
+	return (uint64_t)high << 32 | low;
+}
+
 int kvmshim_compare_exchange(void *address, int size, uint64_t *value,
 			     const uint64_t *replacement)
 {

@@ -17,7 +17,7 @@ from _thread import LockType
 from collections import Counter
 from collections.abc import Callable
 
-from kvmpy.devices.base import Device
+from kvmpy.devices.base import Device, all_ones
 from kvmpy.records import Record
 
 ReadHandler = Callable[[int, int], int]
@@ -96,10 +96,6 @@ class _UnclaimedPage:
     def write(self, offset: int, size: int, value: int) -> None:
         writes = self.writes
         writes[offset] = writes.get(offset, 0) + 1
-
-
-def _all_ones(size: int) -> int:
-    return (1 << (8 * size)) - 1
 
 
 class Bus:
@@ -292,7 +288,7 @@ class Bus:
             handler = self.handlers.get(address)
             if handler is None:
                 if self.strict or not 0 <= address < self.address_limit:
-                    return self._unhandled("read", address, size, _all_ones(size))
+                    return self._unhandled("read", address, size, all_ones(size))
                 return self._unclaimed_port(address).read(0, size)
             lock = handler[3]
             if lock is None:  # the device's only caller is the vCPU thread

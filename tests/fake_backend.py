@@ -77,6 +77,8 @@ class FakeVcpu:
         self.xcr0 = 1
         # What get_msrs() reads.
         self.msrs: dict[int, int] = {}
+        # What host_rdpru() answers: ECX -> (EDX:EAX, RFLAGS); None: no answer.
+        self.rdpru: Callable[[int], tuple[int, int]] | None = None
         # The XSAVE area at power-on: FCW 0x37F, MXCSR 0x1F80, nothing in use.
         self.xsave = b"\x7f\x03" + bytes(22) + (0x1F80).to_bytes(4, "little") + bytes(4068)
 
@@ -193,6 +195,12 @@ class FakeVcpu:
         if found == expected:
             memory[:] = replacement.to_bytes(len(memory), "little")
         return found == expected, found
+
+    def host_rdpru(self, register: int) -> tuple[int, int]:
+        """What a test set in ``rdpru``: (EDX:EAX, RFLAGS) for each ECX."""
+        if self.rdpru is None:
+            raise BackendError("host_rdpru", errno.EOPNOTSUPP, "no rdpru answer scripted")
+        return self.rdpru(register)
 
     def get_xsave(self) -> bytes:
         return self.xsave

@@ -529,8 +529,8 @@ def test_rdpru_returns_the_host_cpus_counter_and_flags(
     memory: GuestMemory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(complete, "_host_has_rdpru", lambda: True)
-    monkeypatch.setattr(complete, "_host_rdpru", lambda ecx: (0x1234_5678_9ABC_DEF0 + ecx, CF))
     vcpu = vcpu_at(b"\x0f\x01\xfd", rcx=1, rax=-1 & (2**64 - 1), rflags=2 | ZF)
+    vcpu.rdpru = lambda ecx: (0x1234_5678_9ABC_DEF0 + ecx, CF)
     assert completer(memory).complete(vcpu)
     assert (vcpu.regs.rax, vcpu.regs.rdx) == (0x9ABC_DEF1, 0x1234_5678)
     assert vcpu.regs.rflags & (CF | ZF) == CF and vcpu.regs.rip == RIP + 3

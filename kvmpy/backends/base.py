@@ -162,6 +162,10 @@ class Vcpu(Protocol):
         """Atomically, against every vCPU: if the 8 or 16 bytes of guest RAM in ``memory``
         hold ``expected``, store ``replacement``.  Returns (exchanged, the value found)."""
 
+    def host_rdpru(self, register: int) -> tuple[int, int]:
+        """The host CPU's own rdpru for ECX = ``register``: (EDX:EAX, RFLAGS); only where
+        the host CPU has it (the caller checks).  For completing a guest's rdpru."""
+
     def get_xsave(self) -> bytes:
         """The XSAVE area in the standard (non-compacted) format, as the CPU's XSAVE writes it."""
 

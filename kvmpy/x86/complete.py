@@ -26,6 +26,7 @@ from collections import Counter
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from kvmpy.backends.base import BackendError
 from kvmpy.memory import PAGE_SIZE, GuestMemoryError
 from kvmpy.records import Record
 from kvmpy.x86.registers import (
@@ -637,9 +638,6 @@ def _canonical(address: int) -> bool:
 # -- rdpru (AMD APM Vol. 3): a performance counter read, as the host CPU answers it -------
 
 _CR4_TSD = 1 << 2
-# rdpru with the guest's ECX, run by this process on the host CPU: EDX:EAX and RFLAGS.
-# mov ecx, edi; rdpru; shl rdx, 32; or rax, rdx; pushfq; pop rdx; mov [rsi], rdx; ret
-_RDPRU_STUB = bytes.fromhex("89f9 0f01fd 48c1e220 4809d0 9c 5a 488916 c3")
 
 
 def _host_has_rdpru() -> bool:
@@ -655,43 +653,14 @@ def _host_has_rdpru() -> bool:
     return False
 
 
-_rdpru_function: Callable[[int], tuple[int, int]] | None = None
-
-
-def _host_rdpru(register: int) -> tuple[int, int]:
-    """(EDX:EAX, RFLAGS) of the host CPU's own rdpru for ECX = ``register``."""
-    global _rdpru_function
-    if _rdpru_function is None:
-        import ctypes
-        import mmap
-
-        page = mmap.mmap(-1, mmap.PAGESIZE)
-        page.write(_RDPRU_STUB)
-        address = ctypes.addressof(ctypes.c_char.from_buffer(page))
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.mprotect(ctypes.c_void_p(address), mmap.PAGESIZE, mmap.PROT_READ | mmap.PROT_EXEC):
-            raise _NotHandled("no executable page for rdpru")
-        prototype = ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_uint32, ctypes.c_void_p)
-        stub = prototype(address)
-
-        def run(ecx: int) -> tuple[int, int]:
-            flags = ctypes.c_uint64()
-            value = stub(ecx, ctypes.addressof(flags))
-            return int(value), int(flags.value)
-
-        run.page = page  # type: ignore[attr-defined]  # the stub's page lives as long
-        _rdpru_function = run
-    return _rdpru_function(register)
-
-
 def _rdpru(state: _State, insn: _Insn) -> str | None:
     """The CPU's answer: #UD without RDPRU or at CPL > 0 with CR4.TSD; else the host
     CPU's own rdpru (MPERF for ECX 0, APERF for 1), results and flags."""
     if not _host_has_rdpru() or (state.cpl and state.sregs.cr4 & _CR4_TSD):
         raise GuestFault(UD)
     try:
-        value, flags = _host_rdpru(state.read_reg("ecx"))
-    except _NotHandled:
+        value, flags = state.vcpu.host_rdpru(state.read_reg("ecx"))
+    except BackendError:
         return None
     state.write_reg("eax", value & 0xFFFFFFFF)
     state.write_reg("edx", value >> 32)

@@ -179,6 +179,7 @@ struct kvmshim_vcpu {
 int kvmshim_run(struct kvmshim_vcpu *vcpu);
 void kvmshim_set_immediate_exit(void *run, int value);
 int kvmshim_install_kick_handler(int signo);
+uint64_t kvmshim_rdpru(uint32_t ecx, uint64_t *rflags);
 int kvmshim_compare_exchange(void *address, int size, uint64_t *value,
                              const uint64_t *replacement);
 """

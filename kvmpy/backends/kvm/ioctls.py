@@ -710,6 +710,12 @@ class Vcpu(_Fd):
             raise KvmError("compare_exchange", -done, f"{size} bytes at a bad size or alignment")
         return bool(done), value[0] | (value[1] << 64 if size == 16 else 0)
 
+    def host_rdpru(self, register: int) -> tuple[int, int]:
+        """The host CPU's own rdpru for ECX = ``register``: (EDX:EAX, RFLAGS)."""
+        flags = ffi.new("uint64_t *")
+        value = lib.kvmshim_rdpru(register & 0xFFFFFFFF, flags)
+        return int(value), int(flags[0])
+
     def get_xcr(self, index: int) -> int | None:
         """KVM_GET_XCRS: extended control register ``index`` (0: XCR0); None if KVM has none."""
         xcrs = ffi.new("struct kvm_xcrs *")

@@ -1027,6 +1027,9 @@ class SoftVcpu:
     ) -> tuple[bool, int]:
         raise BackendError("compare_exchange", errno.EOPNOTSUPP, "not needed by the emulator")
 
+    def host_rdpru(self, register: int) -> tuple[int, int]:
+        raise BackendError("host_rdpru", errno.EOPNOTSUPP, "not needed by the emulator")
+
     def exit_name(self) -> str:
         try:
             return "SOFT_EXIT_" + EXIT_NAMES[ExitKind(self.exit.reason)]
