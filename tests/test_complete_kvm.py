@@ -73,16 +73,24 @@ def test_info_says_completion_and_its_fallback_are_on() -> None:
 
 # -- the probe's findings, pinned ----------------------------------------------------------
 
-PROBE = """
+
+def _gate_to_handler(vector: int) -> str:
+    """Long-mode code: IDT gate ``vector`` to ``handler`` (a 64-bit interrupt gate), lidt."""
+    return f"""
     lea handler(%rip), %rax
-    lea idt + 3 * 16(%rip), %rdi
+    lea idt + {vector} * 16(%rip), %rdi
     mov %ax, (%rdi)
     movw $0x10, 2(%rdi)
     movw $0x8e00, 4(%rdi)
     shr $16, %rax
     mov %ax, 6(%rdi)
     lidt idtr(%rip)
-probe:
+"""
+
+
+PROBE = (
+    _gate_to_handler(3)
+    + """probe:
     int3
     movq $1, 0x200008
     hlt
@@ -98,6 +106,7 @@ idtr: .word 256 * 16 - 1
     .align 16
 idt: .space 256 * 16
 """
+)
 
 
 def _int3_probe(tmp_path: Path, advance: bool, how: str) -> tuple[int, int, int, int, int]:
@@ -152,16 +161,9 @@ def test_pvm_runs_lzcnt_as_bsr_without_an_exit(tmp_path: Path) -> None:
     assert m.arch.completer.counts == {}
 
 
-RDPRU_PROBE = """
-    lea handler(%rip), %rax
-    lea idt + 6 * 16(%rip), %rdi
-    mov %ax, (%rdi)
-    movw $0x10, 2(%rdi)
-    movw $0x8e00, 4(%rdi)
-    shr $16, %rax
-    mov %ax, 6(%rdi)
-    lidt idtr(%rip)
-    xor %ecx, %ecx
+RDPRU_PROBE = (
+    _gate_to_handler(6)
+    + """    xor %ecx, %ecx
 probe:
     .byte 0x0f, 0x01, 0xfd
     mov $0x55, %al
@@ -181,6 +183,7 @@ idtr: .word 256 * 16 - 1
     .align 16
 idt: .space 256 * 16
 """
+)
 
 
 def test_rdpru_answers_as_the_host_cpu_does(tmp_path: Path) -> None:

@@ -101,6 +101,17 @@ def test_debug_registers_refuse_ranges_past_the_address_space() -> None:
     assert not dregs.active
 
 
+def _still_serves_and_kills(run: RunningGuest) -> None:
+    """A new connection still gets the stop reply, and its kill ends the run."""
+    client = Client(run.stub.port)
+    try:
+        assert client.ask("?") == "T05thread:1;"
+        client.send("k")
+    finally:
+        client.close()
+    assert run.finish().message == "killed by gdb"
+
+
 @pytest.mark.kvm
 def test_bad_numbers_leave_the_server_and_the_guest_alive(running: list[RunningGuest]) -> None:
     run = RunningGuest(guest("gdb_target"), wait=True)
@@ -133,13 +144,7 @@ def test_a_later_connection_is_served_after_a_bad_packet(
         assert client.ask(f"m{TOO_BIG},4").startswith("E")
     finally:
         client.close()
-    client = Client(run.stub.port)
-    try:
-        assert client.ask("?") == "T05thread:1;"
-        client.send("k")
-    finally:
-        client.close()
-    assert run.finish().message == "killed by gdb"
+    _still_serves_and_kills(run)
 
 
 @pytest.mark.kvm
@@ -162,13 +167,7 @@ def test_an_internal_error_closes_only_that_connection(
     finally:
         client.close()
     assert any("internal error" in line and "a bug in the stub" in line for line in run.log)
-    client = Client(run.stub.port)
-    try:
-        assert client.ask("?") == "T05thread:1;"
-        client.send("k")
-    finally:
-        client.close()
-    assert run.finish().message == "killed by gdb"
+    _still_serves_and_kills(run)
 
 
 # -- item 18: nothing a client sends or fails to read grows without bound ----------------
