@@ -132,7 +132,8 @@ static uint64_t stat_key(int reason, const struct kvmshim_exit *e)
 	return (uint64_t)reason << 40 | where;
 }
 
-int kvmshim_run(struct kvmshim_vcpu *vcpu)
+/* One KVM_RUN and its decoding, counted in vcpu->stats when they are on. */
+static int run_once(struct kvmshim_vcpu *vcpu)
 {
 	uint64_t entered;
 	int reason;
@@ -157,6 +158,129 @@ int kvmshim_run(struct kvmshim_vcpu *vcpu)
 	vcpu->last->count++;
 	vcpu->last->run_ns += vcpu->returned_ns - entered;
 	return reason;
+}
+
+/* The window holding address in a sorted array of count, or NULL. */
+static const struct kvmshim_window *find_window(const struct kvmshim_window *window,
+						uint32_t count, uint64_t address)
+{
+	uint32_t low = 0, high = count;
+
+	while (low < high) {
+		uint32_t middle = low + (high - low) / 2;
+
+		if (address < window[middle].base)
+			high = middle;
+		else if (address - window[middle].base >= window[middle].length)
+			low = middle + 1;
+		else
+			return &window[middle];
+	}
+	return NULL;
+}
+
+/* Count one unclaimed access; 0 when the table has no room for a new address. */
+static int count_miss(struct kvmshim_miss *misses, uint64_t key)
+{
+	const uint32_t slots = KVMSHIM_MISS_SLOTS;
+	uint32_t slot = (uint32_t)((key * 0x9e3779b97f4a7c15ull) >> 32) % slots;
+	uint32_t tries;
+
+	for (tries = 0; tries < slots; tries++) {
+		struct kvmshim_miss *row = &misses[slot];
+		uint64_t found = __atomic_load_n(&row->key, __ATOMIC_ACQUIRE);
+
+		if (found == 0) {
+			/* Claim the free row; another vCPU may claim it first. */
+			__atomic_compare_exchange_n(&row->key, &found, key, 0, __ATOMIC_ACQ_REL,
+						    __ATOMIC_ACQUIRE);
+			if (found == 0)
+				found = key;
+		}
+		if (found == key) {
+			__atomic_fetch_add(&row->count, 1, __ATOMIC_RELAXED);
+			return 1;
+		}
+		slot = (slot + 1) % slots;
+	}
+	return 0;
+}
+
+/* Answer a port or MMIO exit from vcpu->windows: 1 if answered, 0 to leave it to Python. */
+static int answer(struct kvmshim_vcpu *vcpu, int reason)
+{
+	struct kvmshim_windows *tables = vcpu->windows;
+	const struct kvmshim_exit *e = &vcpu->exit;
+	const struct kvmshim_window *found;
+	uint64_t address, base, length, offset, i;
+	uint32_t sequence, count;
+	uint8_t *data, *memory;
+	int is_mmio, is_write;
+	unsigned int size;
+
+	if (reason == KVMSHIM_EXIT_PORT_IN || reason == KVMSHIM_EXIT_PORT_OUT) {
+		is_mmio = 0;
+		is_write = reason == KVMSHIM_EXIT_PORT_OUT;
+		address = e->io_port;
+		size = e->io_size;
+	} else if (reason == KVMSHIM_EXIT_MMIO) {
+		is_mmio = 1;
+		is_write = e->mmio_is_write;
+		address = e->mmio_addr;
+		size = e->mmio_len;
+	} else {
+		return 0;
+	}
+	if (size < 1 || size > 8)
+		return 0;
+	data = (uint8_t *)vcpu->run + e->data_offset;
+
+	sequence = __atomic_load_n(&tables->sequence, __ATOMIC_ACQUIRE);
+	if (sequence & 1)
+		return 0;	/* Python is rewriting the windows */
+	count = is_mmio ? tables->mmio_count : tables->port_count;
+	if (count > tables->capacity)
+		return 0;
+	found = find_window(is_mmio ? tables->mmio : tables->ports, count, address);
+	if (!found)
+		return 0;
+	base = found->base;
+	length = found->length;
+	memory = found->memory;
+	__atomic_thread_fence(__ATOMIC_ACQUIRE);
+	if (__atomic_load_n(&tables->sequence, __ATOMIC_RELAXED) != sequence)
+		return 0;	/* rewritten while we looked */
+
+	offset = address - base;
+	if (is_mmio && size > length - offset)
+		return 0;	/* runs past the window: the bus decides */
+	if (!memory) {
+		if (!count_miss(tables->misses,
+				KVMSHIM_MISS_TAG | address << 2 | (uint64_t)is_mmio << 1 | is_write))
+			return 0;
+		if (!is_write)
+			memset(data, 0xff, size);
+		return 1;
+	}
+	for (i = 0; i < size; i++) {
+		if (is_write) {
+			if (offset + i < length)
+				memory[offset + i] = data[i];
+		} else {
+			data[i] = offset + i < length ? memory[offset + i] : 0;
+		}
+	}
+	return 1;
+}
+
+int kvmshim_run(struct kvmshim_vcpu *vcpu)
+{
+	for (;;) {
+		int reason = run_once(vcpu);
+
+		if (reason <= 0 || !vcpu->windows || !answer(vcpu, reason))
+			return reason;
+	}
 }
 
 void kvmshim_set_immediate_exit(void *run, int value)

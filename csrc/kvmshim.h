@@ -90,6 +90,55 @@ struct kvmshim_stat {
 	uint64_t handler_ns;	/* time userspace spent on these exits */
 };
 
+/*
+ * Exit windows: address ranges whose accesses the shim answers itself, going
+ * straight back into KVM_RUN, as KVM answers its in-kernel devices.  Python
+ * publishes them (kvmpy/backends/kvm/windows.py) from the buses' layout; each
+ * is one of two things whose behaviour needs no device code:
+ *   - plain memory (memory != NULL): a read returns the bytes at the offset, a
+ *     write stores them; for a port, bytes past the end read 0 and writes to
+ *     them are dropped; an MMIO access must lie wholly inside;
+ *   - nothing (memory == NULL): no device there, so reads are all-ones and
+ *     writes are dropped, and each access is counted in the misses table.
+ * Anything else, or any doubt, goes to Python, which gives the same answer.
+ */
+struct kvmshim_window {
+	uint64_t base;
+	uint64_t length;
+	uint8_t *memory;
+};
+
+/*
+ * Unclaimed accesses answered here, counted per (bus, kind, address) for
+ * kvmpy's "unhandled" report: an open-address table shared by the vCPUs.
+ * key = KVMSHIM_MISS_TAG | address << 2 | is_mmio << 1 | is_write.  When it is
+ * full, further new addresses go to Python, which counts them itself.
+ */
+#define KVMSHIM_MISS_SLOTS 1024
+#define KVMSHIM_MISS_TAG ((uint64_t)1 << 63)
+
+struct kvmshim_miss {
+	uint64_t key;		/* 0: unused */
+	uint64_t count;
+};
+
+/*
+ * The windows of one machine, shared by its vCPUs.  Python rewrites them in
+ * place while vCPUs run (a PCI BAR moving), under a sequence lock: sequence is
+ * odd while it writes, and a vCPU that sees it odd or changed leaves the exit
+ * to Python.  The arrays have fixed room (capacity) and are never freed while
+ * a vCPU may use them; each is sorted by base, without overlaps.
+ */
+struct kvmshim_windows {
+	uint32_t sequence;
+	uint32_t capacity;
+	uint32_t port_count;
+	uint32_t mmio_count;
+	struct kvmshim_window *ports;
+	struct kvmshim_window *mmio;
+	struct kvmshim_miss *misses;	/* KVMSHIM_MISS_SLOTS rows */
+};
+
 /* What kvmshim_run needs, in one struct so Python passes a single pointer. */
 struct kvmshim_vcpu {
 	int fd;			/* the vCPU file descriptor */
@@ -100,12 +149,16 @@ struct kvmshim_vcpu {
 	struct kvmshim_stat *stats;
 	struct kvmshim_stat *last;	/* the row of the exit being handled */
 	uint64_t returned_ns;		/* when KVM_RUN last returned */
+
+	/* The windows to answer in the shim, or NULL: every exit goes to Python. */
+	struct kvmshim_windows *windows;
 };
 
 /*
- * KVM_RUN on vcpu->fd, then decode vcpu->run into vcpu->exit.  Returns the
- * exit kind (KVMSHIM_EXIT_*), or -errno
- * (-EINTR when kicked).  Called without the GIL.
+ * KVM_RUN on vcpu->fd, then decode vcpu->run into vcpu->exit; an exit that
+ * vcpu->windows answers is answered here and KVM_RUN runs again.  Returns the
+ * first exit kind (KVMSHIM_EXIT_*) left to Python, or -errno (-EINTR when
+ * kicked).  Called without the GIL.
  */
 int kvmshim_run(struct kvmshim_vcpu *vcpu);
 

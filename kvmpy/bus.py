@@ -17,6 +17,7 @@ from _thread import LockType
 from collections import Counter
 from collections.abc import Callable
 
+from kvmpy.backends.exits import ExitWindow
 from kvmpy.devices.base import Device, all_ones
 from kvmpy.records import Record
 
@@ -142,6 +143,10 @@ class Bus:
         self._unclaimed_pages: dict[int, _UnclaimedPage] = {}
         # What dispatch to an unclaimed stub holds: nothing if one vCPU is all that calls.
         self._unclaimed_lock: LockType | None = None if one_vcpu else threading.Lock()
+        # Called, under the layout lock, after every change of the ranges (publish_windows).
+        self._layout_listeners: list[Callable[[list[ExitWindow]], object]] = []
+        # Unclaimed accesses counted elsewhere (a backend answering windows itself).
+        self._miss_sources: list[Callable[[], Counter[tuple[str, int]]]] = []
 
     @property
     def mappings(self) -> list[Mapping]:
@@ -156,6 +161,8 @@ class Bus:
     def unhandled(self) -> Counter[tuple[str, int]]:
         """(kind, address) -> how many accesses nobody handled."""
         counts = Counter(self._misses)
+        for source in self._miss_sources:
+            counts.update(source())
         for port, stub in self._unclaimed.items():
             if stub.reads:
                 counts[("read", port)] += stub.reads
@@ -207,6 +214,7 @@ class Bus:
                     self.handlers[address] = handler
             else:
                 self._index_pages(mapping)
+            self._layout_changed()
 
     def unregister(self, base: int, device: Device) -> None:
         """Take back the range at ``base`` that ``device`` was given (a PCI BAR moving).
@@ -239,6 +247,7 @@ class Bus:
                             address,
                             self._unclaimed_lock,
                         )
+                self._layout_changed()
                 return
             first = mapping.base >> PAGE_SHIFT
             last = (mapping.end - 1) >> PAGE_SHIFT
@@ -251,6 +260,45 @@ class Bus:
             for other in self._table[1]:
                 if other.base >> PAGE_SHIFT <= last and first <= (other.end - 1) >> PAGE_SHIFT:
                     self._index_pages(other)
+            self._layout_changed()
+
+    def windows(self) -> list[ExitWindow]:
+        """The ranges a backend may answer without the run loop, sorted by base.
+
+        Each mapping whose device is plain memory (``window_memory``, see
+        kvmpy.devices.base) and, unless the bus is strict, every gap no
+        mapping claims, which reads all-ones and is counted as here.
+        """
+        windows = []
+        at = 0
+        for mapping in self.mappings:
+            if mapping.base > at and not self.strict:
+                windows.append(ExitWindow(at, mapping.base - at))
+            memory = getattr(mapping.device, "window_memory", None)
+            if isinstance(memory, bytearray) and len(memory) >= mapping.length:
+                windows.append(ExitWindow(mapping.base, mapping.length, memory))
+            at = mapping.end
+        if at < self.address_limit and not self.strict:
+            windows.append(ExitWindow(at, self.address_limit - at))
+        return windows
+
+    def publish_windows(
+        self,
+        publish: Callable[[list[ExitWindow]], object],
+        misses: Callable[[], Counter[tuple[str, int]]],
+    ) -> None:
+        """Give ``publish`` the windows now and after every change of the ranges, and
+        count the unclaimed accesses ``misses`` reports as this bus's own."""
+        with self._layout_lock:
+            self._layout_listeners.append(publish)
+            self._miss_sources.append(misses)
+            publish(self.windows())
+
+    def _layout_changed(self) -> None:
+        if self._layout_listeners:
+            windows = self.windows()
+            for publish in self._layout_listeners:
+                publish(windows)
 
     def _index_pages(self, mapping: Mapping) -> None:
         first = mapping.base >> PAGE_SHIFT

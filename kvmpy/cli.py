@@ -180,6 +180,12 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         help="do not complete instructions the host's KVM cannot emulate (see its raw behaviour)",
     )
     debug.add_argument(
+        "--no-exit-windows",
+        action="store_true",
+        help="send every exit through Python's run loop (by default the KVM shim answers "
+        "plain-memory ranges and unclaimed addresses itself)",
+    )
+    debug.add_argument(
         "--step", action="store_true", help="single-step vCPU 0, printing every instruction"
     )
     debug.add_argument(
@@ -825,6 +831,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             cmdline=args.append,
             backend=backend,
             console_limit=CLI_CONSOLE_LIMIT,
+            exit_windows=not args.no_exit_windows,
         ) as m,
         _control(m, args, ports) as control,
     ):
@@ -872,6 +879,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
             serial_output=ports.com1_output,
             backend=backend,
             console_limit=CLI_CONSOLE_LIMIT,
+            exit_windows=not args.no_exit_windows,
         ) as m,
         _control(m, args, ports) as control,
     ):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import itertools
 import signal
 import threading
@@ -77,6 +78,13 @@ class Machine:
     Serial output is kept in ``console`` and passed to ``serial_output``.
     Every device has one lock (``device_lock``): the buses hold it around
     guest accesses, and host threads (timers, stdin, displays) take it too.
+
+    With ``exit_windows`` (the default) a backend that can (KVM's shim)
+    answers accesses to plain-memory ranges (pc-testdev's scratch register
+    and MMIO window) and to addresses nobody claims without returning to
+    the run loop, so those exits cost no Python; tracers and debuggers
+    still see every exit.  ``exit_windows=False`` sends every exit through
+    Python.
     """
 
     def __init__(
@@ -94,6 +102,7 @@ class Machine:
         backend: str | Backend = "kvm",
         board: Board = PC,
         console_limit: int = DEFAULT_CONSOLE_LIMIT,
+        exit_windows: bool = True,
     ) -> None:
         if mem_size < board.min_ram:
             raise ValueError(f"guest RAM must be at least 1 MiB, not {mem_size} bytes")
@@ -193,9 +202,24 @@ class Machine:
         self._device_locks: dict[str, threading.Lock] = {}
         for entry in board.devices:
             self._add_device(entry, wiring)
+        # Whether the backend answers plain-memory and unclaimed ranges itself.
+        self.exit_windows = exit_windows and self._publish_windows()
         # The power-on state a reset in place returns to (taken before any run).
         self._power_on: dict[str, Any] | None = None
         self._loaded: Callable[[], object] | None = None
+
+    def _publish_windows(self) -> bool:
+        """Let the backend answer the buses' windows (``Bus.windows``) without the run
+        loop, now and after every change of their ranges; False if it cannot."""
+        buses = (self.ports, self.mmio)
+        if not all(self.vm.answer_windows(bus.name, []) for bus in buses):
+            return False
+        for bus in buses:
+            bus.publish_windows(
+                functools.partial(self.vm.answer_windows, bus.name),
+                functools.partial(self.vm.window_misses, bus.name),
+            )
+        return True
 
     def _add_device(self, entry: DeviceEntry, wiring: Wiring) -> None:
         device = entry.build(wiring)
@@ -608,7 +632,10 @@ class Machine:
         vcpu.thread_ident = threading.get_ident()
         try:
             while True:
-                outcome = run_vcpu(vcpu, context, self.observer)
+                observer = self.observer
+                # A tracer or debugger must see every exit; counting ones do in the backend.
+                vcpu.answer_exits(self.exit_windows and (observer is None or observer.fast))
+                outcome = run_vcpu(vcpu, context, observer)
                 if outcome is not None:
                     self.stop(outcome)
                     break

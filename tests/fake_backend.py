@@ -13,6 +13,7 @@ import errno
 import mmap
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,7 +27,7 @@ from kvmpy.backends.base import (
     StatsTable,
     Translation,
 )
-from kvmpy.backends.exits import ExitKind, ExitRecord, SystemEvent
+from kvmpy.backends.exits import ExitKind, ExitRecord, ExitWindow, SystemEvent
 from kvmpy.x86.cpuid import CpuidEntry
 from kvmpy.x86.registers import Fpu, Regs, Sregs
 
@@ -226,6 +227,9 @@ class FakeVcpu:
     def system_event(self) -> int:
         return self._event
 
+    def answer_exits(self, enabled: bool) -> None:
+        return None  # no windows: nothing to answer
+
     def enable_stats(self) -> None:
         self._stats = {}
 
@@ -265,6 +269,12 @@ class FakeVm:
 
     def set_irq_routes(self, routes: list[IrqRoute]) -> None:
         self.irq_routes = list(routes)
+
+    def answer_windows(self, space: str, windows: list[ExitWindow]) -> bool:
+        return False  # every exit comes back to the run loop
+
+    def window_misses(self, space: str) -> Counter[tuple[str, int]]:
+        return Counter()
 
     def create_vcpu(self, index: int) -> FakeVcpu:
         scripts = self.backend.scripts

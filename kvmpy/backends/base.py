@@ -17,9 +17,11 @@ import enum
 import errno
 import mmap
 import os
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any, Protocol
 
+from kvmpy.backends.exits import ExitWindow
 from kvmpy.records import Record
 from kvmpy.x86.cpuid import CpuidEntry
 from kvmpy.x86.registers import Fpu, Regs, Sregs
@@ -191,6 +193,10 @@ class Vcpu(Protocol):
     def system_event(self) -> int:
         """A SYSTEM_EVENT exit's ``SystemEvent``."""
 
+    def answer_exits(self, enabled: bool) -> None:
+        """Whether run() may answer the VM's windows (``Vm.answer_windows``) itself;
+        off, every exit returns, as tracers and debuggers need."""
+
     def enable_stats(self) -> None:
         """Start counting exits and their times per kind and address."""
 
@@ -222,6 +228,13 @@ class Vm(Protocol):
         """Replace the irqchip's GSI routing: each GSI drives these controller pins."""
 
     def create_vcpu(self, index: int) -> Vcpu: ...
+
+    def answer_windows(self, space: str, windows: list[ExitWindow]) -> bool:
+        """Answer accesses to ``windows`` of ``space`` ("port" or "mmio") without run()
+        returning, in place of any published before; False if this backend cannot."""
+
+    def window_misses(self, space: str) -> Counter[tuple[str, int]]:
+        """(kind, address) -> the accesses to empty windows answered so far."""
 
     def save_state(self) -> dict[str, Any]:
         """VM-wide state (irqchip, PIT, clock), JSON-safe, for snapshots and reset."""

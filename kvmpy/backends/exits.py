@@ -86,3 +86,20 @@ EXIT_NAMES = {
     ExitKind.SPURIOUS: "INTR",
     ExitKind.OTHER: "OTHER",
 }
+
+
+class ExitWindow(Record):
+    """An address range whose accesses a backend may answer without ``run()`` returning.
+
+    ``memory`` set: the range is plain memory; a read returns its bytes at the
+    offset and a write stores them (for a port, bytes past the end read 0 and
+    writes to them are dropped; an MMIO access must lie wholly inside, or it
+    is returned).  ``memory`` None: nothing is there; reads are all-ones,
+    writes are dropped, and the backend counts each access (``window_misses``).
+    The buses publish these (``Bus.windows``), and a backend that answers them
+    gives exactly the answers the bus would.
+    """
+
+    base: int
+    length: int
+    memory: bytearray | None = None

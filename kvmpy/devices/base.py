@@ -18,6 +18,14 @@ Guest accesses never raise: every device accepts any size from 1 to
 :data:`MAX_ACCESS_SIZE` at any offset of its range.  An access a device
 cannot take (a size or offset it does not decode) reads all ones and its
 write is dropped; each such access is counted in ``ignored_accesses``.
+
+A range that is plain memory to the guest (a scratch register, a RAM
+window behind MMIO) may say so: the object mapped there has a
+``window_memory`` bytearray at least as long as the range.  A backend may
+then answer the range's accesses itself, without calling ``read`` or
+``write`` and without the device's lock (``kvmpy.backends.exits.ExitWindow``
+gives the rules), so those methods must give exactly the same answers,
+count nothing, and the bytearray must only ever be changed in place.
 """
 
 from __future__ import annotations

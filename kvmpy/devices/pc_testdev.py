@@ -25,6 +25,10 @@ MMIO 0xff000000 any     64 KiB of plain memory behind MMIO exits: any size
                         are dropped
 =============== ======= ====================================================
 
+The scratch register and the MMIO window are plain memory (``window_memory``
+on their parts), so a backend that can (KVM's shim) answers their accesses
+without calling into Python, as exit-latency benchmarks want.
+
 The device is sans-IO: the interrupt lines and the page flush are callbacks
 the board wires up (``Wiring.irq``, ``Wiring.flush_page``).  Accesses of a
 size outside 1-8, or starting outside a part's range, read all ones and are
@@ -81,8 +85,11 @@ class _Part:
         length: int,
         read: Callable[[int, int], int],
         write: Callable[[int, int, int], None],
+        window_memory: bytearray | None = None,
     ) -> None:
         self._device = device
+        if window_memory is not None:
+            self.window_memory = window_memory
         self._length = length
         self._read = read
         self._write = write
@@ -101,13 +108,17 @@ class _Part:
 
 
 class _Window:
-    """The MMIO window's part: the device's own memory reader and writer, no wrapper."""
+    """A plain-memory part: the device's own reader and writer, no wrapper, and the bytes."""
 
     def __init__(
-        self, read: Callable[[int, int], int], write: Callable[[int, int, int], None]
+        self,
+        read: Callable[[int, int], int],
+        write: Callable[[int, int, int], None],
+        window_memory: bytearray,
     ) -> None:
         self.read = read
         self.write = write
+        self.window_memory = window_memory
 
 
 class PcTestDevice:
@@ -128,20 +139,22 @@ class PcTestDevice:
     ) -> None:
         self._lines = tuple(irq(line) for line in range(IRQ_LINES))
         self.flush_page = flush_page
-        self.scratch = 0
+        # The scratch register's bytes, little-endian.  Both buffers are changed
+        # in place only: a backend may hold their addresses (window_memory).
+        self._scratch = bytearray(PORT_BLOCK)
         self.memory = bytearray(IOMEM_SIZE)
         self.irq_levels = [False] * IRQ_LINES
         self.flushes = 0  # how many flush requests arrived (host side, not state)
         self.ignored_accesses = 0
         # The scratch port and the MMIO window are what exit benchmarks time:
         # their parts are the bare reader and writer, which check for themselves.
-        self.scratch_port = _Window(self._read_scratch, self._write_scratch)
+        self.scratch_port = _Window(self._read_scratch, self._write_scratch, self._scratch)
         self.byte_port = _Part(
-            self, PORT_BLOCK, self._read_scratch_bytes, self._write_scratch_bytes
+            self, PORT_BLOCK, self._read_scratch_bytes, self._write_scratch_bytes, self._scratch
         )
         self.flush_port = _Part(self, PORT_BLOCK, self._read_nothing, self._write_flush)
         self.irq_port = _Part(self, IRQ_LINES, self._read_nothing, self._write_irq)
-        self.iomem = _Window(self._read_memory, self._write_memory)
+        self.iomem = _Window(self._read_memory, self._write_memory, self.memory)
 
     # The Device protocol on the device itself is the scratch register, so
     # that code holding the device (not a part) gets the common register.
@@ -150,6 +163,15 @@ class PcTestDevice:
 
     def write(self, offset: int, size: int, value: int) -> None:
         self.scratch_port.write(offset, size, value)
+
+    @property
+    def scratch(self) -> int:
+        """The scratch register's 32-bit value."""
+        return int.from_bytes(self._scratch, "little")
+
+    @scratch.setter
+    def scratch(self, value: int) -> None:
+        self._scratch[:] = (value & _MASK32).to_bytes(PORT_BLOCK, "little")
 
     def state(self) -> PcTestDeviceState:
         return PcTestDeviceState(self.scratch, bytes(self.memory), tuple(self.irq_levels))
@@ -175,16 +197,16 @@ class PcTestDevice:
         if not (0 <= offset < PORT_BLOCK and 0 < size <= MAX_ACCESS_SIZE):
             self.ignored_accesses += 1
             return all_ones(size)
-        shift = 8 * (offset & 3)
-        return (self.scratch >> shift) & ((1 << (8 * size)) - 1)
+        # Bytes past the register read 0, as plain memory's do (window_memory).
+        return int.from_bytes(self._scratch[offset : offset + size], "little")
 
     def _write_scratch(self, offset: int, size: int, value: int) -> None:
         if not (0 <= offset < PORT_BLOCK and 0 < size <= MAX_ACCESS_SIZE):
             self.ignored_accesses += 1
             return
-        shift = 8 * (offset & 3)
-        mask = (((1 << (8 * size)) - 1) << shift) & _MASK32
-        self.scratch = (self.scratch & ~mask) | ((value << shift) & mask)
+        data = (value & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+        end = min(offset + size, PORT_BLOCK)  # bytes past the register are dropped
+        self._scratch[offset:end] = data[: end - offset]
 
     def _read_scratch_bytes(self, offset: int, size: int) -> int:
         value = 0

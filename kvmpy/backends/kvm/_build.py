@@ -172,9 +172,18 @@ long kvmshim_ioctl_value(int fd, unsigned long request, unsigned long value);
 #define KVMSHIM_EXIT_OTHER ...
 #define KVMSHIM_STATS_SLOTS ...
 struct kvmshim_stat { uint64_t key; uint64_t count; uint64_t run_ns; uint64_t handler_ns; };
+struct kvmshim_window { uint64_t base; uint64_t length; uint8_t *memory; };
+#define KVMSHIM_MISS_SLOTS ...
+#define KVMSHIM_MISS_TAG ...
+struct kvmshim_miss { uint64_t key; uint64_t count; };
+struct kvmshim_windows {
+    uint32_t sequence; uint32_t capacity; uint32_t port_count; uint32_t mmio_count;
+    struct kvmshim_window *ports; struct kvmshim_window *mmio; struct kvmshim_miss *misses;
+};
 struct kvmshim_vcpu {
     int fd; void *run; struct kvmshim_exit exit;
     struct kvmshim_stat *stats; struct kvmshim_stat *last; uint64_t returned_ns;
+    struct kvmshim_windows *windows;
 };
 int kvmshim_run(struct kvmshim_vcpu *vcpu);
 void kvmshim_set_immediate_exit(void *run, int value);

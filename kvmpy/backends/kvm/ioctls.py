@@ -16,6 +16,7 @@ import mmap
 import os
 import signal
 import threading
+from collections import Counter
 from collections.abc import Callable, Iterable
 from functools import partial
 from typing import Any
@@ -30,8 +31,9 @@ from kvmpy.backends.base import (
     StatsTable,
     Translation,
 )
-from kvmpy.backends.exits import IO_DIRECTION_OUT, ExitKind, SystemEvent
+from kvmpy.backends.exits import IO_DIRECTION_OUT, ExitKind, ExitWindow, SystemEvent
 from kvmpy.backends.kvm._kvm import ffi, lib
+from kvmpy.backends.kvm.windows import ShimWindows
 from kvmpy.records import asdict, fields
 from kvmpy.x86.cpuid import CpuidEntry
 from kvmpy.x86.registers import (
@@ -290,6 +292,17 @@ class Vm(_Fd):
         self.has_irqchip = False
         self.capabilities = kvm.capabilities
         self._saved_msrs: list[int] | None = None
+        self.windows: ShimWindows | None = None  # what the shim answers itself, once published
+
+    def answer_windows(self, space: str, windows: list[ExitWindow]) -> bool:
+        """The shim answers these ranges of ``space`` ("port" or "mmio") itself."""
+        if self.windows is None:
+            self.windows = ShimWindows()
+        self.windows.publish(space, windows)
+        return True
+
+    def window_misses(self, space: str) -> Counter[tuple[str, int]]:
+        return Counter() if self.windows is None else self.windows.misses(space)
 
     def map_memory(
         self, slot: int, gpa: int, backing: mmap.mmap, offset: int, size: int, log_dirty: bool
@@ -807,6 +820,11 @@ class Vcpu(_Fd):
         return _SYSTEM_EVENTS.get(self.exit.suberror, SystemEvent.OTHER)
 
     # -- exit statistics, kept by the shim ---------------------------------------------------
+
+    def answer_exits(self, enabled: bool) -> None:
+        """Whether run() answers the VM's published windows itself (off: every exit returns)."""
+        windows = self.vm.windows if self.vm is not None else None
+        self.shim.windows = windows.tables if enabled and windows is not None else ffi.NULL
 
     def enable_stats(self) -> None:
         """Let the shim count exits (``struct kvmshim_stat``): the fast loop stays as it is."""

@@ -29,6 +29,7 @@ import mmap
 import struct
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
@@ -53,7 +54,7 @@ from kvmpy.backends.base import (
     StatsTable,
     Translation,
 )
-from kvmpy.backends.exits import EXIT_NAMES, ExitKind, ExitRecord, SystemEvent
+from kvmpy.backends.exits import EXIT_NAMES, ExitKind, ExitRecord, ExitWindow, SystemEvent
 from kvmpy.backends.soft import events
 from kvmpy.backends.soft.paging import translate
 from kvmpy.records import Record, asdict
@@ -410,6 +411,12 @@ class SoftVm:
 
     def set_irq_routes(self, routes: list[IrqRoute]) -> None:
         raise BackendError("set_irq_routes", errno.EOPNOTSUPP, "the CPU emulator has no irqchip")
+
+    def answer_windows(self, space: str, windows: list[ExitWindow]) -> bool:
+        return False  # every exit comes back to the run loop
+
+    def window_misses(self, space: str) -> Counter[tuple[str, int]]:
+        return Counter()
 
     def create_vcpu(self, index: int) -> SoftVcpu:
         if index != 0 or self.vcpus:
@@ -1039,6 +1046,9 @@ class SoftVcpu:
     @property
     def system_event(self) -> int:
         return self._event
+
+    def answer_exits(self, enabled: bool) -> None:
+        return None  # no windows: nothing to answer
 
     def enable_stats(self) -> None:
         self._stats = {}
