@@ -199,9 +199,7 @@ fail:
 """
 
 
-def _run_counting(
-    m: Machine, wanted: Callable[[int], bool]
-) -> tuple[object, int]:
+def _run_counting(m: Machine, wanted: Callable[[int], bool]) -> tuple[object, int]:
     """Run ``m``, counting the exits run() returned to Python that ``wanted`` picks."""
     vcpu = m.vcpu
     run = vcpu.run
@@ -308,3 +306,23 @@ def test_tracers_still_see_every_exit(assemble: Assembler) -> None:
         assert m.run(timeout=30).exit_code == 0x0B
     assert tracer.ports.count(0x99) == 3
     assert len([port for port in tracer.ports if 0xE0 <= port < 0xEC]) == 7
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("windows", [True, False], ids=["shim", "python"])
+def test_statistics_count_the_exits_the_shim_answered(
+    assemble: Assembler, windows: bool
+) -> None:
+    from kvmpy.debug.trace import ExitStats
+
+    with Machine(mem_size=1 << 20, exit_windows=windows) as m:
+        stats = ExitStats(m.ports, m.mmio)
+        m.observer = stats
+        m.load(load_flat(assemble(PORT_GUEST), 0x7C00), mode="real")
+        assert m.run(timeout=30).exit_code == 0x0B
+    counts = {(name, where.split()[0]): row.count for name, where, row in stats.rows()}
+    mark = "*" if windows else ""
+    assert counts[(f"IO_IN{mark}", "0x99")] == 3
+    assert counts[(f"IO_IN{mark}", "0xe0")] == 1
+    assert counts[("IO_OUT", "0xf4")] == 1  # the debug-exit device is Python's
+    assert ("answered in the KVM shim" in stats.format()) is windows
