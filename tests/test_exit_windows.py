@@ -326,3 +326,16 @@ def test_statistics_count_the_exits_the_shim_answered(
     assert counts[(f"IO_IN{mark}", "0xe0")] == 1
     assert counts[("IO_OUT", "0xf4")] == 1  # the debug-exit device is Python's
     assert ("answered in the KVM shim" in stats.format()) is windows
+
+
+@pytest.mark.kvm
+def test_the_sequence_lock_wraps_and_stays_even_when_idle() -> None:
+    from kvmpy.backends.kvm.windows import ShimWindows
+
+    windows = ShimWindows()
+    windows.tables.sequence = 0xFFFF_FFFE
+    windows.publish("port", [ExitWindow(0, 0x10)])
+    assert windows.tables.sequence == 0
+    assert windows.tables.port_count == 1
+    windows.publish("port", [ExitWindow(0, 1)] * 300)  # more than fit: none published
+    assert windows.tables.port_count == 0
