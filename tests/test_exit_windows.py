@@ -310,9 +310,7 @@ def test_tracers_still_see_every_exit(assemble: Assembler) -> None:
 
 @pytest.mark.kvm
 @pytest.mark.parametrize("windows", [True, False], ids=["shim", "python"])
-def test_statistics_count_the_exits_the_shim_answered(
-    assemble: Assembler, windows: bool
-) -> None:
+def test_statistics_count_the_exits_the_shim_answered(assemble: Assembler, windows: bool) -> None:
     from kvmpy.debug.trace import ExitStats
 
     with Machine(mem_size=1 << 20, exit_windows=windows) as m:
