@@ -8,6 +8,8 @@ same guests with the windows on and off, and check the devices' contract.
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 from collections.abc import Callable
 
 import pytest
@@ -337,3 +339,12 @@ def test_the_sequence_lock_wraps_and_stays_even_when_idle() -> None:
     assert windows.tables.port_count == 1
     windows.publish("port", [ExitWindow(0, 1)] * 300)  # more than fit: none published
     assert windows.tables.port_count == 0
+
+
+@pytest.mark.kvm
+def test_info_says_exit_windows_are_on() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "kvmpy", "info"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0
+    assert "exit windows: on" in done.stdout
