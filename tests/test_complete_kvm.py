@@ -211,3 +211,58 @@ def test_compare_exchange_is_the_cpus_own_on_guest_ram() -> None:
         assert m.vcpu.compare_exchange(m.memory.view(0x3004, 8), 4 << 32, 7) == (True, 4 << 32)
         with pytest.raises(OSError, match="alignment"):
             m.vcpu.compare_exchange(m.memory.view(0x3008, 16), 0, 0)
+
+
+TSC_AND_ADX = """
+    rdtscp
+    mov %eax, %r8d
+    shl $32, %rdx
+    or %rdx, %r8
+    mov %ecx, %r9d
+    rdtscp
+    shl $32, %rdx
+    or %rax, %rdx
+    cmp %r8, %rdx
+    jbe fail
+    cmp %r9d, %ecx
+    jne fail
+    mov %rcx, 0x200000
+    /* adcx adds with CF and sets only CF; adox the same with OF. */
+    mov $-1, %rax
+    mov $1, %rbx
+    stc
+    adcx %rbx, %rax
+    jnc fail
+    cmp $1, %rax
+    jne fail
+    xor %ecx, %ecx
+    mov $-1, %rax
+    mov $2, %rbx
+    adox %rbx, %rax
+    jno fail
+    jc fail
+    cmp $1, %rax
+    jne fail
+    mov $0x0b, %al
+    out %al, $0xf4
+fail:
+    mov $1, %al
+    out %al, $0xf4
+"""
+
+
+def test_rdtscp_and_adx_complete_as_the_cpu_runs_them(tmp_path: Path) -> None:
+    """PVM's emulator cannot run rdtscp (kvmpy reads the TSC and TSC_AUX from KVM) nor
+    adcx/adox (the fallback runs them on an emulated CPU of the host's vendor)."""
+    image = assembler(tmp_path)(TSC_AND_ADX, "long")
+    with Machine(mem_size=4 << 20, irqchip=False) as m:
+        m.load(load_flat(image, 0x100000), mode="long")
+        outcome = m.run(timeout=30)
+        assert outcome.exit_code == 0x0B, outcome
+        aux = m.vcpu.get_msrs([0xC000_0103]).get(0xC000_0103, 0)
+        assert struct.unpack("<Q", m.memory.read(0x200000, 8))[0] == aux & 0xFFFF_FFFF
+    if host_kvm_module() == "kvm_pvm":
+        counts = m.arch.completer.counts
+        assert counts["rdtscp"] == 2
+        assert sum(n for name, n in counts.items() if name.startswith("adcx")) == 1
+        assert sum(n for name, n in counts.items() if name.startswith("adox")) == 1

@@ -20,6 +20,7 @@ against every vCPU.
 
 from __future__ import annotations
 
+import functools
 import struct
 import threading
 from collections import Counter
@@ -640,17 +641,24 @@ def _canonical(address: int) -> bool:
 _CR4_TSD = 1 << 2
 
 
-def _host_has_rdpru() -> bool:
-    """Whether the host CPU offers rdpru (the flag its kernel reports), as a guest running
-    at CPL3, natively, finds it; without it the CPU answers #UD."""
+@functools.cache
+def _host_flags() -> frozenset[str]:
+    """The host CPU's feature flags, as its kernel reports them.  On a host whose guests
+    see the host's CPUID (PVM), these are what the guest was told it has."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
             for line in cpuinfo:
                 if line.startswith("flags"):
-                    return "rdpru" in line.split()
+                    return frozenset(line.partition(":")[2].split())
     except OSError:
         pass
-    return False
+    return frozenset()
+
+
+def _host_has_rdpru() -> bool:
+    """Whether the host CPU offers rdpru, as a guest running at CPL3, natively, finds it;
+    without it the CPU answers #UD."""
+    return "rdpru" in _host_flags()
 
 
 def _rdpru(state: _State, insn: _Insn) -> str | None:
@@ -667,6 +675,39 @@ def _rdpru(state: _State, insn: _Insn) -> str | None:
     state.set_flags(ARITH_FLAGS, flags)
     state.advance()
     return f"ECX={state.read_reg('ecx')}"
+
+
+# -- the TSC and protection keys ----------------------------------------------------------
+
+IA32_TSC = 0x10
+IA32_TSC_AUX = 0xC000_0103
+_CR4_PKE = 1 << 22
+
+
+def _rdtscp(state: _State, insn: _Insn) -> str | None:
+    """EDX:EAX the vCPU's TSC, ECX its IA32_TSC_AUX (both from KVM); #UD where the host
+    CPU, whose CPUID the guest sees, has no rdtscp; #GP(0) at CPL > 0 with CR4.TSD."""
+    if "rdtscp" not in _host_flags():
+        raise GuestFault(UD)
+    if state.cpl and state.sregs.cr4 & _CR4_TSD:
+        raise GuestFault(GP, 0)
+    msrs = state.vcpu.get_msrs((IA32_TSC, IA32_TSC_AUX))
+    if IA32_TSC not in msrs:
+        return None
+    tsc, aux = msrs[IA32_TSC], msrs.get(IA32_TSC_AUX, 0) & 0xFFFFFFFF
+    state.write_reg("eax", tsc & 0xFFFFFFFF)
+    state.write_reg("edx", tsc >> 32 & 0xFFFFFFFF)
+    state.write_reg("ecx", aux)
+    state.advance()
+    return f"TSC={tsc:#x} TSC_AUX={aux:#x}"
+
+
+def _pkru(state: _State, insn: _Insn) -> str | None:
+    """rdpkru, wrpkru: #UD without protection keys (the host CPU's, or CR4.PKE off), as
+    the CPU answers; with them, left to the report (KVM's XSAVE area would hold PKRU)."""
+    if "pku" not in _host_flags() or not state.sregs.cr4 & _CR4_PKE:
+        raise GuestFault(UD)
+    return None
 
 
 # -- state instructions ------------------------------------------------------------------
@@ -1185,6 +1226,9 @@ _HANDLERS: dict[str, Callable[[_State, _Insn], str | None]] = {
     "clflush": _cache_line,
     "invpcid": _invpcid,
     "rdpru": _rdpru,
+    "rdtscp": _rdtscp,
+    "rdpkru": _pkru,
+    "wrpkru": _pkru,
     "xgetbv": _xgetbv,
     "xsetbv": _xsetbv,
     "wait": _fwait,
