@@ -17,7 +17,7 @@ REAL_GUESTS := real_hello pio_loop counter runner_pass runner_fail runner_skip v
 	s3_resume
 PROTECTED_GUESTS := protected_hello paged32_hello exit_cycles iret32 intn32
 LONG_GUESTS := long_hello triple_fault mmio_hello interrupts gdb_target stress_io cpl0_loop cpl3_loop \
-	complete64 s3_wake64
+	complete64 s3_wake64 x87env64
 MULTIBOOT_GUESTS := multiboot_hello
 PVH_GUESTS := pvh_hello
 GUESTS := $(REAL_GUESTS:%=$(OUT)/%.bin) $(PROTECTED_GUESTS:%=$(OUT)/%.bin) \
