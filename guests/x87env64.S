@@ -401,64 +401,7 @@ pf_skip_from:	.quad	at_pf_save
 pd_entry:	.quad	0
 word:		.word	0
 
-/* The registers of the save images, ST0-ST7 (significand, sign and exponent). */
-	.macro	registers
-	.quad	0x8000000000000000	/* ST0 1.0: valid */
-	.word	0x3fff
-	.quad	0			/* ST1 +0: zero */
-	.word	0
-	.quad	0xc000000000000000	/* ST2 quiet NaN: special */
-	.word	0x7fff
-	.quad	0x8000000000000000	/* ST3 -infinity: special */
-	.word	0xffff
-	.quad	1			/* ST4 denormal: special */
-	.word	0
-	.quad	0x4000000000000000	/* ST5 unnormal (integer bit clear): special */
-	.word	0x4000
-	.quad	0x8000000000000000	/* ST6 pseudo-denormal: special */
-	.word	0x8000
-	.quad	0xc90fdaa22168c235	/* ST7 pi, but tagged empty */
-	.word	0x4000
-	.endm
-
-/*
- * FCW 0x37b: ZE unmasked.  FSW 0x1804: TOP 3, ZE set, ES clear in the image (the FPU
- * sets ES and B: ZE is unmasked).  Tags: R2 (ST7) empty, the others "valid" (the FPU
- * keeps only empty or not).  FIP, FCS, FOP (0xf9d9: 11 bits kept), FDP, FDS.
- */
-save_in:
-	.word	0x037b, 0xffff, 0x1804, 0xffff, 0x0030, 0xffff
-	.long	0x12345678
-	.word	0x0abc, 0xf9d9
-	.long	0x9abcdef0
-	.word	0x0def, 0xffff
-	registers
-/* What fnstenv stores for it (FCS, FDS masked): tags by content, R0 up:
- * special, special, empty, valid, zero, special, special, special. */
-env_want:
-	.word	0x037b, 0xffff, 0x9884, 0xffff, 0xa93a, 0xffff
-	.long	0x12345678
-	.word	0, 0x01d9
-	.long	0x9abcdef0
-	.word	0, 0xffff
-save16_in:
-	.word	0x037b, 0x1804, 0x0030, 0x5678, 0x0abc, 0xdef0, 0x0def
-	registers
-env16_want:
-	.word	0x037b, 0x9884, 0xa93a, 0x5678, 0, 0xdef0, 0
-/* Reserved FCW bits set and bit 6 clear; every FSW bit but B and ES; all tags valid. */
-env_odd:
-	.word	0xffbf, 0xffff, 0x7fff, 0xffff, 0x0000, 0xffff
-	.long	0x11111111
-	.word	0x2222, 0x0333
-	.long	0x44444444
-	.word	0x5555, 0xffff
-env16_odd:
-	.word	0x0372, 0x2001, 0x0000, 0x6666, 0x7777, 0x8888, 0x9999
-save_empty:
-	.word	0x037f, 0xffff, 0x0000, 0xffff, 0xffff, 0xffff
-	.long	0, 0, 0, 0
-	registers
+	.include "x87env.inc"
 env_out:	.space	28
 	.align 8
 save_out:	.space	108

@@ -64,6 +64,14 @@ def test_x87env64_matches_the_cpu_and_says_what_it_completed() -> None:
         assert "fnsave dword ptr [rdi]  (#PF)" in done.stderr
 
 
+def test_x87env32_images_through_a_segment_base() -> None:
+    done = kvmpy_cli("run", "--mode", "protected", "--stats", str(guest("x87env32")))
+    assert "x87env32 OK: all checks passed" in done.stdout, done.stdout + done.stderr
+    assert done.returncode == 1, done.stderr
+    if host_kvm_module() == "kvm_pvm":
+        assert "frstor 3, fnsave 2, fnstsw 2, fnstenv 1, fldenv 1" in done.stderr
+
+
 def test_intn32_exception_tests_written_with_int_n_pass() -> None:
     """A test kernel in kvm-unit-tests' style: int3, int $n (no error code, also for
     8, 13, 14, 17), into, and a DPL-violating gate giving #GP, at CPL0 and CPL1."""
