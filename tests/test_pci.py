@@ -695,7 +695,7 @@ DECODING = [(0x04, 0x3), (0x10, 0x1000), (0x14, 0x0900_0000), (0x18, 0x0A00_0000
         (saved_state([*DECODING, (0x14, OTHER_PAGE)], 0b010), "overlaps another device"),
         (saved_state(DECODING, 0b1000), "has 3 BARs, not BAR3"),
         (saved_state(DECODING, 0b100_0000), "mapped_bars: 0x40 is outside"),
-        (records.replace(saved_state(DECODING, 0), mapped_bars=()), "0 functions, not 1"),
+        (records.replace(saved_state(DECODING, 0), mapped_bars=(0, 0)), "2 functions, not 1"),
     ],
 )
 def test_a_hostile_state_cannot_map_a_bar_and_changes_nothing(
@@ -709,6 +709,26 @@ def test_a_hostile_state_cannot_map_a_bar_and_changes_nothing(
     with pytest.raises(DeviceStateError, match=f"^pci state: .*{message}"):
         setup.host.pci.restore(state)
     assert (bus_ranges(setup), bytes(setup.function.config), setup.host.pci.state()) == before
+    _check_buses(setup)
+
+
+def test_a_version_1_state_maps_what_decodes_as_the_live_rule_does() -> None:
+    # Version 1 did not save which BARs were mapped: the upgrade leaves mapped_bars
+    # empty, and restore maps each decoding BAR in order unless an earlier one took
+    # its place (BAR2 here, over BAR1).
+    setup = Attached()
+    saved = device_state(setup.host.pci)
+    state = saved_state([*DECODING, (0x18, 0x0900_0000)], 0)
+
+    class Saved:
+        def state(self) -> PciHostState:
+            return state
+
+    fields = json.loads(json.dumps(device_state(Saved())))["state"]
+    del fields["mapped_bars"]
+    restore_device_state(setup.host.pci, {"version": 1, "state": fields}, "pci")
+    assert setup.mapped() == {0: 0x1000, 1: 0x0900_0000}
+    assert saved["version"] == 2
     _check_buses(setup)
 
 

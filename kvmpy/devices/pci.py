@@ -51,7 +51,7 @@ from kvmpy.devices.base import (
     flags,
     no_irq,
 )
-from kvmpy.records import Record
+from kvmpy.records import Record, replace
 
 CONFIG_ADDRESS_PORT = 0xCF8
 RESET_CONTROL_PORT = 0xCF9
@@ -372,9 +372,18 @@ class PciHostState(Record):
     # Per function, the same order: which BARs are on a bus (bit n: BAR n).  Saved,
     # not derived: a BAR that decodes may have been refused (put over a taken
     # range), and which of two overlapping BARs won depends on the guest's order.
+    # Empty in a state upgraded from version 1, which did not say: restore then maps
+    # what decodes, function by function and BAR by BAR, as the live rule would.
     mapped_bars: tuple[int, ...] = bounded(
         0, ALL_BARS, max_length=MAX_DEVICES * MAX_FUNCTIONS, mask=ALL_BARS
     )
+
+    @staticmethod
+    def upgrade(version: int, fields: dict[str, object]) -> dict[str, object]:
+        """A saved version's fields, as this version's (the snapshot checks them after)."""
+        if version == 1:
+            return {**fields, "mapped_bars": []}
+        return fields
 
 
 class _BarRange(Stateless):
@@ -504,6 +513,8 @@ class PciHost:
         checked = check_state("pci", state, PciHostState)
         addresses = sorted(self.functions, key=_key)
         functions = [self.functions[a] for a in addresses]
+        if not checked.mapped_bars and functions:  # from a version-1 state
+            checked = replace(checked, mapped_bars=self._live_masks(functions, checked.configs))
         for name, saved in (("configs", checked.configs), ("mapped_bars", checked.mapped_bars)):
             if len(saved) != len(functions):
                 raise DeviceStateError("pci", name, f"{len(saved)} functions, not {len(functions)}")
@@ -625,6 +636,29 @@ class PciHost:
                 key = (where, index)
                 if key not in self._mapped and self._decodes(function.bars[index], address):
                     self._refused[key] = address
+
+    def _live_masks(
+        self, functions: list[PciFunction], configs: tuple[bytes, ...]
+    ) -> tuple[int, ...]:
+        """Which BARs the live rule would map for these configuration spaces, in order:
+        each that decodes inside the windows, unless an earlier one took its place."""
+        if len(configs) != len(functions):
+            return ()  # restore reports the mismatch
+        taken: list[tuple[bool, int, int]] = []
+        masks = []
+        for function, config in zip(functions, configs, strict=True):
+            mask = 0
+            for index, address in function.decoded_bars(config):
+                bar = function.bars[index]
+                end = address + bar.size
+                clash = any(
+                    io == bar.io and start < end and address < stop for io, start, stop in taken
+                )
+                if self._decodes(bar, address) and not clash:
+                    taken.append((bar.io, address, end))
+                    mask |= 1 << index
+            masks.append(mask)
+        return tuple(masks)
 
     def _map_all_bars(self) -> None:
         for address, function in self.functions.items():
