@@ -23,7 +23,7 @@ PVH_GUESTS := pvh_hello
 GUESTS := $(REAL_GUESTS:%=$(OUT)/%.bin) $(PROTECTED_GUESTS:%=$(OUT)/%.bin) \
 	$(LONG_GUESTS:%=$(OUT)/%.bin) $(MULTIBOOT_GUESTS:%=$(OUT)/%.elf) $(PVH_GUESTS:%=$(OUT)/%.elf)
 
-.PHONY: all setup guests demo test lint unit docs bench fuzz clean linux-guests test-linux bench-linux
+.PHONY: all setup guests demo test lint unit docs bench fuzz clean linux-guests test-linux bench-linux linux-cloud-init
 .DELETE_ON_ERROR:
 
 all: setup guests
@@ -113,6 +113,10 @@ bench: all
 
 bench-linux: all linux-guests
 	$(BIN)/python bench/linux_boot.py
+
+# Debian's stock cloud kernel to `Run /init` (about 25 minutes on a PVM host: not in CI).
+linux-cloud-init: all linux-guests
+	$(BIN)/python guests/linux/cloud_to_init.py
 # The hypothesis tests (tests/test_*fuzz*.py) run a short budget in `make test`;
 # this runs them long: FUZZ_EXAMPLES examples per test.
 FUZZ_EXAMPLES ?= 20000
