@@ -16,6 +16,7 @@ import pytest
 
 from kvmpy.backends.exits import ExitKind, ExitWindow
 from kvmpy.bus import Bus
+from kvmpy.devices.base import Stateless
 from kvmpy.devices.pc_testdev import IOMEM_BASE, PcTestDevice
 from kvmpy.loaders.flat import load_flat
 from kvmpy.machine import Machine
@@ -23,7 +24,7 @@ from kvmpy.runloop import ExitObserver
 from tests.helpers import Assembler
 
 
-class Stub:
+class Stub(Stateless):
     """A device that answers a constant and keeps nothing (not plain memory)."""
 
     def __init__(self, value: int = 0x42) -> None:
@@ -33,15 +34,6 @@ class Stub:
         return self.value
 
     def write(self, offset: int, size: int, value: int) -> None:
-        return None
-
-    def reset(self) -> None:
-        return None
-
-    def state(self) -> None:
-        return None
-
-    def restore(self, state: object) -> None:
         return None
 
 
