@@ -594,3 +594,109 @@ def test_protection_key_instructions_without_the_feature_are_undefined(
     sregs.cr4 |= 1 << 22
     vcpu = vcpu_at(code, sregs, rcx=0)
     assert not completer(memory).complete(vcpu)  # with keys on: left to the report
+
+
+# -- lar, lsl, verr, verw ------------------------------------------------------------------
+
+GDT = 0x1000
+
+
+def descriptor(access: int, flags: int = 0xC, limit: int = 0xFFFFF, base: int = 0) -> int:
+    return (
+        limit & 0xFFFF
+        | (base & 0xFFFFFF) << 16
+        | access << 40
+        | (limit >> 16 & 0xF) << 48
+        | flags << 52
+        | (base >> 24 & 0xFF) << 56
+    )
+
+
+# 0x08 64-bit code DPL0 (readable); 0x10 data DPL0; 0x18 data DPL3; 0x20 conforming
+# execute-only code DPL0; 0x28 read-only data DPL0, byte-granular limit 0x1234; 0x30
+# 64-bit TSS (16 bytes); 0x40 call gate whose upper half has a type (ZF=0 in IA-32e);
+# 0x50 16-bit TSS (legacy only).
+DESCRIPTORS = [
+    0,
+    descriptor(0x9B, 0xA),
+    descriptor(0x93),
+    descriptor(0xF3),
+    descriptor(0x9C),
+    descriptor(0x91, 0x0, 0x1234),
+    descriptor(0x89, 0x0, 0x67),
+    0,
+    descriptor(0x8C, 0x0, 0),
+    0x1F << 40,
+    descriptor(0x81, 0x0, 0x2B),
+]
+
+
+def gdt_sregs(sregs: Sregs) -> Sregs:
+    sregs.gdt.base, sregs.gdt.limit = GDT, len(DESCRIPTORS) * 8 - 1
+    return sregs
+
+
+LAR_ECX = b"\x0f\x02\xc1"
+LSL_ECX = b"\x0f\x03\xc1"
+VERR_CX = b"\x0f\x00\xe1"
+VERW_CX = b"\x0f\x00\xe9"
+
+
+@pytest.mark.parametrize(
+    ("code", "selector", "cpl", "expected"),
+    [
+        (LAR_ECX, 0x08, 0, 0x00AF9B00),
+        (b"\x48" + LAR_ECX, 0x10, 0, 0x00CF9300),  # 64-bit operand: zero-extended
+        (b"\x66" + LAR_ECX, 0x10, 0, 0x9300),  # 16-bit operand: FF00H mask
+        (LAR_ECX, 0x13, 0, None),  # RPL 3 above DPL 0
+        (LAR_ECX, 0x10, 3, None),  # CPL 3 above DPL 0
+        (LAR_ECX, 0x23, 3, 0x00CF9C00),  # conforming code: no privilege check
+        (LAR_ECX, 0x00, 0, None),  # null
+        (LAR_ECX, 0x58, 0, None),  # past the GDT
+        (LAR_ECX, 0x0C, 0, None),  # LDT selector, no LDT
+        (LAR_ECX, 0x30, 0, 0x00008900),  # 64-bit TSS
+        (LAR_ECX, 0x40, 0, None),  # call gate with a typed upper half
+        (LAR_ECX, 0x50, 0, None),  # 16-bit TSS: not in IA-32e mode
+        (LSL_ECX, 0x28, 0, 0x1234),
+        (LSL_ECX, 0x10, 0, 0xFFFFFFFF),  # 4 KiB granular
+        (LSL_ECX, 0x30, 0, 0x67),
+        (VERR_CX, 0x08, 0, 1),
+        (VERR_CX, 0x20, 0, None),  # execute-only code
+        (VERR_CX, 0x1B, 3, 1),
+        (VERR_CX, 0x10, 3, None),
+        (VERR_CX, 0x30, 0, None),  # system descriptor
+        (VERW_CX, 0x10, 0, 1),
+        (VERW_CX, 0x28, 0, None),  # read-only
+        (VERW_CX, 0x08, 0, None),  # code is never writable
+    ],
+)
+def test_descriptor_instructions_follow_the_sdm(
+    memory: GuestMemory, code: bytes, selector: int, cpl: int, expected: int | None
+) -> None:
+    memory.write(GDT, struct.pack(f"<{len(DESCRIPTORS)}Q", *DESCRIPTORS))
+    untouched = 0x1111_1111_1111_1111
+    vcpu = vcpu_at(code, gdt_sregs(long_mode(cpl)), rcx=selector, rax=untouched, rflags=2)
+    done = completer(memory)
+    assert done.complete(vcpu)
+    assert vcpu.regs.rip == RIP + len(code)
+    assert bool(vcpu.regs.rflags & ZF) is (expected is not None)
+    if code[-2] in (0x02, 0x03):  # lar, lsl write the destination only on success
+        if expected is None:
+            assert vcpu.regs.rax == untouched
+        elif code[0] == 0x66:
+            assert vcpu.regs.rax == untouched & ~0xFFFF | expected
+        else:
+            assert vcpu.regs.rax == expected
+
+
+def test_descriptor_instructions_in_legacy_modes(memory: GuestMemory) -> None:
+    memory.write(GDT, struct.pack(f"<{len(DESCRIPTORS)}Q", *DESCRIPTORS))
+    # Protected mode: the 16-bit TSS is a valid LSL type, read as 8 bytes.
+    vcpu = vcpu_at(LSL_ECX, gdt_sregs(protected_mode()), rcx=0x50, rflags=2)
+    assert completer(memory).complete(vcpu)
+    assert vcpu.regs.rflags & ZF and vcpu.regs.rax == 0x2B
+    # Real mode (where the CPU answers #UD) stays with the report, as every completion does.
+    real = protected_mode()
+    real.cr0 = 0
+    vcpu = vcpu_at(LAR_ECX, real, rcx=0x08)
+    assert not completer(memory).complete(vcpu)

@@ -308,3 +308,58 @@ def test_rdtscp_and_adx_complete_as_the_cpu_runs_them(tmp_path: Path) -> None:
         assert counts["rdtscp"] == 2
         assert sum(n for name, n in counts.items() if name.startswith("adcx")) == 1
         assert sum(n for name, n in counts.items() if name.startswith("adox")) == 1
+
+
+DESCRIPTOR_CHECKS = """
+    mov $0x200000, %rdi
+    mov %cs, %ax
+    mov %ds, %bx
+    mov $-1, %rdx
+    mov %rdx, %rcx
+    lar %ax, %rcx
+    setz (%rdi)
+    mov %rcx, 8(%rdi)
+    mov %rdx, %rcx
+    lsl %bx, %ecx
+    setz 1(%rdi)
+    mov %rcx, 16(%rdi)
+    verr %ax
+    setz 2(%rdi)
+    verw %ax
+    setz 3(%rdi)
+    verw %bx
+    setz 4(%rdi)
+    xor %eax, %eax
+    lar %ax, %rcx
+    setz 5(%rdi)
+    mov $0xfff8, %ax
+    lsl %ax, %ecx
+    setz 6(%rdi)
+    mov $0x0b, %al
+    out %al, $0xf4
+"""
+
+
+def test_descriptor_checks_complete_against_the_guests_gdt(tmp_path: Path) -> None:
+    """PVM's emulator fails lar, lsl, verr and verw at CPL0; kvmpy reads the descriptors."""
+    image = assembler(tmp_path)(DESCRIPTOR_CHECKS, "long")
+    with Machine(mem_size=4 << 20, irqchip=False) as m:
+        m.load(load_flat(image, 0x100000), mode="long")
+        sregs = m.vcpu.get_sregs()
+        gdt = m.memory.read(sregs.gdt.base, sregs.gdt.limit + 1)
+        assert m.run(timeout=30).exit_code == 0x0B
+        flags = m.memory.read(0x200000, 7)
+        access, limit = struct.unpack("<2Q", m.memory.read(0x200008, 16))
+    code = struct.unpack_from("<Q", gdt, sregs.cs.selector & ~7)[0]
+    data = struct.unpack_from("<Q", gdt, sregs.ds.selector & ~7)[0]
+    data_limit = data & 0xFFFF | (data >> 48 & 0xF) << 16
+    if data >> 55 & 1:
+        data_limit = data_limit << 12 | 0xFFF
+    # lar cs, lsl ds, verr cs (readable code), verw cs (never), verw ds, null, past the GDT
+    assert flags == bytes([1, 1, 1, 0, 1, 0, 0])
+    assert access == code >> 32 & 0x00FFFF00
+    assert limit == data_limit
+    if host_kvm_module() == "kvm_pvm":
+        counts = m.arch.completer.counts
+        assert counts["lar"] == 2 and counts["lsl"] == 2
+        assert counts["verr"] == 1 and counts["verw"] == 2

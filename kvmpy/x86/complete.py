@@ -1118,6 +1118,77 @@ def _segment_for(state: _State, selector: int) -> tuple[Segment, int, int]:
     return segment, access, at
 
 
+# -- lar, lsl, verr, verw (SDM Vol. 2A/2B): what a selector's descriptor allows --------
+
+_EFER_LMA = 1 << 10
+# System descriptor types each may report, outside and inside IA-32e mode.
+_LAR_TYPES = (frozenset((1, 2, 3, 4, 5, 9, 0xB, 0xC)), frozenset((2, 9, 0xB, 0xC)))
+_LSL_TYPES = (frozenset((1, 2, 3, 9, 0xB)), frozenset((2, 9, 0xB)))
+
+
+def _visible_descriptor(state: _State, selector: int, wide: bool) -> tuple[int, int] | None:
+    """The descriptor ``selector`` names, and with ``wide`` the next 8 bytes (IA-32e
+    system descriptors are 16 bytes), or None where the CPU finds none: a null
+    selector, no LDT, or past the table's limit.  A page fault reading it is the guest's."""
+    index = selector & ~7
+    if selector & 4:
+        ldt = state.sregs.ldt
+        if ldt.unusable or not ldt.present:
+            return None
+        base, limit = ldt.base, ldt.limit
+    else:
+        if index == 0:
+            return None
+        base, limit = state.sregs.gdt.base, state.sregs.gdt.limit
+    if index + (15 if wide else 7) > limit:
+        return None
+    low = state.read(base + index, 8, implicit=True)
+    return low, state.read(base + index + 8, 8, implicit=True) if wide else 0
+
+
+def _descriptor_check(state: _State, insn: _Insn) -> str:
+    """ZF: whether the selector's descriptor is visible at this CPL and RPL and of a kind
+    the instruction accepts; lar and lsl then load its access rights or limit.  (In
+    real-address and virtual-8086 mode, where the CPU answers #UD, completion as a
+    whole stands aside.)"""
+    name = insn.mnemonic
+    selector = state.operand_value(insn.operands[-1]) & 0xFFFF
+    ia32e = bool(state.sregs.efer & _EFER_LMA)
+    first = _visible_descriptor(state, selector, wide=False)
+    result: int | None = None
+    if first is not None:
+        access = first[0] >> 40 & 0xFF
+        system, kind, dpl = not access & 0x10, access & 0xF, access >> 5 & 3
+        conforming_code = not system and kind & 0xC == 0xC
+        visible = conforming_code or (dpl >= state.cpl and dpl >= selector & 3)
+        descriptor = first[0]
+        if name in ("lar", "lsl"):
+            types = (_LAR_TYPES if name == "lar" else _LSL_TYPES)[ia32e]
+            accepted = not system or kind in types
+            if system and ia32e and accepted:
+                # The upper half of a 16-byte descriptor must have type 0.
+                wide = _visible_descriptor(state, selector, wide=True)
+                accepted = wide is not None and not wide[1] >> 40 & 0x1F
+            if accepted and visible:
+                if name == "lar":
+                    result = descriptor >> 32 & 0x00FFFF00
+                else:
+                    limit = descriptor & 0xFFFF | (descriptor >> 48 & 0xF) << 16
+                    result = limit << 12 | 0xFFF if descriptor >> 55 & 1 else limit
+        else:
+            readable = not kind & 8 or bool(kind & 2)  # data, or code with R
+            writable = not kind & 8 and bool(kind & 2)  # data with W
+            allowed = readable if name == "verr" else writable
+            result = 1 if not system and allowed and visible else None
+    if result is not None and name in ("lar", "lsl"):
+        destination = insn.operands[0]
+        width = destination.size * 8
+        state.write_reg(state.reg_name(destination), result & ((1 << width) - 1))
+    state.set_flags(ZF, ZF if result is not None else 0)
+    state.advance()
+    return f"selector {selector:#x}: " + ("ZF=1" if result is not None else "ZF=0")
+
+
 class _NotHandled(Exception):
     """A case completion leaves to the crash report (task returns, LDTs, virtual-8086)."""
 
@@ -1422,6 +1493,10 @@ _HANDLERS: dict[str, Callable[[_State, _Insn], str | None]] = {
     "wait": _fwait,
     "fninit": _fninit,
     "iretd": _iretd,
+    "lar": _descriptor_check,
+    "lsl": _descriptor_check,
+    "verr": _descriptor_check,
+    "verw": _descriptor_check,
     "xsave": _xsave,
     "xsave64": _xsave,
     "xsaveopt": _xsave,
