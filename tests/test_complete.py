@@ -700,3 +700,49 @@ def test_descriptor_instructions_in_legacy_modes(memory: GuestMemory) -> None:
     real.cr0 = 0
     vcpu = vcpu_at(LAR_ECX, real, rcx=0x08)
     assert not completer(memory).complete(vcpu)
+
+
+# -- SHA extensions: faults (the results are checked against the CPU in test_complete_kvm) --
+
+
+def sse_sregs() -> Sregs:
+    sregs = long_mode()
+    sregs.cr4 |= 1 << 9  # OSFXSR
+    return sregs
+
+
+SHA256MSG1_RDI = b"\x0f\x38\xcc\x07"  # sha256msg1 xmm0, [rdi]
+
+
+def test_sha_faults_as_the_cpu_does(memory: GuestMemory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(complete, "_host_flags", lambda: frozenset({"sha_ni"}))
+    vcpu = vcpu_at(SHA256MSG1_RDI, sse_sregs(), rdi=0x3008)  # misaligned
+    assert completer(memory).complete(vcpu)
+    assert vcpu.injected == [("exception", 13, 0)] and vcpu.regs.rip == RIP
+    tasked = sse_sregs()
+    tasked.cr0 |= 1 << 3  # CR0.TS
+    vcpu = vcpu_at(SHA256MSG1_RDI, tasked, rdi=0x3000)
+    assert completer(memory).complete(vcpu)
+    assert vcpu.injected == [("exception", 7, None)]
+    vcpu = vcpu_at(SHA256MSG1_RDI, long_mode(), rdi=0x3000)  # no OSFXSR
+    assert completer(memory).complete(vcpu)
+    assert vcpu.injected == [("exception", 6, None)]
+    monkeypatch.setattr(complete, "_host_flags", lambda: frozenset())
+    vcpu = vcpu_at(SHA256MSG1_RDI, sse_sregs(), rdi=0x3000)  # the host has no SHA
+    assert completer(memory).complete(vcpu)
+    assert vcpu.injected == [("exception", 6, None)]
+
+
+def test_sha_with_sse_state_not_in_use_reads_zero_registers(
+    memory: GuestMemory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(complete, "_host_flags", lambda: frozenset({"sha_ni"}))
+    memory.write(0x3000, bytes(16))
+    vcpu = vcpu_at(SHA256MSG1_RDI, sse_sregs(), rdi=0x3000)
+    area = bytearray(vcpu.xsave)
+    area[160:176] = b"\xff" * 16  # stale bytes, but XSTATE_BV says SSE is in its init state
+    area[512] &= ~2
+    vcpu.xsave = bytes(area)
+    assert completer(memory).complete(vcpu)
+    assert vcpu.xsave[160:176] == bytes(16) and vcpu.xsave[512] & 2
+    assert vcpu.regs.rip == RIP + 4

@@ -363,3 +363,105 @@ def test_descriptor_checks_complete_against_the_guests_gdt(tmp_path: Path) -> No
         counts = m.arch.completer.counts
         assert counts["lar"] == 2 and counts["lsl"] == 2
         assert counts["verr"] == 1 and counts["verw"] == 2
+
+
+# -- the SHA extensions: kvmpy at CPL0 against the host CPU's own ---------------------------
+
+SHA_INPUTS = (
+    0x0123456789ABCDEF_FEDCBA9876543210,
+    0x243F6A8885A308D3_13198A2E03707344,
+    0xA4093822299F31D0_082EFA98EC4E6C89,
+)
+# (mnemonic and immediate, destination input, source input); xmm0 holds SHA_INPUTS[2].
+SHA_CASES = [
+    ("sha1rnds4 $0", 0, 1),
+    ("sha1rnds4 $1", 0, 1),
+    ("sha1rnds4 $2", 1, 0),
+    ("sha1rnds4 $3", 1, 2),
+    ("sha1nexte", 0, 1),
+    ("sha1msg1", 0, 1),
+    ("sha1msg2", 1, 2),
+    ("sha256rnds2", 0, 1),
+    ("sha256msg1", 0, 1),
+    ("sha256msg2", 1, 2),
+]
+
+
+def _sha_guest() -> str:
+    """Long mode: each case on xmm1 (destination) and xmm2, or a 16-byte memory source
+    for the last; results stored at 0x200000 + 16 * case."""
+    lines = ["    movdqu inputs + 32(%rip), %xmm0"]
+    for index, (mnemonic, first, second) in enumerate(SHA_CASES):
+        lines += [
+            f"    movdqu inputs + {16 * first}(%rip), %xmm1",
+            f"    movdqu inputs + {16 * second}(%rip), %xmm2",
+        ]
+        operands = "%xmm2, %xmm1" if index % 2 else f"inputs + {16 * second}(%rip), %xmm1"
+        if mnemonic.startswith("sha1rnds4"):
+            name, immediate = mnemonic.split()
+            lines.append(f"    {name} {immediate}, {operands}")
+        else:
+            lines.append(f"    {mnemonic} {operands}")
+        lines.append(f"    movdqu %xmm1, {0x200000 + 16 * index}")
+    data = "".join(
+        f"    .quad {value & (2**64 - 1):#x}, {value >> 64:#x}\n" for value in SHA_INPUTS
+    )
+    return "\n".join(
+        [*lines, "    mov $0x0b, %al", "    out %al, $0xf4", "    .align 16", "inputs:", data]
+    )
+
+
+def _sha_native(tmp_path: Path) -> list[int]:
+    """The same cases on the host CPU, through a small C program."""
+    body = []
+    for mnemonic, first, second in SHA_CASES:
+        name, _, immediate = mnemonic.partition(" ")
+        operand = f"{immediate}, %2, %0" if immediate else "%2, %0"
+        extra = ', "Yz"(in[2])' if name == "sha256rnds2" else ""
+        body.append(
+            f"r = in[{first}]; "
+            f'__asm__("{name} {operand}" : "+x"(r) : "x"(r), "x"(in[{second}]){extra}); '
+            "out(r);"
+        )
+    values = ", ".join(
+        f"{{{value & (2**64 - 1):#x}ULL, {value >> 64:#x}ULL}}" for value in SHA_INPUTS
+    )
+    source = f"""
+#include <stdio.h>
+#include <emmintrin.h>
+static void out(__m128i r) {{ unsigned long long q[2]; _mm_storeu_si128((__m128i *)q, r);
+    printf("%016llx%016llx\\n", q[1], q[0]); }}
+int main(void) {{
+    unsigned long long raw[3][2] = {{{values}}};
+    __m128i in[3], r;
+    for (int i = 0; i < 3; i++) in[i] = _mm_loadu_si128((__m128i *)raw[i]);
+    {" ".join(body)}
+    return 0;
+}}
+"""
+    program = tmp_path / "sha_native"
+    (tmp_path / "sha_native.c").write_text(source)
+    subprocess.run(["cc", "-O1", "-o", str(program), str(tmp_path / "sha_native.c")], check=True)
+    output = subprocess.run([str(program)], check=True, capture_output=True, text=True).stdout
+    return [int(line, 16) for line in output.split()]
+
+
+def test_sha_extensions_complete_as_the_host_cpu_computes_them(tmp_path: Path) -> None:
+    from kvmpy.x86.complete import _host_flags
+
+    if "sha_ni" not in _host_flags():
+        pytest.skip("the host CPU has no SHA extensions to compare with (and guests see none)")
+    image = assembler(tmp_path)(_sha_guest(), "long")
+    with Machine(mem_size=4 << 20, irqchip=False) as m:
+        m.load(load_flat(image, 0x100000), mode="long")
+        sregs = m.vcpu.get_sregs()
+        sregs.cr4 |= 1 << 9  # OSFXSR: SSE on
+        m.vcpu.set_sregs(sregs)
+        assert m.run(timeout=60).exit_code == 0x0B
+        raw = m.memory.read(0x200000, 16 * len(SHA_CASES))
+    guest = [int.from_bytes(raw[16 * i : 16 * i + 16], "little") for i in range(len(SHA_CASES))]
+    native = _sha_native(tmp_path)
+    assert [f"{value:032x}" for value in guest] == [f"{value:032x}" for value in native]
+    if host_kvm_module() == "kvm_pvm":
+        counts = m.arch.completer.counts
+        assert sum(counts.get(name, 0) for name in ("sha1rnds4", "sha256rnds2")) == 5

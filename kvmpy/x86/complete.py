@@ -1302,6 +1302,155 @@ def _ldmxcsr(state: _State, insn: _Insn) -> str:
     return f"MXCSR={value:#x}"
 
 
+# -- SHA extensions (SDM Vol. 2, SHA1RNDS4 ... SHA256MSG2): the host's SHA, the guest sees ---
+
+_M32 = 0xFFFFFFFF
+_SHA1_CONSTANTS = (0x5A827999, 0x6ED9EBA1, 0x8F1BBCDC, 0xCA62C1D6)
+
+
+def _sha1_function(function: int, b: int, c: int, d: int) -> int:
+    """SHA-1's f for imm8[1:0]: choose, parity, majority, parity."""
+    if function == 0:
+        return (b & c) ^ (~b & d)
+    if function == 2:
+        return (b & c) ^ (b & d) ^ (c & d)
+    return b ^ c ^ d
+
+
+def _rol(value: int, count: int) -> int:
+    return (value << count | value >> (32 - count)) & _M32
+
+
+def _ror(value: int, count: int) -> int:
+    return (value >> count | value << (32 - count)) & _M32
+
+
+def _dwords(value: int) -> list[int]:
+    """The four dwords of a 128-bit value, highest first (the SDM's [127:96] ... [31:0])."""
+    return [value >> shift & _M32 for shift in (96, 64, 32, 0)]
+
+
+def _join(*dwords: int) -> int:
+    """Four dwords, highest first, as one 128-bit value."""
+    return sum((word & _M32) << shift for word, shift in zip(dwords, (96, 64, 32, 0), strict=True))
+
+
+def _sha1rnds4(state1: int, state2: int, function: int) -> int:
+    k = _SHA1_CONSTANTS[function]
+    a, b, c, d = _dwords(state1)
+    words = _dwords(state2)  # W0+E, W1, W2, W3
+    e = 0
+    for word in words:
+        t = (_sha1_function(function, b, c, d) + _rol(a, 5) + word + e + k) & _M32
+        a, b, c, d, e = t, a, _rol(b, 30), c, d
+    return _join(a, b, c, d)
+
+
+def _sha256_big_sigma0(x: int) -> int:
+    return _ror(x, 2) ^ _ror(x, 13) ^ _ror(x, 22)
+
+
+def _sha256_big_sigma1(x: int) -> int:
+    return _ror(x, 6) ^ _ror(x, 11) ^ _ror(x, 25)
+
+
+def _sha256_sigma0(x: int) -> int:
+    return _ror(x, 7) ^ _ror(x, 18) ^ x >> 3
+
+
+def _sha256_sigma1(x: int) -> int:
+    return _ror(x, 17) ^ _ror(x, 19) ^ x >> 10
+
+
+def _sha256rnds2(cdgh: int, abef: int, wk: int) -> int:
+    a, b, e, f = _dwords(abef)
+    c, d, g, h = _dwords(cdgh)
+    for word in (wk & _M32, wk >> 32 & _M32):
+        choose = (e & f) ^ (~e & g)
+        majority = (a & b) ^ (a & c) ^ (b & c)
+        t1 = (choose + _sha256_big_sigma1(e) + word + h) & _M32
+        a, b, c, d, e, f, g, h = (
+            (t1 + majority + _sha256_big_sigma0(a)) & _M32,
+            a,
+            b,
+            c,
+            (t1 + d) & _M32,
+            e,
+            f,
+            g,
+        )
+    return _join(a, b, e, f)
+
+
+def _sha_message(name: str, first: int, second: int) -> int:
+    """sha1nexte, sha1msg1, sha1msg2, sha256msg1, sha256msg2 on (destination, source)."""
+    w = _dwords(first)
+    v = _dwords(second)
+    if name == "sha1nexte":
+        return _join((v[0] + _rol(w[0], 30)) & _M32, v[1], v[2], v[3])
+    if name == "sha1msg1":
+        return _join(w[2] ^ w[0], w[3] ^ w[1], v[0] ^ w[2], v[1] ^ w[3])
+    if name == "sha1msg2":
+        w16 = _rol(w[0] ^ v[1], 1)
+        w17 = _rol(w[1] ^ v[2], 1)
+        w18 = _rol(w[2] ^ v[3], 1)
+        w19 = _rol(w[3] ^ w16, 1)
+        return _join(w16, w17, w18, w19)
+    if name == "sha256msg1":
+        previous = [v[3], *w]  # W4, W3, W2, W1: each dword's successor
+        return _join(*((w[i] + _sha256_sigma0(previous[i])) & _M32 for i in range(4)))
+    # sha256msg2: W16..W19 from the destination's W0..W3 (low first) and W14, W15.
+    w16 = (w[3] + _sha256_sigma1(v[1])) & _M32
+    w17 = (w[2] + _sha256_sigma1(v[0])) & _M32
+    w18 = (w[1] + _sha256_sigma1(w16)) & _M32
+    w19 = (w[0] + _sha256_sigma1(w17)) & _M32
+    return _join(w19, w18, w17, w16)
+
+
+_XMM_AREA = 160  # XMM0 in the XSAVE area's legacy region
+_SHA_MNEMONICS = (
+    "sha1rnds4", "sha1nexte", "sha1msg1", "sha1msg2", "sha256rnds2", "sha256msg1", "sha256msg2",
+)  # fmt: skip
+
+
+def _sha(state: _State, insn: _Insn) -> str:
+    """The SHA extensions' rounds and message steps, on the XMM registers in KVM's XSAVE
+    area (legacy SSE encodings: a memory source must be 16-byte aligned)."""
+    if "sha_ni" not in _host_flags():
+        raise GuestFault(UD)
+    _sse_available(state)
+    destination, source = insn.operands[0], insn.operands[1]
+    area = bytearray(state.vcpu.get_xsave())
+    if not area[_XSAVE_HEADER] & 2:  # SSE state not in use: the registers are all zero
+        area[_XMM_AREA : _XMM_AREA + 256] = bytes(256)
+
+    def xmm(index: int) -> int:
+        at = _XMM_AREA + 16 * index
+        return int.from_bytes(area[at : at + 16], "little")
+
+    target = int(state.reg_name(destination).removeprefix("xmm"))
+    if source.type == _OP_REG:
+        second = xmm(int(state.reg_name(source).removeprefix("xmm")))
+    else:
+        linear = state.address(source, 16)
+        if linear % 16:
+            raise GuestFault(GP, 0)
+        second = state.read(linear, 16)
+    name = insn.mnemonic
+    if name == "sha1rnds4":
+        result = _sha1rnds4(xmm(target), second, int(insn.operands[2].imm) & 3)
+    elif name == "sha256rnds2":
+        result = _sha256rnds2(xmm(target), second, xmm(0) & ((1 << 64) - 1))
+    else:
+        result = _sha_message(name, xmm(target), second)
+    at = _XMM_AREA + 16 * target
+    area[at : at + 16] = result.to_bytes(16, "little")
+    area[_XSAVE_HEADER] |= 2
+    state.vcpu.set_xsave(bytes(area))
+    state.advance()
+    return f"xmm{target}={result:#034x}"
+
+
 def _stmxcsr(state: _State, insn: _Insn) -> str:
     _sse_available(state)
     value = int.from_bytes(state.vcpu.get_xsave()[24:28], "little")
@@ -1494,6 +1643,7 @@ _HANDLERS: dict[str, Callable[[_State, _Insn], str | None]] = {
     "fninit": _fninit,
     "iretd": _iretd,
     "lar": _descriptor_check,
+    **dict.fromkeys(_SHA_MNEMONICS, _sha),
     "lsl": _descriptor_check,
     "verr": _descriptor_check,
     "verw": _descriptor_check,
