@@ -15,15 +15,15 @@ LD ?= ld
 OUT := guests/out
 REAL_GUESTS := real_hello pio_loop counter runner_pass runner_fail runner_skip vga_colors chatty \
 	s3_resume
-PROTECTED_GUESTS := protected_hello paged32_hello exit_cycles iret32 intn32
+PROTECTED_GUESTS := protected_hello paged32_hello exit_cycles iret32 intn32 x87env32
 LONG_GUESTS := long_hello triple_fault mmio_hello interrupts gdb_target stress_io cpl0_loop cpl3_loop \
-	complete64 s3_wake64
+	complete64 s3_wake64 x87env64
 MULTIBOOT_GUESTS := multiboot_hello
 PVH_GUESTS := pvh_hello
 GUESTS := $(REAL_GUESTS:%=$(OUT)/%.bin) $(PROTECTED_GUESTS:%=$(OUT)/%.bin) \
 	$(LONG_GUESTS:%=$(OUT)/%.bin) $(MULTIBOOT_GUESTS:%=$(OUT)/%.elf) $(PVH_GUESTS:%=$(OUT)/%.elf)
 
-.PHONY: all setup guests demo test lint unit docs bench fuzz clean linux-guests test-linux bench-linux
+.PHONY: all setup guests demo test lint unit docs bench fuzz clean linux-guests test-linux bench-linux linux-cloud-init
 .DELETE_ON_ERROR:
 
 all: setup guests
@@ -47,12 +47,12 @@ $(REAL_GUESTS:%=$(OUT)/%.bin): $(OUT)/%.bin: guests/%.S guests/real.ld guests/pu
 	$(AS) --32 -I guests -o $(OUT)/$*.o $<
 	$(LD) -m elf_i386 -T guests/real.ld -o $@ $(OUT)/$*.o
 
-$(PROTECTED_GUESTS:%=$(OUT)/%.bin): $(OUT)/%.bin: guests/%.S guests/protected.ld guests/puts.inc guests/rtc_alarm.inc
+$(PROTECTED_GUESTS:%=$(OUT)/%.bin): $(OUT)/%.bin: guests/%.S guests/protected.ld guests/puts.inc guests/rtc_alarm.inc guests/x87env.inc
 	@mkdir -p $(OUT)
 	$(AS) --32 -I guests -o $(OUT)/$*.o $<
 	$(LD) -m elf_i386 -T guests/protected.ld -o $@ $(OUT)/$*.o
 
-$(LONG_GUESTS:%=$(OUT)/%.bin): $(OUT)/%.bin: guests/%.S guests/long.ld guests/puts.inc guests/rtc_alarm.inc
+$(LONG_GUESTS:%=$(OUT)/%.bin): $(OUT)/%.bin: guests/%.S guests/long.ld guests/puts.inc guests/rtc_alarm.inc guests/x87env.inc
 	@mkdir -p $(OUT)
 	$(AS) --64 -I guests -o $(OUT)/$*.o $<
 	$(LD) -m elf_x86_64 -T guests/long.ld -o $@ $(OUT)/$*.o
@@ -113,6 +113,10 @@ bench: all
 
 bench-linux: all linux-guests
 	$(BIN)/python bench/linux_boot.py
+
+# Debian's stock cloud kernel to `Run /init` (about 25 minutes on a PVM host: not in CI).
+linux-cloud-init: all linux-guests
+	$(BIN)/python guests/linux/cloud_to_init.py
 # The hypothesis tests (tests/test_*fuzz*.py) run a short budget in `make test`;
 # this runs them long: FUZZ_EXAMPLES examples per test.
 FUZZ_EXAMPLES ?= 20000

@@ -132,34 +132,6 @@ static uint64_t stat_key(int reason, const struct kvmshim_exit *e)
 	return (uint64_t)reason << 40 | where;
 }
 
-/* One KVM_RUN and its decoding, counted in vcpu->stats when they are on. */
-static int run_once(struct kvmshim_vcpu *vcpu)
-{
-	uint64_t entered;
-	int reason;
-
-	if (!vcpu->stats) {
-		if (ioctl(vcpu->fd, KVM_RUN, 0) < 0)
-			return -errno;
-		return decode_exit(vcpu->run, &vcpu->exit);
-	}
-	entered = now_ns();
-	if (vcpu->last)
-		vcpu->last->handler_ns += entered - vcpu->returned_ns;
-	vcpu->last = NULL;
-	if (ioctl(vcpu->fd, KVM_RUN, 0) < 0) {
-		reason = -errno;
-		vcpu->returned_ns = now_ns();
-		return reason;
-	}
-	vcpu->returned_ns = now_ns();
-	reason = decode_exit(vcpu->run, &vcpu->exit);
-	vcpu->last = stat_row(vcpu->stats, stat_key(reason, &vcpu->exit));
-	vcpu->last->count++;
-	vcpu->last->run_ns += vcpu->returned_ns - entered;
-	return reason;
-}
-
 /* The window holding address in a sorted array of count, or NULL. */
 static const struct kvmshim_window *find_window(const struct kvmshim_window *window,
 						uint32_t count, uint64_t address)
@@ -276,9 +248,29 @@ static int answer(struct kvmshim_vcpu *vcpu, int reason)
 int kvmshim_run(struct kvmshim_vcpu *vcpu)
 {
 	for (;;) {
-		int reason = run_once(vcpu);
+		uint64_t entered = 0;
+		int reason, answered;
 
-		if (reason <= 0 || !vcpu->windows || !answer(vcpu, reason))
+		if (vcpu->stats) {
+			entered = now_ns();
+			if (vcpu->last)
+				vcpu->last->handler_ns += entered - vcpu->returned_ns;
+			vcpu->last = NULL;
+		}
+		reason = ioctl(vcpu->fd, KVM_RUN, 0) < 0 ? -errno : 0;
+		if (reason == 0)
+			reason = decode_exit(vcpu->run, &vcpu->exit);
+		if (vcpu->stats)
+			vcpu->returned_ns = now_ns();
+		answered = reason > 0 && vcpu->windows && answer(vcpu, reason);
+		if (vcpu->stats && reason > 0) {
+			uint64_t key = stat_key(reason, &vcpu->exit);
+
+			vcpu->last = stat_row(vcpu->stats, answered ? key | KVMSHIM_STAT_ANSWERED : key);
+			vcpu->last->count++;
+			vcpu->last->run_ns += vcpu->returned_ns - entered;
+		}
+		if (!answered)
 			return reason;
 	}
 }

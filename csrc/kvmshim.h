@@ -81,6 +81,8 @@ long kvmshim_ioctl_value(int fd, unsigned long request, unsigned long value);
  * The key's reason is the exit kind; for KVMSHIM_EXIT_OTHER, where is KVM's reason.
  */
 #define KVMSHIM_STATS_SLOTS 4096
+/* Set in the key of exits the shim answered itself (exit windows, below). */
+#define KVMSHIM_STAT_ANSWERED ((uint64_t)1 << 48)
 #define KVMSHIM_STATS_OVERFLOW (~(uint64_t)0)
 
 struct kvmshim_stat {

@@ -911,6 +911,10 @@ def cmd_info(args: argparse.Namespace) -> int:
                 from kvmpy.x86.complete import describe_completion
 
                 text += "\n" + describe_completion()
+                text += (
+                    "\nexit windows: on (the shim answers plain-memory ranges and unclaimed "
+                    "addresses without Python; --no-exit-windows turns them off)"
+                )
             sections.append(text)
             opened += 1
         finally:

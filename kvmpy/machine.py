@@ -254,8 +254,17 @@ class Machine:
     # -- devices -------------------------------------------------------------------------
 
     def devices(self) -> dict[str, Any]:
-        """The device models by board name: what a snapshot saves besides the backend's state."""
-        return dict(self._devices)
+        """The device models by board name: what a snapshot saves besides the backend's state.
+
+        A device with parts that keep state of their own (``state_parts()``: the PCI
+        host's functions) lists each as "name/part" too; resetting the device resets them.
+        """
+        devices = dict(self._devices)
+        for name, device in self._devices.items():
+            parts = getattr(device, "state_parts", None)
+            if parts is not None:
+                devices.update({f"{name}/{part}": model for part, model in parts().items()})
+        return devices
 
     def device(self, name: str, kind: type[D]) -> D:
         device = self._devices[name]

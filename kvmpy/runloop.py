@@ -100,7 +100,8 @@ class ExitCounter(ExitObserver):
 
     The backend keeps the tallies (``Vcpu.enable_stats``), keyed by
     ``kind << 40 | where`` (the port, the MMIO page, or the backend's reason
-    for OTHER), so the vCPU keeps the fast loop.  ``tables`` is filled when
+    for OTHER), with ``ANSWERED_IN_BACKEND`` set for exits the backend
+    answered itself (exit windows), so the vCPU keeps the fast loop.  ``tables`` is filled when
     the vCPU stops: {vCPU index: {key: [count, ns in run(), ns in handlers]}}.
     """
 

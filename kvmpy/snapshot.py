@@ -50,7 +50,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from kvmpy.devices.base import U8, U16, U32, U64, DeviceStateError, state_field_types
+from kvmpy.devices.base import (
+    U8,
+    U16,
+    U32,
+    U64,
+    DeviceStateError,
+    NoState,
+    state_field_types,
+)
 from kvmpy.records import Record, fields
 from kvmpy.x86.registers import Regs, Sregs
 from kvmpy.x86.topology import checked_topology
@@ -722,13 +730,24 @@ def _device_state_from_json(device: Any, saved: object, name: str) -> Any:
     try:
         saved = _keys(saved, f"device {name}", ("version", "state"))
         version = saved["version"]
-        if version != cls.VERSION:
+        saved_state = saved["state"]
+        upgrade = getattr(cls, "upgrade", None)
+        if (
+            type(version) is int
+            and 1 <= version < cls.VERSION
+            and upgrade is not None
+            and isinstance(saved_state, dict)
+        ):
+            # An older version this kvmpy still reads: its fields, brought up to date
+            # (and then checked like any others).
+            saved_state = upgrade(version, saved_state)
+        elif version != cls.VERSION:
             raise _Invalid(
                 f"device {name}: state version {version!r}, this kvmpy reads {cls.VERSION}"
             )
         hints = state_field_types(cls)
         names = [spec.name for spec in fields(cls)]
-        saved_fields = _keys(saved["state"], f"device {name} state", names)
+        saved_fields = _keys(saved_state, f"device {name} state", names)
         values = {
             field: _from_json(saved_fields[field], hints[field], f"device {name} state.{field}")
             for field in names
@@ -789,8 +808,10 @@ def apply_snapshot(snapshot: Snapshot, machine: Machine) -> None:
     if layout != [tuple(region) for region in snapshot.config["ram"]]:
         raise SnapshotError("the machine's RAM layout differs from the snapshot's")
     devices: dict[str, Any] = machine.devices()
-    if set(devices) != set(snapshot.devices):
-        missing = sorted(set(devices) - set(snapshot.devices))
+    # A device with nothing to save may be missing (a snapshot from before it was listed).
+    needed = {name for name, device in devices.items() if type(device.state()) is not NoState}
+    if not needed <= set(snapshot.devices) or not set(snapshot.devices) <= set(devices):
+        missing = sorted(needed - set(snapshot.devices))
         extra = sorted(set(snapshot.devices) - set(devices))
         raise SnapshotError(
             f"the snapshot's devices differ from this machine's: missing {missing}, extra {extra}"
@@ -798,6 +819,7 @@ def apply_snapshot(snapshot: Snapshot, machine: Machine) -> None:
     states = {
         name: _device_state_from_json(device, snapshot.devices[name], name)
         for name, device in devices.items()
+        if name in snapshot.devices
     }
     for gpa, data in snapshot.extents:
         machine.memory.write(gpa, data)

@@ -540,3 +540,57 @@ def test_rdpru_returns_the_host_cpus_counter_and_flags(
     vcpu = vcpu_at(b"\x0f\x01\xfd", user)
     assert completer(memory).complete(vcpu)
     assert vcpu.injected == [("exception", 6, None)]
+
+
+# -- rdtscp and the protection-key instructions --------------------------------------------
+
+RDTSCP = b"\x0f\x01\xf9"
+U64 = (1 << 64) - 1
+
+
+def test_rdtscp_reads_the_vcpus_tsc_and_tsc_aux(
+    memory: GuestMemory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(complete, "_host_flags", lambda: frozenset({"rdtscp"}))
+    vcpu = vcpu_at(RDTSCP, rax=U64, rcx=U64, rdx=U64)
+    vcpu.msrs[complete.IA32_TSC] = 0x1122_3344_5566_7788
+    vcpu.msrs[complete.IA32_TSC_AUX] = 0xFFFF_FFFF_0000_0007  # only the low half is read
+    done = completer(memory)
+    assert done.complete(vcpu)
+    # 32-bit results zero-extend into the 64-bit registers.
+    assert (vcpu.regs.rax, vcpu.regs.rdx, vcpu.regs.rcx) == (0x5566_7788, 0x1122_3344, 7)
+    assert vcpu.regs.rip == RIP + 3 and done.counts == {"rdtscp": 1}
+
+
+def test_rdtscp_faults_as_the_cpu_does(
+    memory: GuestMemory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(complete, "_host_flags", lambda: frozenset())
+    vcpu = vcpu_at(RDTSCP)
+    assert completer(memory).complete(vcpu)
+    assert vcpu.injected == [("exception", 6, None)] and vcpu.regs.rip == RIP
+    monkeypatch.setattr(complete, "_host_flags", lambda: frozenset({"rdtscp"}))
+    user = long_mode(cpl=3)
+    user.cr4 |= 1 << 2  # CR4.TSD: only CPL0 may read the TSC
+    vcpu = vcpu_at(RDTSCP, user)
+    vcpu.msrs[complete.IA32_TSC] = 5
+    assert completer(memory).complete(vcpu)
+    assert vcpu.injected == [("exception", 13, 0)] and vcpu.regs.rip == RIP
+    vcpu = vcpu_at(RDTSCP, long_mode(cpl=3))  # without TSD, CPL3 reads it too
+    vcpu.msrs[complete.IA32_TSC] = 5
+    assert completer(memory).complete(vcpu)
+    assert vcpu.regs.rax == 5 and vcpu.regs.rip == RIP + 3
+
+
+@pytest.mark.parametrize("code", [b"\x0f\x01\xee", b"\x0f\x01\xef"], ids=["rdpkru", "wrpkru"])
+def test_protection_key_instructions_without_the_feature_are_undefined(
+    memory: GuestMemory, monkeypatch: pytest.MonkeyPatch, code: bytes
+) -> None:
+    monkeypatch.setattr(complete, "_host_flags", lambda: frozenset({"pku"}))
+    vcpu = vcpu_at(code, rcx=0)  # CR4.PKE clear
+    assert completer(memory).complete(vcpu)
+    assert vcpu.injected == [("exception", 6, None)] and vcpu.regs.rip == RIP
+    sregs = long_mode()
+    sregs.cr4 |= 1 << 22
+    vcpu = vcpu_at(code, sregs, rcx=0)
+    assert not completer(memory).complete(vcpu)  # with keys on: left to the report

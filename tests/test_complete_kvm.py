@@ -46,6 +46,32 @@ def test_complete64_passes_and_says_what_it_completed() -> None:
         assert "movd (emulator) 1" in done.stderr and "fistp (emulator) 5" in done.stderr
 
 
+def test_x87env64_matches_the_cpu_and_says_what_it_completed() -> None:
+    """fnstenv, fldenv, fnsave, frstor and the wait forms: exact images at CPL0, and
+    at CPL3 (the CPU) the same images byte for byte (pointer fields masked)."""
+    image = str(guest("x87env64"))
+    done = kvmpy_cli("run", "--mode", "long", "--stats", "--trace=emulated", image)
+    assert "x87env64 OK: all checks passed" in done.stdout, done.stdout + done.stderr
+    assert done.returncode == 1, done.stderr
+    if host_kvm_module() == "kvm_pvm":
+        # Each one through completion, none through the CPU emulator.
+        for counted in ("frstor 14", "fnstenv 13", "fnsave 8", "fldenv 3", "wait 6"):
+            assert counted in done.stderr
+        assert "fnsave (emulator)" not in done.stderr
+        assert "(28-byte environment stored, exceptions masked)" in done.stderr
+        assert "(94-byte state stored, FPU initialised)" in done.stderr
+        assert "wait  (#MF)" in done.stderr and "(#NM)" in done.stderr
+        assert "fnsave dword ptr [rdi]  (#PF)" in done.stderr
+
+
+def test_x87env32_images_through_a_segment_base() -> None:
+    done = kvmpy_cli("run", "--mode", "protected", "--stats", str(guest("x87env32")))
+    assert "x87env32 OK: all checks passed" in done.stdout, done.stdout + done.stderr
+    assert done.returncode == 1, done.stderr
+    if host_kvm_module() == "kvm_pvm":
+        assert "frstor 3, fnsave 2, fnstsw 2, fnstenv 1, fldenv 1" in done.stderr
+
+
 def test_intn32_exception_tests_written_with_int_n_pass() -> None:
     """A test kernel in kvm-unit-tests' style: int3, int $n (no error code, also for
     8, 13, 14, 17), into, and a DPL-violating gate giving #GP, at CPL0 and CPL1."""
@@ -161,6 +187,22 @@ def test_pvm_runs_lzcnt_as_bsr_without_an_exit(tmp_path: Path) -> None:
     assert m.arch.completer.counts == {}
 
 
+@pytest.mark.parametrize(
+    "instruction", ["fnstenv 0x200000", "fldenv 0x200000", "fnsave 0x200000", "frstor 0x200000"]
+)
+def test_pvm_cannot_emulate_the_x87_environment_instructions(
+    tmp_path: Path, instruction: str
+) -> None:
+    """Why kvmpy completes them: with completion off, each one stops the vCPU."""
+    if host_kvm_module() != "kvm_pvm":
+        pytest.skip(PVM_ONLY.format(host_kvm_module() or "missing"))
+    image = assembler(tmp_path)(f"fninit\n {instruction}\n hlt\n", "long")
+    with Machine(mem_size=4 << 20, irqchip=False) as m:
+        m.load(load_flat(image, 0x100000), mode="long")
+        assert m.vcpu.run() == ExitKind.INTERNAL_ERROR
+        assert m.vcpu.get_regs().rip == 0x100000 + 2  # past the fninit, at the instruction
+
+
 RDPRU_PROBE = (
     _gate_to_handler(6)
     + """    xor %ecx, %ecx
@@ -211,3 +253,58 @@ def test_compare_exchange_is_the_cpus_own_on_guest_ram() -> None:
         assert m.vcpu.compare_exchange(m.memory.view(0x3004, 8), 4 << 32, 7) == (True, 4 << 32)
         with pytest.raises(OSError, match="alignment"):
             m.vcpu.compare_exchange(m.memory.view(0x3008, 16), 0, 0)
+
+
+TSC_AND_ADX = """
+    rdtscp
+    mov %eax, %r8d
+    shl $32, %rdx
+    or %rdx, %r8
+    mov %ecx, %r9d
+    rdtscp
+    shl $32, %rdx
+    or %rax, %rdx
+    cmp %r8, %rdx
+    jbe fail
+    cmp %r9d, %ecx
+    jne fail
+    mov %rcx, 0x200000
+    /* adcx adds with CF and sets only CF; adox the same with OF. */
+    mov $-1, %rax
+    mov $1, %rbx
+    stc
+    adcx %rbx, %rax
+    jnc fail
+    cmp $1, %rax
+    jne fail
+    xor %ecx, %ecx
+    mov $-1, %rax
+    mov $2, %rbx
+    adox %rbx, %rax
+    jno fail
+    jc fail
+    cmp $1, %rax
+    jne fail
+    mov $0x0b, %al
+    out %al, $0xf4
+fail:
+    mov $1, %al
+    out %al, $0xf4
+"""
+
+
+def test_rdtscp_and_adx_complete_as_the_cpu_runs_them(tmp_path: Path) -> None:
+    """PVM's emulator cannot run rdtscp (kvmpy reads the TSC and TSC_AUX from KVM) nor
+    adcx/adox (the fallback runs them on an emulated CPU of the host's vendor)."""
+    image = assembler(tmp_path)(TSC_AND_ADX, "long")
+    with Machine(mem_size=4 << 20, irqchip=False) as m:
+        m.load(load_flat(image, 0x100000), mode="long")
+        outcome = m.run(timeout=30)
+        assert outcome.exit_code == 0x0B, outcome
+        aux = m.vcpu.get_msrs([0xC000_0103]).get(0xC000_0103, 0)
+        assert struct.unpack("<Q", m.memory.read(0x200000, 8))[0] == aux & 0xFFFF_FFFF
+    if host_kvm_module() == "kvm_pvm":
+        counts = m.arch.completer.counts
+        assert counts["rdtscp"] == 2
+        assert sum(n for name, n in counts.items() if name.startswith("adcx")) == 1
+        assert sum(n for name, n in counts.items() if name.startswith("adox")) == 1

@@ -8,12 +8,15 @@ same guests with the windows on and off, and check the devices' contract.
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 from collections.abc import Callable
 
 import pytest
 
 from kvmpy.backends.exits import ExitKind, ExitWindow
 from kvmpy.bus import Bus
+from kvmpy.devices.base import Stateless
 from kvmpy.devices.pc_testdev import IOMEM_BASE, PcTestDevice
 from kvmpy.loaders.flat import load_flat
 from kvmpy.machine import Machine
@@ -21,7 +24,7 @@ from kvmpy.runloop import ExitObserver
 from tests.helpers import Assembler
 
 
-class Stub:
+class Stub(Stateless):
     """A device that answers a constant and keeps nothing (not plain memory)."""
 
     def __init__(self, value: int = 0x42) -> None:
@@ -31,15 +34,6 @@ class Stub:
         return self.value
 
     def write(self, offset: int, size: int, value: int) -> None:
-        return None
-
-    def reset(self) -> None:
-        return None
-
-    def state(self) -> None:
-        return None
-
-    def restore(self, state: object) -> None:
         return None
 
 
@@ -199,9 +193,7 @@ fail:
 """
 
 
-def _run_counting(
-    m: Machine, wanted: Callable[[int], bool]
-) -> tuple[object, int]:
+def _run_counting(m: Machine, wanted: Callable[[int], bool]) -> tuple[object, int]:
     """Run ``m``, counting the exits run() returned to Python that ``wanted`` picks."""
     vcpu = m.vcpu
     run = vcpu.run
@@ -308,3 +300,43 @@ def test_tracers_still_see_every_exit(assemble: Assembler) -> None:
         assert m.run(timeout=30).exit_code == 0x0B
     assert tracer.ports.count(0x99) == 3
     assert len([port for port in tracer.ports if 0xE0 <= port < 0xEC]) == 7
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("windows", [True, False], ids=["shim", "python"])
+def test_statistics_count_the_exits_the_shim_answered(assemble: Assembler, windows: bool) -> None:
+    from kvmpy.debug.trace import ExitStats
+
+    with Machine(mem_size=1 << 20, exit_windows=windows) as m:
+        stats = ExitStats(m.ports, m.mmio)
+        m.observer = stats
+        m.load(load_flat(assemble(PORT_GUEST), 0x7C00), mode="real")
+        assert m.run(timeout=30).exit_code == 0x0B
+    counts = {(name, where.split()[0]): row.count for name, where, row in stats.rows()}
+    mark = "*" if windows else ""
+    assert counts[(f"IO_IN{mark}", "0x99")] == 3
+    assert counts[(f"IO_IN{mark}", "0xe0")] == 1
+    assert counts[("IO_OUT", "0xf4")] == 1  # the debug-exit device is Python's
+    assert ("answered in the KVM shim" in stats.format()) is windows
+
+
+@pytest.mark.kvm
+def test_the_sequence_lock_wraps_and_stays_even_when_idle() -> None:
+    from kvmpy.backends.kvm.windows import ShimWindows
+
+    windows = ShimWindows()
+    windows.tables.sequence = 0xFFFF_FFFE
+    windows.publish("port", [ExitWindow(0, 0x10)])
+    assert windows.tables.sequence == 0
+    assert windows.tables.port_count == 1
+    windows.publish("port", [ExitWindow(0, 1)] * 300)  # more than fit: none published
+    assert windows.tables.port_count == 0
+
+
+@pytest.mark.kvm
+def test_info_says_exit_windows_are_on() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "kvmpy", "info"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0
+    assert "exit windows: on" in done.stdout

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import itertools
+import json
 import struct
+import subprocess
+import sys
 import threading
-from typing import Protocol
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
 
 import pytest
 from hypothesis import given
@@ -14,7 +19,7 @@ from hypothesis import strategies as st
 from kvmpy import records
 from kvmpy.board import Board, Wiring
 from kvmpy.bus import Bus, DeviceSpaces
-from kvmpy.devices.base import DeviceStateError
+from kvmpy.devices.base import DeviceStateError, bounded, check_state
 from kvmpy.devices.pci import (
     CLASS_HOST_BRIDGE,
     CLASS_ISA_BRIDGE,
@@ -22,6 +27,7 @@ from kvmpy.devices.pci import (
     PciBar,
     PciFunction,
     PciHost,
+    PciHostState,
     PciWindows,
     i440fx_host_bridge,
     pci_interrupt_gsi,
@@ -29,10 +35,13 @@ from kvmpy.devices.pci import (
 )
 from kvmpy.loaders.flat import load_flat
 from kvmpy.machine import Machine
+from kvmpy.records import Record
+from kvmpy.snapshot import SnapshotError, device_state, restore_device_state
 from kvmpy.x86.mptable import mp_tables
 from kvmpy.x86.pc import PC, PCI_FUNCTIONS, PciSlot, pci_entry, pci_windows
 from tests.fuzzing import budget
-from tests.helpers import Assembler
+from tests.helpers import ROOT, Assembler
+from tests.snapshot_helpers import edit_body
 
 
 class PortRange(Protocol):
@@ -279,6 +288,30 @@ class ScratchFunction(PciFunction):
     def write_bar(self, index: int, offset: int, size: int, value: int) -> None:
         data = value.to_bytes(size, "little")[: len(self.memory[index]) - offset]
         self.memory[index][offset : offset + len(data)] = data
+
+    # What the BARs hold is the device's state, as a virtio function's registers would be.
+    def reset(self) -> None:
+        super().reset()
+        for memory in self.memory:
+            memory[:] = bytes(len(memory))
+
+    def state(self) -> ScratchState:
+        return ScratchState(tuple(bytes(memory) for memory in self.memory))
+
+    def restore(self, state: ScratchState) -> None:
+        checked = check_state("scratch", state, ScratchState)
+        for memory, saved in zip(self.memory, checked.memory, strict=True):
+            if len(saved) != len(memory):
+                raise DeviceStateError(
+                    "scratch", "memory", f"{len(saved)} bytes, not {len(memory)}"
+                )
+        for memory, saved in zip(self.memory, checked.memory, strict=True):
+            memory[:] = saved
+
+
+class ScratchState(Record):
+    VERSION: ClassVar[int] = 1
+    memory: tuple[bytes, ...] = bounded(0, 0xFF, length=3)
 
 
 WINDOWS = PciWindows(io=(0x0D00, 0x10000), memory=(0x0800_0000, 0xFEB0_0000))
@@ -558,3 +591,375 @@ def test_a_hostile_guest_cannot_put_a_bar_where_it_does_not_belong(
     setup.host.pci.reset()
     assert setup.mapped() == {} and setup.ports.mappings == []
     assert [m.device for m in setup.mmio.mappings] == [setup.other]
+
+
+# -- BARs across a snapshot and a reset ----------------------------------------------------
+
+OTHER_PAGE = 0xFEB0_0000 - 0x2000  # Attached's other device
+
+
+def saved_state(writes: list[tuple[int, int]], mapped_bars: int) -> PciHostState:
+    """A host state for Attached: ScratchFunction's config after ``writes`` (register,
+    dword), with ``mapped_bars`` saying which BARs were on a bus."""
+    function = ScratchFunction()
+    for register, value in writes:
+        function.write_config(register, 4, value)
+    return PciHostState(0, 0, (bytes(function.config),), (mapped_bars,))
+
+
+def bus_ranges(setup: Attached) -> list[list[tuple[int, int, str]]]:
+    return [[(m.base, m.length, m.name) for m in bus.mappings] for bus in (setup.ports, setup.mmio)]
+
+
+def test_restore_maps_exactly_the_bars_that_were_mapped_with_their_contents() -> None:
+    setup = Attached()
+    setup.config_write(0x04, 2, 0x3)
+    setup.config_write(0x10, 4, 0x1000)
+    setup.config_write(0x18, 4, 0x0900_0000)  # BAR2 first...
+    setup.config_write(0x14, 4, 0x0900_0000)  # ...so BAR1, put over it, is refused
+    setup.ports.write(0x1002, 2, 0xCAFE)
+    setup.mmio.write(0x0900_0010, 4, 0x1234_5678)
+    assert setup.mapped() == {0: 0x1000, 2: 0x0900_0000}
+    state = setup.host.pci.state()
+    assert state.mapped_bars == (0b101,)
+
+    other = Attached()
+    other.host.pci.restore(state)
+    other.function.restore(setup.function.state())
+    assert other.mapped() == {0: 0x1000, 2: 0x0900_0000}  # BAR2 keeps the place it won
+    assert bus_ranges(other) == bus_ranges(setup)
+    assert other.ports.read(0x1002, 2) == 0xCAFE
+    assert other.mmio.read(0x0900_0010, 4) == 0x1234_5678
+    _check_buses(other)
+    other.config_write(0x14, 4, 0x0A00_0000)  # the refused BAR, moved somewhere free
+    assert other.mapped() == {0: 0x1000, 1: 0x0A00_0000, 2: 0x0900_0000}
+    assert other.host.pci.refused_bars == 0  # its refusal was the saved machine's
+
+    # The other order: BAR1 won the place, and keeps it across a restore.
+    first = Attached()
+    first.config_write(0x04, 2, 0x2)
+    first.config_write(0x14, 4, 0x0900_0000)
+    first.config_write(0x18, 4, 0x0900_0000)
+    assert first.mapped() == {1: 0x0900_0000}
+    again = Attached()
+    again.host.pci.restore(first.host.pci.state())
+    assert again.mapped() == {1: 0x0900_0000}
+    assert again.mmio.find(0x0900_0000).name == "PCI 00:03.0 BAR1"  # type: ignore[union-attr]
+
+
+def test_restore_over_mapped_bars_can_swap_their_places() -> None:
+    # Each BAR goes where the other is now: mapping them one by one would refuse the first.
+    setup = Attached()
+    setup.config_write(0x04, 2, 0x2)
+    setup.config_write(0x14, 4, 0x0900_0000)
+    setup.config_write(0x18, 4, 0x0A00_0000)
+    swapped = saved_state([(0x04, 0x2), (0x14, 0x0A00_0000), (0x18, 0x0900_0000)], 0b110)
+    setup.host.pci.restore(swapped)
+    assert setup.mapped() == {1: 0x0A00_0000, 2: 0x0900_0000}
+    _check_buses(setup)
+    setup.host.pci.restore(saved_state([(0x04, 0x2), (0x14, 0x0A00_0000)], 0))
+    assert setup.mapped() == {}  # decoding, but saved as refused: left off
+    assert [m.device for m in setup.mmio.mappings] == [setup.other]
+
+
+def test_reset_unmaps_every_bar_and_clears_the_device() -> None:
+    setup = Attached()
+    setup.config_write(0x04, 2, 0x3)
+    setup.config_write(0x10, 4, 0x1000)
+    setup.config_write(0x14, 4, 0x0900_0000)
+    setup.config_write(0x18, 4, 0x0900_0000)  # refused
+    setup.mmio.write(0x0900_0000, 4, 0x1234_5678)
+    setup.host.pci.reset()
+    assert setup.mapped() == {} and setup.ports.mappings == []
+    assert [m.device for m in setup.mmio.mappings] == [setup.other]
+    assert setup.mmio.read(0x0900_0000, 4) == 0xFFFF_FFFF
+    assert setup.function.read_config(0x04, 2) == 0 and setup.function.bar_address(1) == 0
+    assert setup.function.memory[1] == bytes(0x1000)
+    assert setup.host.pci.state().mapped_bars == (0,)
+    setup.config_write(0x04, 2, 0x2)
+    setup.config_write(0x18, 4, OTHER_PAGE)  # a new refusal after the reset is counted
+    assert setup.host.pci.refused_bars == 2
+
+
+DECODING = [(0x04, 0x3), (0x10, 0x1000), (0x14, 0x0900_0000), (0x18, 0x0A00_0000)]
+
+
+@pytest.mark.parametrize(
+    ("state", "message"),
+    [
+        (saved_state([(0x04, 0x1), *DECODING[1:]], 0b010), "BAR1 is mapped, but its command"),
+        (saved_state([*DECODING, (0x14, 0x0400_0000)], 0b010), "outside the host bridge's windows"),
+        (saved_state([*DECODING, (0x10, 0xFFFF_FFF0)], 0b001), "outside the host bridge's windows"),
+        (saved_state([*DECODING, (0x1C, 0x1)], 0b100), "outside the host bridge's windows"),
+        (saved_state([*DECODING, (0x14, 0x0A00_0000)], 0b110), "BAR1 and 00:03.0 BAR2 are both"),
+        (saved_state([*DECODING, (0x14, OTHER_PAGE)], 0b010), "overlaps another device"),
+        (saved_state(DECODING, 0b1000), "has 3 BARs, not BAR3"),
+        (saved_state(DECODING, 0b100_0000), "mapped_bars: 0x40 is outside"),
+        (records.replace(saved_state(DECODING, 0), mapped_bars=(0, 0)), "2 functions, not 1"),
+    ],
+)
+def test_a_hostile_state_cannot_map_a_bar_and_changes_nothing(
+    state: PciHostState, message: str
+) -> None:
+    setup = Attached()
+    setup.config_write(0x04, 2, 0x3)
+    setup.config_write(0x10, 4, 0x2000)
+    setup.config_write(0x14, 4, 0x0B00_0000)
+    before = (bus_ranges(setup), bytes(setup.function.config), setup.host.pci.state())
+    with pytest.raises(DeviceStateError, match=f"^pci state: .*{message}"):
+        setup.host.pci.restore(state)
+    assert (bus_ranges(setup), bytes(setup.function.config), setup.host.pci.state()) == before
+    _check_buses(setup)
+
+
+def test_a_version_1_state_maps_what_decodes_as_the_live_rule_does() -> None:
+    # Version 1 did not save which BARs were mapped: the upgrade leaves mapped_bars
+    # empty, and restore maps each decoding BAR in order unless an earlier one took
+    # its place (BAR2 here, over BAR1).
+    setup = Attached()
+    saved = device_state(setup.host.pci)
+    state = saved_state([*DECODING, (0x18, 0x0900_0000)], 0)
+
+    class Saved:
+        def state(self) -> PciHostState:
+            return state
+
+    fields = json.loads(json.dumps(device_state(Saved())))["state"]
+    del fields["mapped_bars"]
+    restore_device_state(setup.host.pci, {"version": 1, "state": fields}, "pci")
+    assert setup.mapped() == {0: 0x1000, 1: 0x0900_0000}
+    assert saved["version"] == 2
+    _check_buses(setup)
+
+
+def test_a_hostile_snapshot_entry_is_one_snapshot_error() -> None:
+    setup = Attached()
+    saved = device_state(setup.host.pci)
+    saved["state"]["mapped_bars"] = [0b111]  # decoding is off: nothing may be mapped
+    with pytest.raises(SnapshotError, match=r"^device pci: pci state: mapped_bars: 00:03\.0 BAR0"):
+        restore_device_state(Attached().host.pci, json.loads(json.dumps(saved)), "pci")
+    scratch = device_state(setup.function)
+    scratch["state"]["memory"][1] = "AAAA"  # 3 bytes, not 4 KiB
+    with pytest.raises(SnapshotError, match="memory: 3 bytes, not 4096"):
+        restore_device_state(ScratchFunction(), scratch, "pci/00:03.0")
+
+
+def _config_write(register: int, value: int) -> str:
+    """Guest code: dword ``value`` to 00:03.0's configuration ``register``."""
+    return f"""
+        mov $0xcf8, %dx
+        mov ${0x8000_1800 | register:#x}, %eax
+        out %eax, %dx
+        mov $0xcfc, %dx
+        mov ${value:#x}, %eax
+        out %eax, %dx
+    """
+
+
+def _expect_port(port: int, value: int, check: int) -> str:
+    return f"""
+        mov ${port:#x}, %dx
+        in %dx, %ax
+        mov ${check}, %bl
+        cmp ${value:#x}, %ax
+        jne fail
+    """
+
+
+def _expect_memory(address: int, value: int, check: int) -> str:
+    return f"""
+        mov ${address:#x}, %rsi
+        mov (%rsi), %eax
+        mov ${check}, %bl
+        cmp ${value:#x}, %eax
+        jne fail
+    """
+
+
+PHASE_DONE = 0x10  # the guest's exit code when it is ready for the snapshot
+SCRATCH = PciAddress(0, 3, 0)
+
+
+def _bar_guest(*, moved: bool, decoding: bool) -> str:
+    """Long mode.  First: program 00:03.0's three BARs (I/O at 0x1000, memory at
+    0xe0000000, 64-bit memory at 0xe0001000), turn decoding on, write through
+    each, maybe move BAR0 to 0x3000 and BAR1 to 0xe0100000, maybe turn decoding
+    off, and exit with PHASE_DONE.  Then (run again, after a restore): check
+    what each address answers; exit 0 when all matched, else the failed check."""
+    io, memory = (0x3000, 0xE010_0000) if moved else (0x1000, 0xE000_0000)
+    first = [
+        _config_write(0x10, 0x1000),
+        _config_write(0x14, 0xE000_0000),
+        _config_write(0x18, 0xE000_1000),
+        _config_write(0x1C, 0),
+        _config_write(0x04, 0x3),
+        "mov $0x1004, %dx; mov $0xbeef, %ax; out %ax, %dx",
+        "mov $0xe0000ff8, %rsi; movl $0x12345678, (%rsi)",
+        "mov $0xe0001010, %rsi; movl $0xcafef00d, (%rsi)",
+    ]
+    if moved:
+        first += [_config_write(0x10, 0x3000), _config_write(0x14, 0xE010_0000)]
+    if not decoding:
+        first.append(_config_write(0x04, 0))
+    first.append(f"mov ${PHASE_DONE}, %al; out %al, $0xf4")
+    then = []
+    if not decoding:  # nothing answers, until decoding is on again
+        then += [
+            _expect_port(io + 4, 0xFFFF, 1),
+            _expect_memory(memory + 0xFF8, 0xFFFF_FFFF, 2),
+            _expect_memory(0xE000_1010, 0xFFFF_FFFF, 3),
+            _config_write(0x04, 0x3),
+        ]
+    then += [
+        _expect_port(io + 4, 0xBEEF, 4),
+        _expect_memory(memory + 0xFF8, 0x1234_5678, 5),
+        _expect_memory(0xE000_1010, 0xCAFE_F00D, 6),
+        "mov $0xe0001020, %rsi; movl $0x600df00d, (%rsi)",
+        _expect_memory(0xE000_1020, 0x600D_F00D, 7),
+    ]
+    if moved:  # the old places are unclaimed: all-ones
+        then += [_expect_port(0x1004, 0xFFFF, 8), _expect_memory(0xE000_0FF8, 0xFFFF_FFFF, 9)]
+    return "\n".join([*first, *then, "xor %bl, %bl", "fail: mov %bl, %al", "out %al, $0xf4", "hlt"])
+
+
+def _scratch(machine: Machine) -> ScratchFunction:
+    function = machine.device("pci", PciHost).functions[SCRATCH]
+    assert isinstance(function, ScratchFunction)
+    return function
+
+
+def _pci_ranges(machine: Machine) -> list[tuple[str, int, int]]:
+    """(name, base, length) of every BAR range on the buses, by name."""
+    return sorted(
+        (m.name, m.base, m.length)
+        for bus in (machine.ports, machine.mmio)
+        for m in bus.mappings
+        if m.name.startswith("PCI ") and " BAR" in m.name
+    )
+
+
+def _run_first_phase(assemble: Assembler, path: Path, *, moved: bool, decoding: bool) -> Board:
+    board = board_with(PciSlot(SCRATCH, lambda w: ScratchFunction()))
+    with Machine(mem_size=16 << 20, board=board) as m:
+        m.load(
+            load_flat(assemble(_bar_guest(moved=moved, decoding=decoding), "long"), 0x10_0000),
+            mode="long",
+        )
+        outcome = m.run(timeout=30)
+        assert outcome.exit_code == PHASE_DONE, outcome
+        m.snapshot(path)
+    return board
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize(
+    ("moved", "decoding", "exit_windows"),
+    [(False, True, True), (True, True, True), (True, True, False), (True, False, True)],
+)
+def test_bars_a_guest_programmed_survive_a_snapshot(
+    assemble: Assembler, tmp_path: Path, moved: bool, decoding: bool, exit_windows: bool
+) -> None:
+    board = _run_first_phase(assemble, tmp_path / "snap", moved=moved, decoding=decoding)
+    io, memory = (0x3000, 0xE010_0000) if moved else (0x1000, 0xE000_0000)
+    with Machine.restore(tmp_path / "snap", board=board, exit_windows=exit_windows) as m:
+        ranges = [
+            (f"PCI {SCRATCH} BAR0", io, 16),
+            (f"PCI {SCRATCH} BAR1", memory, 0x1000),
+            (f"PCI {SCRATCH} BAR2", 0xE000_1000, 0x1000),
+        ]
+        assert _pci_ranges(m) == (ranges if decoding else [])
+        assert _scratch(m).memory[1][0xFF8:0xFFC] == (0x1234_5678).to_bytes(4, "little")
+        if decoding:  # the host sees them through the buses too
+            assert m.ports.read(io + 4, 2) == 0xBEEF
+            assert m.mmio.read(0xE000_1010, 4) == 0xCAFE_F00D
+        outcome = m.run(timeout=30)
+        assert outcome.exit_code == 0, outcome
+        assert _pci_ranges(m) == ranges
+        assert _scratch(m).memory[2][0x20:0x24] == (0x600D_F00D).to_bytes(4, "little")
+
+
+@pytest.mark.kvm
+def test_reset_in_place_unmaps_the_bars_a_guest_programmed(
+    assemble: Assembler, tmp_path: Path
+) -> None:
+    board = board_with(PciSlot(SCRATCH, lambda w: ScratchFunction()))
+    with Machine(mem_size=16 << 20, board=board) as m:
+        m.load(
+            load_flat(assemble(_bar_guest(moved=True, decoding=True), "long"), 0x10_0000),
+            mode="long",
+        )
+        assert m.run(timeout=30).exit_code == PHASE_DONE
+        assert len(_pci_ranges(m)) == 3
+        m.reset()
+        assert _pci_ranges(m) == [] and m.device("pci", PciHost).mapped_bars() == {}
+        assert _scratch(m).memory[1] == bytes(0x1000)
+        # What the guest now finds: power-on BARs, and nothing where they were.
+        source = "\n".join(
+            [
+                "mov $0xcf8, %dx; mov $0x80001804, %eax; out %eax, %dx",
+                _expect_port(0xCFC, 0, 1),  # the command register
+                "mov $0xcf8, %dx; mov $0x80001814, %eax; out %eax, %dx",
+                "mov $0xcfc, %dx; in %dx, %eax; mov $2, %bl; cmp $0, %eax; jne fail",
+                _expect_port(0x3004, 0xFFFF, 3),
+                _expect_memory(0xE010_0FF8, 0xFFFF_FFFF, 4),
+                _expect_memory(0xE000_1010, 0xFFFF_FFFF, 5),
+                "xor %bl, %bl",
+                "fail: mov %bl, %al",
+                "out %al, $0xf4",
+                "hlt",
+            ]
+        )
+        m.load(load_flat(assemble(source, "long"), 0x10_0000), mode="long")
+        outcome = m.run(timeout=30)
+        assert outcome.exit_code == 0, outcome
+        assert _pci_ranges(m) == []
+
+
+def _forge_scratch_bar1(body: dict[str, Any], address: int) -> None:
+    """Put 00:03.0's BAR1 at ``address`` in a snapshot body, and mark all its BARs mapped."""
+    state = body["devices"]["pci"]["state"]
+    config = bytearray(base64.b64decode(state["configs"][-1]))
+    struct.pack_into("<I", config, 0x14, address)
+    state["configs"][-1] = base64.b64encode(bytes(config)).decode()
+    state["mapped_bars"][-1] = 0b111
+
+
+@pytest.mark.kvm
+def test_a_hostile_snapshot_cannot_map_bars_over_each_other(
+    assemble: Assembler, tmp_path: Path
+) -> None:
+    board = _run_first_phase(assemble, tmp_path / "snap", moved=True, decoding=True)
+    edit_body(tmp_path / "snap", lambda body: _forge_scratch_bar1(body, 0xE000_1000))
+    with pytest.raises(
+        SnapshotError,
+        match=r"^device pci: pci state: mapped_bars: 00:03\.0 BAR1 and 00:03\.0 BAR2 are both "
+        r"mapped at 0xe0001000$",
+    ):
+        Machine.restore(tmp_path / "snap", board=board)
+    edit_body(tmp_path / "snap", lambda body: _forge_scratch_bar1(body, 0xE100_0000))
+    with Machine.restore(tmp_path / "snap", board=board) as m:  # the same edit, elsewhere: fine
+        assert (f"PCI {SCRATCH} BAR1", 0xE100_0000, 0x1000) in _pci_ranges(m)
+
+
+@pytest.mark.kvm
+def test_the_cli_refuses_a_snapshot_mapping_a_bar_that_does_not_exist(
+    assemble: Assembler, tmp_path: Path
+) -> None:
+    with Machine(mem_size=16 << 20) as m:
+        m.load(load_flat(assemble("mov $0x10, %al; out %al, $0xf4; hlt"), 0x7C00), mode="real")
+        assert m.run(timeout=30).exit_code == 0x10
+        m.snapshot(tmp_path / "snap")
+    edit_body(
+        tmp_path / "snap",
+        lambda body: body["devices"]["pci"]["state"]["mapped_bars"].__setitem__(0, 1),
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "kvmpy", "restore", str(tmp_path / "snap")],
+        capture_output=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert result.returncode == 2
+    assert result.stderr == (
+        b"kvmpy: error: device pci: pci state: mapped_bars: 00:00.0 has 0 BARs, not BAR0\n"
+    )

@@ -34,6 +34,10 @@ class ExitKind(enum.IntEnum):
     OTHER = 12  # anything else: the architecture hook decides (reason holds the raw code)
 
 
+# In exit-statistics keys (kind << 40 | where): the backend answered these exits
+# itself (ExitWindow), so the run loop never saw them.
+ANSWERED_IN_BACKEND = 1 << 48
+
 # ExitRecord.io_direction of a PORT_STRING exit that writes (OUT); 0 reads (IN).
 IO_DIRECTION_OUT = 1
 

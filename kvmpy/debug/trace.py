@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, TextIO
 
-from kvmpy.backends.exits import EXIT_NAMES, ExitKind
+from kvmpy.backends.exits import ANSWERED_IN_BACKEND, EXIT_NAMES, ExitKind
 from kvmpy.bus import Bus
 from kvmpy.debug.guestview import capstone_mode, code_address, disassemble, read_linear
 from kvmpy.records import Record
@@ -234,9 +234,11 @@ class ExitStats(ExitCounter):
         for table in self.tables.values():
             for key, (count, run_ns, handle_ns) in table.items():
                 reason, where = key >> 40, key & ((1 << 40) - 1)
-                total = merged.setdefault(
-                    (exit_name(reason), self._where(reason, where)), StatsRow()
-                )
+                name = exit_name(reason)
+                if key != self.OVERFLOW_KEY and key & ANSWERED_IN_BACKEND:
+                    reason &= ~(ANSWERED_IN_BACKEND >> 40)
+                    name = exit_name(reason) + "*"
+                total = merged.setdefault((name, self._where(reason, where)), StatsRow())
                 total.count += count
                 total.run_ns += run_ns
                 total.handle_ns += handle_ns
@@ -270,6 +272,8 @@ class ExitStats(ExitCounter):
                 f"{_ms(row.handle_ns):>15}{_us(row.handle_ns / count):>12}"
                 f"{100 * (row.run_ns + row.handle_ns) / total_ns:>7.1f}%"
             )
+        if any(name.endswith("*") for name, _, _ in rows):
+            lines.append("* answered in the KVM shim without Python (exit windows)")
         return "\n".join(lines)
 
 

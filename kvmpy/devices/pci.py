@@ -31,9 +31,10 @@ its windows on the port or MMIO bus (see ``PciHost``).
 
 from __future__ import annotations
 
+import itertools
 import struct
 from collections.abc import Callable, Sequence
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from kvmpy.bus import BusError, DeviceSpaces
 from kvmpy.devices.base import (
@@ -41,6 +42,7 @@ from kvmpy.devices.base import (
     U32,
     DeviceStateError,
     IrqCallback,
+    NoState,
     Stateless,
     access_fits,
     all_ones,
@@ -49,7 +51,7 @@ from kvmpy.devices.base import (
     flags,
     no_irq,
 )
-from kvmpy.records import Record
+from kvmpy.records import Record, replace
 
 CONFIG_ADDRESS_PORT = 0xCF8
 RESET_CONTROL_PORT = 0xCF9
@@ -230,21 +232,26 @@ class PciFunction:
     def vendor(self) -> int:
         return int(struct.unpack_from("<H", self.config, VENDOR_ID)[0])
 
-    def bar_address(self, index: int) -> int:
-        """Where the guest put BAR ``index`` (0 until it programs it)."""
+    def bar_address(self, index: int, config: bytes | bytearray | None = None) -> int:
+        """Where the guest put BAR ``index`` (0 until it programs it).
+
+        ``config``: read it from that configuration space (a saved one) instead.
+        """
+        space = self.config if config is None else config
         bar, at = self.bars[index], self.bar_offsets[index]
-        value = int(struct.unpack_from("<I", self.config, at)[0])
+        value = int(struct.unpack_from("<I", space, at)[0])
         if bar.io:
             return value & ~0x3 & U32
         if bar.address64:
-            value |= int(struct.unpack_from("<I", self.config, at + 4)[0]) << 32
+            value |= int(struct.unpack_from("<I", space, at + 4)[0]) << 32
         return value & ~0xF
 
-    def decoded_bars(self) -> list[tuple[int, int]]:
-        """(index, address) of every BAR the command register lets decode."""
-        command = self.read_config(COMMAND, 2)
+    def decoded_bars(self, config: bytes | bytearray | None = None) -> list[tuple[int, int]]:
+        """(index, address) of every BAR the command register lets decode (of ``config``)."""
+        space = self.config if config is None else config
+        command = int.from_bytes(space[COMMAND : COMMAND + 2], "little")
         return [
-            (index, self.bar_address(index))
+            (index, self.bar_address(index, space))
             for index, bar in enumerate(self.bars)
             if command & (COMMAND_IO if bar.io else COMMAND_MEMORY)
         ]
@@ -279,7 +286,18 @@ class PciFunction:
         return None
 
     def reset(self) -> None:
+        """Power-on state: configuration space (a subclass resets its device too)."""
         self.config[:] = self.power_on
+
+    def state(self) -> Any:
+        """The device behind the function, beyond configuration space (the host saves
+        that): a frozen, versioned record, as a device's ``state()``.  A subclass
+        whose BARs hold state overrides this, ``restore`` and ``reset``."""
+        return NoState()
+
+    def restore(self, state: Any) -> None:
+        """Take a saved ``state()``, validated first (DeviceStateError if unacceptable)."""
+        check_state(type(self).__name__, state, NoState)
 
     def config_problem(self, config: bytes) -> str | None:
         """Why ``config`` cannot be this function's (a saved state): None when it can.
@@ -342,12 +360,30 @@ class _Port:
         self._write(offset, size, value & all_ones(size))
 
 
+ALL_BARS = (1 << BAR_COUNT) - 1
+
+
 class PciHostState(Record):
-    VERSION: ClassVar[int] = 1
+    VERSION: ClassVar[int] = 2
     config_address: int = bounded(0, U32)
     reset_control: int = flags(RCR_SYS_RST)
     # Every function's configuration space, in the order of their addresses.
     configs: tuple[bytes, ...] = bounded(0, U8, max_length=MAX_DEVICES * MAX_FUNCTIONS)
+    # Per function, the same order: which BARs are on a bus (bit n: BAR n).  Saved,
+    # not derived: a BAR that decodes may have been refused (put over a taken
+    # range), and which of two overlapping BARs won depends on the guest's order.
+    # Empty in a state upgraded from version 1, which did not say: restore then maps
+    # what decodes, function by function and BAR by BAR, as the live rule would.
+    mapped_bars: tuple[int, ...] = bounded(
+        0, ALL_BARS, max_length=MAX_DEVICES * MAX_FUNCTIONS, mask=ALL_BARS
+    )
+
+    @staticmethod
+    def upgrade(version: int, fields: dict[str, object]) -> dict[str, object]:
+        """A saved version's fields, as this version's (the snapshot checks them after)."""
+        if version == 1:
+            return {**fields, "mapped_bars": []}
+        return fields
 
 
 class _BarRange(Stateless):
@@ -365,6 +401,24 @@ class _BarRange(Stateless):
 
     def write(self, offset: int, size: int, value: int) -> None:
         self._function.write_bar(self._index, offset, size, value)
+
+
+class BarPlacement(Record):
+    """Where one BAR of a saved state goes on a bus."""
+
+    where: PciAddress
+    index: int
+    io: bool
+    address: int
+    size: int
+
+    @property
+    def end(self) -> int:
+        return self.address + self.size
+
+    @property
+    def label(self) -> str:
+        return f"{self.where} BAR{self.index}"
 
 
 class PciWindows(Record):
@@ -398,6 +452,10 @@ class PciHost:
     decode off unmaps it.  A BAR the guest puts over a range already taken
     (another device, another BAR) stays unmapped, counted in ``refused_bars``,
     until it moves somewhere free, as a hostile guest gets nothing from it.
+
+    Its state saves which BARs are mapped, and ``restore`` maps exactly those
+    (see there); ``reset`` unmaps them all.  Each function's own ``state()``
+    (the device behind its BARs) is saved beside the host's (``state_parts``).
     """
 
     # Only the guest calls it: no host thread does (see Bus.register, only_caller).
@@ -436,32 +494,52 @@ class PciHost:
         self.data_port.write(offset, size, value)
 
     def state(self) -> PciHostState:
-        configs = tuple(bytes(self.functions[a].config) for a in sorted(self.functions, key=_key))
-        return PciHostState(self.config_address, self.reset_control, configs)
+        addresses = sorted(self.functions, key=_key)
+        configs = tuple(bytes(self.functions[a].config) for a in addresses)
+        mapped = set(self._mapped)
+        masks = tuple(
+            sum(1 << index for index in range(BAR_COUNT) if (a, index) in mapped) for a in addresses
+        )
+        return PciHostState(self.config_address, self.reset_control, configs, masks)
 
     def restore(self, state: PciHostState) -> None:
+        """Take a saved state, BARs included: checked whole before anything changes.
+
+        The BARs the state says were on a bus are mapped again where its
+        configuration spaces put them (``BarPlacement``); each must decode,
+        lie in the windows, and overlap neither another such BAR nor any
+        other range on the buses, or the state is refused.
+        """
         checked = check_state("pci", state, PciHostState)
-        functions = [self.functions[a] for a in sorted(self.functions, key=_key)]
-        if len(checked.configs) != len(functions):
-            raise DeviceStateError(
-                "pci", "configs", f"{len(checked.configs)} functions, not {len(functions)}"
-            )
+        addresses = sorted(self.functions, key=_key)
+        functions = [self.functions[a] for a in addresses]
+        if not checked.mapped_bars and functions:  # from a version-1 state
+            checked = replace(checked, mapped_bars=self._live_masks(functions, checked.configs))
+        for name, saved in (("configs", checked.configs), ("mapped_bars", checked.mapped_bars)):
+            if len(saved) != len(functions):
+                raise DeviceStateError("pci", name, f"{len(saved)} functions, not {len(functions)}")
         for function, config in zip(functions, checked.configs, strict=True):
             problem = function.config_problem(config)
             if problem:
                 raise DeviceStateError("pci", "configs", problem)
+        placements = self._saved_placements(addresses, checked)
         self.config_address = checked.config_address
         self.reset_control = checked.reset_control
         for function, config in zip(functions, checked.configs, strict=True):
             function.config[:] = config
-        self._map_all_bars()
+        self._place_bars(placements)
 
     def reset(self) -> None:
         self.config_address = 0
         self.reset_control = 0
         for function in self.functions.values():
             function.reset()
+        self._refused.clear()
         self._map_all_bars()
+
+    def state_parts(self) -> dict[str, PciFunction]:
+        """Each function by address: a snapshot saves its own ``state()`` beside the host's."""
+        return {str(a): self.functions[a] for a in sorted(self.functions, key=_key)}
 
     # -- BARs on the buses ---------------------------------------------------------------
 
@@ -473,6 +551,114 @@ class PciHost:
     def mapped_bars(self) -> dict[tuple[PciAddress, int], int]:
         """(function address, BAR index) -> address of every BAR on a bus now."""
         return {key: address for key, (address, _) in self._mapped.items()}
+
+    def _saved_placements(
+        self, addresses: list[PciAddress], state: PciHostState
+    ) -> list[BarPlacement]:
+        """The BARs ``state`` has on a bus, checked; DeviceStateError if one cannot be."""
+        placements = []
+        for where, config, mask in zip(addresses, state.configs, state.mapped_bars, strict=True):
+            function = self.functions[where]
+            if mask >> len(function.bars):
+                raise DeviceStateError(
+                    "pci",
+                    "mapped_bars",
+                    f"{where} has {len(function.bars)} BARs, not BAR{mask.bit_length() - 1}",
+                )
+            decoded = dict(function.decoded_bars(config))
+            for index, bar in enumerate(function.bars):
+                if not mask >> index & 1:
+                    continue
+                address = decoded.get(index)
+                label = f"{where} BAR{index}"
+                if address is None:
+                    raise DeviceStateError(
+                        "pci",
+                        "mapped_bars",
+                        f"{label} is mapped, but its command register does not decode it",
+                    )
+                if not self._decodes(bar, address):
+                    raise DeviceStateError(
+                        "pci",
+                        "mapped_bars",
+                        f"{label} at {address:#x}+{bar.size:#x} is mapped outside the "
+                        "host bridge's windows",
+                    )
+                placements.append(BarPlacement(where, index, bar.io, address, bar.size))
+        for io in (True, False):
+            ranges = sorted((p for p in placements if p.io == io), key=lambda p: p.address)
+            for first, second in itertools.pairwise(ranges):
+                if second.address < first.end:
+                    raise DeviceStateError(
+                        "pci",
+                        "mapped_bars",
+                        f"{first.label} and {second.label} are both mapped at {second.address:#x}",
+                    )
+        if self._spaces is not None:
+            ours = {id(window) for _, window in self._mapped.values()}
+            for placement in placements:
+                bus = self._spaces.ports if placement.io else self._spaces.mmio
+                if placement.end > bus.address_limit:
+                    raise DeviceStateError(
+                        "pci", "mapped_bars", f"{placement.label} runs past the {bus.name} space"
+                    )
+                for mapping in bus.mappings:
+                    if id(mapping.device) in ours:
+                        continue  # a BAR of this host's, unmapped before these are mapped
+                    if placement.address < mapping.end and mapping.base < placement.end:
+                        raise DeviceStateError(
+                            "pci",
+                            "mapped_bars",
+                            f"{placement.label} at {placement.address:#x} overlaps {mapping.name}",
+                        )
+        return placements
+
+    def _place_bars(self, placements: list[BarPlacement]) -> None:
+        """Put exactly ``placements`` on the buses (checked by ``_saved_placements``)."""
+        spaces = self._spaces
+        if spaces is None:
+            return
+        # Everything off first: a BAR may take a place another BAR leaves.
+        for (where, index), (address, window) in self._mapped.items():
+            spaces.unregister(self.functions[where].bars[index].io, address, window)
+        self._mapped.clear()
+        self._refused.clear()
+        for placement in placements:
+            function = self.functions[placement.where]
+            window = _BarRange(function, placement.index)
+            spaces.register(
+                placement.io, placement.address, placement.size, window, f"PCI {placement.label}"
+            )
+            self._mapped[(placement.where, placement.index)] = (placement.address, window)
+        # A BAR that decodes in the windows but was left off had been refused there.
+        for where, function in self.functions.items():
+            for index, address in function.decoded_bars():
+                key = (where, index)
+                if key not in self._mapped and self._decodes(function.bars[index], address):
+                    self._refused[key] = address
+
+    def _live_masks(
+        self, functions: list[PciFunction], configs: tuple[bytes, ...]
+    ) -> tuple[int, ...]:
+        """Which BARs the live rule would map for these configuration spaces, in order:
+        each that decodes inside the windows, unless an earlier one took its place."""
+        if len(configs) != len(functions):
+            return ()  # restore reports the mismatch
+        taken: list[tuple[bool, int, int]] = []
+        masks = []
+        for function, config in zip(functions, configs, strict=True):
+            mask = 0
+            for index, address in function.decoded_bars(config):
+                bar = function.bars[index]
+                end = address + bar.size
+                clash = any(
+                    io == bar.io and start < end and address < stop for io, start, stop in taken
+                )
+                if self._decodes(bar, address) and not clash:
+                    taken.append((bar.io, address, end))
+                    mask |= 1 << index
+            masks.append(mask)
+        return tuple(masks)
 
     def _map_all_bars(self) -> None:
         for address, function in self.functions.items():

@@ -20,6 +20,7 @@ against every vCPU.
 
 from __future__ import annotations
 
+import functools
 import struct
 import threading
 from collections import Counter
@@ -366,9 +367,11 @@ class _State:
 
     # -- memory operands -------------------------------------------------------------
 
-    def address(self, operand: Any) -> int:
-        """The linear address of a memory operand (segment base + effective address)."""
+    def address(self, operand: Any, size: int | None = None) -> int:
+        """The linear address of a memory operand (segment base + effective address),
+        checked for ``size`` bytes (the operand's size unless given)."""
         assert self.insn is not None
+        size = int(operand.size) if size is None else size
         raw = self.insn.raw
         mem = operand.mem
         address_bits = self.bits
@@ -388,11 +391,11 @@ class _State:
             linear = effective
             if segment in ("fs", "gs"):
                 linear = int(getattr(self.sregs, segment).base + effective) & ((1 << 64) - 1)
-            if not _canonical(linear) or not _canonical(linear + operand.size - 1):
+            if not _canonical(linear) or not _canonical(linear + size - 1):
                 raise GuestFault(SS_FAULT if segment == "ss" else GP, 0)
             return linear
         descriptor: Segment = getattr(self.sregs, segment)
-        if effective + operand.size - 1 > descriptor.limit:
+        if effective + size - 1 > descriptor.limit:
             raise GuestFault(SS_FAULT if segment == "ss" else GP, 0)
         return (descriptor.base + effective) & 0xFFFFFFFF
 
@@ -640,17 +643,24 @@ def _canonical(address: int) -> bool:
 _CR4_TSD = 1 << 2
 
 
-def _host_has_rdpru() -> bool:
-    """Whether the host CPU offers rdpru (the flag its kernel reports), as a guest running
-    at CPL3, natively, finds it; without it the CPU answers #UD."""
+@functools.cache
+def _host_flags() -> frozenset[str]:
+    """The host CPU's feature flags, as its kernel reports them.  On a host whose guests
+    see the host's CPUID (PVM), these are what the guest was told it has."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
             for line in cpuinfo:
                 if line.startswith("flags"):
-                    return "rdpru" in line.split()
+                    return frozenset(line.partition(":")[2].split())
     except OSError:
         pass
-    return False
+    return frozenset()
+
+
+def _host_has_rdpru() -> bool:
+    """Whether the host CPU offers rdpru, as a guest running at CPL3, natively, finds it;
+    without it the CPU answers #UD."""
+    return "rdpru" in _host_flags()
 
 
 def _rdpru(state: _State, insn: _Insn) -> str | None:
@@ -667,6 +677,39 @@ def _rdpru(state: _State, insn: _Insn) -> str | None:
     state.set_flags(ARITH_FLAGS, flags)
     state.advance()
     return f"ECX={state.read_reg('ecx')}"
+
+
+# -- the TSC and protection keys ----------------------------------------------------------
+
+IA32_TSC = 0x10
+IA32_TSC_AUX = 0xC000_0103
+_CR4_PKE = 1 << 22
+
+
+def _rdtscp(state: _State, insn: _Insn) -> str | None:
+    """EDX:EAX the vCPU's TSC, ECX its IA32_TSC_AUX (both from KVM); #UD where the host
+    CPU, whose CPUID the guest sees, has no rdtscp; #GP(0) at CPL > 0 with CR4.TSD."""
+    if "rdtscp" not in _host_flags():
+        raise GuestFault(UD)
+    if state.cpl and state.sregs.cr4 & _CR4_TSD:
+        raise GuestFault(GP, 0)
+    msrs = state.vcpu.get_msrs((IA32_TSC, IA32_TSC_AUX))
+    if IA32_TSC not in msrs:
+        return None
+    tsc, aux = msrs[IA32_TSC], msrs.get(IA32_TSC_AUX, 0) & 0xFFFFFFFF
+    state.write_reg("eax", tsc & 0xFFFFFFFF)
+    state.write_reg("edx", tsc >> 32 & 0xFFFFFFFF)
+    state.write_reg("ecx", aux)
+    state.advance()
+    return f"TSC={tsc:#x} TSC_AUX={aux:#x}"
+
+
+def _pkru(state: _State, insn: _Insn) -> str | None:
+    """rdpkru, wrpkru: #UD without protection keys (the host CPU's, or CR4.PKE off), as
+    the CPU answers; with them, left to the report (KVM's XSAVE area would hold PKRU)."""
+    if "pku" not in _host_flags() or not state.sregs.cr4 & _CR4_PKE:
+        raise GuestFault(UD)
+    return None
 
 
 # -- state instructions ------------------------------------------------------------------
@@ -751,6 +794,8 @@ def _x87_available(state: _State) -> None:
 def _fninit(state: _State, insn: _Insn) -> str:
     _x87_available(state)
     fpu = _get_x87(state.vcpu)
+    # TOP becomes 0; the registers keep their contents (what a later fldenv may mark valid).
+    fpu.fpr = x87_registers_for_top(fpu.fpr, (fpu.fsw >> 11) & 7, 0)
     fpu.fcw, fpu.fsw, fpu.ftwx = 0x37F, 0, 0
     fpu.last_opcode = fpu.last_ip = fpu.last_dp = 0
     _set_x87(state.vcpu, fpu)
@@ -811,12 +856,11 @@ def _fnstcw(state: _State, insn: _Insn) -> str:
 
 def _fldcw(state: _State, insn: _Insn) -> str:
     _x87_available(state)
-    control = state.read(state.address(insn.operands[0]), 2)
+    control = x87_control_word(state.read(state.address(insn.operands[0]), 2))
     fpu = _get_x87(state.vcpu)
     fpu.fcw = control
     # ES and B follow whether any pending exception is now unmasked.
-    pending = fpu.fsw & 0x3F & ~control
-    fpu.fsw = (fpu.fsw | 0x8080) if pending else (fpu.fsw & ~0x8080)
+    fpu.fsw = x87_status_word(fpu.fsw, control)
     _set_x87(state.vcpu, fpu)
     state.advance()
     return f"FCW={control:#06x}"
@@ -848,6 +892,191 @@ def _fstp(state: _State, insn: _Insn) -> str | None:
     _set_x87(state.vcpu, fpu)
     state.advance()
     return "stored ST0 and popped"
+
+
+# -- the x87 environment and state: fnstenv, fldenv, fnsave, frstor (SDM Vol. 1, 8.1.10) --
+#
+# The wait forms (fstenv, fsave) are `wait` followed by these: the backend stops on the
+# wait first, which _fwait completes (#NM, #MF for a pending unmasked exception).
+# Real-address and virtual-8086 layouts are not done: completion leaves those modes to
+# the report (Completer.complete).
+#
+# FCS and FDS: KVM keeps the x87 state in the 64-bit XSAVE format, which has no place
+# for them, and the CPU that loads it (XRSTOR64) sets both to 0 (measured on this AMD
+# host); so 0 is what the CPU itself stores right after KVM restored the state, and
+# what fldenv/frstor load of them is lost, as it is on every KVM state switch.
+
+_X87_ENVIRONMENT_32 = struct.Struct("<HHHHHHIHHIHH")  # 28 bytes, reserved halves 0xFFFF
+_X87_ENVIRONMENT_16 = struct.Struct("<7H")  # 14 bytes
+_X87_REGISTER = 10  # an 80-bit register in the save image
+_FCW_KEPT, _FCW_SET = 0x1F3F, 0x0040  # the FPU keeps these bits of FCW; bit 6 reads as 1
+_FSW_ES_B = 0x8080  # error summary and busy: set while an unmasked exception is pending
+_FOP_BITS = 0x7FF
+_TAG_VALID, _TAG_ZERO, _TAG_SPECIAL, _TAG_EMPTY = 0, 1, 2, 3
+
+
+def x87_control_word(value: int) -> int:
+    """FCW as the FPU keeps a loaded value (fldcw, fldenv; measured on this host's CPU)."""
+    return (value & _FCW_KEPT) | _FCW_SET
+
+
+def x87_status_word(fsw: int, fcw: int) -> int:
+    """FSW with ES and B saying whether an exception flag is set and unmasked."""
+    pending = fsw & 0x3F & ~fcw
+    return (fsw & ~_FSW_ES_B & 0xFFFF) | (_FSW_ES_B if pending else 0)
+
+
+def x87_tag(register: bytes) -> int:
+    """The 2-bit tag of a non-empty 80-bit register, from its contents (SDM Vol. 1,
+    Table 10-3): valid, zero, or special (NaN, infinity, denormal, unnormal)."""
+    significand = int.from_bytes(register[:8], "little")
+    exponent = int.from_bytes(register[8:10], "little") & 0x7FFF
+    if exponent == 0x7FFF:
+        return _TAG_SPECIAL
+    if exponent == 0:
+        return _TAG_ZERO if significand == 0 else _TAG_SPECIAL
+    return _TAG_VALID if significand >> 63 else _TAG_SPECIAL
+
+
+def x87_tag_word(ftwx: int, fsw: int, fpr: bytes) -> int:
+    """The full tag word of physical registers R0-R7 from the abridged one (FXSAVE's:
+    a bit per register, set when not empty) and the registers (``fpr`` in ST(i) order)."""
+    top = (fsw >> 11) & 7
+    tags = 0
+    for physical in range(8):
+        tag = _TAG_EMPTY
+        if ftwx >> physical & 1:
+            st = (physical - top) & 7
+            tag = x87_tag(fpr[16 * st : 16 * st + _X87_REGISTER])
+        tags |= tag << (2 * physical)
+    return tags
+
+
+def x87_abridged_tags(tag_word: int) -> int:
+    """FXSAVE's abridged tag byte: what the FPU keeps of a loaded tag word (empty or not)."""
+    return sum(1 << p for p in range(8) if (tag_word >> (2 * p)) & 3 != _TAG_EMPTY)
+
+
+def x87_registers_for_top(fpr: bytes, old_top: int, new_top: int) -> bytes:
+    """The XSAVE area's ST0-ST7 (16 bytes each) after TOP changes from ``old_top`` to
+    ``new_top``: the physical registers keep their contents, so their ST(i) numbers move."""
+    shift = (new_top - old_top) & 7
+    return fpr[16 * shift :] + fpr[: 16 * shift]
+
+
+def _x87_area(vcpu: Vcpu) -> bytearray:
+    """KVM's XSAVE area; with XSTATE_BV's x87 bit clear, the x87 part in its initial state
+    (what the CPU's XRSTOR would load), whatever stale bytes it holds."""
+    area = bytearray(vcpu.get_xsave())
+    if not area[_XSAVE_HEADER] & 1:
+        area[0:24] = _X87_INIT
+        area[32:160] = bytes(128)
+    return area
+
+
+def _environment_operand(state: _State, insn: _Insn, registers: bool) -> tuple[int, bool, int]:
+    """(linear address, 16-bit layout, size) of the environment or save image operand.
+
+    The operand size picks the layout: 16 bits in a 16-bit code segment, 32 elsewhere
+    (64-bit mode too, whatever REX.W says), the other one with a 0x66 prefix."""
+    sixteen = (state.bits == 16) != (0x66 in insn.prefixes)
+    size = (_X87_ENVIRONMENT_16 if sixteen else _X87_ENVIRONMENT_32).size
+    if registers:
+        size += 8 * _X87_REGISTER
+    return state.address(insn.operands[0], size), sixteen, size
+
+
+def _environment(area: bytes | bytearray, sixteen: bool) -> bytes:
+    """The protected-mode environment image of the x87 state in ``area``."""
+    fcw, fsw, ftwx, fop, fip, fdp = struct.unpack_from("<HHBxHQQ", area, 0)
+    tags = x87_tag_word(ftwx, fsw, bytes(area[32:160]))
+    if sixteen:  # no opcode in this layout
+        return _X87_ENVIRONMENT_16.pack(fcw, fsw, tags, fip & 0xFFFF, 0, fdp & 0xFFFF, 0)
+    return _X87_ENVIRONMENT_32.pack(
+        fcw, 0xFFFF, fsw, 0xFFFF, tags, 0xFFFF,
+        fip & 0xFFFFFFFF, 0, fop & _FOP_BITS, fdp & 0xFFFFFFFF, 0, 0xFFFF,
+    )  # fmt: skip
+
+
+def _load_environment(area: bytearray, image: bytes, sixteen: bool) -> None:
+    """Load an environment image into ``area``: FCW as the FPU keeps it, FSW with ES and B
+    following the pending unmasked exceptions, the tag word abridged (the tags are
+    computed again from the registers when stored), FOP, FIP and FDP (FCS, FDS: see above)."""
+    if sixteen:
+        fcw, fsw, tags, fip, _, fdp, _ = _X87_ENVIRONMENT_16.unpack_from(image)
+        fop = 0  # the 16-bit layout has no opcode; the CPU clears it (measured)
+    else:
+        fcw, _, fsw, _, tags, _, fip, _, fop, fdp, _, _ = _X87_ENVIRONMENT_32.unpack_from(image)
+    fcw = x87_control_word(fcw)
+    old_top = (area[2] | area[3] << 8) >> 11 & 7
+    area[32:160] = x87_registers_for_top(bytes(area[32:160]), old_top, fsw >> 11 & 7)
+    struct.pack_into(
+        "<HHBxHQQ", area, 0, fcw, x87_status_word(fsw, fcw), x87_abridged_tags(tags),
+        fop & _FOP_BITS, fip, fdp,
+    )  # fmt: skip
+    area[_XSAVE_HEADER] |= 1
+
+
+def _fnstenv(state: _State, insn: _Insn) -> str:
+    """Store the environment, then mask every x87 exception (nothing unmasked is pending
+    any more, so ES and B clear too, as the CPU does)."""
+    _x87_available(state)
+    linear, sixteen, size = _environment_operand(state, insn, registers=False)
+    area = _x87_area(state.vcpu)
+    state.write_bytes(linear, _environment(area, sixteen))
+    fcw, fsw = struct.unpack_from("<HH", area, 0)
+    struct.pack_into("<HH", area, 0, fcw | 0x3F, x87_status_word(fsw, fcw | 0x3F))
+    area[_XSAVE_HEADER] |= 1
+    state.vcpu.set_xsave(bytes(area))
+    state.advance()
+    return f"{size}-byte environment stored, exceptions masked"
+
+
+def _fnsave(state: _State, insn: _Insn) -> str:
+    """Store the environment and ST0-ST7, then initialise the FPU as fninit does."""
+    _x87_available(state)
+    linear, sixteen, size = _environment_operand(state, insn, registers=True)
+    area = _x87_area(state.vcpu)
+    registers = b"".join(area[32 + 16 * st : 32 + 16 * st + _X87_REGISTER] for st in range(8))
+    state.write_bytes(linear, _environment(area, sixteen) + registers)
+    old_top = (area[2] | area[3] << 8) >> 11 & 7
+    area[32:160] = x87_registers_for_top(bytes(area[32:160]), old_top, 0)
+    area[0:24] = _X87_INIT  # FCW 0x37F; FSW (TOP), tags, FOP, FIP, FDP 0
+    area[_XSAVE_HEADER] |= 1
+    state.vcpu.set_xsave(bytes(area))
+    state.advance()
+    return f"{size}-byte state stored, FPU initialised"
+
+
+def _fldenv(state: _State, insn: _Insn) -> str:
+    _x87_available(state)
+    linear, sixteen, size = _environment_operand(state, insn, registers=False)
+    image = state.read_bytes(linear, size)
+    area = _x87_area(state.vcpu)
+    _load_environment(area, image, sixteen)
+    state.vcpu.set_xsave(bytes(area))
+    state.advance()
+    return _loaded(area)
+
+
+def _frstor(state: _State, insn: _Insn) -> str:
+    _x87_available(state)
+    linear, sixteen, size = _environment_operand(state, insn, registers=True)
+    image = state.read_bytes(linear, size)
+    area = _x87_area(state.vcpu)
+    _load_environment(area, image, sixteen)
+    at = size - 8 * _X87_REGISTER
+    for st in range(8):
+        register = image[at + _X87_REGISTER * st : at + _X87_REGISTER * (st + 1)]
+        area[32 + 16 * st : 48 + 16 * st] = register + bytes(16 - _X87_REGISTER)
+    state.vcpu.set_xsave(bytes(area))
+    state.advance()
+    return _loaded(area)
+
+
+def _loaded(area: bytearray) -> str:
+    fcw, fsw, ftwx = struct.unpack_from("<HHB", area, 0)
+    return f"FCW={fcw:#06x} FSW={fsw:#06x} tags={ftwx:#04x}"
 
 
 # -- a 32-bit iret (SDM Vol. 2A "IRET/IRETD", protected mode) ------------------------------
@@ -1185,6 +1414,9 @@ _HANDLERS: dict[str, Callable[[_State, _Insn], str | None]] = {
     "clflush": _cache_line,
     "invpcid": _invpcid,
     "rdpru": _rdpru,
+    "rdtscp": _rdtscp,
+    "rdpkru": _pkru,
+    "wrpkru": _pkru,
     "xgetbv": _xgetbv,
     "xsetbv": _xsetbv,
     "wait": _fwait,
@@ -1207,6 +1439,10 @@ _HANDLERS: dict[str, Callable[[_State, _Insn], str | None]] = {
     "fnstsw": _fnstsw,
     "fnstcw": _fnstcw,
     "fldcw": _fldcw,
+    "fnstenv": _fnstenv,
+    "fldenv": _fldenv,
+    "fnsave": _fnsave,
+    "frstor": _frstor,
     "fstp": _fstp,
     **dict.fromkeys(_X87_CONSTANTS, _fld_constant),
 }

@@ -31,7 +31,13 @@ from kvmpy.backends.base import (
     StatsTable,
     Translation,
 )
-from kvmpy.backends.exits import IO_DIRECTION_OUT, ExitKind, ExitWindow, SystemEvent
+from kvmpy.backends.exits import (
+    ANSWERED_IN_BACKEND,
+    IO_DIRECTION_OUT,
+    ExitKind,
+    ExitWindow,
+    SystemEvent,
+)
 from kvmpy.backends.kvm._kvm import ffi, lib
 from kvmpy.backends.kvm.windows import ShimWindows
 from kvmpy.records import asdict, fields
@@ -101,6 +107,8 @@ def _check_exit_kinds() -> None:
             raise ImportError(f"kvmshim's KVMSHIM_EXIT_{kind.name} is {shim_value}, not {kind}")
     if lib.KVM_EXIT_IO_OUT != IO_DIRECTION_OUT:
         raise ImportError(f"KVM_EXIT_IO_OUT is {lib.KVM_EXIT_IO_OUT}, not {IO_DIRECTION_OUT}")
+    if lib.KVMSHIM_STAT_ANSWERED != ANSWERED_IN_BACKEND:
+        raise ImportError(f"KVMSHIM_STAT_ANSWERED is {lib.KVMSHIM_STAT_ANSWERED:#x}")
 
 
 _check_exit_kinds()

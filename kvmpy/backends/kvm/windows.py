@@ -29,6 +29,7 @@ from kvmpy.backends.kvm._kvm import ffi, lib
 CAPACITY = 256
 
 SPACES = ("port", "mmio")
+_U32 = 0xFFFF_FFFF  # the sequence wraps, as the C counter does; its parity still tells
 
 
 class ShimWindows:
@@ -54,7 +55,7 @@ class ShimWindows:
             windows = []
         with self._writer:
             tables = self.tables
-            tables.sequence += 1  # odd: vCPUs leave their exits to Python meanwhile
+            tables.sequence = (tables.sequence + 1) & _U32  # odd: vCPUs leave exits to Python
             for index, window in enumerate(windows):
                 entry = array[index]
                 entry.base = window.base
@@ -64,7 +65,7 @@ class ShimWindows:
                 tables.port_count = len(windows)
             else:
                 tables.mmio_count = len(windows)
-            tables.sequence += 1
+            tables.sequence = (tables.sequence + 1) & _U32
 
     def misses(self, space: str) -> Counter[tuple[str, int]]:
         """(kind, address) -> unclaimed accesses on ``space`` the shim answered."""

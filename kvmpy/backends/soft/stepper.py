@@ -153,12 +153,39 @@ class StepRefused(Exception):
     """The emulator could not run the instruction (unmapped or MMIO memory, an emulator error)."""
 
 
+@functools.cache
+def _emulated_model() -> int | None:
+    """The Unicorn CPU model closest to the host's vendor, or None for Unicorn's default.
+
+    The stepper runs instructions a guest chose after reading the host's CPUID (PVM
+    shows guests the host's), so the emulated CPU must accept what the host has:
+    Unicorn's default model lacks ADX, for one.
+    """
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("vendor_id"):
+                    vendor = line.partition(":")[2].strip()
+                    break
+            else:
+                return None
+    except OSError:
+        return None
+    models = {"AuthenticAMD": "UC_CPU_X86_EPYC_ROME", "GenuineIntel": "UC_CPU_X86_ICELAKE_SERVER"}
+    name = models.get(vendor)
+    model: int | None = getattr(x86, name, None) if name else None
+    return model
+
+
 class InstructionStepper:
     """A Unicorn CPU over guest RAM that runs single instructions on a given state."""
 
     def __init__(self, ram: list[tuple[int, mmap.mmap]]) -> None:
         """``ram``: (guest-physical address, the host's mapping) of each RAM region."""
         self.uc = Uc(UC_ARCH_X86, UC_MODE_64)
+        model = _emulated_model()
+        if model is not None:  # before anything else: Unicorn builds the CPU on first use
+            self.uc.ctl_set_cpu_model(model)
         _check_layout(self.uc)
         # No end address: Unicorn would look it up through the guest's page tables.
         self.uc.ctl_exits_enabled(True)
