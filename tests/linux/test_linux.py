@@ -3,8 +3,9 @@
 The images come from guests/linux/build.sh (`make linux-guests`), which
 fetches Debian's packages and builds a tiny 6.1 kernel: a tiny Linux as
 bzImage and as PVH with a BusyBox initramfs, Debian's stock cloud kernel,
-and memtest86+.  They are not part of `make test`: booting them takes minutes
-on a PVM host, where the kernels' CPL0 code is emulated.
+and memtest86+ (the tiny kernel with ACPI and PCI is test_acpi_pci.py's).
+They are not part of `make test`: booting them takes minutes on a PVM host,
+where the kernels' CPL0 code is emulated.
 
 On a PVM host (kvm_pvm) some instructions cannot run at CPL0; the tiny
 kernels are told so on their command line (noxsave clearcpuid=smap,popcnt)
