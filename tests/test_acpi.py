@@ -27,7 +27,7 @@ from kvmpy.machine import Machine
 from kvmpy.x86.acpi import FADT_TMR_VAL_EXT, acpi_tables, aml_pkg_length, eisa_id
 from kvmpy.x86.layout import ACPI_TABLES_ADDR, IOAPIC_ADDR
 from kvmpy.x86.mptable import mp_tables
-from kvmpy.x86.pc import PC, pci_windows
+from kvmpy.x86.pc import ISA_DEVICES, PC, pci_windows
 from tests.helpers import Assembler
 
 LOW_RAM = 16 << 20
@@ -39,7 +39,11 @@ def tables(cpus: int, irq0_on_pin2: bool = False) -> dict[bytes, bytes]:
     Built as the PC board builds them, for ``LOW_RAM`` bytes of RAM.
     """
     image = acpi_tables(
-        cpus, irq0_on_pin2=irq0_on_pin2, pci_windows=pci_windows(LOW_RAM), pci_gsi=pci_interrupt_gsi
+        cpus,
+        irq0_on_pin2=irq0_on_pin2,
+        pci_windows=pci_windows(LOW_RAM),
+        pci_gsi=pci_interrupt_gsi,
+        isa_devices=ISA_DEVICES,
     )
 
     def at(address: int) -> bytes:
@@ -297,6 +301,10 @@ def _resources(template: bytes) -> list[tuple[object, ...]]:
         if tag == 0x47:  # I/O port
             found.append(("io", *struct.unpack_from("<BHHBB", template, at + 1)))
             at += 8
+        elif tag == 0x22:  # IRQ, no flags: a mask of ISA lines
+            mask = struct.unpack_from("<H", template, at + 1)[0]
+            found.append(("irq", *(line for line in range(16) if mask >> line & 1)))
+            at += 3
         elif tag in (0x87, 0x88):  # DWord, Word address space
             length = struct.unpack_from("<H", template, at + 1)[0]
             width = "I" if tag == 0x87 else "H"
@@ -324,6 +332,25 @@ def test_the_pci_root_bridge_resources_are_the_boards_windows() -> None:
         ("memory", LOW_RAM, TESTDEV_BASE - 1, 1),  # ...and memory BARs: RAM's end to testdev
     ]
     assert pci_windows(LOW_RAM).memory == (LOW_RAM, TESTDEV_BASE)
+
+
+def test_the_isa_bridge_lists_the_pcs_legacy_devices_with_qemus_pnp_ids() -> None:
+    names: dict[str, object] = {}
+    _parse_terms(tables(1)[b"DSDT"][36:], "\\", names)
+    assert names["\\_SB_.PCI0.ISA_._ADR"] == 0x0001_0000  # 00:01.0, the PIIX3
+    expected = {
+        "KBD_": ("PNP0303", [("io", 1, 0x60, 0x60, 1, 1), ("io", 1, 0x64, 0x64, 1, 1), ("irq", 1)]),
+        "RTC_": ("PNP0B00", [("io", 1, 0x70, 0x70, 1, 2), ("irq", 8)]),
+        "COM1": ("PNP0501", [("io", 1, 0x3F8, 0x3F8, 1, 8), ("irq", 4)]),
+        "COM2": ("PNP0501", [("io", 1, 0x2F8, 0x2F8, 1, 8), ("irq", 3)]),
+    }
+    for name, (hid, resources) in expected.items():
+        path = f"\\_SB_.PCI0.ISA_.{name}"
+        assert names[path] == "Device"
+        assert names[f"{path}._HID"] == eisa_id(hid)
+        crs = names[f"{path}._CRS"]
+        assert isinstance(crs, bytes) and _resources(crs) == resources
+    assert (names["\\_SB_.PCI0.ISA_.COM1._UID"], names["\\_SB_.PCI0.ISA_.COM2._UID"]) == (1, 2)
 
 
 def test_the_pci_routing_table_matches_the_mp_table_and_the_gsi_routes() -> None:
@@ -365,6 +392,7 @@ def test_iasl_disassembles_the_dsdt(tmp_path: Path) -> None:
     for descriptor in ("WordBusNumber (", "IO (Decode16,", "WordIO (", "DWordMemory ("):
         assert descriptor in text
     assert "Name (_PRT, Package (0x80)" in text
+    assert "Device (COM1)" in text and "IRQNoFlags ()" in text
     # And the disassembly compiles back cleanly: no errors, no warnings.
     compiled = subprocess.run(
         ["iasl", "-p", "again", "dsdt.dsl"], cwd=tmp_path, capture_output=True, text=True

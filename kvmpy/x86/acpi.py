@@ -49,6 +49,7 @@ from kvmpy.devices.pci import (
     PciWindows,
     pci_interrupt_gsi,
 )
+from kvmpy.records import Record
 from kvmpy.x86.layout import (
     ACPI_TABLES_ADDR,
     IOAPIC_ADDR,
@@ -226,8 +227,54 @@ def eisa_id(text: str) -> int:
     return int.from_bytes(vendor.to_bytes(2, "big") + product.to_bytes(2, "big"), "little")
 
 
-def dsdt_aml(windows: PciWindows, gsi: Callable[[int, int], int] = pci_interrupt_gsi) -> bytes:
-    """The DSDT's definition block: sleep states, and the PCI host bridge."""
+class IsaDevice(Record):
+    """A legacy device behind the ISA bridge, as the DSDT describes it for PnP."""
+
+    name: bytes  # four characters
+    hid: str  # its PnP ID ("PNP0501")
+    ports: tuple[tuple[int, int], ...]  # (first port, count)
+    irqs: tuple[int, ...]
+    uid: int = 0
+
+
+_IRQ_NO_FLAGS = 0x22  # small item: IRQ, 2 bytes (edge, active high, exclusive)
+
+
+def isa_resources(device: IsaDevice) -> bytes:
+    """``_CRS`` of an ISA device: its fixed I/O ports (16-bit decode) and ISA IRQs."""
+    items = [
+        struct.pack("<BBHHBB", _IO_PORT_DESCRIPTOR, 1, first, first, 1, count)
+        for first, count in device.ports
+    ]
+    items += [struct.pack("<BH", _IRQ_NO_FLAGS, 1 << irq) for irq in device.irqs]
+    return b"".join((*items, bytes([_END_TAG, 0])))
+
+
+def _isa_bridge(devices: tuple[IsaDevice, ...]) -> bytes:
+    """The ISA bridge at 00:01.0 (``_ADR``) and the devices behind it, as QEMU's PC has."""
+    return aml_device(
+        b"ISA_",
+        aml_name(b"_ADR", aml_integer(0x0001_0000)),
+        *(
+            aml_device(
+                device.name,
+                aml_name(b"_HID", aml_integer(eisa_id(device.hid))),
+                aml_name(b"_UID", aml_integer(device.uid)),
+                aml_name(b"_CRS", aml_buffer(isa_resources(device))),
+            )
+            for device in devices
+        ),
+    )
+
+
+def dsdt_aml(
+    windows: PciWindows,
+    gsi: Callable[[int, int], int] = pci_interrupt_gsi,
+    isa_devices: tuple[IsaDevice, ...] = (),
+) -> bytes:
+    """The DSDT's definition block: sleep states, the PCI host bridge and, with
+    ``isa_devices``, the ISA bridge and what is behind it (for Linux's PnP drivers)."""
+    isa = (_isa_bridge(isa_devices),) if isa_devices else ()
     return b"".join(
         (
             # Package {PM1a SLP_TYP, PM1b SLP_TYP, reserved, reserved}, as QEMU's.
@@ -241,6 +288,7 @@ def dsdt_aml(windows: PciWindows, gsi: Callable[[int, int], int] = pci_interrupt
                     aml_name(b"_UID", aml_integer(0)),
                     aml_name(b"_CRS", aml_buffer(pci_host_resources(windows))),
                     aml_name(b"_PRT", pci_routing_table(gsi)),
+                    *isa,
                 ),
             ),
         )
@@ -298,18 +346,20 @@ def acpi_tables(
     irq0_on_pin2: bool = False,
     pci_windows: PciWindows = NO_WINDOWS,
     pci_gsi: Callable[[int, int], int] = pci_interrupt_gsi,
+    isa_devices: tuple[IsaDevice, ...] = (),
 ) -> bytes:
     """All the tables, laid out from ``address`` (16-byte aligned; FACS 64-byte aligned).
 
     ``irq0_on_pin2``: the MADT says ISA IRQ 0 arrives at GSI 2 (see above).
     ``pci_windows`` and ``pci_gsi`` are the host bridge's (its ``_CRS`` and
     ``_PRT``): the board's, which decode BARs and route interrupts the same way.
+    ``isa_devices``: the legacy devices the DSDT lists behind the ISA bridge.
     """
     if not 1 <= cpus <= 254:
         raise ValueError(f"the MADT describes 1 to 254 CPUs here, not {cpus}")
     facs_at = address + FACS_OFFSET
     dsdt_at = facs_at + 0x40
-    dsdt = _table(b"DSDT", 1, dsdt_aml(pci_windows, pci_gsi))
+    dsdt = _table(b"DSDT", 1, dsdt_aml(pci_windows, pci_gsi, isa_devices))
     fadt_at = _align(dsdt_at + len(dsdt))
     fadt = _fadt(facs_at, dsdt_at)
     madt_at = _align(fadt_at + len(fadt))

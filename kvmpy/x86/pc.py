@@ -79,6 +79,7 @@ from kvmpy.x86.acpi import (
     FACS_VERSION_OFFSET,
     FACS_X_FIRMWARE_WAKING_VECTOR,
     OSPM_64BIT_WAKE,
+    IsaDevice,
     acpi_tables,
 )
 from kvmpy.x86.bios import bios_data_area
@@ -269,6 +270,15 @@ def _mp_tables(context: FirmwareContext) -> bytes:
     )
 
 
+# What the DSDT lists behind the ISA bridge: the board's legacy devices, with QEMU's
+# PnP IDs, so that Linux binds its PnP drivers (and reserves their ports) as on QEMU.
+ISA_DEVICES = (
+    IsaDevice(b"KBD_", "PNP0303", ((I8042_DATA_PORT, 1), (I8042_COMMAND_PORT, 1)), (KEYBOARD_IRQ,)),
+    IsaDevice(b"RTC_", "PNP0B00", ((CMOS_PORT, CMOS_PORTS),), (RTC_IRQ,)),
+    IsaDevice(b"COM1", "PNP0501", ((COM1_PORT, 8),), (COM1_IRQ,), uid=1),
+    IsaDevice(b"COM2", "PNP0501", ((COM2_PORT, 8),), (COM2_IRQ,), uid=2),
+)
+
 FIRMWARE = (
     FirmwareTable(
         "BIOS Data Area", BDA_ADDR, BDA_SIZE, lambda c: bios_data_area((COM1_PORT, COM2_PORT))
@@ -279,7 +289,11 @@ FIRMWARE = (
         ACPI_TABLES_ADDR,
         ACPI_TABLES_SIZE,
         lambda c: acpi_tables(
-            c.cpus, irq0_on_pin2=True, pci_windows=pci_windows(c.low_ram), pci_gsi=pci_interrupt_gsi
+            c.cpus,
+            irq0_on_pin2=True,
+            pci_windows=pci_windows(c.low_ram),
+            pci_gsi=pci_interrupt_gsi,
+            isa_devices=ISA_DEVICES,
         ),
         needs_irqchip=True,
     ),

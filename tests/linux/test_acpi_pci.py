@@ -29,8 +29,18 @@ from kvmpy.devices.pci import (
 )
 from kvmpy.pytest_plugin import MachineFactory, new_machine
 from kvmpy.x86.acpi import OEM_ID, OEM_TABLE_ID
-from kvmpy.x86.layout import ACPI_TABLES_ADDR, IOAPIC_ADDR, SCI_IRQ, TIMER_IOAPIC_PIN, TIMER_IRQ
-from kvmpy.x86.pc import pci_windows
+from kvmpy.x86.layout import (
+    ACPI_TABLES_ADDR,
+    COM1_IRQ,
+    COM1_PORT,
+    COM2_IRQ,
+    COM2_PORT,
+    IOAPIC_ADDR,
+    SCI_IRQ,
+    TIMER_IOAPIC_PIN,
+    TIMER_IRQ,
+)
+from kvmpy.x86.pc import ISA_DEVICES, pci_windows
 from tests.helpers import host_kvm_module
 from tests.linux.test_linux import (
     BOOT_TIMEOUT,
@@ -201,3 +211,14 @@ def test_poweroff_from_the_shell_goes_through_acpi_s5(kvm_machine: MachineFactor
     m.serial.send("poweroff -f\n")
     result = m.wait()
     assert result.reason == "shutdown", result.message
+
+
+def test_linux_binds_the_isa_devices_the_dsdt_lists_through_pnp(acpi_log: str) -> None:
+    # kvmpy.x86.pc.ISA_DEVICES: keyboard controller, RTC, COM1 and COM2, as on QEMU.
+    assert_in_log(acpi_log, f"pnp: PnP ACPI: found {len(ISA_DEVICES)} devices")
+    # The 8250 driver takes both UARTs from their PnP entries (00:NN), IRQs included.
+    for port, irq, tty in ((COM1_PORT, COM1_IRQ, "ttyS0"), (COM2_PORT, COM2_IRQ, "ttyS1")):
+        found = lines_matching(
+            acpi_log, rf"^00:0\d: {tty} at I/O {port:#x} \(irq = {irq}, base_baud = 115200\)"
+        )
+        assert len(found) == 1, lines_matching(acpi_log, tty)
