@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from kvmpy.backends.base import BackendError
+from kvmpy.hostinfo import cpuinfo_fields
 from kvmpy.memory import PAGE_SIZE, GuestMemoryError
 from kvmpy.records import Record
 from kvmpy.x86.registers import (
@@ -647,14 +648,7 @@ _CR4_TSD = 1 << 2
 def _host_flags() -> frozenset[str]:
     """The host CPU's feature flags, as its kernel reports them.  On a host whose guests
     see the host's CPUID (PVM), these are what the guest was told it has."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("flags"):
-                    return frozenset(line.partition(":")[2].split())
-    except OSError:
-        pass
-    return frozenset()
+    return frozenset(cpuinfo_fields().get("flags", "").split())
 
 
 def _host_has_rdpru() -> bool:
@@ -1048,27 +1042,19 @@ def _fnsave(state: _State, insn: _Insn) -> str:
     return f"{size}-byte state stored, FPU initialised"
 
 
-def _fldenv(state: _State, insn: _Insn) -> str:
+def _fldenv_frstor(state: _State, insn: _Insn) -> str:
+    """Load the environment and, for frstor, ST0-ST7 after it."""
     _x87_available(state)
-    linear, sixteen, size = _environment_operand(state, insn, registers=False)
+    registers = insn.mnemonic == "frstor"
+    linear, sixteen, size = _environment_operand(state, insn, registers=registers)
     image = state.read_bytes(linear, size)
     area = _x87_area(state.vcpu)
     _load_environment(area, image, sixteen)
-    state.vcpu.set_xsave(bytes(area))
-    state.advance()
-    return _loaded(area)
-
-
-def _frstor(state: _State, insn: _Insn) -> str:
-    _x87_available(state)
-    linear, sixteen, size = _environment_operand(state, insn, registers=True)
-    image = state.read_bytes(linear, size)
-    area = _x87_area(state.vcpu)
-    _load_environment(area, image, sixteen)
-    at = size - 8 * _X87_REGISTER
-    for st in range(8):
-        register = image[at + _X87_REGISTER * st : at + _X87_REGISTER * (st + 1)]
-        area[32 + 16 * st : 48 + 16 * st] = register + bytes(16 - _X87_REGISTER)
+    if registers:
+        at = size - 8 * _X87_REGISTER
+        for st in range(8):
+            register = image[at + _X87_REGISTER * st : at + _X87_REGISTER * (st + 1)]
+            area[32 + 16 * st : 48 + 16 * st] = register + bytes(16 - _X87_REGISTER)
     state.vcpu.set_xsave(bytes(area))
     state.advance()
     return _loaded(area)
@@ -1665,9 +1651,9 @@ _HANDLERS: dict[str, Callable[[_State, _Insn], str | None]] = {
     "fnstcw": _fnstcw,
     "fldcw": _fldcw,
     "fnstenv": _fnstenv,
-    "fldenv": _fldenv,
+    "fldenv": _fldenv_frstor,
     "fnsave": _fnsave,
-    "frstor": _frstor,
+    "frstor": _fldenv_frstor,
     "fstp": _fstp,
     **dict.fromkeys(_X87_CONSTANTS, _fld_constant),
 }

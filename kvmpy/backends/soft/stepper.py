@@ -33,6 +33,7 @@ from kvmpy.backends.soft.cpu import (
     _CpuState,
     _reset_to_real_mode,
 )
+from kvmpy.hostinfo import cpuinfo_fields
 from kvmpy.records import Record, replace
 from kvmpy.x86.registers import CR0_PG, EFER_LMA, GPR_NAMES, SEGMENT_NAMES, Fpu, Regs, Sregs
 
@@ -161,18 +162,8 @@ def _emulated_model() -> int | None:
     shows guests the host's), so the emulated CPU must accept what the host has:
     Unicorn's default model lacks ADX, for one.
     """
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("vendor_id"):
-                    vendor = line.partition(":")[2].strip()
-                    break
-            else:
-                return None
-    except OSError:
-        return None
     models = {"AuthenticAMD": "UC_CPU_X86_EPYC_ROME", "GenuineIntel": "UC_CPU_X86_ICELAKE_SERVER"}
-    name = models.get(vendor)
+    name = models.get(cpuinfo_fields().get("vendor_id", ""))
     model: int | None = getattr(x86, name, None) if name else None
     return model
 
