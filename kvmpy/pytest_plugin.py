@@ -44,9 +44,11 @@ from kvmpy.records import Record
 from kvmpy.testing import (
     GuestStopped,
     RunResult,
+    ScreenTimeout,
     SerialConsole,
     SerialTimeout,
     TestMachine,
+    TextScreenConsole,
     format_tail,
     guest_results,
     load_machine,
@@ -71,9 +73,11 @@ __all__ = [
     "GuestStopped",
     "MachineFactory",
     "RunResult",
+    "ScreenTimeout",
     "SerialConsole",
     "SerialTimeout",
     "TestMachine",
+    "TextScreenConsole",
     "kvm_machine",
 ]
 

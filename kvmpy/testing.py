@@ -23,6 +23,8 @@ from typing import Any
 
 from kvmpy.console import ConsoleOverrun
 from kvmpy.debug.crash import CrashReport, crash_report
+from kvmpy.devices.vga import Vga
+from kvmpy.display.screen import TextScreen
 from kvmpy.loaders.multiboot import parse_module
 from kvmpy.machine import Machine
 from kvmpy.memory import parse_size
@@ -32,9 +34,11 @@ from kvmpy.records import Record
 __all__ = [
     "GuestStopped",
     "RunResult",
+    "ScreenTimeout",
     "SerialConsole",
     "SerialTimeout",
     "TestMachine",
+    "TextScreenConsole",
     "format_tail",
     "guest_results",
     "load_machine",
@@ -64,6 +68,17 @@ class SerialTimeout(AssertionError):
 
 class GuestStopped(SerialTimeout):
     """The guest stopped (exited, crashed, timed out) before the pattern appeared."""
+
+
+class ScreenTimeout(AssertionError):
+    """The pattern did not appear on the VGA text screen in time (or the guest stopped).
+
+    ``screen`` holds the screen's text at the end; the message shows it.
+    """
+
+    def __init__(self, message: str, screen: str) -> None:
+        super().__init__(f"{message}\nthe screen:\n{screen}")
+        self.screen = screen
 
 
 class RunResult(Record):
@@ -266,6 +281,57 @@ class SerialConsole:
             time.sleep(0.001)
 
 
+class TextScreenConsole:
+    """The VGA text screen of a :class:`TestMachine`, for guests that draw, not print.
+
+    A guest that paints video memory (memtest86+, a BIOS-style kernel) shows its
+    state there at once, while what it sends to a serial console may follow its
+    own schedule.  The screen has no change events, so ``expect`` polls it.
+    """
+
+    POLL_SECONDS = 0.05
+
+    def __init__(self, owner: TestMachine) -> None:
+        self._owner = owner
+
+    def text(self) -> str:
+        """The screen now, as plain text (rows without trailing blanks)."""
+        machine = self._owner.machine
+        vga = machine.devices().get("vga")
+        screen = TextScreen.capture(machine.memory, vga if isinstance(vga, Vga) else None)
+        return screen.plain_text()
+
+    def expect(self, pattern: str | re.Pattern[str], timeout: float | None = None) -> re.Match[str]:
+        """Wait until ``pattern`` (a literal str or a compiled str regex) is on the screen.
+
+        ``timeout`` defaults to the machine's.  Raises :class:`ScreenTimeout`
+        when time runs out or the guest stops first.
+        """
+        __tracebackhide__ = True  # pytest: show the test's line, not this one
+        owner = self._owner
+        if not owner.started:
+            raise RuntimeError("start the machine (m.start()) before expecting its screen")
+        regex = pattern if isinstance(pattern, re.Pattern) else re.compile(re.escape(pattern))
+        if timeout is None:
+            timeout = owner.timeout
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            stopped = owner.machine.stopped  # read first: a final paint is then on the screen
+            screen = self.text()
+            match = regex.search(screen)
+            if match is not None:
+                return match
+            if stopped:
+                reason = f"the guest stopped: {owner.wait().message}"
+                break
+            if deadline is not None and time.monotonic() >= deadline:
+                reason = f"not within {timeout:g} s"
+                break
+            time.sleep(self.POLL_SECONDS)
+        described = f"re.compile({regex.pattern!r})" if regex is pattern else repr(pattern)
+        raise ScreenTimeout(f"{described} did not appear on the screen: {reason}", screen)
+
+
 class TestMachine:
     """A loaded guest for one test: start, talk to it over serial, collect the result.
 
@@ -283,6 +349,7 @@ class TestMachine:
         # Seconds the guest may run before it is stopped as timed out (None: no limit).
         self.timeout = timeout
         self.serial = SerialConsole(self)
+        self.screen = TextScreenConsole(self)
         self.result: RunResult | None = None
         self.started = False
         self.closed = False

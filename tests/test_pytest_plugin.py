@@ -16,7 +16,7 @@ import pytest
 
 from kvmpy.backends.base import BackendError as KvmError
 from kvmpy.pytest_plugin import GuestStopped, MachineFactory, SerialTimeout, TestMachine
-from kvmpy.testing import format_tail, guest_results, load_machine
+from kvmpy.testing import ScreenTimeout, format_tail, guest_results, load_machine
 from tests.helpers import Assembler, guest
 
 pytest_plugins = ["pytester"]
@@ -81,6 +81,23 @@ SPIN = (
     + PUTS
     + 'ready: .asciz "ready\\n"\n'
 )
+
+
+# Paint "PAINTED" at the top left of the VGA text screen, then spin (or exit with 3).
+PAINT = """
+    mov $0xb800, %ax
+    mov %ax, %es
+    xor %di, %di
+    mov $0x1f, %ah
+    mov $text, %si
+1:  lodsb %cs:(%si), %al
+    test %al, %al
+    jz 2f
+    stosw
+    jmp 1b
+2:  {end}
+text: .asciz "PAINTED"
+"""
 
 
 def exit_with(code: int, *lines: str) -> str:
@@ -171,6 +188,31 @@ def test_expect_when_the_guest_stops_first(
     assert caught.value.outcome is not None and caught.value.outcome.exit_code == 5
     assert "guest exit code 0x5 (status 11)" in str(caught.value)
     assert "  | bye" in str(caught.value)
+
+
+def test_screen_expect_waits_for_what_the_guest_paints(
+    kvm_machine: MachineFactory, assemble: Assembler
+) -> None:
+    m = kvm_machine(assemble(PAINT.format(end="9: jmp 9b")), mem="16M")
+    m.start()
+    match = m.screen.expect(re.compile(r"PAIN(\w+)"), timeout=10)
+    assert match.group(1) == "TED"
+    assert m.screen.text().splitlines()[0] == "PAINTED"
+    with pytest.raises(ScreenTimeout) as caught:
+        m.screen.expect("never painted", timeout=0.2)
+    assert "'never painted' did not appear on the screen: not within 0.2 s" in str(caught.value)
+    assert caught.value.screen.startswith("PAINTED\n")
+
+
+def test_screen_expect_when_the_guest_stops_first(
+    kvm_machine: MachineFactory, assemble: Assembler
+) -> None:
+    m = kvm_machine(assemble(PAINT.format(end="mov $3, %al\nout %al, $0xf4\nhlt")), mem="16M")
+    m.start()
+    with pytest.raises(ScreenTimeout, match=r"the guest stopped: guest exit code 0x3") as caught:
+        m.screen.expect("never", timeout=30)
+    assert "the screen:\nPAINTED" in str(caught.value)
+    assert isinstance(caught.value, AssertionError)
 
 
 def test_machine_timeout_stops_the_guest(kvm_machine: MachineFactory, assemble: Assembler) -> None:
