@@ -3,7 +3,8 @@
 ``entry`` catches Ctrl-C and SIGTERM from the very start, while the modules
 that need cffi, capstone and /dev/kvm are still being imported.
 
-``command`` (the installed ``kvmpy`` script) ends the process as soon as the
+``command`` (the installed ``kvmpy`` script, and ``kvmpy-qemu`` through
+``qemu_command``) ends the process as soon as the
 work is done: it flushes the standard streams, runs the ``atexit`` handlers
 (which restore the terminal) and leaves with ``os._exit``.  Tearing down the
 interpreter's thousands of objects would add about 10 ms to every run and
@@ -28,14 +29,17 @@ from kvmpy._process import (
 _STATUS_INTERRUPTED = 130
 
 
-def entry() -> int:
+def entry(front_end: str = "kvmpy") -> int:
     # The collector would walk the import's objects again and again; they live
     # as long as the process, so they are moved out of its way once imported.
     gc.disable()
     try:
         install_sigterm_handler()
         fill_closed_std_fds()
-        from kvmpy.cli import main
+        if front_end == "qemu":
+            from kvmpy.qemu_front import main
+        else:
+            from kvmpy.cli import main
     except KeyboardInterrupt as exc:  # also the SIGTERM handler's Terminated
         terminated = isinstance(exc, Terminated)
         print(f"kvmpy: {'terminated' if terminated else 'interrupted'}", file=sys.stderr)
@@ -46,14 +50,19 @@ def entry() -> int:
     return main()
 
 
-def command() -> NoReturn:
-    status = entry()
+def command(front_end: str = "kvmpy") -> NoReturn:
+    status = entry(front_end)
     for stream in (sys.stdout, sys.stderr):
         # A reader that left: the status already says what happened.
         with contextlib.suppress(OSError, ValueError):
             stream.flush()
     atexit._run_exitfuncs()
     os._exit(status)
+
+
+def qemu_command() -> NoReturn:
+    """The installed ``kvmpy-qemu`` script: QEMU's command line (kvmpy.qemu_front)."""
+    command("qemu")
 
 
 if __name__ == "__main__":

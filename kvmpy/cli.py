@@ -43,6 +43,7 @@ from kvmpy.debug.trace import (
     ExitTracer,
     parse_trace_kinds,
 )
+from kvmpy.devices.debug_exit import DEBUG_EXIT_PORTS
 from kvmpy.devices.serial import Serial16550
 from kvmpy.display import DISPLAY_MODES, open_display
 from kvmpy.loaders import LoaderError
@@ -54,6 +55,7 @@ from kvmpy.outcome import STATUS_ERROR, STATUS_INTERRUPTED, Outcome, OutcomeKind
 from kvmpy.runloop import ExitObserver
 from kvmpy.serialio import GuestInput, SerialPorts
 from kvmpy.x86.modes import IDENTITY_MAP_SIZE, MODES, CpuSetup
+from kvmpy.x86.pc import PC, with_debug_exits
 from kvmpy.x86.topology import CpuTopology, parse_smp
 
 if TYPE_CHECKING:
@@ -91,6 +93,19 @@ def _address(text: str) -> int:
     if value >= 1 << 64:
         raise argparse.ArgumentTypeError(f"address is wider than 64 bits: {text!r}")
     return value
+
+
+def _port_range(text: str) -> tuple[int, int]:
+    """PORT[,COUNT] (COUNT defaults to 4): where an isa-debug-exit device goes."""
+    base_text, _, count_text = text.partition(",")
+    try:
+        base = int(base_text, 0)
+        count = int(count_text, 0) if count_text else DEBUG_EXIT_PORTS
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not PORT[,COUNT]: {text!r} (try 0xf4,4)") from None
+    if not 1 <= count <= 0x10000 or not 0 <= base <= 0x10000 - count:
+        raise argparse.ArgumentTypeError(f"ports {text!r} are outside the 64 KiB port space")
+    return base, count
 
 
 def _ram_size(text: str) -> int:
@@ -157,6 +172,13 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "-v", "--verbose", action="store_true", help="say how the guest ended, always"
+    )
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="nothing on stderr when the guest ends normally (exit, power-off, reset), "
+        "as QEMU: for harnesses that read any stderr output as a failure",
     )
     debug = parser.add_argument_group("watching the guest")
     debug.add_argument(
@@ -407,6 +429,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="stop with an error on I/O to a port or address nobody handles",
     )
+    run.add_argument(
+        "--debug-exit",
+        action="append",
+        type=_port_range,
+        metavar="PORT[,COUNT]",
+        help="put isa-debug-exit at PORT (COUNT ports, default 4) instead of 0xf4; "
+        "repeatable, as QEMU's -device isa-debug-exit,iobase=PORT,iosize=COUNT",
+    )
     _add_run_options(run)
 
     restore = commands.add_parser(
@@ -425,6 +455,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_Formatter,
     )
     info.add_argument("--kvm", metavar="PATH", help=argparse.SUPPRESS)
+    # Listed for help only: main() hands "qemu" and what follows to kvmpy.qemu_front.
+    commands.add_parser(
+        "qemu",
+        help="run a guest from a qemu-system-x86_64 command line (also: kvmpy-qemu)",
+        add_help=False,
+    )
     return parser
 
 
@@ -507,8 +543,14 @@ class _StdinPump(GuestInput):
             self.feed(data)  # waits while the UART's queue is full
 
 
-def _report(outcome: Outcome, machine: Machine, verbose: bool) -> None:
+# How a guest may end without anything said on stderr under --quiet.
+_NORMAL_ENDS = frozenset((OutcomeKind.EXIT, OutcomeKind.SHUTDOWN, OutcomeKind.RESET))
+
+
+def _report(outcome: Outcome, machine: Machine, verbose: bool, quiet: bool = False) -> None:
     report = outcome.report
+    if quiet and not verbose and report is None and outcome.kind in _NORMAL_ENDS:
+        return
     if terminated() and outcome.kind is OutcomeKind.INTERRUPTED:
         # SIGTERM: one line, unless asked for more.
         where = report.summary() if report is not None else outcome.message
@@ -804,7 +846,7 @@ def _check_addresses(args: argparse.Namespace) -> None:
 def _result(outcome: Outcome, m: Machine, args: argparse.Namespace, output: _GuestOutput) -> int:
     """Report how the run ended and give the process status."""
     output.check()
-    _report(outcome, m, args.verbose)
+    _report(outcome, m, args.verbose, args.quiet)
     if terminated() and outcome.kind is OutcomeKind.INTERRUPTED:
         return STATUS_TERMINATED
     return outcome.status
@@ -832,6 +874,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             backend=backend,
             console_limit=CLI_CONSOLE_LIMIT,
             exit_windows=not args.no_exit_windows,
+            board=PC if args.debug_exit is None else with_debug_exits(PC, args.debug_exit),
         ) as m,
         _control(m, args, ports) as control,
     ):
@@ -862,7 +905,8 @@ def cmd_run(args: argparse.Namespace) -> int:
                 status = _result(outcome, m, args, output)
                 _hint(args, m, outcome)  # after the report, as its last line
                 return status
-            print("kvmpy: guest reset: restarting", file=sys.stderr)
+            if not args.quiet:
+                print("kvmpy: guest reset: restarting", file=sys.stderr)
             m.reset()  # in place: devices, vCPUs, irqchip and RAM to power-on state
 
 
@@ -923,7 +967,8 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0 if opened else STATUS_ERROR
 
 
-def _error(message: str) -> int:
+def report_error(message: str) -> int:
+    """Print the one ``kvmpy: error:`` line; return the error status."""
     with contextlib.suppress(OSError, ValueError):  # a broken stderr: the status still says it
         print(f"kvmpy: error: {message}", file=sys.stderr, flush=True)
     return STATUS_ERROR
@@ -950,9 +995,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """The ``kvmpy`` command; returns the process status (see the module docstring)."""
     try:
         closed = fill_closed_std_fds()  # done by entry() already; here for callers of main()
-        args = build_parser().parse_args(argv)
+        arguments = sys.argv[1:] if argv is None else list(argv)
+        if arguments[:1] == ["qemu"]:  # QEMU's options, which argparse cannot take as they are
+            from kvmpy.qemu_front import main as qemu_main
+
+            return qemu_main(arguments[1:])
+        args = build_parser().parse_args(arguments)
         if 1 in closed:
-            return _error("stdout is closed (use >/dev/null to discard the guest's output)")
+            return report_error("stdout is closed (use >/dev/null to discard the guest's output)")
         if args.command == "run":
             status = cmd_run(args)
         elif args.command == "restore":
@@ -969,7 +1019,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ValueError,
         _OutputError,
     ) as exc:
-        return _error(str(exc))
+        return report_error(str(exc))
     except Terminated:  # SIGTERM outside a run (a run reports it itself)
         print("kvmpy: terminated", file=sys.stderr)
         return STATUS_TERMINATED

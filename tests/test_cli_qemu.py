@@ -12,6 +12,7 @@ import pytest
 
 from kvmpy.cli import _check_outputs, _qemu_spellings, build_parser, main
 from kvmpy.loaders.detect import initrd_modules
+from kvmpy.x86.pc import PC, with_debug_exits
 from kvmpy.x86.topology import CpuTopology
 from tests.helpers import ROOT, Assembler, guest
 
@@ -76,6 +77,23 @@ def test_output_paths_are_checked_before_the_run(tmp_path: Path) -> None:
     assert good_dir.is_dir() and not any(good_dir.iterdir())
 
 
+def test_debug_exit_option_places_the_device() -> None:
+    assert _run_args("k").debug_exit is None
+    args = _run_args("--debug-exit", "0x501,2", "--debug-exit", "0xf4", "k")
+    assert args.debug_exit == [(0x501, 2), (0xF4, 4)]
+    board = with_debug_exits(PC, args.debug_exit)
+    placed = [(e.name, e.ports[0].base, e.ports[0].length) for e in board.devices if e.ports]
+    assert [p for p in placed if p[0].startswith("debug_exit")] == [
+        ("debug_exit", 0x501, 2),
+        ("debug_exit2", 0xF4, 4),
+    ]
+    assert [p[0] for p in placed][:4] == ["serial", "serial2", "debug_exit", "debug_exit2"]
+    assert not any(e.name.startswith("debug") for e in with_debug_exits(PC, []).devices)
+    for bad in ("0x10000", "0xffff,2", "x", "0xf4,0", "-1"):
+        with pytest.raises(SystemExit):
+            _run_args("--debug-exit", bad, "k")
+
+
 def _kvmpy(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "kvmpy", *argv],
@@ -83,6 +101,17 @@ def _kvmpy(*argv: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         text=True,
         cwd=ROOT,
         timeout=timeout,
+    )
+
+
+@pytest.mark.kvm
+def test_debug_exit_at_another_port(assemble: Assembler) -> None:
+    image = assemble("mov $0x2a, %al\nmov $0x501, %dx\nout %al, %dx\nhlt")
+    assert _kvmpy("run", "--debug-exit", "0x501,2", str(image)).returncode == 0x55
+    clash = _kvmpy("run", "--debug-exit", "0x3f8", str(image))
+    assert (clash.returncode, clash.stderr) == (
+        2,
+        "kvmpy: error: debug-exit: port range 0x3f8-0x3fb overlaps COM1 at 0x3f8-0x3ff\n",
     )
 
 

@@ -8,7 +8,7 @@ is adding one ``DeviceEntry`` to ``DEVICES``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -167,6 +167,34 @@ def pci_entry(slots: tuple[PciSlot, ...] = PCI_FUNCTIONS) -> DeviceEntry:
     )
 
 
+def debug_exit_entries(
+    ranges: Sequence[tuple[int, int]], port_space: int = 0x10000
+) -> tuple[DeviceEntry, ...]:
+    """isa-debug-exit devices at ``ranges`` ((iobase, iosize) each), as QEMU's
+    ``-device isa-debug-exit,iobase=B,iosize=S`` places them: debug_exit, debug_exit2..."""
+
+    def build(ports: int) -> Callable[[Wiring], DebugExit]:
+        return lambda w: DebugExit(w.guest_exit, ports)
+
+    entries = []
+    for index, (base, size) in enumerate(ranges):
+        if not 1 <= size <= port_space or not 0 <= base <= port_space - size:
+            raise ValueError(f"isa-debug-exit at {base:#x} with {size} ports is outside port space")
+        name = "debug_exit" if index == 0 else f"debug_exit{index + 1}"
+        entries.append(DeviceEntry(name, build(size), ports=(IoRange(base, size, "debug-exit"),)))
+    return tuple(entries)
+
+
+def with_debug_exits(board: Board, ranges: Sequence[tuple[int, int]]) -> Board:
+    """``board`` with its debug-exit devices replaced by ones at ``ranges`` (none: none)."""
+    devices = [entry for entry in board.devices if not entry.name.startswith("debug_exit")]
+    at = next(
+        (i for i, e in enumerate(board.devices) if e.name.startswith("debug_exit")), len(devices)
+    )
+    devices[at:at] = debug_exit_entries(ranges, board.port_space)
+    return records.replace(board, devices=tuple(devices))
+
+
 DEVICES = (
     DeviceEntry(
         "serial",
@@ -179,11 +207,7 @@ DEVICES = (
         lambda w: Serial16550(irq=w.irq(COM2_IRQ)),
         ports=(IoRange(COM2_PORT, 8, "COM2"),),
     ),
-    DeviceEntry(
-        "debug_exit",
-        lambda w: DebugExit(w.guest_exit),
-        ports=(IoRange(DEBUG_EXIT_PORT, DEBUG_EXIT_PORTS, "debug-exit"),),
-    ),
+    *debug_exit_entries([(DEBUG_EXIT_PORT, DEBUG_EXIT_PORTS)]),
     DeviceEntry("post", lambda w: PostCode(), ports=(IoRange(POST_PORT, 1, "POST"),)),
     DeviceEntry(
         "fw_cfg",
@@ -399,4 +423,4 @@ PC = Board(
     resume_setup=_resume_setup,
 )
 
-__all__ = ["PC", "Wiring", "press_power_button"]
+__all__ = ["PC", "Wiring", "debug_exit_entries", "press_power_button", "with_debug_exits"]
