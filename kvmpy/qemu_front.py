@@ -19,12 +19,16 @@ whose command line this follows), which harnesses parse.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
 import os
 import sys
 from collections.abc import Callable, Sequence
 
 import kvmpy
 from kvmpy.devices.debug_exit import QEMU_DEFAULT_PORT, QEMU_DEFAULT_PORTS
+from kvmpy.x86.topology import parse_smp
 
 # The QEMU release whose command line (and -device help format) this follows:
 # Debian 12's.
@@ -145,6 +149,10 @@ class QemuCommandLine:
         if not size:
             raise ValueError(f"-m {value}: no size")
         self.run_args += ["--mem", size + "M" if size.isdigit() else size]
+
+    def _smp(self, value: str) -> None:
+        parse_smp(value)  # the same rules kvmpy run applies, with QEMU's option in the error
+        self.run_args += ["--cpus", value]
 
     def _cpu(self, value: str) -> None:
         model, _, flags = value.partition(",")
@@ -300,7 +308,7 @@ _OPTIONS: dict[str, tuple[bool, Callable[[QemuCommandLine, str], None]]] = {
     "append": (True, _passing("--append")),
     "initrd": (True, _passing("--initrd")),
     "m": (True, QemuCommandLine._memory),
-    "smp": (True, _passing("--cpus")),
+    "smp": (True, QemuCommandLine._smp),
     "cpu": (True, QemuCommandLine._cpu),
     "enable-kvm": (False, QemuCommandLine._enable_kvm),
     "accel": (True, QemuCommandLine._accel),
@@ -378,6 +386,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError as exc:
             return cli.report_error(f"cannot write to stdout: {exc.strerror or exc}")
         return 0
+    problem = _argparse_problem(cli.build_parser(), ["run", *run_args])
+    if problem is not None:
+        return cli.report_error(problem)
     for warning in line.warnings:
         print(f"kvmpy: warning: {warning}", file=sys.stderr)
     return cli.main(["run", *run_args])
+
+
+def _argparse_problem(parser: argparse.ArgumentParser, argv: list[str]) -> str | None:
+    """What argparse would refuse in ``argv`` (a value out of range), as one line: a
+    QEMU user gets kvmpy's error line, not ``kvmpy run``'s usage text."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            parser.parse_args(argv)
+    except SystemExit:
+        lines = captured.getvalue().strip().splitlines() or ["bad arguments"]
+        return lines[-1].partition(": error: ")[2] or lines[-1]
+    return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 from pathlib import Path
 from typing import Protocol
@@ -53,3 +54,10 @@ def host_kvm_module() -> str:
     """kvm_intel, kvm_amd, kvm_pvm... or '' when none is loaded."""
     names = sorted(p.name for p in Path("/sys/module").glob("kvm_*"))
     return names[0] if names else ""
+
+
+def take_sigint() -> None:
+    """Popen's preexec_fn for a child that is sent SIGINT: a test run started as a
+    background job ignores SIGINT, its children inherit that, and Python then never
+    sees Ctrl-C.  Restore the default so that the child's Python installs its handler."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

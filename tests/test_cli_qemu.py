@@ -14,7 +14,7 @@ from kvmpy.cli import _check_outputs, _qemu_spellings, build_parser, main
 from kvmpy.loaders.detect import initrd_modules
 from kvmpy.x86.pc import PC, with_debug_exits
 from kvmpy.x86.topology import CpuTopology
-from tests.helpers import ROOT, Assembler, guest
+from tests.helpers import ROOT, Assembler, guest, take_sigint
 
 MiB = 1 << 20
 
@@ -151,6 +151,7 @@ def test_ctrl_c_prints_one_line(assemble: Assembler) -> None:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             cwd=ROOT,
+            preexec_fn=take_sigint,
         )
         assert process.stdout is not None
         assert process.stdout.read(1) == b"S"

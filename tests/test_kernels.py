@@ -13,7 +13,7 @@ import pytest
 from kvmpy.loaders.detect import detect_format, load_image
 from kvmpy.loaders.flat import load_flat
 from kvmpy.machine import Machine
-from tests.helpers import ROOT, Assembler, guest
+from tests.helpers import ROOT, Assembler, guest, take_sigint
 
 pytestmark = pytest.mark.kvm
 
@@ -245,7 +245,7 @@ def test_ctrl_c_stops_every_vcpu_and_exits_130(assemble: Assembler) -> None:
     image = assemble("mov $0x3f8, %dx\nmov $'S', %al\nout %al, %dx\n1: jmp 1b")
     process = subprocess.Popen(
         [sys.executable, "-m", "kvmpy", "run", str(image), "--cpus", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, preexec_fn=take_sigint,
     )  # fmt: skip
     assert process.stdout is not None
     assert process.stdout.read(1) == b"S"  # the guest is running

@@ -14,8 +14,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from kvmpy.qemu_front import QemuCommandLine, device_help, main
+from kvmpy.cli import build_parser
+from kvmpy.qemu_front import _OPTIONS, QemuCommandLine, _argparse_problem, device_help, main
+from tests.fuzzing import budget as fuzz_budget
 from tests.helpers import Assembler, guest
 
 # A kvm-unit-tests x86 run: every option before the kernel and its arguments.
@@ -259,3 +263,40 @@ def test_kvmpy_qemu_is_also_a_kvmpy_command() -> None:
     assert re.search(
         r"^\s+qemu\s+run a guest from a qemu-system-x86_64 command line", listed.stdout, re.M
     )
+
+
+def test_bad_values_are_one_error_line_not_kvmpy_runs_usage(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["-m", "99999999", "-kernel", "k"]) == 2
+    assert main(["-smp", "banana", "-kernel", "k"]) == 2
+    assert main(["-serial", "bogus", "-kernel", "k"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert lines == [
+        "kvmpy: error: argument --mem/-m: '99999999M' is more guest RAM than the 1024G "
+        "kvmpy allows",
+        "kvmpy: error: -smp cpus=banana: not a number",
+        "kvmpy: error: bad --serial 'bogus': expected stdio, mon:stdio, file:PATH, pty, "
+        "unix:PATH,server, tcp:HOST:PORT,server or null",
+    ]
+
+
+_WORDS = st.sampled_from(
+    [*(f"-{name}" for name in _OPTIONS), "-hda", "--kernel", "-", "x", "", "0xf4", "=", ","]
+)
+_VALUES = st.text(alphabet="abcdefgiklmnoprstuvxyz0123456789=,:.-?/ ", max_size=24)
+
+
+@fuzz_budget()
+@given(st.lists(st.one_of(_WORDS, _VALUES), max_size=12))
+def test_any_command_line_is_translated_or_refused(argv: list[str]) -> None:
+    """Whatever the words, the front end translates them or raises ValueError (one error
+    line); it never fails another way."""
+    line = QemuCommandLine()
+    try:
+        line.read(argv)
+        if line.show is None:
+            run_args = line.kvmpy_run_args()
+            _argparse_problem(build_parser(), ["run", *run_args])
+    except ValueError:
+        pass
