@@ -35,6 +35,7 @@ from kvmpy._process import (
     terminated,
 )
 from kvmpy.backends.base import BACKENDS, KVM_PATH, Backend, BackendError, open_backend
+from kvmpy.board import Board
 from kvmpy.bus import BusError
 from kvmpy.debug.trace import (
     TRACE_KINDS,
@@ -44,6 +45,7 @@ from kvmpy.debug.trace import (
     parse_trace_kinds,
 )
 from kvmpy.devices.debug_exit import DEBUG_EXIT_PORTS
+from kvmpy.devices.debugcon import DebugCon
 from kvmpy.devices.serial import Serial16550
 from kvmpy.display import DISPLAY_MODES, open_display
 from kvmpy.loaders import LoaderError
@@ -55,7 +57,7 @@ from kvmpy.outcome import STATUS_ERROR, STATUS_INTERRUPTED, Outcome, OutcomeKind
 from kvmpy.runloop import ExitObserver
 from kvmpy.serialio import GuestInput, SerialPorts
 from kvmpy.x86.modes import IDENTITY_MAP_SIZE, MODES, CpuSetup
-from kvmpy.x86.pc import PC, with_debug_exits
+from kvmpy.x86.pc import PC, with_debug_exits, with_debugcon
 from kvmpy.x86.topology import CpuTopology, parse_smp
 
 if TYPE_CHECKING:
@@ -162,6 +164,21 @@ def _seconds(text: str) -> float:
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     """Options that `run` and `restore` share: how long, what to watch, what to save."""
+    parser.add_argument(
+        "--debugcon",
+        metavar="SPEC",
+        help="QEMU's -debugcon: port 0xe9's bytes to stdio, file:PATH or null "
+        "(without it, no device answers port 0xe9, as on QEMU)",
+    )
+    parser.add_argument(
+        "--debug-exit",
+        action="append",
+        type=_port_range,
+        metavar="PORT[,COUNT]",
+        help="put isa-debug-exit at PORT (COUNT ports, default 4) instead of 0xf4; "
+        "repeatable, as QEMU's -device isa-debug-exit,iobase=PORT,iosize=COUNT "
+        "(restore: as the snapshot's machine had them)",
+    )
     parser.add_argument(
         "--timeout", type=_seconds, metavar="S", help="stop the guest after S seconds"
     )
@@ -429,14 +446,6 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="stop with an error on I/O to a port or address nobody handles",
     )
-    run.add_argument(
-        "--debug-exit",
-        action="append",
-        type=_port_range,
-        metavar="PORT[,COUNT]",
-        help="put isa-debug-exit at PORT (COUNT ports, default 4) instead of 0xf4; "
-        "repeatable, as QEMU's -device isa-debug-exit,iobase=PORT,iosize=COUNT",
-    )
     _add_run_options(run)
 
     restore = commands.add_parser(
@@ -619,7 +628,7 @@ def _attach_observers(m: Machine, args: argparse.Namespace, trace: TextIO) -> Ex
 @contextlib.contextmanager
 def _serial(args: argparse.Namespace, output: _GuestOutput) -> Iterator[SerialPorts]:
     """--serial: the host side of COM1 and COM2 (stdio by default), closed on every way out."""
-    ports = SerialPorts(args.serial, output)
+    ports = SerialPorts(args.serial, output, getattr(args, "debugcon", None))
     try:
         with _terminal_input() if ports.plain_stdin else contextlib.nullcontext():
             yield ports
@@ -669,6 +678,8 @@ def _attach_serial(m: Machine, ports: SerialPorts, control: RunControl | None) -
     for name in ("serial", "serial2"):
         device = m.device(name, Serial16550)
         serials.append((device, m.device_lock(name), device.set_output))
+    if ports.debugcon is not None:
+        m.device("debugcon", DebugCon).set_output(ports.debugcon.write)
     quit_outcome = Outcome(OutcomeKind.STOPPED, "quit from the console (C-a x)")
 
     def quit_run() -> None:
@@ -852,6 +863,12 @@ def _result(outcome: Outcome, m: Machine, args: argparse.Namespace, output: _Gue
     return outcome.status
 
 
+def _board(args: argparse.Namespace) -> Board:
+    """The PC, with what the command line moves or adds (--debug-exit, --debugcon)."""
+    board = PC if args.debug_exit is None else with_debug_exits(PC, args.debug_exit)
+    return board if args.debugcon is None else with_debugcon(board)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     _qemu_spellings(args)
     _check_addresses(args)
@@ -874,7 +891,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             backend=backend,
             console_limit=CLI_CONSOLE_LIMIT,
             exit_windows=not args.no_exit_windows,
-            board=PC if args.debug_exit is None else with_debug_exits(PC, args.debug_exit),
+            board=_board(args),
         ) as m,
         _control(m, args, ports) as control,
     ):
@@ -920,6 +937,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         _serial(args, output) as ports,
         Machine.restore(
             args.directory,
+            board=_board(args),
             serial_output=ports.com1_output,
             backend=backend,
             console_limit=CLI_CONSOLE_LIMIT,

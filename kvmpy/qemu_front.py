@@ -57,6 +57,7 @@ kvmpy's PC behind qemu-system-x86_64's command line.  The options it takes:
 -device isa-debug-exit[,iobase=PORT][,iosize=N]   (QEMU's default: 0x501, 2 ports)
 -device help      the devices -device can name
 -serial stdio|mon:stdio|file:PATH|pty|unix:PATH,server|tcp:HOST:PORT,server|null|none
+-debugcon stdio|file:PATH|null   port 0xe9's console
 -qmp unix:PATH,server|tcp:HOST:PORT,server, or -chardev socket,id=ID,path=PATH,server=on
                   with -mon chardev=ID,mode=control
 -S, -s, -gdb tcp::PORT
@@ -316,6 +317,7 @@ _OPTIONS: dict[str, tuple[bool, Callable[[QemuCommandLine, str], None]]] = {
     "M": (True, QemuCommandLine._machine),
     "device": (True, QemuCommandLine._device),
     "serial": (True, QemuCommandLine._serial),
+    "debugcon": (True, _passing("--debugcon")),
     "qmp": (True, QemuCommandLine._qmp),
     "chardev": (True, QemuCommandLine._chardev),
     "mon": (True, QemuCommandLine._mon),

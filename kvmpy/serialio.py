@@ -64,7 +64,7 @@ class SerialSpec(Record):
 STDIO = SerialSpec("stdio")
 
 
-def parse_serial(spec: str) -> SerialSpec:
+def parse_serial(spec: str, option: str = "--serial") -> SerialSpec:
     """Parse one ``--serial`` value (see the module docstring); ValueError if bad."""
     head, *options = spec.split(",")
     flags: dict[str, str] = {}
@@ -74,7 +74,7 @@ def parse_serial(spec: str) -> SerialSpec:
     kind, _, rest = head.partition(":")
 
     def refuse(why: str) -> ValueError:
-        return ValueError(f"bad --serial {spec!r}: {why}")
+        return ValueError(f"bad {option} {spec!r}: {why}")
 
     def allow(*names: str) -> None:
         for name in flags:
@@ -119,6 +119,14 @@ def parse_serials(specs: list[str] | None) -> list[SerialSpec]:
         raise ValueError(f"--serial given {len(parsed)} times: kvmpy has COM1 and COM2")
     if sum(spec.uses_stdio for spec in parsed) > 1:
         raise ValueError("only one --serial can use stdio")
+    return parsed
+
+
+def parse_debugcon(spec: str) -> SerialSpec:
+    """One ``--debugcon`` value: where port 0xe9's bytes go (output only)."""
+    parsed = parse_serial(spec, "--debugcon")
+    if parsed.kind not in ("stdio", "file", "null"):
+        raise ValueError(f"bad --debugcon {spec!r}: it is output only: stdio, file:PATH or null")
     return parsed
 
 
@@ -622,23 +630,34 @@ class MonitorConsole:
 
 
 class SerialPorts:
-    """The host ports for COM1 and COM2, from the ``--serial`` values.
+    """The host ports for COM1 and COM2, from the ``--serial`` values (and port 0xe9's,
+    from ``--debugcon``).
 
     ``com1_output`` is what the Machine's ``serial_output`` should be;
     ``attach(machine)`` wires COM2's output and both ports' input once the
     machine exists; ``close()`` ends it all (terminal settings included).
     """
 
-    def __init__(self, specs: list[str] | None, stdout_sink: Callable[[bytes], None]) -> None:
+    def __init__(
+        self,
+        specs: list[str] | None,
+        stdout_sink: Callable[[bytes], None],
+        debugcon: str | None = None,
+    ) -> None:
         self.specs = parse_serials(specs)
+        debugcon_spec = None if debugcon is None else parse_debugcon(debugcon)
         self.ports: list[HostPort] = []
+        # Port 0xe9's host side (--debugcon): output only, sharing stdout if asked.
+        self.debugcon: HostPort | None = None
+        self.console: MonitorConsole | None = None
         try:
             for index, spec in enumerate(self.specs):
                 self.ports.append(_open_port(spec, f"COM{index + 1}", stdout_sink))
+            if debugcon_spec is not None:
+                self.debugcon = _open_port(debugcon_spec, "debugcon", stdout_sink)
         except BaseException:
             self.close()
             raise
-        self.console: MonitorConsole | None = None
 
     @property
     def plain_stdin(self) -> bool:
@@ -679,6 +698,8 @@ class SerialPorts:
             self.console.close()
         for port in self.ports:
             port.close()
+        if self.debugcon is not None:
+            self.debugcon.close()
 
 
 def _open_port(spec: SerialSpec, label: str, stdout_sink: Callable[[bytes], None]) -> HostPort:

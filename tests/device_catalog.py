@@ -16,6 +16,7 @@ from kvmpy.devices.acpi_pm import (
 )
 from kvmpy.devices.cmos import CMOS_PORTS, Cmos
 from kvmpy.devices.debug_exit import DEBUG_EXIT_PORTS, DebugExit
+from kvmpy.devices.debugcon import DEBUGCON_PORTS, DebugCon
 from kvmpy.devices.fw_cfg import FW_CFG_PORTS, FwCfg
 from kvmpy.devices.pc_testdev import PORT_BLOCK, PcTestDevice
 from kvmpy.devices.pci import (
@@ -84,6 +85,7 @@ FACTORIES: dict[str, tuple[Callable[[list[object], FakeClock], Any], int]] = {
     "serial": (_serial, NUM_PORTS),
     "post": (lambda events, clock: PostCode(), POST_PORTS),
     "debug_exit": (lambda events, clock: DebugExit(events.append), DEBUG_EXIT_PORTS),
+    "debugcon": (lambda events, clock: DebugCon(events.append), DEBUGCON_PORTS),
     "fw_cfg": (_fw_cfg, FW_CFG_PORTS),
     "cmos": (_cmos, CMOS_PORTS),
     "i8042": (_i8042, I8042_SPAN),

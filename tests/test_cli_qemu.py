@@ -115,6 +115,65 @@ def test_debug_exit_at_another_port(assemble: Assembler) -> None:
     )
 
 
+# Say "hi" on port 0xe9 if it reads back 0xe9 (debugcon is there), exit 0; else exit 7.
+DEBUGCON_GUEST = """
+    mov $0xe9, %dx
+    in %dx, %al
+    cmp $0xe9, %al
+    jne 1f
+    mov $'h', %al
+    out %al, %dx
+    mov $'i', %al
+    out %al, %dx
+    mov $0, %al
+    out %al, $0xf4
+1:  mov $7, %al
+    out %al, $0xf4
+"""
+
+
+@pytest.mark.kvm
+def test_debugcon_prints_port_0xe9(assemble: Assembler, tmp_path: Path) -> None:
+    image = str(assemble(DEBUGCON_GUEST))
+    shown = _kvmpy("run", "--debugcon", "stdio", image)
+    assert (shown.returncode, shown.stdout, shown.stderr) == (1, "hi", "")
+    log = tmp_path / "debugcon.log"
+    to_file = _kvmpy("run", "--debugcon", f"file:{log}", "--serial", "null", image)
+    assert (to_file.returncode, to_file.stdout, log.read_text()) == (1, "", "hi")
+    assert _kvmpy("run", image).returncode == 15  # no debugcon: 0xe9 does not read back
+    bad = _kvmpy("run", "--debugcon", "tcp:localhost:4444,server", image)
+    assert (bad.returncode, bad.stderr) == (
+        2,
+        "kvmpy: error: bad --debugcon 'tcp:localhost:4444,server': it is output only: "
+        "stdio, file:PATH or null\n",
+    )
+
+
+@pytest.mark.kvm
+def test_debugcon_across_a_snapshot(assemble: Assembler, tmp_path: Path) -> None:
+    """ "A" on 0xe9, wait for a key on COM1, "B" on 0xe9: saved while waiting, then
+    restored with the run's --debugcon (and refused without it)."""
+    image = assemble(
+        "mov $0xe9, %dx\nmov $'A', %al\nout %al, %dx\nmov $0x3fd, %dx\n"
+        "1: in %dx, %al\ntest $1, %al\njz 1b\n"
+        "mov $0xe9, %dx\nmov $'B', %al\nout %al, %dx\nmov $0, %al\nout %al, $0xf4"
+    )
+    snapshot = tmp_path / "snap"
+    first = _kvmpy(
+        "run", "--debugcon", "stdio", "--timeout", "1", "--snapshot-at-exit", str(snapshot),
+        str(image),
+    )  # fmt: skip
+    assert (first.returncode, first.stdout) == (124, "A")
+    refused = _kvmpy("restore", str(snapshot))
+    assert refused.returncode == 2
+    assert "extra ['debugcon'] (kvmpy restore needs the --debugcon" in refused.stderr
+    restored = subprocess.run(
+        [sys.executable, "-m", "kvmpy", "restore", "--debugcon", "stdio", str(snapshot)],
+        input="x", capture_output=True, text=True, cwd=ROOT, timeout=60,
+    )  # fmt: skip
+    assert (restored.returncode, restored.stdout) == (1, "B")
+
+
 @pytest.mark.kvm
 def test_verbose_says_what_was_detected() -> None:
     result = _kvmpy("run", "-v", "-kernel", str(guest("multiboot_hello", ".elf")))

@@ -96,6 +96,7 @@ def test_isa_debug_exit_defaults_to_qemus_port() -> None:
             ["--qmp", "unix:/tmp/m,server"],
         ),
         (["-display", "curses"], ["--display", "term"]),
+        (["-debugcon", "file:dbg.log"], ["--debugcon", "file:dbg.log"]),
     ],
 )  # fmt: skip
 def test_options_become_kvmpy_options(option: list[str], expected: list[str]) -> None:

@@ -1,4 +1,4 @@
-"""Unit tests for QEMU's debug-exit port, the port-0x80 POST-code sink, absent ports."""
+"""Unit tests for QEMU's debug-exit port and debugcon, the POST-code sink, absent ports."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ from kvmpy.bus import Bus
 from kvmpy.devices.absent import LINUX_PROBED_PORTS, AbsentPorts
 from kvmpy.devices.base import Device
 from kvmpy.devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_PORTS, DebugExit, exit_status
+from kvmpy.devices.debugcon import DEBUGCON_PORT, DebugCon
 from kvmpy.devices.post import POST_PORT, PostCode
 from kvmpy.machine import Machine
+from kvmpy.x86.pc import PC, with_debugcon
 
 
 @pytest.mark.parametrize(
@@ -123,3 +125,30 @@ def test_ports_linux_probes_are_absent_not_unhandled() -> None:
             m.ports.write(port, 1, 0x5A)
         assert not m.ports.unhandled
         assert m.device("absent", AbsentPorts).reads == len(LINUX_PROBED_PORTS)
+
+
+def test_debugcon_sends_the_low_byte_and_reads_back_0xe9() -> None:
+    sent: list[bytes] = []
+    device = DebugCon(sent.append)
+    device.write(0, 1, ord("h"))
+    device.write(0, 2, 0x4100 | ord("i"))  # QEMU splits it: the high byte falls past the port
+    assert sent == [b"h", b"i"]
+    assert device.read(0, 1) == 0xE9
+    assert device.read(0, 2) == 0xFFE9
+    device.write(1, 1, ord("x"))  # outside its one port: dropped, counted
+    assert (device.read(1, 1), device.ignored_accesses, sent) == (0xFF, 2, [b"h", b"i"])
+    device.set_output(None)
+    device.write(0, 1, ord("y"))  # no host side: dropped
+    assert sent == [b"h", b"i"]
+    assert DEBUGCON_PORT == 0xE9
+
+
+def test_debugcon_joins_the_board_only_when_asked() -> None:
+    assert not any(entry.name == "debugcon" for entry in PC.devices)
+    board = with_debugcon(PC)
+    assert board.entry("debugcon").ports[0].base == 0xE9
+    assert with_debugcon(board) is board
+    # pc-testdev's byte twin (0xe8-0xeb) gives port 0xe9 up; its scratch register stays.
+    parts = {r.part for r in board.entry("pc_testdev").ports}
+    assert "byte_port" not in parts and "scratch_port" in parts
+    assert "byte_port" in {r.part for r in PC.entry("pc_testdev").ports}

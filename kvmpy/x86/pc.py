@@ -32,6 +32,7 @@ from kvmpy.devices.acpi_pm import (
 )
 from kvmpy.devices.cmos import CMOS_PORT, CMOS_PORTS, Cmos
 from kvmpy.devices.debug_exit import DEBUG_EXIT_PORT, DEBUG_EXIT_PORTS, DebugExit
+from kvmpy.devices.debugcon import DEBUGCON_PORT, DEBUGCON_PORTS, DebugCon
 from kvmpy.devices.fw_cfg import FW_CFG_PORT, FW_CFG_PORTS, FwCfg
 from kvmpy.devices.pc_testdev import (
     FLUSH_PORT,
@@ -183,6 +184,30 @@ def debug_exit_entries(
         name = "debug_exit" if index == 0 else f"debug_exit{index + 1}"
         entries.append(DeviceEntry(name, build(size), ports=(IoRange(base, size, "debug-exit"),)))
     return tuple(entries)
+
+
+# QEMU's -debugcon: not on the board unless asked for, as on QEMU's PC.
+DEBUGCON = DeviceEntry(
+    "debugcon", lambda w: DebugCon(), ports=(IoRange(DEBUGCON_PORT, DEBUGCON_PORTS, "debugcon"),)
+)
+
+
+def with_debugcon(board: Board) -> Board:
+    """``board`` with QEMU's isa-debugcon at port 0xe9 (its output is set by the front end).
+
+    pc-testdev's byte-wide twin of its scratch register (0xe8-0xeb) covers 0xe9 too;
+    on QEMU the two would overlap, here the twin gives way (the scratch register
+    itself stays at 0xe0).
+    """
+    if any(entry.name == DEBUGCON.name for entry in board.devices):
+        return board
+    devices = [
+        records.replace(entry, ports=tuple(r for r in entry.ports if r.part != "byte_port"))
+        if entry.name == "pc_testdev"
+        else entry
+        for entry in board.devices
+    ]
+    return records.replace(board, devices=(*devices, DEBUGCON))
 
 
 def with_debug_exits(board: Board, ranges: Sequence[tuple[int, int]]) -> Board:
@@ -423,4 +448,11 @@ PC = Board(
     resume_setup=_resume_setup,
 )
 
-__all__ = ["PC", "Wiring", "debug_exit_entries", "press_power_button", "with_debug_exits"]
+__all__ = [
+    "PC",
+    "Wiring",
+    "debug_exit_entries",
+    "press_power_button",
+    "with_debug_exits",
+    "with_debugcon",
+]
