@@ -57,7 +57,7 @@ from kvmpy.outcome import STATUS_ERROR, STATUS_INTERRUPTED, Outcome, OutcomeKind
 from kvmpy.runloop import ExitObserver
 from kvmpy.serialio import GuestInput, SerialPorts
 from kvmpy.x86.modes import IDENTITY_MAP_SIZE, MODES, CpuSetup
-from kvmpy.x86.pc import PC, with_debug_exits, with_debugcon
+from kvmpy.x86.pc import PC, with_debug_exits, with_debugcon, with_pci_testdev
 from kvmpy.x86.topology import CpuTopology, parse_smp
 
 if TYPE_CHECKING:
@@ -165,6 +165,13 @@ def _seconds(text: str) -> float:
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     """Options that `run` and `restore` share: how long, what to watch, what to save."""
     parser.add_argument(
+        "--device",
+        action="append",
+        choices=OPTIONAL_DEVICES,
+        help="add a device the PC leaves out by default: pci-testdev (QEMU's PCI test "
+        "device, 1b36:0005, at 00:02.0); restore: as the snapshot's machine had it",
+    )
+    parser.add_argument(
         "--debugcon",
         metavar="SPEC",
         help="QEMU's -debugcon: port 0xe9's bytes to stdio, file:PATH or null "
@@ -194,8 +201,8 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
         "-q",
         "--quiet",
         action="store_true",
-        help="nothing on stderr when the guest ends normally (exit, power-off, reset), "
-        "as QEMU: for harnesses that read any stderr output as a failure",
+        help="nothing on stderr when the run ends normally (debug exit, power-off, reset, "
+        "QMP quit), as QEMU: for harnesses that read any stderr output as a failure",
     )
     debug = parser.add_argument_group("watching the guest")
     debug.add_argument(
@@ -552,8 +559,11 @@ class _StdinPump(GuestInput):
             self.feed(data)  # waits while the UART's queue is full
 
 
-# How a guest may end without anything said on stderr under --quiet.
-_NORMAL_ENDS = frozenset((OutcomeKind.EXIT, OutcomeKind.SHUTDOWN, OutcomeKind.RESET))
+# How a run may end without anything said on stderr under --quiet (STOPPED: QMP's
+# quit, the console's C-a x).
+_NORMAL_ENDS = frozenset(
+    (OutcomeKind.EXIT, OutcomeKind.SHUTDOWN, OutcomeKind.RESET, OutcomeKind.STOPPED)
+)
 
 
 def _report(outcome: Outcome, machine: Machine, verbose: bool, quiet: bool = False) -> None:
@@ -863,9 +873,15 @@ def _result(outcome: Outcome, m: Machine, args: argparse.Namespace, output: _Gue
     return outcome.status
 
 
+# What --device may add to the PC.
+OPTIONAL_DEVICES = ("pci-testdev",)
+
+
 def _board(args: argparse.Namespace) -> Board:
-    """The PC, with what the command line moves or adds (--debug-exit, --debugcon)."""
+    """The PC, with what the command line moves or adds (--debug-exit, --debugcon, --device)."""
     board = PC if args.debug_exit is None else with_debug_exits(PC, args.debug_exit)
+    if "pci-testdev" in (args.device or ()):
+        board = with_pci_testdev(board)
     return board if args.debugcon is None else with_debugcon(board)
 
 

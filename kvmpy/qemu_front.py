@@ -39,6 +39,7 @@ VERSION_LINE = f"QEMU emulator version {QEMU_VERSION} (kvmpy {kvmpy.__version__}
 DEVICES = (
     ("isa-debug-exit", "ISA", "QEMU's debug exit port: a write ends the VM"),
     ("pc-testdev", "ISA", "QEMU's PC test device (always present on kvmpy's PC)"),
+    ("pci-testdev", "PCI", "PCI Test Device"),
 )
 
 HELP = f"""{VERSION_LINE}
@@ -53,7 +54,7 @@ kvmpy's PC behind qemu-system-x86_64's command line.  The options it takes:
 -smp [cpus=]N[,sockets=S][,cores=C][,threads=T][,maxcpus=N]
 -enable-kvm, -accel kvm|tcg, -machine [pc][,accel=kvm|tcg][,kernel_irqchip=on|off]
 -cpu host|max     the guest sees the host's CPU (other models: a warning)
--device pc-testdev
+-device pc-testdev, -device pci-testdev
 -device isa-debug-exit[,iobase=PORT][,iosize=N]   (QEMU's default: 0x501, 2 ports)
 -device help      the devices -device can name
 -serial stdio|mon:stdio|file:PATH|pty|unix:PATH,server|tcp:HOST:PORT,server|null|none
@@ -210,10 +211,12 @@ class QemuCommandLine:
         if driver in ("help", "?"):
             self.show = "devices"
             return
-        if driver == "pc-testdev":
+        if driver in ("pc-testdev", "pci-testdev"):
             if props:
-                raise ValueError(f"-device {value}: pc-testdev takes no properties")
-            return  # kvmpy's PC always has it
+                raise ValueError(f"-device {value}: {driver} takes no properties")
+            if driver == "pci-testdev" and "--device" not in self.run_args:
+                self.run_args += ["--device", "pci-testdev"]
+            return  # pc-testdev: kvmpy's PC always has it
         if driver != "isa-debug-exit":
             names = ", ".join(name for name, _, _ in DEVICES)
             raise ValueError(f"-device {driver}: kvmpy's PC has no such device (it has {names})")
@@ -231,12 +234,6 @@ class QemuCommandLine:
             else:
                 count = parsed
         self.debug_exits.append((base, count))
-
-    def _serial(self, value: str) -> None:
-        self.run_args += ["--serial", value]
-
-    def _qmp(self, value: str) -> None:
-        self.run_args += ["--qmp", value]
 
     def _chardev(self, value: str) -> None:
         backend, _, rest = value.partition(",")
@@ -276,9 +273,6 @@ class QemuCommandLine:
     def _no_reboot(self, value: str) -> None:
         self.reboot = False
 
-    def _gdb(self, value: str) -> None:
-        self.run_args += ["--gdb", value]
-
     def _accepted(self, value: str) -> None:
         """What only QEMU's defaults or its own process need: nothing to do on kvmpy."""
 
@@ -316,9 +310,9 @@ _OPTIONS: dict[str, tuple[bool, Callable[[QemuCommandLine, str], None]]] = {
     "machine": (True, QemuCommandLine._machine),
     "M": (True, QemuCommandLine._machine),
     "device": (True, QemuCommandLine._device),
-    "serial": (True, QemuCommandLine._serial),
+    "serial": (True, _passing("--serial")),
     "debugcon": (True, _passing("--debugcon")),
-    "qmp": (True, QemuCommandLine._qmp),
+    "qmp": (True, _passing("--qmp")),
     "chardev": (True, QemuCommandLine._chardev),
     "mon": (True, QemuCommandLine._mon),
     "monitor": (True, QemuCommandLine._monitor),
@@ -331,7 +325,7 @@ _OPTIONS: dict[str, tuple[bool, Callable[[QemuCommandLine, str], None]]] = {
     "no-reboot": (False, QemuCommandLine._no_reboot),
     "S": (False, _passing("-S")),
     "s": (False, _passing("-s")),
-    "gdb": (True, QemuCommandLine._gdb),
+    "gdb": (True, _passing("--gdb")),
     "rtc": (True, _ignored("rtc")),
     "global": (True, _ignored("global")),
     "boot": (True, _ignored("boot")),

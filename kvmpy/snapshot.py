@@ -815,7 +815,7 @@ def apply_snapshot(snapshot: Snapshot, machine: Machine) -> None:
         extra = sorted(set(snapshot.devices) - set(devices))
         raise SnapshotError(
             f"the snapshot's devices differ from this machine's: missing {missing}, extra {extra}"
-            " (kvmpy restore needs the --debugcon and --debug-exit options the run had)"
+            " (kvmpy restore needs the --device, --debugcon and --debug-exit options the run had)"
         )
     states = {
         name: _device_state_from_json(device, snapshot.devices[name], name)

@@ -166,7 +166,7 @@ def test_debugcon_across_a_snapshot(assemble: Assembler, tmp_path: Path) -> None
     assert (first.returncode, first.stdout) == (124, "A")
     refused = _kvmpy("restore", str(snapshot))
     assert refused.returncode == 2
-    assert "extra ['debugcon'] (kvmpy restore needs the --debugcon" in refused.stderr
+    assert "extra ['debugcon'] (kvmpy restore needs the --device, --debugcon" in refused.stderr
     restored = subprocess.run(
         [sys.executable, "-m", "kvmpy", "restore", "--debugcon", "stdio", str(snapshot)],
         input="x", capture_output=True, text=True, cwd=ROOT, timeout=60,

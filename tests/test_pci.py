@@ -447,7 +447,7 @@ def test_adding_a_pci_function_is_one_board_entry() -> None:
 
 def board_with(*slots: PciSlot) -> Board:
     devices = tuple(
-        pci_entry((*PCI_FUNCTIONS, *slots)) if entry.name == "pci" else entry
+        pci_entry((*PCI_FUNCTIONS, *slots), firmware_bars=False) if entry.name == "pci" else entry
         for entry in PC.devices
     )
     return records.replace(PC, devices=devices)

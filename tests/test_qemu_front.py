@@ -12,12 +12,14 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kvmpy.cli import build_parser
+from kvmpy.cli import _report, build_parser
+from kvmpy.outcome import Outcome, OutcomeKind
 from kvmpy.qemu_front import _OPTIONS, QemuCommandLine, _argparse_problem, device_help, main
 from tests.fuzzing import budget as fuzz_budget
 from tests.helpers import Assembler, guest
@@ -97,6 +99,7 @@ def test_isa_debug_exit_defaults_to_qemus_port() -> None:
         ),
         (["-display", "curses"], ["--display", "term"]),
         (["-debugcon", "file:dbg.log"], ["--debugcon", "file:dbg.log"]),
+        (["-device", "pci-testdev", "-device", "pci-testdev"], ["--device", "pci-testdev"]),
     ],
 )  # fmt: skip
 def test_options_become_kvmpy_options(option: list[str], expected: list[str]) -> None:
@@ -141,7 +144,8 @@ def test_what_only_tunes_qemu_is_ignored_with_a_warning() -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["-device", "pci-testdev"], "-device pci-testdev: kvmpy's PC has no such device"),
+        (["-device", "virtio-blk-pci"], "-device virtio-blk-pci: kvmpy's PC has no such device"),
+        (["-device", "pci-testdev,addr=3"], "pci-testdev takes no properties"),
         (["-device", "pc-testdev,foo=1"], "pc-testdev takes no properties"),
         (["-device", "isa-debug-exit,iobase=x"], "'iobase=x' is not KEY=NUMBER"),
         (["-device", "isa-debug-exit,chardev=c"], "isa-debug-exit has iobase and iosize only"),
@@ -188,9 +192,9 @@ def test_help_and_version_start_with_qemus_version_line(
 def test_device_help_names_the_devices_as_qemu_does() -> None:
     text = device_help()
     assert '"pc-testdev"' in text and '"isa-debug-exit"' in text
-    assert '"pci-testdev"' not in text  # a harness adds it only when it is listed
+    assert '"pci-testdev"' in text  # a harness adds -device pci-testdev when it is listed
     for row in text.splitlines()[1:]:
-        assert re.fullmatch(r'name "[a-z-]+", bus ISA, desc "[^"]+"', row), row
+        assert re.fullmatch(r'name "[a-z-]+", bus (ISA|PCI), desc "[^"]+"', row), row
 
 
 def test_errors_are_one_kvmpy_error_line(capsys: pytest.CaptureFixture[str]) -> None:
@@ -199,7 +203,7 @@ def test_errors_are_one_kvmpy_error_line(capsys: pytest.CaptureFixture[str]) -> 
     assert captured.out == ""
     assert captured.err.splitlines() == [
         "kvmpy: error: -device virtio-net-pci: kvmpy's PC has no such device "
-        "(it has isa-debug-exit, pc-testdev)"
+        "(it has isa-debug-exit, pc-testdev, pci-testdev)"
     ]
 
 
@@ -301,3 +305,25 @@ def test_any_command_line_is_translated_or_refused(argv: list[str]) -> None:
             _argparse_problem(build_parser(), ["run", *run_args])
     except ValueError:
         pass
+
+
+@pytest.mark.parametrize(
+    ("kind", "said"),
+    [
+        (OutcomeKind.EXIT, False),
+        (OutcomeKind.SHUTDOWN, False),
+        (OutcomeKind.RESET, False),
+        (OutcomeKind.STOPPED, False),  # QMP quit
+        (OutcomeKind.TIMEOUT, True),
+        (OutcomeKind.HALT, True),
+        (OutcomeKind.HOST_ERROR, True),
+    ],
+)
+def test_quiet_says_nothing_of_a_normal_end_only(
+    kind: OutcomeKind, said: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    no_machine: Any = None  # only -v reads the machine
+    _report(Outcome(kind, f"it ended: {kind}"), no_machine, verbose=False, quiet=True)
+    assert (capsys.readouterr().err != "") is said
+    _report(Outcome(kind, f"it ended: {kind}"), no_machine, verbose=False, quiet=False)
+    assert capsys.readouterr().err.startswith("kvmpy: ") or kind is OutcomeKind.EXIT

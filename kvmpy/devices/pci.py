@@ -256,6 +256,13 @@ class PciFunction:
             if command & (COMMAND_IO if bar.io else COMMAND_MEMORY)
         ]
 
+    def place_bar(self, index: int, address: int) -> None:
+        """Program BAR ``index`` to ``address`` (its low register, and a 64-bit BAR's high one)."""
+        at = self.bar_offsets[index]
+        self.write_config(at, 4, address & U32)
+        if self.bars[index].address64:
+            self.write_config(at + 4, 4, address >> 32)
+
     def read_bar(self, index: int, offset: int, size: int) -> int:
         """A guest read of ``size`` bytes at ``offset`` into BAR ``index``'s range: a hook."""
         return all_ones(size)
@@ -453,8 +460,15 @@ class PciHost:
     (another device, another BAR) stays unmapped, counted in ``refused_bars``,
     until it moves somewhere free, as a hostile guest gets nothing from it.
 
+    With ``firmware_bars``, the host does at power-on (and on every reset) what a
+    PC's firmware does before the kernel runs: it places every BAR, in order of
+    function address, at the next free address of its window aligned to its
+    size, and turns the functions' decoding on, so that a kernel that expects
+    firmware to have done so (as kvm-unit-tests does of SeaBIOS) finds them
+    ready.  A BAR that does not fit is left at 0 and its decode bit off.
+
     Its state saves which BARs are mapped, and ``restore`` maps exactly those
-    (see there); ``reset`` unmaps them all.  Each function's own ``state()``
+    (see there); ``reset`` goes back to power-on, BARs included.  Each function's own ``state()``
     (the device behind its BARs) is saved beside the host's (``state_parts``).
     """
 
@@ -466,11 +480,15 @@ class PciHost:
         functions: dict[PciAddress, PciFunction],
         request_reset: Callable[[], None],
         windows: PciWindows = NO_WINDOWS,
+        *,
+        firmware_bars: bool = False,
     ) -> None:
         for address in functions:
             if address.bus != 0:
                 raise ValueError(f"PCI function {address}: only bus 0 is modelled")
         self.functions = dict(functions)
+        if firmware_bars:
+            self._place_bars_as_firmware(windows)
         self.request_reset = request_reset
         self.windows = windows
         self.config_address = 0
@@ -536,6 +554,24 @@ class PciHost:
             function.reset()
         self._refused.clear()
         self._map_all_bars()
+
+    def _place_bars_as_firmware(self, windows: PciWindows) -> None:
+        """Place every BAR and enable decoding, as power-on state (see the class docstring)."""
+        free = {True: windows.io[0], False: windows.memory[0]}
+        ends = {True: windows.io[1], False: windows.memory[1]}
+        for where in sorted(self.functions, key=_key):
+            function = self.functions[where]
+            command = 0
+            for index, bar in enumerate(function.bars):
+                address = -(-free[bar.io] // bar.size) * bar.size  # aligned to its size
+                if address + bar.size > ends[bar.io]:
+                    continue
+                function.place_bar(index, address)
+                free[bar.io] = address + bar.size
+                command |= COMMAND_IO if bar.io else COMMAND_MEMORY
+            if command:
+                function.write_config(COMMAND, 2, function.read_config(COMMAND, 2) | command)
+            function.power_on = bytes(function.config)
 
     def state_parts(self) -> dict[str, PciFunction]:
         """Each function by address: a snapshot saves its own ``state()`` beside the host's."""

@@ -58,6 +58,7 @@ from kvmpy.devices.pci import (
     pci_interrupt_gsi,
     piix3_isa_bridge,
 )
+from kvmpy.devices.pci_testdev import PciTestDevice
 from kvmpy.devices.post import POST_PORT, PostCode
 from kvmpy.devices.reset import (
     I8042,
@@ -142,7 +143,7 @@ def pci_windows(low_ram: int) -> PciWindows:
     return PciWindows(io=PCI_IO_WINDOW, memory=(low_ram, PCI_MEMORY_END))
 
 
-def _pci_host(slots: tuple[PciSlot, ...], wiring: Wiring) -> PciHost:
+def _pci_host(slots: tuple[PciSlot, ...], wiring: Wiring, firmware_bars: bool) -> PciHost:
     functions = {}
     for slot in slots:
         function = slot.build(wiring)
@@ -150,14 +151,25 @@ def _pci_host(slots: tuple[PciSlot, ...], wiring: Wiring) -> PciHost:
             gsi = pci_interrupt_gsi(slot.address.device, slot.interrupt_pin)
             function.connect_interrupt(slot.interrupt_pin, gsi, wiring.irq(gsi))
         functions[slot.address] = function
-    return PciHost(functions, wiring.request_reset, pci_windows(wiring.low_ram))
+    return PciHost(
+        functions,
+        wiring.request_reset,
+        pci_windows(wiring.low_ram),
+        firmware_bars=firmware_bars,
+    )
 
 
-def pci_entry(slots: tuple[PciSlot, ...] = PCI_FUNCTIONS) -> DeviceEntry:
-    """The PCI host bridge with ``slots`` on bus 0 (the board's entry "pci")."""
+def pci_entry(
+    slots: tuple[PciSlot, ...] = PCI_FUNCTIONS, *, firmware_bars: bool = True
+) -> DeviceEntry:
+    """The PCI host bridge with ``slots`` on bus 0 (the board's entry "pci").
+
+    ``firmware_bars``: their BARs placed and decoding at power-on, as SeaBIOS
+    leaves QEMU's PC (kvmpy boots kernels without firmware, so it does this part).
+    """
     return DeviceEntry(
         "pci",
-        lambda w: _pci_host(slots, w),
+        lambda w: _pci_host(slots, w, firmware_bars),
         ports=(
             IoRange(CONFIG_ADDRESS_PORT, 1, "PCI CONFIG_ADDRESS", part="address_port"),
             IoRange(RESET_CONTROL_PORT, 1, "PIIX reset control", part="reset_port"),
@@ -184,6 +196,17 @@ def debug_exit_entries(
         name = "debug_exit" if index == 0 else f"debug_exit{index + 1}"
         entries.append(DeviceEntry(name, build(size), ports=(IoRange(base, size, "debug-exit"),)))
     return tuple(entries)
+
+
+# QEMU's -device pci-testdev, at 00:02.0 (where QEMU puts it with -nodefaults).
+PCI_TESTDEV_SLOT = PciSlot(PciAddress(0, 2, 0), lambda w: PciTestDevice())
+_PCI_WITH_TESTDEV = pci_entry((*PCI_FUNCTIONS, PCI_TESTDEV_SLOT))
+
+
+def with_pci_testdev(board: Board) -> Board:
+    """``board`` with QEMU's pci-testdev on its PCI bus (its BARs placed as firmware would)."""
+    devices = tuple(_PCI_WITH_TESTDEV if e.name == "pci" else e for e in board.devices)
+    return records.replace(board, devices=devices)
 
 
 # QEMU's -debugcon: not on the board unless asked for, as on QEMU's PC.
