@@ -222,6 +222,23 @@ def test_a_kvm_unit_tests_run_passes_with_status_1_and_a_quiet_stderr() -> None:
 
 
 @pytest.mark.kvm
+def test_the_newer_kvm_unit_tests_line_passes_with_warnings_only() -> None:
+    """Newer kvm-unit-tests scripts add --no-reboot, a -global for the PIT, -display none,
+    -accel and pci-testdev; a harness reads stderr lines that say "warning" as harmless."""
+    done = kvmpy_qemu(
+        "--no-reboot", "-nodefaults", "-global", "kvm-pit.lost_tick_policy=discard",
+        "-device", "pc-testdev", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x4",
+        "-display", "none", "-serial", "stdio", "-device", "pci-testdev", "-accel", "kvm",
+        "-kernel", str(guest("multiboot_hello", ".elf")), "-smp", "1", "-append", "x",
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert done.stderr.splitlines() == [
+        "kvmpy: warning: -global kvm-pit.lost_tick_policy=discard: ignored by kvmpy"
+    ]
+    assert all("warning" in line.lower() for line in done.stderr.splitlines())
+
+
+@pytest.mark.kvm
 def test_isa_debug_exit_where_qemu_puts_it(assemble: Assembler) -> None:
     # Code 0x2a to QEMU's default port 0x501, then 0x15 to kvmpy's usual 0xf4.
     image = assemble(
