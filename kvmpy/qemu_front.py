@@ -78,6 +78,7 @@ class QemuCommandLine:
         self.run_args: list[str] = []
         self.image: str | None = None
         self.debug_exits: list[tuple[int, int]] = []
+        self.added_devices: set[str] = set()  # devices kvmpy's PC has only when asked
         self.reboot = True
         self.accel: str | None = None
         self.irqchip = True
@@ -214,8 +215,9 @@ class QemuCommandLine:
         if driver in ("pc-testdev", "pci-testdev"):
             if props:
                 raise ValueError(f"-device {value}: {driver} takes no properties")
-            if driver == "pci-testdev" and "--device" not in self.run_args:
-                self.run_args += ["--device", "pci-testdev"]
+            if driver == "pci-testdev" and driver not in self.added_devices:
+                self.added_devices.add(driver)
+                self.run_args += ["--device", driver]
             return  # pc-testdev: kvmpy's PC always has it
         if driver != "isa-debug-exit":
             names = ", ".join(name for name, _, _ in DEVICES)

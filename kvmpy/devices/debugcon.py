@@ -20,6 +20,8 @@ from kvmpy.devices.base import Stateless, access_fits, all_ones
 DEBUGCON_PORT = 0xE9
 DEBUGCON_PORTS = 1
 READBACK = 0xE9
+# One bytes object per value, made once: a write hands one over without allocating.
+_BYTES = tuple(bytes((value,)) for value in range(256))
 
 
 class DebugCon(Stateless):
@@ -49,4 +51,4 @@ class DebugCon(Stateless):
             self.ignored_accesses += 1
             return
         if self._output is not None:
-            self._output(bytes((value & 0xFF,)))
+            self._output(_BYTES[value & 0xFF])

@@ -216,8 +216,13 @@ class PciFunction:
             raise ValueError("interrupt pin is 1-4 (INTA-INTD)")
         self.config[INTERRUPT_PIN] = pin
         self.config[INTERRUPT_LINE] = line
-        self.power_on = bytes(self.config)
+        self.keep_as_power_on()
         self._irq = irq
+
+    def keep_as_power_on(self) -> None:
+        """What configuration space holds now is its power-on state: what firmware left
+        there (interrupt line, BARs), which ``reset`` returns to."""
+        self.power_on = bytes(self.config)
 
     def set_interrupt(self, level: bool) -> None:
         """Drive the function's interrupt pin (a no-op while INTx is disabled or unconnected)."""
@@ -571,7 +576,7 @@ class PciHost:
                 command |= COMMAND_IO if bar.io else COMMAND_MEMORY
             if command:
                 function.write_config(COMMAND, 2, function.read_config(COMMAND, 2) | command)
-            function.power_on = bytes(function.config)
+            function.keep_as_power_on()
 
     def state_parts(self) -> dict[str, PciFunction]:
         """Each function by address: a snapshot saves its own ``state()`` beside the host's."""
